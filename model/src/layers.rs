@@ -1,0 +1,337 @@
+//! The layers the seed networks are made of, with Keras semantics, and the
+//! registry that creates and names their parameters.
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use data::Rng;
+
+use crate::init::Init;
+use crate::network::TensorInfo;
+use crate::ModelError;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Keras BatchNormalization defaults.
+pub(crate) const BN_MOMENTUM: f64 = 0.99;
+pub(crate) const BN_EPSILON: f64 = 1e-3;
+
+/// Keras "same" padding of one spatial dimension: `(before, after)`.
+///
+/// The output has `ceil(input / stride)` positions; the padding needed for that
+/// is split with the smaller half first, so a 2×2 kernel at stride 1, or a 3×3
+/// kernel at stride 2 on an even input, pads only after (bottom/right).
+pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = input.div_ceil(stride);
+    let total = ((out.saturating_sub(1)) * stride + kernel).saturating_sub(input);
+    (total / 2, total - total / 2)
+}
+
+/// Creates the parameters of a network in order, with names and initial
+/// values drawn from one seeded stream.
+pub(crate) struct Registry {
+    pub device: Device,
+    pub rng: Rng,
+    pub params: Vec<(TensorInfo, Var)>,
+    pub buffers: Vec<(TensorInfo, Var)>,
+}
+
+impl Registry {
+    pub fn new(seed: u64, device: Device) -> Self {
+        Self {
+            device,
+            rng: Rng::derive(seed, &[0x1217]),
+            params: Vec::new(),
+            buffers: Vec::new(),
+        }
+    }
+
+    fn make(&mut self, shape: &[usize], init: Init) -> Result<Var> {
+        let n = shape.iter().product();
+        let values = init.sample(n, &mut self.rng);
+        Ok(Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?)
+    }
+
+    /// A trainable parameter; `l2` is its L2 regularisation factor (0 for none).
+    pub fn param(&mut self, name: String, shape: &[usize], init: Init, l2: f32) -> Result<Var> {
+        let var = self.make(shape, init)?;
+        self.params.push((TensorInfo { name, shape: shape.to_vec(), l2 }, var.clone()));
+        Ok(var)
+    }
+
+    /// A non-trainable state tensor.
+    pub fn buffer(&mut self, name: String, shape: &[usize], init: Init) -> Result<(usize, Var)> {
+        let var = self.make(shape, init)?;
+        self.buffers.push((TensorInfo { name, shape: shape.to_vec(), l2: 0.0 }, var.clone()));
+        Ok((self.buffers.len() - 1, var))
+    }
+}
+
+/// One forward pass: mode switches, the dropout stream, and the batch
+/// statistics BatchNorm layers saw (training only).
+pub(crate) struct Pass {
+    pub train: bool,
+    pub dropout: bool,
+    pub rng: Rng,
+    /// `(index of the layer's running mean in the buffers, batch mean, batch variance)`.
+    pub bn_stats: Vec<(usize, Tensor, Tensor)>,
+}
+
+/// How a convolution pads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Padding {
+    Same,
+    Valid,
+}
+
+/// Weight initialisation family of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Glorot,
+    He,
+}
+
+impl Kernel {
+    fn init(self, fan_in: usize, fan_out: usize) -> Init {
+        match self {
+            Kernel::Glorot => Init::GlorotUniform { fan_in, fan_out },
+            Kernel::He => Init::HeNormal { fan_in },
+        }
+    }
+}
+
+/// 2-D convolution with bias, NCHW, kernel `(out, in, k, k)`.
+pub(crate) struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    k: usize,
+    stride: usize,
+    padding: Padding,
+}
+
+/// Options of a convolution.
+pub(crate) struct ConvCfg {
+    pub k: usize,
+    pub stride: usize,
+    pub padding: Padding,
+    pub kernel: Kernel,
+    pub l2: f32,
+}
+
+impl Conv2d {
+    pub fn new(reg: &mut Registry, name: &str, cin: usize, cout: usize, cfg: ConvCfg) -> Result<Self> {
+        let (k, fan_in, fan_out) = (cfg.k, cin * cfg.k * cfg.k, cout * cfg.k * cfg.k);
+        let weight = reg.param(format!("{name}.weight"), &[cout, cin, k, k], cfg.kernel.init(fan_in, fan_out), cfg.l2)?;
+        let bias = reg.param(format!("{name}.bias"), &[cout], Init::Zeros, 0.0)?;
+        Ok(Self {
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().reshape((1, cout, 1, 1))?,
+            k,
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match self.padding {
+            Padding::Valid => x.conv2d(&self.weight, 0, self.stride, 1, 1)?,
+            Padding::Same => {
+                let (_, _, h, w) = x.dims4()?;
+                let (top, bottom) = same_padding(h, self.k, self.stride);
+                let (left, right) = same_padding(w, self.k, self.stride);
+                if top == bottom && left == right && top == left {
+                    x.conv2d(&self.weight, top, self.stride, 1, 1)?
+                } else {
+                    x.pad_with_zeros(2, top, bottom)?
+                        .pad_with_zeros(3, left, right)?
+                        .conv2d(&self.weight, 0, self.stride, 1, 1)?
+                }
+            }
+        };
+        y.broadcast_add(&self.bias)
+    }
+}
+
+/// Fully connected layer, weight `(out, in)`.
+pub(crate) struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    pub fn new(reg: &mut Registry, name: &str, fan_in: usize, fan_out: usize, kernel: Kernel) -> Result<Self> {
+        let weight = reg.param(format!("{name}.weight"), &[fan_out, fan_in], kernel.init(fan_in, fan_out), 0.0)?;
+        let bias = reg.param(format!("{name}.bias"), &[fan_out], Init::Zeros, 0.0)?;
+        Ok(Self {
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().clone(),
+        })
+    }
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Batch normalisation over the channel axis (dim 1) of NCHW or NC inputs,
+/// Keras semantics: biased batch variance, running statistics updated as
+/// `r = 0.99 r + 0.01 batch`.
+pub(crate) struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean_index: usize,
+    channels: usize,
+}
+
+impl BatchNorm {
+    pub fn new(reg: &mut Registry, name: &str, channels: usize) -> Result<Self> {
+        let gamma = reg.param(format!("{name}.weight"), &[channels], Init::Ones, 0.0)?;
+        let beta = reg.param(format!("{name}.bias"), &[channels], Init::Zeros, 0.0)?;
+        let (mean_index, running_mean) = reg.buffer(format!("{name}.running_mean"), &[channels], Init::Zeros)?;
+        let (_, running_var) = reg.buffer(format!("{name}.running_var"), &[channels], Init::Ones)?;
+        Ok(Self {
+            gamma: gamma.as_tensor().clone(),
+            beta: beta.as_tensor().clone(),
+            running_mean: running_mean.as_tensor().clone(),
+            running_var: running_var.as_tensor().clone(),
+            mean_index,
+            channels,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let rank = x.rank();
+        let shape: Vec<usize> = (0..rank).map(|d| if d == 1 { self.channels } else { 1 }).collect();
+        let (mean, var) = if pass.train {
+            let dims: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+            let mean = x.mean_keepdim(dims.as_slice())?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(dims.as_slice())?;
+            pass.bn_stats.push((
+                self.mean_index,
+                mean.flatten_all()?.detach(),
+                var.flatten_all()?.detach(),
+            ));
+            let xhat = centered.broadcast_div(&(var + BN_EPSILON)?.sqrt()?)?;
+            return Ok(xhat
+                .broadcast_mul(&self.gamma.reshape(shape.as_slice())?)?
+                .broadcast_add(&self.beta.reshape(shape.as_slice())?)?);
+        } else {
+            (
+                self.running_mean.reshape(shape.as_slice())?,
+                self.running_var.reshape(shape.as_slice())?,
+            )
+        };
+        // Inference: fold everything into one scale and shift per channel.
+        let scale = (self.gamma.reshape(shape.as_slice())? / (var + BN_EPSILON)?.sqrt()?)?;
+        let shift = (self.beta.reshape(shape.as_slice())? - mean.mul(&scale)?)?;
+        Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+    }
+}
+
+/// Inverted dropout with a mask drawn from the pass's seeded stream.
+pub(crate) fn dropout(x: &Tensor, p: f32, pass: &mut Pass) -> Result<Tensor> {
+    if !pass.train || !pass.dropout || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if pass.rng.next_f32() >= p { scale } else { 0.0 })
+        .collect();
+    Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
+}
+
+/// Number of correct predictions of `logits` (N, classes) against `labels`.
+pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<u32> {
+    let pred = logits.argmax(D::Minus1)?;
+    let hits = pred.eq(labels)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+    Ok(hits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keras_same_padding() {
+        // 3x3 stride 1: symmetric.
+        assert_eq!(same_padding(32, 3, 1), (1, 1));
+        // 2x2 stride 1: one extra row/column after.
+        assert_eq!(same_padding(16, 2, 1), (0, 1));
+        // 3x3 stride 2 on an even size: Keras pads only after.
+        assert_eq!(same_padding(32, 3, 2), (0, 1));
+        // 3x3 stride 2 on an odd size: symmetric.
+        assert_eq!(same_padding(33, 3, 2), (1, 1));
+        // 1x1 stride 2: none.
+        assert_eq!(same_padding(32, 1, 2), (0, 0));
+        assert_eq!(same_padding(7, 4, 1), (1, 2));
+    }
+
+    /// Direct convolution with explicit (top, left) padding, for reference.
+    fn naive_conv(x: &[f32], (c, h, w): (usize, usize, usize), k: &[f32], (o, kk): (usize, usize), stride: usize, pad: (usize, usize), out: (usize, usize)) -> Vec<f32> {
+        let mut y = vec![0.0; o * out.0 * out.1];
+        for oc in 0..o {
+            for oy in 0..out.0 {
+                for ox in 0..out.1 {
+                    let mut s = 0.0;
+                    for ic in 0..c {
+                        for ky in 0..kk {
+                            for kx in 0..kk {
+                                let iy = (oy * stride + ky) as isize - pad.0 as isize;
+                                let ix = (ox * stride + kx) as isize - pad.1 as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    s += x[(ic * h + iy as usize) * w + ix as usize] * k[((oc * c + ic) * kk + ky) * kk + kx];
+                                }
+                            }
+                        }
+                    }
+                    y[(oc * out.0 + oy) * out.1 + ox] = s;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn same_convolution_matches_keras_reference() {
+        let dev = Device::Cpu;
+        for &(k, stride, h, w) in &[(2, 1, 5, 6), (3, 2, 8, 8), (3, 2, 7, 9), (3, 1, 6, 5), (1, 2, 8, 8)] {
+            let mut reg = Registry::new(k as u64 * 31 + h as u64, dev.clone());
+            let conv = Conv2d::new(&mut reg, "c", 2, 3, ConvCfg { k, stride, padding: Padding::Same, kernel: Kernel::Glorot, l2: 0.0 }).unwrap();
+            let mut rng = Rng::new(9);
+            let x: Vec<f32> = (0..2 * h * w).map(|_| rng.next_f32() - 0.5).collect();
+            let xt = Tensor::from_vec(x.clone(), (1, 2, h, w), &dev).unwrap();
+            let y = conv.forward(&xt).unwrap();
+            let out = (h.div_ceil(stride), w.div_ceil(stride));
+            assert_eq!(y.dims4().unwrap(), (1, 3, out.0, out.1));
+            let kv = reg.params[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let pad = (same_padding(h, k, stride).0, same_padding(w, k, stride).0);
+            let expected = naive_conv(&x, (2, h, w), &kv, (3, k), stride, pad, out);
+            let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-5, "k={k} s={stride} {h}x{w}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn batchnorm_train_normalises_and_reports_biased_stats() {
+        let dev = Device::Cpu;
+        let mut reg = Registry::new(1, dev.clone());
+        let bn = BatchNorm::new(&mut reg, "bn", 2).unwrap();
+        let x = Tensor::from_vec(vec![1f32, 2., 3., 4., 10., 20., 30., 40.], (2, 2, 2, 1), &dev).unwrap();
+        let mut pass = Pass { train: true, dropout: false, rng: Rng::new(0), bn_stats: vec![] };
+        let y = bn.forward(&x, &mut pass).unwrap();
+        let (_, mean, var) = &pass.bn_stats[0];
+        // channel 0 holds 1,2,10,20; channel 1 holds 3,4,30,40.
+        assert_eq!(mean.to_vec1::<f32>().unwrap(), vec![8.25, 19.25]);
+        let v0 = [1f32, 2., 10., 20.].iter().map(|v| (v - 8.25).powi(2)).sum::<f32>() / 4.0;
+        assert!((var.to_vec1::<f32>().unwrap()[0] - v0).abs() < 1e-3);
+        let y0 = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!((y0 - (1.0 - 8.25) / (v0 + 1e-3).sqrt()).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,351 @@
+//! [`Model`]: a network plus its parameters as flat buffers, and the two
+//! computations a node performs: a training step (gradients) and evaluation.
+
+use candle_core::{DType, Device, Tensor};
+use data::{Rng, IMAGE_BYTES, NUM_CLASSES};
+
+use crate::layers::{correct, Pass, Registry, BN_MOMENTUM};
+use crate::nets::Net;
+use crate::{ModelError, ModelSpec};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Samples per forward pass during evaluation (bounds memory).
+const EVAL_CHUNK: usize = 500;
+
+/// Name and shape of one tensor of a flat buffer, and its L2 factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Checkpoint-style name, e.g. `stack2.block0.layer1.conv.weight`.
+    pub name: String,
+    /// Shape (PyTorch layout: conv kernels are `(out, in, kh, kw)`, dense `(out, in)`).
+    pub shape: Vec<usize>,
+    /// L2 regularisation factor: the loss gains `l2 · Σ w²`.
+    pub l2: f32,
+}
+
+impl TensorInfo {
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// What a training step on one batch produces.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Gradient of the mean loss over the batch, one value per trainable parameter.
+    pub gradients: Vec<f32>,
+    /// Non-trainable state (BatchNorm running statistics) updated with this batch.
+    pub state: Vec<f32>,
+    /// Sum of the per-sample cross-entropy losses.
+    pub loss_sum: f64,
+    /// Correct predictions (training mode).
+    pub correct: u32,
+    /// Samples in the batch.
+    pub samples: u32,
+}
+
+/// What evaluating a set of samples produces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvalOutput {
+    /// Sum of the per-sample cross-entropy losses.
+    pub loss_sum: f64,
+    /// Correct predictions.
+    pub correct: u32,
+    /// Samples evaluated.
+    pub samples: u32,
+}
+
+/// A network with its parameters.
+pub struct Model {
+    spec: ModelSpec,
+    device: Device,
+    net: Net,
+    params: Vec<(TensorInfo, candle_core::Var)>,
+    buffers: Vec<(TensorInfo, candle_core::Var)>,
+}
+
+impl Model {
+    /// Builds the network, initialising its parameters from `seed` exactly as
+    /// Keras would in distribution (the same seed gives the same weights).
+    pub fn new(spec: ModelSpec, seed: u64, device: &Device) -> Result<Self> {
+        let mut reg = Registry::new(seed, device.clone());
+        let net = Net::new(spec.kind, &mut reg)?;
+        Ok(Self {
+            spec,
+            device: device.clone(),
+            net,
+            params: reg.params,
+            buffers: reg.buffers,
+        })
+    }
+
+    /// The model's name and switches.
+    pub fn spec(&self) -> ModelSpec {
+        self.spec
+    }
+
+    /// Trainable parameters, in buffer order.
+    pub fn params(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.params.iter().map(|(i, _)| i)
+    }
+
+    /// Non-trainable state tensors, in buffer order.
+    pub fn buffers(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.buffers.iter().map(|(i, _)| i)
+    }
+
+    /// Number of trainable values.
+    pub fn num_trainable(&self) -> usize {
+        self.params().map(TensorInfo::numel).sum()
+    }
+
+    /// Number of non-trainable values.
+    pub fn num_state(&self) -> usize {
+        self.buffers().map(TensorInfo::numel).sum()
+    }
+
+    /// The weights buffer: trainable parameters then state.
+    pub fn weights(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.num_trainable() + self.num_state());
+        for (_, v) in self.params.iter().chain(&self.buffers) {
+            out.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// Loads a weights buffer as produced by [`Model::weights`].
+    pub fn set_weights(&self, weights: &[f32]) -> Result<()> {
+        let expected = self.num_trainable() + self.num_state();
+        if weights.len() != expected {
+            return Err(ModelError::BufferLength { what: "weights", expected, got: weights.len() });
+        }
+        let mut off = 0;
+        for (info, v) in self.params.iter().chain(&self.buffers) {
+            let n = info.numel();
+            let t = Tensor::from_slice(&weights[off..off + n], info.shape.as_slice(), &self.device)?;
+            v.set(&t)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn input(&self, images: &[u8], labels: &[u8]) -> Result<(Tensor, Tensor)> {
+        if images.len() != labels.len() * IMAGE_BYTES {
+            return Err(ModelError::BadInput(format!(
+                "{} image bytes for {} labels (expected {} bytes per image)",
+                images.len(),
+                labels.len(),
+                IMAGE_BYTES
+            )));
+        }
+        if let Some(l) = labels.iter().find(|&&l| l as usize >= NUM_CLASSES) {
+            return Err(ModelError::BadInput(format!("label {l} out of range 0..9")));
+        }
+        let n = labels.len();
+        let pixels: Vec<f32> = images.iter().map(|&p| p as f32 / 255.0).collect();
+        let x = Tensor::from_vec(pixels, (n, 3, 32, 32), &self.device)?;
+        let y = Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), n, &self.device)?;
+        Ok((x, y))
+    }
+
+    /// One forward + backward pass in training mode on a batch. `seed` drives
+    /// the dropout masks. The gradient is that of the *mean* loss over the batch
+    /// (without regularisation, which the optimizer side adds).
+    pub fn train_step(&self, images: &[u8], labels: &[u8], seed: u64) -> Result<StepOutput> {
+        let n = labels.len();
+        if n == 0 {
+            return Err(ModelError::BadInput("empty batch".into()));
+        }
+        let (x, y) = self.input(images, labels)?;
+        let mut pass = Pass { train: true, dropout: self.spec.dropout, rng: Rng::new(seed), bn_stats: Vec::new() };
+        let logits = self.net.forward(&x, &mut pass)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let grads = loss.backward()?;
+        let mut gradients = Vec::with_capacity(self.num_trainable());
+        for (info, v) in &self.params {
+            match grads.get(v.as_tensor()) {
+                Some(g) => gradients.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => gradients.extend(std::iter::repeat_n(0.0, info.numel())),
+            }
+        }
+        // Running statistics: r = momentum * r + (1 - momentum) * batch.
+        let mut state = Vec::with_capacity(self.num_state());
+        let mut batch_stats = vec![None; self.buffers.len()];
+        for (mean_index, mean, var) in pass.bn_stats {
+            batch_stats[mean_index] = Some(mean);
+            batch_stats[mean_index + 1] = Some(var);
+        }
+        for ((_, v), batch) in self.buffers.iter().zip(batch_stats) {
+            let old = v.as_tensor();
+            let new = match batch {
+                Some(b) => ((old * BN_MOMENTUM)? + (b * (1.0 - BN_MOMENTUM))?)?,
+                None => old.clone(),
+            };
+            state.extend(new.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok(StepOutput {
+            gradients,
+            state,
+            loss_sum: loss_value * n as f64,
+            correct: correct(&logits, &y)?,
+            samples: n as u32,
+        })
+    }
+
+    /// Loss and accuracy in inference mode (running statistics, no dropout).
+    pub fn evaluate(&self, images: &[u8], labels: &[u8]) -> Result<EvalOutput> {
+        let mut out = EvalOutput::default();
+        for start in (0..labels.len()).step_by(EVAL_CHUNK) {
+            let end = (start + EVAL_CHUNK).min(labels.len());
+            let (x, y) = self.input(&images[start * IMAGE_BYTES..end * IMAGE_BYTES], &labels[start..end])?;
+            let mut pass = Pass { train: false, dropout: false, rng: Rng::new(0), bn_stats: Vec::new() };
+            let logits = self.net.forward(&x, &mut pass)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            out.loss_sum += loss * (end - start) as f64;
+            out.correct += correct(&logits, &y)?;
+            out.samples += (end - start) as u32;
+        }
+        Ok(out)
+    }
+
+    /// Class probabilities (N, 10) for images in inference mode.
+    pub fn predict(&self, images: &[u8]) -> Result<Vec<[f32; NUM_CLASSES]>> {
+        let n = images.len() / IMAGE_BYTES;
+        let (x, _) = self.input(images, &vec![0; n])?;
+        let mut pass = Pass { train: false, dropout: false, rng: Rng::new(0), bn_stats: Vec::new() };
+        let probs = candle_nn::ops::softmax_last_dim(&self.net.forward(&x, &mut pass)?)?;
+        Ok(probs
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|row| {
+                let mut p = [0.0; NUM_CLASSES];
+                p.copy_from_slice(&row[..NUM_CLASSES]);
+                p
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelKind;
+
+    fn counts(name: &str) -> (usize, usize) {
+        let m = Model::new(ModelSpec::new(name.parse::<ModelKind>().unwrap()), 0, &Device::Cpu).unwrap();
+        (m.num_trainable(), m.num_trainable() + m.num_state())
+    }
+
+    #[test]
+    fn parameter_counts_match_keras() {
+        assert_eq!(counts("simple-cnn"), (1_626_442, 1_626_442));
+        assert_eq!(counts("resnet20"), (273_066, 274_442));
+        assert_eq!(counts("resnet20-dropout"), (273_066, 274_442));
+        assert_eq!(counts("resnet50-dropout"), (760_266, 763_882));
+        assert_eq!(counts("complex-cnn"), (11_909_514, 11_916_810));
+    }
+
+    #[test]
+    fn names_are_unique_and_l2_only_on_resnet_conv_kernels() {
+        let m = Model::new(ModelSpec::new("resnet20".parse().unwrap()), 0, &Device::Cpu).unwrap();
+        let mut names: Vec<_> = m.params().chain(m.buffers()).map(|i| i.name.clone()).collect();
+        assert!(names.contains(&"stack2.block0.shortcut.weight".to_string()));
+        assert!(names.contains(&"stack3.block2.layer2.bn.running_var".to_string()));
+        for p in m.params() {
+            let expect = p.name.ends_with(".weight") && p.shape.len() == 4;
+            assert_eq!(p.l2 > 0.0, expect, "{}", p.name);
+        }
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn weights_round_trip_and_seed_determines_init() {
+        let spec = ModelSpec::new(ModelKind::Resnet { n: 1, dropout: false });
+        let a = Model::new(spec, 5, &Device::Cpu).unwrap();
+        let b = Model::new(spec, 5, &Device::Cpu).unwrap();
+        let c = Model::new(spec, 6, &Device::Cpu).unwrap();
+        assert_eq!(a.weights().unwrap(), b.weights().unwrap());
+        assert_ne!(a.weights().unwrap(), c.weights().unwrap());
+        c.set_weights(&a.weights().unwrap()).unwrap();
+        assert_eq!(a.weights().unwrap(), c.weights().unwrap());
+        assert!(matches!(c.set_weights(&[1.0]), Err(ModelError::BufferLength { .. })));
+    }
+
+    fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let mut rng = Rng::new(seed);
+        let images = (0..n * IMAGE_BYTES).map(|_| rng.below(256) as u8).collect();
+        let labels = (0..n).map(|_| rng.below(10) as u8).collect();
+        (images, labels)
+    }
+
+    #[test]
+    fn train_step_outputs_have_the_right_sizes_and_update_bn_state() {
+        let spec = ModelSpec::new(ModelKind::Resnet { n: 1, dropout: true });
+        let m = Model::new(spec, 1, &Device::Cpu).unwrap();
+        let (images, labels) = batch(6, 3);
+        let out = m.train_step(&images, &labels, 11).unwrap();
+        assert_eq!(out.gradients.len(), m.num_trainable());
+        assert_eq!(out.state.len(), m.num_state());
+        assert_eq!(out.samples, 6);
+        assert!(out.loss_sum.is_finite() && out.loss_sum > 0.0);
+        assert!(out.gradients.iter().all(|g| g.is_finite()));
+        assert!(out.gradients.iter().any(|&g| g != 0.0));
+        // Running means moved away from 0 by 1% of the batch mean.
+        let w = m.weights().unwrap();
+        let state0 = &w[m.num_trainable()..];
+        assert_ne!(state0, out.state.as_slice());
+        // Same seed, same dropout masks, same gradients; other seed differs.
+        let again = m.train_step(&images, &labels, 11).unwrap();
+        assert_eq!(again.gradients, out.gradients);
+        let other = m.train_step(&images, &labels, 12).unwrap();
+        assert_ne!(other.gradients, out.gradients);
+        assert!(m.train_step(&images[1..], &labels, 1).is_err());
+        assert!(m.train_step(&images, &[10, 0, 0, 0, 0, 0], 1).is_err());
+    }
+
+    #[test]
+    fn gradient_matches_finite_difference() {
+        let spec = ModelSpec { kind: ModelKind::Resnet { n: 1, dropout: false }, dropout: false };
+        let m = Model::new(spec, 4, &Device::Cpu).unwrap();
+        let (images, labels) = batch(4, 8);
+        let g = m.train_step(&images, &labels, 0).unwrap().gradients;
+        let w0 = m.weights().unwrap();
+        // The dense bias (last trainable tensor) has a smooth loss surface.
+        let idx = m.num_trainable() - 3;
+        let eps = 1e-2f32;
+        let loss_at = |delta: f32| {
+            let mut w = w0.clone();
+            w[idx] += delta;
+            m.set_weights(&w).unwrap();
+            m.train_step(&images, &labels, 0).unwrap().loss_sum / 4.0
+        };
+        let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+        assert!((numeric - g[idx] as f64).abs() < 1e-3, "{numeric} vs {}", g[idx]);
+    }
+
+    #[test]
+    fn evaluate_and_predict_agree() {
+        let m = Model::new(ModelSpec::new(ModelKind::SimpleCnn), 2, &Device::Cpu).unwrap();
+        let (images, labels) = batch(7, 5);
+        let e = m.evaluate(&images, &labels).unwrap();
+        assert_eq!(e.samples, 7);
+        let probs = m.predict(&images).unwrap();
+        let hits = probs
+            .iter()
+            .zip(&labels)
+            .filter(|(p, &l)| {
+                let best = (0..10).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+                best == l as usize
+            })
+            .count();
+        assert_eq!(hits as u32, e.correct);
+        let loss: f64 = probs.iter().zip(&labels).map(|(p, &l)| -(p[l as usize] as f64).ln()).sum();
+        assert!((loss - e.loss_sum).abs() < 1e-3 * loss.max(1.0));
+    }
+}

@@ -1,0 +1,242 @@
+//! Cutting flat f32 buffers into [`Chunk`]s and putting them back together.
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::v1::{BufferKind, Chunk, Dtype};
+
+/// Why a sequence of chunks could not be reassembled.
+#[derive(Debug, Error, PartialEq)]
+pub enum ChunkError {
+    /// A chunk's dtype is not f32.
+    #[error("chunk has dtype {0:?}, expected f32")]
+    WrongDType(i32),
+    /// Byte payload is not a whole number of f32 values.
+    #[error("chunk payload of {0} bytes is not a multiple of 4")]
+    Ragged(usize),
+    /// A chunk does not continue where the previous one stopped.
+    #[error("chunk at offset {got} does not follow the previous one (expected offset {expected})")]
+    OutOfOrder { expected: u64, got: u64 },
+    /// A chunk belongs to a different buffer (version, kind or total changed).
+    #[error("chunk for {kind:?} version {version} (total {total}) mixed into buffer {expected_kind:?} version {expected_version} (total {expected_total})")]
+    Mixed {
+        kind: i32,
+        version: u64,
+        total: u64,
+        expected_kind: i32,
+        expected_version: u64,
+        expected_total: u64,
+    },
+    /// Chunks run past the announced total.
+    #[error("chunks exceed the announced total of {total} elements")]
+    Overflow { total: u64 },
+    /// The announced buffer is larger than the receiver allows.
+    #[error("buffer of {total} elements exceeds the limit of {limit}")]
+    TooLarge { total: u64, limit: u64 },
+}
+
+/// Encodes f32 values as little-endian bytes.
+pub fn f32_to_le_bytes(values: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Decodes little-endian bytes into f32 values, appending to `out`.
+pub fn f32_from_le_bytes(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ChunkError> {
+    if bytes.len() % 4 != 0 {
+        return Err(ChunkError::Ragged(bytes.len()));
+    }
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
+    Ok(())
+}
+
+/// Cuts one flat buffer into chunks. The bytes are encoded once and shared
+/// (reference-counted) between all the chunks and all their receivers.
+#[derive(Debug, Clone)]
+pub struct Chunker {
+    kind: BufferKind,
+    version: u64,
+    total: u64,
+    bytes: Bytes,
+    chunk_bytes: usize,
+}
+
+impl Chunker {
+    /// Prepares `values` to be sent as `kind`/`version` in pieces of at most
+    /// `chunk_bytes` bytes (rounded down to whole f32 values, at least one).
+    pub fn new(kind: BufferKind, version: u64, values: &[f32], chunk_bytes: usize) -> Self {
+        Self {
+            kind,
+            version,
+            total: values.len() as u64,
+            bytes: f32_to_le_bytes(values),
+            chunk_bytes: (chunk_bytes / 4).max(1) * 4,
+        }
+    }
+
+    /// The chunks, in order. An empty buffer still yields one (empty) chunk so
+    /// the receiver learns its version.
+    pub fn chunks(&self) -> impl Iterator<Item = Chunk> + '_ {
+        let n = self.bytes.len().div_ceil(self.chunk_bytes).max(1);
+        (0..n).map(move |i| {
+            let start = i * self.chunk_bytes;
+            let end = (start + self.chunk_bytes).min(self.bytes.len());
+            Chunk {
+                kind: self.kind as i32,
+                version: self.version,
+                dtype: Dtype::F32 as i32,
+                total_elements: self.total,
+                offset: (start / 4) as u64,
+                data: self.bytes.slice(start..end),
+            }
+        })
+    }
+}
+
+/// Reassembles chunks into a flat buffer, checking that they are in order,
+/// consistent and within bounds.
+#[derive(Debug)]
+pub struct ChunkReceiver {
+    limit: u64,
+    current: Option<(i32, u64, u64)>,
+    values: Vec<f32>,
+}
+
+impl ChunkReceiver {
+    /// A receiver that refuses buffers of more than `limit` elements.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            current: None,
+            values: Vec::new(),
+        }
+    }
+
+    /// Adds one chunk. Returns the completed buffer, with its kind and version,
+    /// when this chunk was the last one. A chunk at offset 0 starts a new buffer
+    /// and discards an unfinished one.
+    pub fn push(&mut self, chunk: &Chunk) -> Result<Option<(BufferKind, u64, Vec<f32>)>, ChunkError> {
+        if chunk.dtype != Dtype::F32 as i32 {
+            return Err(ChunkError::WrongDType(chunk.dtype));
+        }
+        if chunk.total_elements > self.limit {
+            return Err(ChunkError::TooLarge {
+                total: chunk.total_elements,
+                limit: self.limit,
+            });
+        }
+        let key = (chunk.kind, chunk.version, chunk.total_elements);
+        if chunk.offset == 0 {
+            self.current = Some(key);
+            self.values.clear();
+            self.values.reserve(chunk.total_elements as usize);
+        }
+        let Some(expected) = self.current else {
+            return Err(ChunkError::OutOfOrder {
+                expected: 0,
+                got: chunk.offset,
+            });
+        };
+        if expected != key {
+            return Err(ChunkError::Mixed {
+                kind: chunk.kind,
+                version: chunk.version,
+                total: chunk.total_elements,
+                expected_kind: expected.0,
+                expected_version: expected.1,
+                expected_total: expected.2,
+            });
+        }
+        if chunk.offset != self.values.len() as u64 {
+            return Err(ChunkError::OutOfOrder {
+                expected: self.values.len() as u64,
+                got: chunk.offset,
+            });
+        }
+        if chunk.data.len() as u64 / 4 + chunk.offset > chunk.total_elements {
+            return Err(ChunkError::Overflow {
+                total: chunk.total_elements,
+            });
+        }
+        f32_from_le_bytes(&chunk.data, &mut self.values)?;
+        if self.values.len() as u64 == chunk.total_elements {
+            self.current = None;
+            let kind = BufferKind::try_from(chunk.kind).unwrap_or(BufferKind::Unspecified);
+            return Ok(Some((kind, chunk.version, std::mem::take(&mut self.values))));
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_over_many_chunks() {
+        let values: Vec<f32> = (0..1001).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let chunker = Chunker::new(BufferKind::Weights, 7, &values, 64);
+        let chunks: Vec<_> = chunker.chunks().collect();
+        assert_eq!(chunks.len(), 1001usize.div_ceil(16));
+        let mut rx = ChunkReceiver::new(10_000);
+        let mut done = None;
+        for c in &chunks {
+            assert!(done.is_none(), "buffer completed before the last chunk");
+            done = rx.push(c).unwrap();
+        }
+        let (kind, version, got) = done.expect("buffer completes on the last chunk");
+        assert_eq!(kind, BufferKind::Weights);
+        assert_eq!(version, 7);
+        assert_eq!(got, values);
+    }
+
+    #[test]
+    fn empty_buffer_is_one_chunk() {
+        let chunker = Chunker::new(BufferKind::State, 3, &[], 64);
+        let chunks: Vec<_> = chunker.chunks().collect();
+        assert_eq!(chunks.len(), 1);
+        let mut rx = ChunkReceiver::new(10);
+        let (_, v, got) = rx.push(&chunks[0]).unwrap().unwrap();
+        assert_eq!((v, got.len()), (3, 0));
+    }
+
+    #[test]
+    fn rejects_gaps_mixes_overflow_and_oversize() {
+        let values = vec![1.0f32; 100];
+        let chunks: Vec<_> = Chunker::new(BufferKind::Gradients, 1, &values, 40)
+            .chunks()
+            .collect();
+        let mut rx = ChunkReceiver::new(1000);
+        rx.push(&chunks[0]).unwrap();
+        assert!(matches!(rx.push(&chunks[2]), Err(ChunkError::OutOfOrder { .. })));
+
+        let mut rx = ChunkReceiver::new(1000);
+        rx.push(&chunks[0]).unwrap();
+        let mut other = chunks[1].clone();
+        other.version = 2;
+        assert!(matches!(rx.push(&other), Err(ChunkError::Mixed { .. })));
+
+        let mut rx = ChunkReceiver::new(1000);
+        let mut big = chunks[0].clone();
+        big.total_elements = 5;
+        assert!(matches!(rx.push(&big), Err(ChunkError::Overflow { .. })));
+
+        let mut rx = ChunkReceiver::new(50);
+        assert!(matches!(rx.push(&chunks[0]), Err(ChunkError::TooLarge { .. })));
+
+        let mut rx = ChunkReceiver::new(1000);
+        let mut ragged = chunks[0].clone();
+        ragged.data = ragged.data.slice(0..3);
+        assert_eq!(rx.push(&ragged), Err(ChunkError::Ragged(3)));
+
+        let mut rx = ChunkReceiver::new(1000);
+        assert!(matches!(rx.push(&chunks[1]), Err(ChunkError::OutOfOrder { .. })));
+    }
+}

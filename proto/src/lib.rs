@@ -1,0 +1,28 @@
+//! The gradcast wire protocol: `gradcast.proto` and the tonic/prost code
+//! generated from it, plus the few helpers both ends need to move flat f32
+//! buffers as raw little-endian bytes in chunks.
+//!
+//! This crate knows nothing of candle, of CIFAR-10 or of training: it only
+//! says what travels on the wire.
+
+#![allow(clippy::doc_lazy_continuation)]
+
+mod chunking;
+
+/// Generated protobuf messages and gRPC client/server stubs.
+pub mod v1 {
+    tonic::include_proto!("gradcast.v1");
+}
+
+pub use chunking::{f32_from_le_bytes, f32_to_le_bytes, ChunkError, ChunkReceiver, Chunker};
+
+/// Version of the protocol spoken by this build; a node with another version
+/// is refused at `Join`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest gRPC message either side accepts or sends (16 MiB). Buffers are
+/// chunked well below it (see [`DEFAULT_CHUNK_BYTES`]).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Size of the pieces flat buffers are cut into on the wire (2 MiB).
+pub const DEFAULT_CHUNK_BYTES: usize = 2 * 1024 * 1024;
