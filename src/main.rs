@@ -1,1 +1,301 @@
-fn main() {}
+//! `gradcast`: the command-line face of the cluster. Subcommands start a
+//! coordinator, a node, or a whole single-host cluster; the work is done by the
+//! `coordinator` and `node` crates.
+
+mod launch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use coordinator::{LrSchedule, TrainConfig};
+use data::Dataset;
+use model::{Device, ModelKind, ModelSpec};
+
+/// Synchronous data-parallel training of CIFAR-10 models over gRPC.
+#[derive(Parser)]
+#[command(name = "gradcast", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: holds the data and the weights, waits for nodes, trains.
+    Coordinator(CoordinatorArgs),
+    /// Run a worker node: joins a coordinator and computes gradients.
+    Node(NodeArgs),
+    /// Run a whole cluster on this host: a coordinator and N node processes.
+    Run(RunArgs),
+    /// Write a small synthetic data set in the CIFAR-10 binary layout (for smoke tests).
+    Synthetic(SyntheticArgs),
+}
+
+#[derive(Args)]
+struct SyntheticArgs {
+    /// Folder to write cifar-10-batches-bin/ (and cifar-10-binary.tar.gz) into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Records in each of the 5 training files.
+    #[arg(long, default_value_t = 200)]
+    train_per_file: usize,
+    /// Records in the test file.
+    #[arg(long, default_value_t = 200)]
+    test: usize,
+    /// Seed of the class patterns and noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// What to train and how; shared by `coordinator` and `run`.
+#[derive(Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// CIFAR-10: the cifar-10-binary.tar.gz archive or its extracted cifar-10-batches-bin folder.
+    #[arg(long, env = "GRADCAST_DATA")]
+    pub data: PathBuf,
+    /// Model: simple-cnn, complex-cnn, resnet20, resnet20-dropout, resnet50-dropout, resnet<6n+2>[-dropout].
+    #[arg(long, env = "GRADCAST_MODEL", default_value = "simple-cnn")]
+    pub model: String,
+    /// Epochs to train.
+    #[arg(long, env = "GRADCAST_EPOCHS", default_value_t = 1)]
+    pub epochs: u32,
+    /// Global batch size, split across the nodes of each step.
+    #[arg(long, env = "GRADCAST_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, env = "GRADCAST_LR", default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Learning-rate schedule: constant, step-decay (complex-cnn's default) or resnet-keras.
+    #[arg(long, env = "GRADCAST_LR_SCHEDULE")]
+    pub lr_schedule: Option<LrSchedule>,
+    /// Seed of weight initialisation, epoch order and dropout.
+    #[arg(long, env = "GRADCAST_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Train on the first K training samples only.
+    #[arg(long, env = "GRADCAST_TRAIN_LIMIT")]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first K test samples only.
+    #[arg(long, env = "GRADCAST_TEST_LIMIT")]
+    pub test_limit: Option<usize>,
+    /// Write the Keras-style history JSON here after every epoch.
+    #[arg(long, env = "GRADCAST_HISTORY")]
+    pub history: Option<PathBuf>,
+    /// Seconds to wait for a node's answer to one step before giving up.
+    #[arg(long, env = "GRADCAST_STEP_TIMEOUT", default_value_t = 300)]
+    pub step_timeout: u64,
+    /// Disable dropout layers (for equivalence tests).
+    #[arg(long, hide = true)]
+    pub no_dropout: bool,
+}
+
+impl TrainArgs {
+    /// The same flags as command-line arguments, to hand to a child process.
+    fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--data".into(),
+            self.data.display().to_string(),
+            "--model".into(),
+            self.model.clone(),
+            "--epochs".into(),
+            self.epochs.to_string(),
+            "--batch-size".into(),
+            self.batch_size.to_string(),
+            "--lr".into(),
+            self.lr.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--step-timeout".into(),
+            self.step_timeout.to_string(),
+        ];
+        let optional = [
+            ("--lr-schedule", self.lr_schedule.map(|s| s.to_string())),
+            ("--train-limit", self.train_limit.map(|k| k.to_string())),
+            ("--test-limit", self.test_limit.map(|k| k.to_string())),
+            ("--history", self.history.as_ref().map(|p| p.display().to_string())),
+        ];
+        for (flag, value) in optional {
+            if let Some(v) = value {
+                a.push(flag.into());
+                a.push(v);
+            }
+        }
+        if self.no_dropout {
+            a.push("--no-dropout".into());
+        }
+        a
+    }
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address to listen on for nodes (port 0 picks a free one; the chosen address is printed).
+    #[arg(long, env = "GRADCAST_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// Nodes to wait for before training starts.
+    #[arg(long, env = "GRADCAST_NODES", default_value_t = 1)]
+    nodes: usize,
+    /// Seconds to wait for the nodes to join (default: forever).
+    #[arg(long, env = "GRADCAST_JOIN_TIMEOUT")]
+    join_timeout: Option<u64>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Coordinator URL, e.g. http://10.0.0.5:50051.
+    #[arg(long, env = "GRADCAST_COORDINATOR")]
+    coordinator: String,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "GRADCAST_THREADS")]
+    threads: Option<usize>,
+    /// Compute device: cpu, or cuda / cuda:N in builds with CUDA support.
+    #[arg(long, env = "GRADCAST_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Seconds to keep retrying to reach the coordinator.
+    #[arg(long, env = "GRADCAST_CONNECT_TIMEOUT", default_value_t = 120)]
+    connect_timeout: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Node processes to start.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Compute threads per node (default: cores / nodes, at least 1).
+    #[arg(long)]
+    threads_per_node: Option<usize>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            bail!("--device {s}: this build has no CUDA support; rebuild with --features cuda")
+        }
+        _ => bail!("--device {s}: unknown device; use cpu, cuda or cuda:N"),
+    }
+}
+
+async fn shutdown_signal() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
+    let t = &args.train;
+    let kind: ModelKind = t.model.parse()?;
+    let mut config = TrainConfig::new(ModelSpec { kind, dropout: !t.no_dropout });
+    config.epochs = t.epochs;
+    config.batch_size = t.batch_size;
+    config.nodes = args.nodes;
+    config.lr = t.lr;
+    config.lr_schedule = t.lr_schedule.unwrap_or(config.lr_schedule);
+    config.seed = t.seed;
+    config.history = t.history.clone();
+    config.step_timeout = Duration::from_secs(t.step_timeout.max(1));
+    config.join_timeout = args.join_timeout.map(Duration::from_secs);
+    if t.batch_size == 0 || args.nodes == 0 {
+        bail!("--batch-size and --nodes must be at least 1");
+    }
+    let (mut train, mut test) = Dataset::load_train_test(&t.data)?;
+    if let Some(k) = t.train_limit {
+        train.truncate(k);
+    }
+    if let Some(k) = t.test_limit {
+        test.truncate(k);
+    }
+    if train.is_empty() || test.is_empty() {
+        bail!("no samples left to train or test on (check --train-limit / --test-limit)");
+    }
+    tracing::info!(
+        train = train.len(),
+        test = test.len(),
+        schedule = %config.lr_schedule,
+        "loaded {}",
+        t.data.display()
+    );
+    let rt = runtime(2)?;
+    let report = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        println!("listening on {}", listener.local_addr()?);
+        let report = coordinator::serve(listener, config, train, test, shutdown_signal()).await?;
+        anyhow::Ok(report)
+    })?;
+    match report.final_val_accuracy() {
+        Some(acc) => println!("final val_accuracy: {acc:.4}"),
+        None => println!("final val_accuracy: none (no epoch trained)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_main(args: NodeArgs) -> Result<ExitCode> {
+    let device = parse_device(&args.device)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .max(1);
+    // candle's CPU kernels size their thread pools from this variable; set it
+    // before any of them start.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let config = node::NodeConfig {
+        coordinator: args.coordinator,
+        threads,
+        device,
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+    };
+    runtime(1)?.block_on(node::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let outcome = match cli.command {
+        Command::Coordinator(a) => coordinator_main(a),
+        Command::Node(a) => node_main(a),
+        Command::Run(a) => launch::run_cluster(a.nodes, a.threads_per_node, &a.train),
+        Command::Synthetic(a) => {
+            let spec = data::SyntheticSpec { train_per_file: a.train_per_file, test: a.test, seed: a.seed };
+            data::write_synthetic(&a.out, &spec, true)
+                .with_context(|| format!("cannot write synthetic data to {}", a.out.display()))
+                .map(|root| {
+                    println!("wrote {} and {}", root.display(), a.out.join("cifar-10-binary.tar.gz").display());
+                    ExitCode::SUCCESS
+                })
+        }
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

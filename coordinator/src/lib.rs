@@ -1,1 +1,24 @@
+//! The gradcast coordinator: admits nodes, runs the synchronous training loop
+//! (weights out, gradients in, weighted average in a fixed order, optimizer),
+//! keeps BatchNorm statistics consistent, evaluates after every epoch and
+//! records a Keras-style history.
+//!
+//! The coordinator holds the only copy of the data set and of the optimizer
+//! state. It never runs the network itself: every forward and backward pass
+//! happens on a node. It knows the model only through [`model::Model`]'s flat
+//! buffer layout (to initialise weights and apply L2) — nothing of layers.
 
+mod aggregate;
+mod config;
+mod error;
+mod history;
+mod optimizer;
+mod service;
+mod trainer;
+
+pub use aggregate::WeightedSum;
+pub use config::{LrSchedule, TrainConfig};
+pub use error::CoordinatorError;
+pub use history::History;
+pub use optimizer::{l2_penalty, Adam};
+pub use trainer::{serve, TrainReport};

@@ -1,0 +1,151 @@
+//! Training configuration and learning-rate schedules.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use model::{ModelKind, ModelSpec};
+
+/// How the learning rate changes with the epoch (0-based, as Keras'
+/// `LearningRateScheduler` counts).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LrSchedule {
+    /// The base rate throughout.
+    Constant,
+    /// The complex CNN's `step_decay`: ×½ from epoch 20, another ×¼ from 30,
+    /// another ×⅕ from 50.
+    StepDecay,
+    /// Keras' CIFAR-10 ResNet example: ×0.1 after epochs 80, 120, 160 and
+    /// ×0.5 after 180 (meant for 200-epoch runs).
+    ResnetKeras,
+}
+
+impl LrSchedule {
+    /// The default for a model: `step-decay` for complex-cnn, constant otherwise.
+    pub fn default_for(kind: ModelKind) -> Self {
+        match kind {
+            ModelKind::ComplexCnn => LrSchedule::StepDecay,
+            _ => LrSchedule::Constant,
+        }
+    }
+
+    /// Learning rate in `epoch` for base rate `lr`.
+    pub fn lr(self, lr: f64, epoch: u32) -> f64 {
+        match self {
+            LrSchedule::Constant => lr,
+            LrSchedule::StepDecay => {
+                let mut r = lr;
+                if epoch >= 20 {
+                    r *= 0.5;
+                }
+                if epoch >= 30 {
+                    r *= 0.25;
+                }
+                if epoch >= 50 {
+                    r *= 0.2;
+                }
+                r
+            }
+            LrSchedule::ResnetKeras => {
+                let mut r = lr;
+                if epoch > 180 {
+                    r *= 0.5e-3;
+                } else if epoch > 160 {
+                    r *= 1e-3;
+                } else if epoch > 120 {
+                    r *= 1e-2;
+                } else if epoch > 80 {
+                    r *= 1e-1;
+                }
+                r
+            }
+        }
+    }
+}
+
+impl FromStr for LrSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "constant" => Ok(LrSchedule::Constant),
+            "step-decay" => Ok(LrSchedule::StepDecay),
+            "resnet-keras" => Ok(LrSchedule::ResnetKeras),
+            _ => Err(format!("unknown schedule {s:?}; use constant, step-decay or resnet-keras")),
+        }
+    }
+}
+
+impl fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::StepDecay => "step-decay",
+            LrSchedule::ResnetKeras => "resnet-keras",
+        })
+    }
+}
+
+/// Everything the coordinator needs to know to train.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// The network.
+    pub model: ModelSpec,
+    /// Epochs to train.
+    pub epochs: u32,
+    /// Global batch size (split across the nodes of each step).
+    pub batch_size: usize,
+    /// Nodes to wait for before training starts.
+    pub nodes: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// Seed of weight initialisation, epoch order and dropout masks.
+    pub seed: u64,
+    /// Where to write the Keras-style history JSON after every epoch.
+    pub history: Option<PathBuf>,
+    /// Longest wait for one node's answer to one step or evaluation part.
+    pub step_timeout: Duration,
+    /// Longest wait for `nodes` nodes to join (None: wait forever).
+    pub join_timeout: Option<Duration>,
+}
+
+impl TrainConfig {
+    /// Defaults for `model`: Keras' Adam rate 1e-3, batch 32, the model's
+    /// default schedule, one epoch, one node.
+    pub fn new(model: ModelSpec) -> Self {
+        Self {
+            model,
+            epochs: 1,
+            batch_size: 32,
+            nodes: 1,
+            lr: 1e-3,
+            lr_schedule: LrSchedule::default_for(model.kind),
+            seed: 0,
+            history: None,
+            step_timeout: Duration::from_secs(300),
+            join_timeout: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_decay_follows_the_seed() {
+        let s = LrSchedule::StepDecay;
+        assert_eq!(s.lr(1e-3, 0), 1e-3);
+        assert_eq!(s.lr(1e-3, 19), 1e-3);
+        assert!((s.lr(1e-3, 20) - 5e-4).abs() < 1e-12);
+        assert!((s.lr(1e-3, 30) - 1.25e-4).abs() < 1e-12);
+        assert!((s.lr(1e-3, 50) - 2.5e-5).abs() < 1e-12);
+        assert_eq!(LrSchedule::Constant.lr(1e-3, 70), 1e-3);
+        assert!((LrSchedule::ResnetKeras.lr(1e-3, 81) - 1e-4).abs() < 1e-12);
+        assert_eq!("step-decay".parse::<LrSchedule>().unwrap(), s);
+        assert!("nope".parse::<LrSchedule>().is_err());
+    }
+}

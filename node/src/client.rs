@@ -1,0 +1,260 @@
+//! The node's life: connect (with retries), join, then serve the session.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use model::{Device, Model, ModelKind, ModelSpec, TensorInfo};
+use proto::v1::coordinator_client::CoordinatorClient;
+use proto::v1::coordinator_message::Kind as In;
+use proto::v1::node_message::Kind as Out;
+use proto::v1::{BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError, NodeMessage, Samples, TensorSpec, TrainResult, TrainTask};
+use proto::{ChunkReceiver, Chunker};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::NodeError;
+
+type Result<T> = std::result::Result<T, NodeError>;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Coordinator URL, e.g. `http://10.0.0.5:50051`.
+    pub coordinator: String,
+    /// Compute threads (reported to the coordinator; the caller sets them up).
+    pub threads: usize,
+    /// Where to compute.
+    pub device: Device,
+    /// How long to keep retrying the first connection.
+    pub connect_timeout: Duration,
+}
+
+async fn connect(config: &NodeConfig) -> Result<CoordinatorClient<Channel>> {
+    let started = Instant::now();
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator)))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => {
+                return Ok(CoordinatorClient::new(channel)
+                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))
+            }
+            Err(e) if started.elapsed() < config.connect_timeout => {
+                debug!("coordinator not reachable yet ({e}); retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(NodeError::Unreachable {
+                    url: config.coordinator.clone(),
+                    waited: started.elapsed(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+fn check_layout(what: &str, ours: impl Iterator<Item = TensorInfo>, theirs: &[TensorSpec]) -> Result<()> {
+    let ours: Vec<(String, Vec<u64>)> = ours.map(|i| (i.name, i.shape.iter().map(|&d| d as u64).collect())).collect();
+    let theirs: Vec<(String, Vec<u64>)> = theirs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+    if ours != theirs {
+        return Err(NodeError::Protocol(format!(
+            "the coordinator's {what} layout differs from this node's model ({} vs {} tensors); run the same gradcast version everywhere",
+            theirs.len(),
+            ours.len()
+        )));
+    }
+    Ok(())
+}
+
+fn build_model(reply: &JoinReply, device: &Device) -> Result<Model> {
+    let kind: ModelKind = reply.model.parse()?;
+    let model = Model::new(ModelSpec { kind, dropout: reply.dropout }, 0, device)?;
+    check_layout("parameter", model.params().cloned(), &reply.params)?;
+    check_layout("state", model.buffers().cloned(), &reply.buffers)?;
+    Ok(model)
+}
+
+/// Joins the coordinator and works until it says training is over.
+pub async fn run(config: NodeConfig) -> Result<()> {
+    let mut client = connect(&config).await?;
+    let hostname = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let reply = client
+        .join(JoinRequest {
+            hostname,
+            device: format!("{:?}", config.device).to_lowercase(),
+            threads: config.threads as u32,
+            protocol_version: proto::PROTOCOL_VERSION,
+        })
+        .await?
+        .into_inner();
+    let node_id = reply.node_id;
+    let device = config.device.clone();
+    let model = {
+        let reply = reply.clone();
+        tokio::task::spawn_blocking(move || build_model(&reply, &device))
+            .await
+            .map_err(|e| NodeError::Compute(e.to_string()))??
+    };
+    let model = Arc::new(model);
+    info!(node_id, model = %reply.model, "joined the coordinator");
+
+    let (tx, rx) = mpsc::channel::<NodeMessage>(64);
+    tx.send(NodeMessage { kind: Some(Out::Hello(Hello { node_id })) })
+        .await
+        .map_err(|_| NodeError::Disconnected)?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+
+    let limit = (model.num_trainable() + model.num_state()) as u64;
+    let mut chunks = ChunkReceiver::new(limit);
+    let mut pending: Option<(u64, Vec<f32>)> = None;
+    let mut held: Option<u64> = None;
+    let session = Session { tx: tx.clone(), model: model.clone() };
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(NodeError::Disconnected),
+            Err(status) => return Err(status.into()),
+        };
+        match msg.kind {
+            Some(In::Chunk(chunk)) => match chunks.push(&chunk).map_err(|e| NodeError::Protocol(e.to_string()))? {
+                Some((BufferKind::Weights, version, values)) => pending = Some((version, values)),
+                Some((kind, ..)) => return Err(NodeError::Protocol(format!("unexpected buffer {kind:?} from the coordinator"))),
+                None => {}
+            },
+            Some(In::Train(task)) => {
+                let step = task.step;
+                let outcome = async {
+                    session.load(task.version, &mut pending, &mut held).await?;
+                    session.train(task).await
+                }
+                .await;
+                session.report(step, outcome).await?;
+            }
+            Some(In::Eval(task)) => {
+                let round = task.round;
+                let outcome = async {
+                    session.load(task.version, &mut pending, &mut held).await?;
+                    session.eval(task).await
+                }
+                .await;
+                session.report(round, outcome).await?;
+            }
+            Some(In::Finish(f)) => {
+                info!(node_id, "coordinator finished: {}", f.reason);
+                return Ok(());
+            }
+            None => debug!("ignoring an empty message"),
+        }
+    }
+}
+
+struct Session {
+    tx: mpsc::Sender<NodeMessage>,
+    model: Arc<Model>,
+}
+
+fn samples(s: Option<Samples>) -> Result<Samples> {
+    let s = s.ok_or_else(|| NodeError::Protocol("task without samples".into()))?;
+    if s.labels.len() != s.count as usize || s.images.len() != s.count as usize * data::IMAGE_BYTES {
+        return Err(NodeError::Protocol(format!(
+            "task says {} samples but carries {} labels and {} image bytes",
+            s.count,
+            s.labels.len(),
+            s.images.len()
+        )));
+    }
+    Ok(s)
+}
+
+impl Session {
+    async fn send(&self, kind: Out) -> Result<()> {
+        self.tx.send(NodeMessage { kind: Some(kind) }).await.map_err(|_| NodeError::Disconnected)
+    }
+
+    /// Makes sure the model holds weights `version`.
+    async fn load(&self, version: u64, pending: &mut Option<(u64, Vec<f32>)>, held: &mut Option<u64>) -> Result<()> {
+        if *held == Some(version) {
+            return Ok(());
+        }
+        match pending.take() {
+            Some((v, weights)) if v == version => {
+                let model = self.model.clone();
+                tokio::task::spawn_blocking(move || model.set_weights(&weights))
+                    .await
+                    .map_err(|e| NodeError::Compute(e.to_string()))??;
+                *held = Some(version);
+                Ok(())
+            }
+            other => Err(NodeError::Protocol(format!(
+                "task needs weights version {version} but this node has {:?}",
+                other.map(|(v, _)| v).or(*held)
+            ))),
+        }
+    }
+
+    async fn train(&self, task: TrainTask) -> Result<()> {
+        let s = samples(task.samples)?;
+        let model = self.model.clone();
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || model.train_step(&s.images, &s.labels, task.seed))
+            .await
+            .map_err(|e| NodeError::Compute(e.to_string()))??;
+        let seconds = started.elapsed().as_secs_f64();
+        for (kind, values) in [(BufferKind::Gradients, &out.gradients), (BufferKind::State, &out.state)] {
+            for chunk in Chunker::new(kind, task.step, values, proto::DEFAULT_CHUNK_BYTES).chunks() {
+                self.send(Out::Chunk(chunk)).await?;
+            }
+        }
+        self.send(Out::Train(TrainResult {
+            step: task.step,
+            samples: out.samples,
+            loss_sum: out.loss_sum,
+            correct: out.correct,
+            compute_seconds: seconds,
+        }))
+        .await
+    }
+
+    async fn eval(&self, task: EvalTask) -> Result<()> {
+        let s = samples(task.samples)?;
+        let model = self.model.clone();
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || model.evaluate(&s.images, &s.labels))
+            .await
+            .map_err(|e| NodeError::Compute(e.to_string()))??;
+        self.send(Out::Eval(EvalResult {
+            round: task.round,
+            part: task.part,
+            samples: out.samples,
+            loss_sum: out.loss_sum,
+            correct: out.correct,
+            compute_seconds: started.elapsed().as_secs_f64(),
+        }))
+        .await
+    }
+
+    /// Passes a task's failure on to the coordinator before giving up.
+    async fn report(&self, step: u64, outcome: Result<()>) -> Result<()> {
+        if let Err(e) = &outcome {
+            warn!(step, "task failed: {e}");
+            let _ = self.send(Out::Error(WireError { step, message: e.to_string() })).await;
+        }
+        outcome
+    }
+}

@@ -1,0 +1,117 @@
+//! `gradcast run`: a coordinator and N node processes on 127.0.0.1, with their
+//! output streamed (prefixed by process) and the coordinator's exit status
+//! passed on.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::TrainArgs;
+
+/// Forwards each line of `pipe` to our stdout or stderr with `prefix`, and
+/// reports the coordinator's address line through `addr`.
+fn forward(pipe: impl Read + Send + 'static, prefix: String, to_stderr: bool, addr: Option<mpsc::Sender<String>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if let (Some(tx), Some(a)) = (&addr, line.strip_prefix("listening on ")) {
+                let _ = tx.send(a.trim().to_string());
+            }
+            if to_stderr {
+                eprintln!("{prefix}{line}");
+            } else {
+                println!("{prefix}{line}");
+            }
+        }
+    });
+}
+
+fn spawn(cmd: &mut Command, prefix: &str, addr: Option<mpsc::Sender<String>>) -> Result<Child> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .context("cannot start a gradcast process")?;
+    if let Some(out) = child.stdout.take() {
+        forward(out, if addr.is_some() { String::new() } else { prefix.to_string() }, false, addr);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(err, prefix.to_string(), true, None);
+    }
+    Ok(child)
+}
+
+/// Starts the cluster and waits for the coordinator.
+pub fn run_cluster(nodes: usize, threads_per_node: Option<usize>, train: &TrainArgs) -> Result<ExitCode> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let exe = std::env::current_exe().context("cannot find the gradcast executable")?;
+    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = threads_per_node.unwrap_or((cores / nodes).max(1));
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let mut coordinator = spawn(
+        Command::new(&exe)
+            .arg("coordinator")
+            .args(["--listen", "127.0.0.1:0", "--nodes", &nodes.to_string()])
+            .args(train.to_args()),
+        "coordinator | ",
+        Some(addr_tx),
+    )?;
+    let addr = loop {
+        match addr_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(a) => break a,
+            Err(_) => {
+                if let Some(status) = coordinator.try_wait()? {
+                    bail!("the coordinator exited before listening ({status})");
+                }
+            }
+        }
+    };
+    eprintln!("gradcast run: coordinator on {addr}, starting {nodes} node(s) with {threads} thread(s) each");
+    let mut children = Vec::new();
+    for i in 0..nodes {
+        children.push(spawn(
+            Command::new(&exe).arg("node").args([
+                "--coordinator",
+                &format!("http://{addr}"),
+                "--threads",
+                &threads.to_string(),
+            ]),
+            &format!("node{i}       | "),
+            None,
+        )?);
+    }
+    let status = coordinator.wait()?;
+    let grace = Instant::now() + Duration::from_secs(10);
+    for (i, child) in children.iter_mut().enumerate() {
+        loop {
+            match child.try_wait()? {
+                Some(s) if !s.success() && status.success() => {
+                    eprintln!("gradcast run: node{i} exited with {s}");
+                    break;
+                }
+                Some(_) => break,
+                None if Instant::now() > grace => {
+                    eprintln!("gradcast run: node{i} still running after the coordinator ended; stopping it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                None => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    // Let the forwarding threads print the last lines.
+    thread::sleep(Duration::from_millis(100));
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(c.clamp(1, 255) as u8),
+        None => ExitCode::FAILURE,
+    })
+}
