@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use coordinator::{LrSchedule, TrainConfig};
+use coordinator::{LrSchedule, OptimizerKind, TrainConfig};
 use data::Dataset;
 use model::{Device, ModelKind, ModelSpec};
 
@@ -65,7 +65,10 @@ pub struct TrainArgs {
     /// Global batch size, split across the nodes of each step.
     #[arg(long, env = "GRADCAST_BATCH_SIZE", default_value_t = 32)]
     pub batch_size: usize,
-    /// Adam learning rate.
+    /// Optimizer: adam (Keras defaults) or sgd.
+    #[arg(long, env = "GRADCAST_OPTIMIZER", default_value = "adam")]
+    pub optimizer: OptimizerKind,
+    /// Learning rate.
     #[arg(long, env = "GRADCAST_LR", default_value_t = 1e-3)]
     pub lr: f64,
     /// Learning-rate schedule: constant, step-decay (complex-cnn's default) or resnet-keras.
@@ -103,6 +106,8 @@ impl TrainArgs {
             self.epochs.to_string(),
             "--batch-size".into(),
             self.batch_size.to_string(),
+            "--optimizer".into(),
+            self.optimizer.to_string(),
             "--lr".into(),
             self.lr.to_string(),
             "--seed".into(),
@@ -114,7 +119,10 @@ impl TrainArgs {
             ("--lr-schedule", self.lr_schedule.map(|s| s.to_string())),
             ("--train-limit", self.train_limit.map(|k| k.to_string())),
             ("--test-limit", self.test_limit.map(|k| k.to_string())),
-            ("--history", self.history.as_ref().map(|p| p.display().to_string())),
+            (
+                "--history",
+                self.history.as_ref().map(|p| p.display().to_string()),
+            ),
         ];
         for (flag, value) in optional {
             if let Some(v) = value {
@@ -209,10 +217,14 @@ async fn shutdown_signal() {
 fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     let t = &args.train;
     let kind: ModelKind = t.model.parse()?;
-    let mut config = TrainConfig::new(ModelSpec { kind, dropout: !t.no_dropout });
+    let mut config = TrainConfig::new(ModelSpec {
+        kind,
+        dropout: !t.no_dropout,
+    });
     config.epochs = t.epochs;
     config.batch_size = t.batch_size;
     config.nodes = args.nodes;
+    config.optimizer = t.optimizer;
     config.lr = t.lr;
     config.lr_schedule = t.lr_schedule.unwrap_or(config.lr_schedule);
     config.seed = t.seed;
@@ -259,7 +271,11 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     let device = parse_device(&args.device)?;
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .max(1);
     // candle's CPU kernels size their thread pools from this variable; set it
     // before any of them start.
@@ -282,11 +298,19 @@ fn main() -> ExitCode {
         Command::Node(a) => node_main(a),
         Command::Run(a) => launch::run_cluster(a.nodes, a.threads_per_node, &a.train),
         Command::Synthetic(a) => {
-            let spec = data::SyntheticSpec { train_per_file: a.train_per_file, test: a.test, seed: a.seed };
+            let spec = data::SyntheticSpec {
+                train_per_file: a.train_per_file,
+                test: a.test,
+                seed: a.seed,
+            };
             data::write_synthetic(&a.out, &spec, true)
                 .with_context(|| format!("cannot write synthetic data to {}", a.out.display()))
                 .map(|root| {
-                    println!("wrote {} and {}", root.display(), a.out.join("cifar-10-binary.tar.gz").display());
+                    println!(
+                        "wrote {} and {}",
+                        root.display(),
+                        a.out.join("cifar-10-binary.tar.gz").display()
+                    );
                     ExitCode::SUCCESS
                 })
         }

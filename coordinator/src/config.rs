@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use model::{ModelKind, ModelSpec};
 
+use crate::OptimizerKind;
+
 /// How the learning rate changes with the epoch (0-based, as Keras'
 /// `LearningRateScheduler` counts).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,7 +74,9 @@ impl FromStr for LrSchedule {
             "constant" => Ok(LrSchedule::Constant),
             "step-decay" => Ok(LrSchedule::StepDecay),
             "resnet-keras" => Ok(LrSchedule::ResnetKeras),
-            _ => Err(format!("unknown schedule {s:?}; use constant, step-decay or resnet-keras")),
+            _ => Err(format!(
+                "unknown schedule {s:?}; use constant, step-decay or resnet-keras"
+            )),
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Nodes to wait for before training starts.
     pub nodes: usize,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
     /// Base learning rate.
     pub lr: f64,
     /// Learning-rate schedule.
@@ -121,6 +127,7 @@ impl TrainConfig {
             epochs: 1,
             batch_size: 32,
             nodes: 1,
+            optimizer: OptimizerKind::Adam,
             lr: 1e-3,
             lr_schedule: LrSchedule::default_for(model.kind),
             seed: 0,

@@ -20,5 +20,5 @@ pub use aggregate::WeightedSum;
 pub use config::{LrSchedule, TrainConfig};
 pub use error::CoordinatorError;
 pub use history::History;
-pub use optimizer::{l2_penalty, Adam};
+pub use optimizer::{l2_penalty, Adam, Optimizer, OptimizerKind};
 pub use trainer::{serve, TrainReport};

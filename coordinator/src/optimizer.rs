@@ -1,6 +1,72 @@
-//! Adam with Keras' defaults and update rule, and L2 regularisation.
+//! Optimizers (Adam with Keras' defaults and update rule, plain SGD) and L2
+//! regularisation.
+
+use std::fmt;
+use std::str::FromStr;
 
 use model::TensorInfo;
+
+/// Which optimizer the coordinator applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// Keras Adam (β 0.9 / 0.999, ε 1e-7).
+    Adam,
+    /// Plain SGD: `w -= lr · g`.
+    Sgd,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "adam" => Ok(OptimizerKind::Adam),
+            "sgd" => Ok(OptimizerKind::Sgd),
+            _ => Err(format!("unknown optimizer {s:?}; use adam or sgd")),
+        }
+    }
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Sgd => "sgd",
+        })
+    }
+}
+
+/// An optimizer with its state.
+#[derive(Debug, Clone)]
+pub enum Optimizer {
+    /// See [`Adam`].
+    Adam(Adam),
+    /// Stateless SGD.
+    Sgd,
+}
+
+impl Optimizer {
+    /// A fresh optimizer of `kind` for `len` parameters.
+    pub fn new(kind: OptimizerKind, len: usize) -> Self {
+        match kind {
+            OptimizerKind::Adam => Optimizer::Adam(Adam::new(len)),
+            OptimizerKind::Sgd => Optimizer::Sgd,
+        }
+    }
+
+    /// One update of `weights` with `grads` at learning rate `lr`.
+    pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
+        match self {
+            Optimizer::Adam(adam) => adam.step(weights, grads, lr),
+            Optimizer::Sgd => {
+                let lr = lr as f32;
+                for (w, g) in weights.iter_mut().zip(grads) {
+                    *w -= lr * g;
+                }
+            }
+        }
+    }
+}
 
 /// Adam as Keras implements it: bias correction folded into the step size,
 /// epsilon added to `sqrt(v)` uncorrected.
@@ -37,8 +103,16 @@ impl Adam {
 
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
-        assert_eq!(weights.len(), self.m.len(), "Adam state and weights differ in length");
-        assert_eq!(grads.len(), self.m.len(), "Adam state and gradients differ in length");
+        assert_eq!(
+            weights.len(),
+            self.m.len(),
+            "Adam state and weights differ in length"
+        );
+        assert_eq!(
+            grads.len(),
+            self.m.len(),
+            "Adam state and gradients differ in length"
+        );
         self.iterations += 1;
         let t = self.iterations as i32;
         let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
@@ -54,7 +128,11 @@ impl Adam {
 
 /// Adds the gradient of `Σ l2·w²` to `grads` for every tensor with `l2 > 0`
 /// and returns the penalty itself (what Keras adds to the reported loss).
-pub fn l2_penalty<'a>(params: impl Iterator<Item = &'a TensorInfo>, weights: &[f32], grads: &mut [f32]) -> f64 {
+pub fn l2_penalty<'a>(
+    params: impl Iterator<Item = &'a TensorInfo>,
+    weights: &[f32],
+    grads: &mut [f32],
+) -> f64 {
     let mut off = 0;
     let mut penalty = 0.0f64;
     for info in params {
@@ -105,8 +183,16 @@ mod tests {
     #[test]
     fn l2_only_where_asked() {
         let params = [
-            TensorInfo { name: "a".into(), shape: vec![2], l2: 1e-4 },
-            TensorInfo { name: "b".into(), shape: vec![1], l2: 0.0 },
+            TensorInfo {
+                name: "a".into(),
+                shape: vec![2],
+                l2: 1e-4,
+            },
+            TensorInfo {
+                name: "b".into(),
+                shape: vec![1],
+                l2: 0.0,
+            },
         ];
         let w = [3.0f32, -1.0, 5.0];
         let mut g = [0.0f32; 3];

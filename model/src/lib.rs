@@ -12,8 +12,8 @@
 mod error;
 mod init;
 mod layers;
-mod network;
 mod nets;
+mod network;
 mod spec;
 
 pub use error::ModelError;

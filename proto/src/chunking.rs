@@ -46,7 +46,7 @@ pub fn f32_to_le_bytes(values: &[f32]) -> Bytes {
 
 /// Decodes little-endian bytes into f32 values, appending to `out`.
 pub fn f32_from_le_bytes(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ChunkError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(ChunkError::Ragged(bytes.len()));
     }
     out.extend(
@@ -122,7 +122,10 @@ impl ChunkReceiver {
     /// Adds one chunk. Returns the completed buffer, with its kind and version,
     /// when this chunk was the last one. A chunk at offset 0 starts a new buffer
     /// and discards an unfinished one.
-    pub fn push(&mut self, chunk: &Chunk) -> Result<Option<(BufferKind, u64, Vec<f32>)>, ChunkError> {
+    pub fn push(
+        &mut self,
+        chunk: &Chunk,
+    ) -> Result<Option<(BufferKind, u64, Vec<f32>)>, ChunkError> {
         if chunk.dtype != Dtype::F32 as i32 {
             return Err(ChunkError::WrongDType(chunk.dtype));
         }
@@ -169,7 +172,11 @@ impl ChunkReceiver {
         if self.values.len() as u64 == chunk.total_elements {
             self.current = None;
             let kind = BufferKind::try_from(chunk.kind).unwrap_or(BufferKind::Unspecified);
-            return Ok(Some((kind, chunk.version, std::mem::take(&mut self.values))));
+            return Ok(Some((
+                kind,
+                chunk.version,
+                std::mem::take(&mut self.values),
+            )));
         }
         Ok(None)
     }
@@ -215,7 +222,10 @@ mod tests {
             .collect();
         let mut rx = ChunkReceiver::new(1000);
         rx.push(&chunks[0]).unwrap();
-        assert!(matches!(rx.push(&chunks[2]), Err(ChunkError::OutOfOrder { .. })));
+        assert!(matches!(
+            rx.push(&chunks[2]),
+            Err(ChunkError::OutOfOrder { .. })
+        ));
 
         let mut rx = ChunkReceiver::new(1000);
         rx.push(&chunks[0]).unwrap();
@@ -229,7 +239,10 @@ mod tests {
         assert!(matches!(rx.push(&big), Err(ChunkError::Overflow { .. })));
 
         let mut rx = ChunkReceiver::new(50);
-        assert!(matches!(rx.push(&chunks[0]), Err(ChunkError::TooLarge { .. })));
+        assert!(matches!(
+            rx.push(&chunks[0]),
+            Err(ChunkError::TooLarge { .. })
+        ));
 
         let mut rx = ChunkReceiver::new(1000);
         let mut ragged = chunks[0].clone();
@@ -237,6 +250,9 @@ mod tests {
         assert_eq!(rx.push(&ragged), Err(ChunkError::Ragged(3)));
 
         let mut rx = ChunkReceiver::new(1000);
-        assert!(matches!(rx.push(&chunks[1]), Err(ChunkError::OutOfOrder { .. })));
+        assert!(matches!(
+            rx.push(&chunks[1]),
+            Err(ChunkError::OutOfOrder { .. })
+        ));
     }
 }
