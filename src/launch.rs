@@ -60,10 +60,17 @@ fn spawn(cmd: &mut Command, prefix: &str, addr: Option<mpsc::Sender<String>>) ->
     Ok(child)
 }
 
+/// Metrics address of process `index` (0 = coordinator, 1 + i = node i).
+fn metrics_addr(base: u16, index: usize) -> String {
+    let port = if base == 0 { 0 } else { base as usize + index };
+    format!("127.0.0.1:{port}")
+}
+
 /// Starts the cluster and waits for the coordinator.
 pub fn run_cluster(
     nodes: usize,
     threads_per_node: Option<usize>,
+    metrics_port: u16,
     train: &TrainArgs,
 ) -> Result<ExitCode> {
     if nodes == 0 {
@@ -79,6 +86,7 @@ pub fn run_cluster(
         Command::new(&exe)
             .arg("coordinator")
             .args(["--listen", "127.0.0.1:0", "--nodes", &nodes.to_string()])
+            .args(["--metrics-listen", &metrics_addr(metrics_port, 0)])
             .args(train.to_args()),
         "coordinator | ",
         Some(addr_tx),
@@ -102,6 +110,8 @@ pub fn run_cluster(
                 &format!("http://{addr}"),
                 "--threads",
                 &threads.to_string(),
+                "--metrics-listen",
+                &metrics_addr(metrics_port, 1 + i),
             ]),
             &format!("node{i}       | "),
             None,

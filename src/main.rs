@@ -3,6 +3,7 @@
 //! `coordinator` and `node` crates.
 
 mod launch;
+mod metrics_http;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -148,6 +149,9 @@ struct CoordinatorArgs {
     /// Seconds to wait for the nodes to join (default: forever).
     #[arg(long, env = "GRADCAST_JOIN_TIMEOUT")]
     join_timeout: Option<u64>,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9100; port 0 picks one).
+    #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -166,6 +170,9 @@ struct NodeArgs {
     /// Seconds to keep retrying to reach the coordinator.
     #[arg(long, env = "GRADCAST_CONNECT_TIMEOUT", default_value_t = 120)]
     connect_timeout: u64,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9101; port 0 picks one).
+    #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -176,6 +183,9 @@ struct RunArgs {
     /// Compute threads per node (default: cores / nodes, at least 1).
     #[arg(long)]
     threads_per_node: Option<usize>,
+    /// Metrics ports: the coordinator gets BASE, node i gets BASE+1+i (0: free ports, printed).
+    #[arg(long, default_value_t = 0)]
+    metrics_port: u16,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -253,6 +263,11 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     );
     let rt = runtime(2)?;
     let report = rt.block_on(async {
+        if let Some(addr) = &args.metrics_listen {
+            let bound = metrics_http::start(addr).await?;
+            coordinator::describe_metrics();
+            println!("metrics on http://{bound}/metrics");
+        }
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -286,7 +301,15 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
         device,
         connect_timeout: Duration::from_secs(args.connect_timeout),
     };
-    runtime(1)?.block_on(node::run(config))?;
+    runtime(1)?.block_on(async {
+        if let Some(addr) = &args.metrics_listen {
+            let bound = metrics_http::start(addr).await?;
+            node::describe_metrics();
+            println!("metrics on http://{bound}/metrics");
+        }
+        node::run(config).await?;
+        anyhow::Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -296,7 +319,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Coordinator(a) => coordinator_main(a),
         Command::Node(a) => node_main(a),
-        Command::Run(a) => launch::run_cluster(a.nodes, a.threads_per_node, &a.train),
+        Command::Run(a) => {
+            launch::run_cluster(a.nodes, a.threads_per_node, a.metrics_port, &a.train)
+        }
         Command::Synthetic(a) => {
             let spec = data::SyntheticSpec {
                 train_per_file: a.train_per_file,

@@ -14,6 +14,7 @@ mod error;
 mod history;
 mod optimizer;
 mod service;
+mod telemetry;
 mod trainer;
 
 pub use aggregate::WeightedSum;
@@ -21,4 +22,5 @@ pub use config::{LrSchedule, TrainConfig};
 pub use error::CoordinatorError;
 pub use history::History;
 pub use optimizer::{l2_penalty, Adam, Optimizer, OptimizerKind};
+pub use telemetry::describe_metrics;
 pub use trainer::{serve, TrainReport};

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::service::{Event, NodeInfo, Outbox, Service};
+use crate::telemetry;
 use crate::{l2_penalty, CoordinatorError, History, Optimizer, TrainConfig, WeightedSum};
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -203,6 +204,7 @@ impl Trainer {
         );
         for epoch in 0..self.config.epochs {
             let lr = self.config.lr_schedule.lr(self.config.lr, epoch);
+            telemetry::epoch(epoch + 1, lr);
             let order = epoch_order(n, self.config.seed, epoch as u64);
             let started = Instant::now();
             let mut last_progress = Instant::now();
@@ -216,6 +218,11 @@ impl Trainer {
                     step_tally.samples as u32,
                 );
                 penalty += step_penalty;
+                telemetry::step_done(
+                    step_tally.samples,
+                    tally.loss() + penalty / (i + 1) as f64,
+                    tally.accuracy(),
+                );
                 if last_progress.elapsed() >= PROGRESS_EVERY {
                     last_progress = Instant::now();
                     info!(
@@ -243,6 +250,7 @@ impl Trainer {
             h.val_loss.push(val.loss() + reg);
             h.val_accuracy.push(val.accuracy());
             h.lr.push(lr);
+            telemetry::validation(val.loss() + reg, val.accuracy());
             info!(
                 "epoch {}/{}: loss {:.4} accuracy {:.4} val_loss {:.4} val_accuracy {:.4} lr {:.2e} ({:.1} s, {:.0} samples/s)",
                 epoch + 1,
@@ -284,11 +292,13 @@ impl Trainer {
                 held: None,
             },
         );
+        telemetry::membership(self.members.len(), true);
     }
 
     fn remove(&mut self, node: u64, reason: &str) {
         if let Some(m) = self.members.remove(&node) {
             warn!(node, host = %m.info.hostname, "node left: {reason} ({} connected)", self.members.len());
+            telemetry::membership(self.members.len(), false);
         }
     }
 
@@ -352,6 +362,7 @@ impl Trainer {
         if self.members.get(&node).and_then(|m| m.held) == Some(self.step) {
             return Ok(());
         }
+        telemetry::bytes(chunker.byte_len(), 0);
         for chunk in chunker.chunks() {
             self.send(node, Out::Chunk(chunk), phase).await?;
         }
@@ -425,6 +436,7 @@ impl Trainer {
             proto::DEFAULT_CHUNK_BYTES,
         );
         // (node, samples) of each part, in node order: the order of averaging.
+        let started = Instant::now();
         let mut parts: Vec<(u64, u32)> = Vec::new();
         let mut offset = 0;
         for (&node, &count) in nodes.iter().zip(&counts) {
@@ -445,9 +457,11 @@ impl Trainer {
                 seed: Rng::derive(self.config.seed, &[0xD0, self.step, parts.len() as u64])
                     .next_u64(),
             };
+            telemetry::bytes(count * (data::IMAGE_BYTES + 1), 0);
             self.send(node, Out::Train(task), &phase).await?;
             parts.push((node, count as u32));
         }
+        let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.step_timeout;
         let mut results: BTreeMap<usize, (TrainResult, Vec<f32>, Vec<f32>)> = BTreeMap::new();
         while results.len() < parts.len() {
@@ -502,11 +516,16 @@ impl Trainer {
             }
             results.insert(part, (result, gradients, state));
         }
+        let gathered = Instant::now();
         let mut tally = Tally::default();
+        let mut slowest = 0.0f64;
         let num_state = self.weights.len() - self.num_trainable;
         let mut grads = WeightedSum::new(self.num_trainable);
         let mut state = WeightedSum::new(num_state);
-        for (result, g, s) in results.into_values() {
+        for (part, (result, g, s)) in results {
+            telemetry::node_work(parts[part].0, result.samples, result.compute_seconds);
+            telemetry::bytes(0, 4 * (g.len() + s.len()));
+            slowest = slowest.max(result.compute_seconds);
             tally.add(result.loss_sum, result.correct, result.samples);
             grads.add(result.samples as f64, g);
             state.add(result.samples as f64, s);
@@ -517,6 +536,7 @@ impl Trainer {
         self.optimizer.step(trainable, &grads, lr);
         buffers.copy_from_slice(&state.mean());
         self.step += 1;
+        telemetry::step_phases(sent - started, slowest, gathered - sent, gathered.elapsed());
         Ok((tally, penalty))
     }
 

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::NodeError;
+use crate::{telemetry, NodeError};
 
 type Result<T> = std::result::Result<T, NodeError>;
 
@@ -158,19 +158,29 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             Err(status) => return Err(status.into()),
         };
         match msg.kind {
-            Some(In::Chunk(chunk)) => match chunks
-                .push(&chunk)
-                .map_err(|e| NodeError::Protocol(e.to_string()))?
-            {
-                Some((BufferKind::Weights, version, values)) => pending = Some((version, values)),
-                Some((kind, ..)) => {
-                    return Err(NodeError::Protocol(format!(
-                        "unexpected buffer {kind:?} from the coordinator"
-                    )))
+            Some(In::Chunk(chunk)) => {
+                telemetry::received(chunk.data.len());
+                let complete = chunks
+                    .push(&chunk)
+                    .map_err(|e| NodeError::Protocol(e.to_string()))?;
+                match complete {
+                    Some((BufferKind::Weights, version, values)) => {
+                        pending = Some((version, values))
+                    }
+                    Some((kind, ..)) => {
+                        return Err(NodeError::Protocol(format!(
+                            "unexpected buffer {kind:?} from the coordinator"
+                        )))
+                    }
+                    None => {}
                 }
-                None => {}
-            },
+            }
             Some(In::Train(task)) => {
+                telemetry::received(
+                    task.samples
+                        .as_ref()
+                        .map_or(0, |s| s.images.len() + s.labels.len()),
+                );
                 let step = task.step;
                 let outcome = async {
                     session.load(task.version, &mut pending, &mut held).await?;
@@ -180,6 +190,11 @@ pub async fn run(config: NodeConfig) -> Result<()> {
                 session.report(step, outcome).await?;
             }
             Some(In::Eval(task)) => {
+                telemetry::received(
+                    task.samples
+                        .as_ref()
+                        .map_or(0, |s| s.images.len() + s.labels.len()),
+                );
                 let round = task.round;
                 let outcome = async {
                     session.load(task.version, &mut pending, &mut held).await?;
@@ -259,12 +274,14 @@ impl Session {
                 .await
                 .map_err(|e| NodeError::Compute(e.to_string()))??;
         let seconds = started.elapsed().as_secs_f64();
+        telemetry::task("train", out.samples, seconds);
         for (kind, values) in [
             (BufferKind::Gradients, &out.gradients),
             (BufferKind::State, &out.state),
         ] {
             for chunk in Chunker::new(kind, task.step, values, proto::DEFAULT_CHUNK_BYTES).chunks()
             {
+                telemetry::sent(chunk.data.len());
                 self.send(Out::Chunk(chunk)).await?;
             }
         }
@@ -285,13 +302,15 @@ impl Session {
         let out = tokio::task::spawn_blocking(move || model.evaluate(&s.images, &s.labels))
             .await
             .map_err(|e| NodeError::Compute(e.to_string()))??;
+        let seconds = started.elapsed().as_secs_f64();
+        telemetry::task("eval", out.samples, seconds);
         self.send(Out::Eval(EvalResult {
             round: task.round,
             part: task.part,
             samples: out.samples,
             loss_sum: out.loss_sum,
             correct: out.correct,
-            compute_seconds: started.elapsed().as_secs_f64(),
+            compute_seconds: seconds,
         }))
         .await
     }

@@ -7,6 +7,8 @@
 
 mod client;
 mod error;
+mod telemetry;
 
 pub use client::{run, NodeConfig};
 pub use error::NodeError;
+pub use telemetry::describe_metrics;

@@ -81,6 +81,11 @@ impl Chunker {
         }
     }
 
+    /// Bytes of payload the chunks carry in all.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// The chunks, in order. An empty buffer still yields one (empty) chunk so
     /// the receiver learns its version.
     pub fn chunks(&self) -> impl Iterator<Item = Chunk> + '_ {

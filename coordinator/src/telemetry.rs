@@ -1,0 +1,120 @@
+//! The coordinator's Prometheus metrics, emitted through the `metrics` facade
+//! (the binary decides how they are exported). Names follow the project's
+//! conventions: `gradcast_` prefix, base units in the name, `_total` for
+//! counters, few bounded labels (`phase`, `node`).
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+
+/// Registers help texts for every coordinator metric.
+pub fn describe_metrics() {
+    describe_counter!("gradcast_steps_total", "Optimizer steps completed");
+    describe_counter!(
+        "gradcast_samples_total",
+        Unit::Count,
+        "Training samples processed"
+    );
+    describe_histogram!(
+        "gradcast_step_duration_seconds",
+        Unit::Seconds,
+        "Time of one step by phase: broadcast (weights and samples out), compute (slowest node's compute), gather (rest of the wait for results), aggregate (averaging and optimizer)"
+    );
+    describe_counter!(
+        "gradcast_sent_bytes_total",
+        Unit::Bytes,
+        "Payload bytes sent to nodes"
+    );
+    describe_counter!(
+        "gradcast_received_bytes_total",
+        Unit::Bytes,
+        "Payload bytes received from nodes"
+    );
+    describe_gauge!("gradcast_epoch", "Current epoch (1-based)");
+    describe_gauge!(
+        "gradcast_learning_rate",
+        "Learning rate of the current epoch"
+    );
+    describe_gauge!(
+        "gradcast_train_loss",
+        "Mean training loss of the current epoch so far"
+    );
+    describe_gauge!(
+        "gradcast_train_accuracy",
+        "Training accuracy of the current epoch so far"
+    );
+    describe_gauge!("gradcast_val_loss", "Test loss after the last epoch");
+    describe_gauge!(
+        "gradcast_val_accuracy",
+        "Test accuracy after the last epoch"
+    );
+    describe_gauge!(
+        "gradcast_nodes_connected",
+        "Nodes connected to the coordinator"
+    );
+    describe_counter!("gradcast_node_joins_total", "Nodes admitted");
+    describe_counter!(
+        "gradcast_node_evictions_total",
+        "Nodes that left or were removed"
+    );
+    describe_histogram!(
+        "gradcast_node_compute_seconds",
+        Unit::Seconds,
+        "Compute time of each node's share of a step, as the node reports it"
+    );
+    describe_counter!(
+        "gradcast_node_samples_total",
+        Unit::Count,
+        "Training samples computed by each node"
+    );
+}
+
+/// Records the phases of one step.
+pub(crate) fn step_phases(broadcast: Duration, compute: f64, wait: Duration, aggregate: Duration) {
+    let h = |phase: &'static str, secs: f64| {
+        histogram!("gradcast_step_duration_seconds", "phase" => phase).record(secs)
+    };
+    h("broadcast", broadcast.as_secs_f64());
+    h("compute", compute);
+    h("gather", (wait.as_secs_f64() - compute).max(0.0));
+    h("aggregate", aggregate.as_secs_f64());
+}
+
+pub(crate) fn step_done(samples: u64, loss: f64, accuracy: f64) {
+    counter!("gradcast_steps_total").increment(1);
+    counter!("gradcast_samples_total").increment(samples);
+    gauge!("gradcast_train_loss").set(loss);
+    gauge!("gradcast_train_accuracy").set(accuracy);
+}
+
+pub(crate) fn node_work(node: u64, samples: u32, compute_seconds: f64) {
+    let node = node.to_string();
+    counter!("gradcast_node_samples_total", "node" => node.clone()).increment(samples as u64);
+    histogram!("gradcast_node_compute_seconds", "node" => node).record(compute_seconds);
+}
+
+pub(crate) fn bytes(sent: usize, received: usize) {
+    counter!("gradcast_sent_bytes_total").increment(sent as u64);
+    counter!("gradcast_received_bytes_total").increment(received as u64);
+}
+
+pub(crate) fn epoch(epoch: u32, lr: f64) {
+    gauge!("gradcast_epoch").set(epoch as f64);
+    gauge!("gradcast_learning_rate").set(lr);
+}
+
+pub(crate) fn validation(loss: f64, accuracy: f64) {
+    gauge!("gradcast_val_loss").set(loss);
+    gauge!("gradcast_val_accuracy").set(accuracy);
+}
+
+pub(crate) fn membership(connected: usize, joined: bool) {
+    gauge!("gradcast_nodes_connected").set(connected as f64);
+    if joined {
+        counter!("gradcast_node_joins_total").increment(1);
+    } else {
+        counter!("gradcast_node_evictions_total").increment(1);
+    }
+}
