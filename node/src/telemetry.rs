@@ -9,12 +9,12 @@ pub fn describe_metrics() {
         "Tasks completed by this node, by phase (train, eval)"
     );
     describe_counter!(
-        "gradcast_node_samples_total",
+        "gradcast_node_task_samples_total",
         Unit::Count,
         "Samples computed by this node, by phase"
     );
     describe_histogram!(
-        "gradcast_node_compute_seconds",
+        "gradcast_node_task_seconds",
         Unit::Seconds,
         "Compute time of one task, by phase"
     );
