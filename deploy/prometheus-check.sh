@@ -89,5 +89,29 @@ done
 echo "prometheus: scraped coordinator ($c series) and $n nodes; per-node compute series: $p"
 
 wait "$run" || fail "gradcast run failed"
+
+# Every query of the Grafana dashboard must find data (evictions excepted:
+# none happened).
+sleep 2
+python3 - "$prom" deploy/grafana/dashboards/gradcast.json <<'PY' || fail "dashboard queries without data"
+import json, re, sys, urllib.parse, urllib.request
+prom, path = sys.argv[1], sys.argv[2]
+missing = []
+for panel in json.load(open(path))["panels"]:
+    for t in panel["targets"]:
+        # Gauges of finished processes are stale now: look back over 5 minutes.
+        expr = re.sub(r"^max\((gradcast_[a-z_]+)\)$", r"max(max_over_time(\1[5m]))", t["expr"])
+        expr = expr.replace("[1m]", "[5m]")
+        if "evictions" in expr:
+            continue
+        url = f"http://127.0.0.1:{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        result = json.load(urllib.request.urlopen(url))["data"]["result"]
+        if not result:
+            missing.append(f'{panel["title"]}: {t["expr"]}')
+for m in missing:
+    print("no data:", m, file=sys.stderr)
+print(f"dashboard: all queries but {len(missing)} return data")
+sys.exit(1 if missing else 0)
+PY
 grep -q '^final val_accuracy: ' "$work/run.log" || fail "no final accuracy line"
 echo "PASS: $(grep '^final val_accuracy' "$work/run.log")"
