@@ -87,6 +87,9 @@ pub struct TrainArgs {
     /// Write the Keras-style history JSON here after every epoch.
     #[arg(long, env = "GRADCAST_HISTORY")]
     pub history: Option<PathBuf>,
+    /// Write safetensors checkpoints here (every epoch, and final.safetensors at the end).
+    #[arg(long, env = "GRADCAST_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
     /// Seconds to wait for a node's answer to one step before giving up.
     #[arg(long, env = "GRADCAST_STEP_TIMEOUT", default_value_t = 300)]
     pub step_timeout: u64,
@@ -123,6 +126,12 @@ impl TrainArgs {
             (
                 "--history",
                 self.history.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "--checkpoint-dir",
+                self.checkpoint_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
             ),
         ];
         for (flag, value) in optional {
@@ -239,6 +248,7 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.lr_schedule = t.lr_schedule.unwrap_or(config.lr_schedule);
     config.seed = t.seed;
     config.history = t.history.clone();
+    config.checkpoint_dir = t.checkpoint_dir.clone();
     config.step_timeout = Duration::from_secs(t.step_timeout.max(1));
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     if t.batch_size == 0 || args.nodes == 0 {

@@ -112,6 +112,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Where to write the Keras-style history JSON after every epoch.
     pub history: Option<PathBuf>,
+    /// Folder for safetensors checkpoints (`epoch-NNNN.safetensors` after
+    /// every epoch, `final.safetensors` at the end).
+    pub checkpoint_dir: Option<PathBuf>,
     /// Longest wait for one node's answer to one step or evaluation part.
     pub step_timeout: Duration,
     /// Longest wait for `nodes` nodes to join (None: wait forever).
@@ -132,9 +135,27 @@ impl TrainConfig {
             lr_schedule: LrSchedule::default_for(model.kind),
             seed: 0,
             history: None,
+            checkpoint_dir: None,
             step_timeout: Duration::from_secs(300),
             join_timeout: None,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The configuration as string pairs, for checkpoint metadata.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("model", self.model.kind.to_string()),
+            ("dropout", self.model.dropout.to_string()),
+            ("epochs", self.epochs.to_string()),
+            ("batch_size", self.batch_size.to_string()),
+            ("nodes", self.nodes.to_string()),
+            ("optimizer", self.optimizer.to_string()),
+            ("lr", self.lr.to_string()),
+            ("lr_schedule", self.lr_schedule.to_string()),
+            ("seed", self.seed.to_string()),
+        ]
     }
 }
 

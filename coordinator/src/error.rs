@@ -47,6 +47,9 @@ pub enum CoordinatorError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a checkpoint failed.
+    #[error("cannot write a checkpoint: {0}")]
+    Checkpoint(String),
     /// The configuration cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -2,7 +2,7 @@
 //! optimizer and the membership, and talks to nodes only through their
 //! outboxes and the event channel.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,7 @@ pub async fn serve(
     }
     let model = Model::new(config.model, config.seed, &Device::Cpu)?;
     let params: Vec<TensorInfo> = model.params().cloned().collect();
+    let layout: Vec<TensorInfo> = model.params().chain(model.buffers()).cloned().collect();
     let (num_trainable, num_state) = (model.num_trainable(), model.num_state());
     let reply = JoinReply {
         node_id: 0,
@@ -140,6 +141,7 @@ pub async fn serve(
         optimizer: Optimizer::new(config.optimizer, num_trainable),
         num_trainable,
         params,
+        layout,
         config,
         train,
         test,
@@ -175,6 +177,8 @@ pub async fn serve(
 struct Trainer {
     config: TrainConfig,
     params: Vec<TensorInfo>,
+    /// Names and shapes of the whole weights buffer (params, then state).
+    layout: Vec<TensorInfo>,
     num_trainable: usize,
     /// Trainable parameters, then BatchNorm running statistics.
     weights: Vec<f32>,
@@ -271,7 +275,42 @@ impl Trainer {
                         source,
                     })?;
             }
+            self.checkpoint(&format!("epoch-{:04}", epoch + 1), epoch + 1)?;
         }
+        if self.config.epochs > 0 {
+            self.checkpoint("final", self.config.epochs)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `DIR/{name}.safetensors` if a checkpoint folder is configured.
+    fn checkpoint(&self, name: &str, epoch: u32) -> Result<()> {
+        let Some(dir) = &self.config.checkpoint_dir else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CoordinatorError::Checkpoint(format!("{}: {e}", dir.display())))?;
+        let mut metadata: HashMap<String, String> = self
+            .config
+            .describe()
+            .into_iter()
+            .map(|(k, v)| (format!("gradcast.config.{k}"), v))
+            .collect();
+        metadata.insert("gradcast.epoch".into(), epoch.to_string());
+        metadata.insert("gradcast.step".into(), self.step.to_string());
+        if let Some(acc) = self.history.val_accuracy.last() {
+            metadata.insert("gradcast.val_accuracy".into(), acc.to_string());
+        }
+        let path = dir.join(format!("{name}.safetensors"));
+        model::save_checkpoint(
+            &path,
+            &self.config.model.kind.to_string(),
+            self.layout.iter(),
+            &self.weights,
+            metadata,
+        )
+        .map_err(|e| CoordinatorError::Checkpoint(e.to_string()))?;
+        debug!("wrote {}", path.display());
         Ok(())
     }
 

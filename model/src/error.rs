@@ -16,6 +16,12 @@ pub enum ModelError {
     /// Input samples are inconsistent.
     #[error("bad input: {0}")]
     BadInput(String),
+    /// A checkpoint file could not be written, read or used.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -9,6 +9,7 @@
 //!
 //! This crate knows nothing of gRPC, of the coordinator or of nodes.
 
+mod checkpoint;
 mod error;
 mod init;
 mod layers;
@@ -16,6 +17,7 @@ mod nets;
 mod network;
 mod spec;
 
+pub use checkpoint::{save_checkpoint, Checkpoint, MODEL_KEY};
 pub use error::ModelError;
 pub use layers::same_padding;
 pub use network::{EvalOutput, Model, StepOutput, TensorInfo};
