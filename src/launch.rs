@@ -14,7 +14,12 @@ use crate::TrainArgs;
 
 /// Forwards each line of `pipe` to our stdout or stderr with `prefix`, and
 /// reports the coordinator's address line through `addr`.
-fn forward(pipe: impl Read + Send + 'static, prefix: String, to_stderr: bool, addr: Option<mpsc::Sender<String>>) {
+fn forward(
+    pipe: impl Read + Send + 'static,
+    prefix: String,
+    to_stderr: bool,
+    addr: Option<mpsc::Sender<String>>,
+) {
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
@@ -38,7 +43,16 @@ fn spawn(cmd: &mut Command, prefix: &str, addr: Option<mpsc::Sender<String>>) ->
         .spawn()
         .context("cannot start a gradcast process")?;
     if let Some(out) = child.stdout.take() {
-        forward(out, if addr.is_some() { String::new() } else { prefix.to_string() }, false, addr);
+        forward(
+            out,
+            if addr.is_some() {
+                String::new()
+            } else {
+                prefix.to_string()
+            },
+            false,
+            addr,
+        );
     }
     if let Some(err) = child.stderr.take() {
         forward(err, prefix.to_string(), true, None);
@@ -47,12 +61,18 @@ fn spawn(cmd: &mut Command, prefix: &str, addr: Option<mpsc::Sender<String>>) ->
 }
 
 /// Starts the cluster and waits for the coordinator.
-pub fn run_cluster(nodes: usize, threads_per_node: Option<usize>, train: &TrainArgs) -> Result<ExitCode> {
+pub fn run_cluster(
+    nodes: usize,
+    threads_per_node: Option<usize>,
+    train: &TrainArgs,
+) -> Result<ExitCode> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
     let exe = std::env::current_exe().context("cannot find the gradcast executable")?;
-    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let threads = threads_per_node.unwrap_or((cores / nodes).max(1));
     let (addr_tx, addr_rx) = mpsc::channel();
     let mut coordinator = spawn(

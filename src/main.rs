@@ -114,7 +114,10 @@ impl TrainArgs {
             ("--lr-schedule", self.lr_schedule.map(|s| s.to_string())),
             ("--train-limit", self.train_limit.map(|k| k.to_string())),
             ("--test-limit", self.test_limit.map(|k| k.to_string())),
-            ("--history", self.history.as_ref().map(|p| p.display().to_string())),
+            (
+                "--history",
+                self.history.as_ref().map(|p| p.display().to_string()),
+            ),
         ];
         for (flag, value) in optional {
             if let Some(v) = value {
@@ -209,7 +212,10 @@ async fn shutdown_signal() {
 fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     let t = &args.train;
     let kind: ModelKind = t.model.parse()?;
-    let mut config = TrainConfig::new(ModelSpec { kind, dropout: !t.no_dropout });
+    let mut config = TrainConfig::new(ModelSpec {
+        kind,
+        dropout: !t.no_dropout,
+    });
     config.epochs = t.epochs;
     config.batch_size = t.batch_size;
     config.nodes = args.nodes;
@@ -259,7 +265,11 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     let device = parse_device(&args.device)?;
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .max(1);
     // candle's CPU kernels size their thread pools from this variable; set it
     // before any of them start.
@@ -282,11 +292,19 @@ fn main() -> ExitCode {
         Command::Node(a) => node_main(a),
         Command::Run(a) => launch::run_cluster(a.nodes, a.threads_per_node, &a.train),
         Command::Synthetic(a) => {
-            let spec = data::SyntheticSpec { train_per_file: a.train_per_file, test: a.test, seed: a.seed };
+            let spec = data::SyntheticSpec {
+                train_per_file: a.train_per_file,
+                test: a.test,
+                seed: a.seed,
+            };
             data::write_synthetic(&a.out, &spec, true)
                 .with_context(|| format!("cannot write synthetic data to {}", a.out.display()))
                 .map(|root| {
-                    println!("wrote {} and {}", root.display(), a.out.join("cifar-10-binary.tar.gz").display());
+                    println!(
+                        "wrote {} and {}",
+                        root.display(),
+                        a.out.join("cifar-10-binary.tar.gz").display()
+                    );
                     ExitCode::SUCCESS
                 })
         }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_gradcast");
 
 fn synthetic(dir: &Path, per_file: usize, test: usize) -> PathBuf {
-    let spec = data::SyntheticSpec { train_per_file: per_file, test, seed: 1 };
+    let spec = data::SyntheticSpec {
+        train_per_file: per_file,
+        test,
+        seed: 1,
+    };
     data::write_synthetic(dir, &spec, true).unwrap();
     dir.join("cifar-10-binary.tar.gz")
 }
@@ -71,23 +75,54 @@ fn run_trains_a_two_node_cluster_and_writes_history() {
     let history = dir.path().join("h.json");
     let out = gradcast(
         &[
-            "run", "--nodes", "2", "--threads-per-node", "1", "--data", data.to_str().unwrap(), "--model", "simple-cnn",
-            "--epochs", "2", "--batch-size", "16", "--history", history.to_str().unwrap(),
+            "run",
+            "--nodes",
+            "2",
+            "--threads-per-node",
+            "1",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            "simple-cnn",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--history",
+            history.to_str().unwrap(),
         ],
         Duration::from_secs(300),
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "gradcast run failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "gradcast run failed:\n{stdout}\n{stderr}"
+    );
     let h: serde_json::Value = serde_json::from_slice(&std::fs::read(&history).unwrap()).unwrap();
     for key in ["loss", "accuracy", "val_loss", "val_accuracy", "lr"] {
-        assert_eq!(h[key].as_array().map(Vec::len), Some(2), "history {key}: {h}");
+        assert_eq!(
+            h[key].as_array().map(Vec::len),
+            Some(2),
+            "history {key}: {h}"
+        );
     }
     let acc = final_accuracy(&stdout);
-    assert_eq!(Some(acc), h["val_accuracy"][1].as_f64().map(|a| (a * 1e4).round() / 1e4));
+    assert_eq!(
+        Some(acc),
+        h["val_accuracy"][1]
+            .as_f64()
+            .map(|a| (a * 1e4).round() / 1e4)
+    );
     // The synthetic classes are easy: two epochs must learn them.
-    assert!(acc > 0.5, "val_accuracy {acc} after 2 epochs on synthetic data");
+    assert!(
+        acc > 0.5,
+        "val_accuracy {acc} after 2 epochs on synthetic data"
+    );
     // Both nodes took part.
-    assert!(stderr.contains("node0") && stderr.contains("node1"), "{stderr}");
+    assert!(
+        stderr.contains("node0") && stderr.contains("node1"),
+        "{stderr}"
+    );
 }
 
 /// Spawns a process whose stdout lines are sent to a channel.
@@ -110,7 +145,9 @@ fn spawn_lines(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
 
 fn listening_address(rx: &mpsc::Receiver<String>) -> String {
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("coordinator printed its address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("coordinator printed its address");
         if let Some(a) = line.strip_prefix("listening on ") {
             return a.trim().to_string();
         }
@@ -119,7 +156,13 @@ fn listening_address(rx: &mpsc::Receiver<String>) -> String {
 
 fn node(addr: &str) -> Child {
     Command::new(BIN)
-        .args(["node", "--coordinator", &format!("http://{addr}"), "--threads", "1"])
+        .args([
+            "node",
+            "--coordinator",
+            &format!("http://{addr}"),
+            "--threads",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -132,8 +175,21 @@ fn separate_coordinator_and_node_processes_all_exit_zero() {
     let data = synthetic(dir.path(), 20, 30);
     let history = dir.path().join("h.json");
     let (mut coordinator, lines) = spawn_lines(&[
-        "coordinator", "--listen", "127.0.0.1:0", "--nodes", "2", "--data", data.to_str().unwrap(), "--model",
-        "resnet8", "--epochs", "1", "--batch-size", "25", "--history", history.to_str().unwrap(),
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--nodes",
+        "2",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "25",
+        "--history",
+        history.to_str().unwrap(),
     ]);
     let addr = listening_address(&lines);
     let mut nodes = [node(&addr), node(&addr)];
@@ -144,7 +200,10 @@ fn separate_coordinator_and_node_processes_all_exit_zero() {
         assert!(s.success(), "node {i} failed: {s}");
     }
     let rest: Vec<String> = lines.try_iter().collect();
-    assert!(rest.iter().any(|l| l.starts_with("final val_accuracy: ")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.starts_with("final val_accuracy: ")),
+        "{rest:?}"
+    );
     assert!(history.exists());
 }
 
@@ -153,20 +212,45 @@ fn killing_a_node_stops_training_with_a_clear_error_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 400, 20);
     let (mut coordinator, lines) = spawn_lines(&[
-        "coordinator", "--listen", "127.0.0.1:0", "--nodes", "2", "--data", data.to_str().unwrap(), "--epochs", "5",
-        "--batch-size", "8", "--step-timeout", "60",
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--nodes",
+        "2",
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "5",
+        "--batch-size",
+        "8",
+        "--step-timeout",
+        "60",
     ]);
     let addr = listening_address(&lines);
     let mut survivor = node(&addr);
     let mut victim = node(&addr);
     std::thread::sleep(Duration::from_secs(4));
-    assert!(coordinator.try_wait().unwrap().is_none(), "training ended before the kill");
+    assert!(
+        coordinator.try_wait().unwrap().is_none(),
+        "training ended before the kill"
+    );
     victim.kill().unwrap();
     victim.wait().unwrap();
     let killed_at = Instant::now();
-    let status = wait(&mut coordinator, Duration::from_secs(30), "coordinator after a node was killed");
-    assert!(!status.success(), "coordinator claims success after losing a node");
-    assert!(killed_at.elapsed() < Duration::from_secs(20), "noticed the loss only after {:?}", killed_at.elapsed());
+    let status = wait(
+        &mut coordinator,
+        Duration::from_secs(30),
+        "coordinator after a node was killed",
+    );
+    assert!(
+        !status.success(),
+        "coordinator claims success after losing a node"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(20),
+        "noticed the loss only after {:?}",
+        killed_at.elapsed()
+    );
     // The surviving node is told to stop and exits on its own.
     wait(&mut survivor, Duration::from_secs(30), "surviving node");
 }
@@ -175,32 +259,88 @@ fn killing_a_node_stops_training_with_a_clear_error_not_a_hang() {
 fn bad_inputs_fail_fast_with_clear_messages() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.tar.gz");
-    let out = gradcast(&["coordinator", "--data", missing.to_str().unwrap()], Duration::from_secs(30));
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no such file or folder"), "{}", text(&out.stderr));
-
-    let root = data::write_synthetic(dir.path(), &data::SyntheticSpec { train_per_file: 3, test: 3, seed: 0 }, false).unwrap();
-    let f = root.join("data_batch_5.bin");
-    let bytes = std::fs::read(&f).unwrap();
-    std::fs::write(&f, &bytes[..bytes.len() - 1]).unwrap();
-    let out = gradcast(&["coordinator", "--data", root.to_str().unwrap()], Duration::from_secs(30));
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("data_batch_5.bin") && err.contains("truncated"), "{err}");
-
-    let out = gradcast(&["coordinator", "--data", root.to_str().unwrap(), "--model", "resnet21"], Duration::from_secs(30));
-    assert!(text(&out.stderr).contains("unknown model"), "{}", text(&out.stderr));
-
-    let out = gradcast(&["node", "--coordinator", "http://127.0.0.1:1", "--device", "cuda:0"], Duration::from_secs(30));
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("this build has no CUDA support; rebuild with --features cuda"));
-
     let out = gradcast(
-        &["node", "--coordinator", "http://127.0.0.1:1", "--connect-timeout", "1"],
+        &["coordinator", "--data", missing.to_str().unwrap()],
         Duration::from_secs(30),
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("cannot reach the coordinator"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no such file or folder"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let root = data::write_synthetic(
+        dir.path(),
+        &data::SyntheticSpec {
+            train_per_file: 3,
+            test: 3,
+            seed: 0,
+        },
+        false,
+    )
+    .unwrap();
+    let f = root.join("data_batch_5.bin");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 1]).unwrap();
+    let out = gradcast(
+        &["coordinator", "--data", root.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("data_batch_5.bin") && err.contains("truncated"),
+        "{err}"
+    );
+
+    let out = gradcast(
+        &[
+            "coordinator",
+            "--data",
+            root.to_str().unwrap(),
+            "--model",
+            "resnet21",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        text(&out.stderr).contains("unknown model"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = gradcast(
+        &[
+            "node",
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--device",
+            "cuda:0",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("this build has no CUDA support; rebuild with --features cuda")
+    );
+
+    let out = gradcast(
+        &[
+            "node",
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--connect-timeout",
+            "1",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot reach the coordinator"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -208,9 +348,23 @@ fn coordinator_gives_up_when_nodes_do_not_come() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 2, 2);
     let out = gradcast(
-        &["coordinator", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap(), "--nodes", "2", "--join-timeout", "1"],
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--join-timeout",
+            "1",
+        ],
         Duration::from_secs(30),
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("only 0 of 2 nodes joined"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("only 0 of 2 nodes joined"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -72,7 +72,9 @@ impl FromStr for LrSchedule {
             "constant" => Ok(LrSchedule::Constant),
             "step-decay" => Ok(LrSchedule::StepDecay),
             "resnet-keras" => Ok(LrSchedule::ResnetKeras),
-            _ => Err(format!("unknown schedule {s:?}; use constant, step-decay or resnet-keras")),
+            _ => Err(format!(
+                "unknown schedule {s:?}; use constant, step-decay or resnet-keras"
+            )),
         }
     }
 }

@@ -37,8 +37,16 @@ impl Adam {
 
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
-        assert_eq!(weights.len(), self.m.len(), "Adam state and weights differ in length");
-        assert_eq!(grads.len(), self.m.len(), "Adam state and gradients differ in length");
+        assert_eq!(
+            weights.len(),
+            self.m.len(),
+            "Adam state and weights differ in length"
+        );
+        assert_eq!(
+            grads.len(),
+            self.m.len(),
+            "Adam state and gradients differ in length"
+        );
         self.iterations += 1;
         let t = self.iterations as i32;
         let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
@@ -54,7 +62,11 @@ impl Adam {
 
 /// Adds the gradient of `Σ l2·w²` to `grads` for every tensor with `l2 > 0`
 /// and returns the penalty itself (what Keras adds to the reported loss).
-pub fn l2_penalty<'a>(params: impl Iterator<Item = &'a TensorInfo>, weights: &[f32], grads: &mut [f32]) -> f64 {
+pub fn l2_penalty<'a>(
+    params: impl Iterator<Item = &'a TensorInfo>,
+    weights: &[f32],
+    grads: &mut [f32],
+) -> f64 {
     let mut off = 0;
     let mut penalty = 0.0f64;
     for info in params {
@@ -105,8 +117,16 @@ mod tests {
     #[test]
     fn l2_only_where_asked() {
         let params = [
-            TensorInfo { name: "a".into(), shape: vec![2], l2: 1e-4 },
-            TensorInfo { name: "b".into(), shape: vec![1], l2: 0.0 },
+            TensorInfo {
+                name: "a".into(),
+                shape: vec![2],
+                l2: 1e-4,
+            },
+            TensorInfo {
+                name: "b".into(),
+                shape: vec![1],
+                l2: 0.0,
+            },
         ];
         let w = [3.0f32, -1.0, 5.0];
         let mut g = [0.0f32; 3];

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::node_message::Kind;
-use proto::v1::{BufferKind, CoordinatorMessage, EvalResult, JoinReply, JoinRequest, NodeMessage, TrainResult};
+use proto::v1::{
+    BufferKind, CoordinatorMessage, EvalResult, JoinReply, JoinRequest, NodeMessage, TrainResult,
+};
 use proto::ChunkReceiver;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,7 +34,11 @@ pub(crate) struct NodeInfo {
 /// What the service reports to the training loop.
 pub(crate) enum Event {
     /// A node opened its session and can be given work.
-    Joined { node: u64, outbox: Outbox, info: NodeInfo },
+    Joined {
+        node: u64,
+        outbox: Outbox,
+        info: NodeInfo,
+    },
     /// A node's complete answer to a training step.
     Train {
         node: u64,
@@ -58,7 +64,12 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    pub fn new(events: mpsc::UnboundedSender<Event>, reply: JoinReply, num_trainable: usize, num_state: usize) -> Self {
+    pub fn new(
+        events: mpsc::UnboundedSender<Event>,
+        reply: JoinReply,
+        num_trainable: usize,
+        num_state: usize,
+    ) -> Self {
         Self {
             events,
             next_id: AtomicU64::new(0),
@@ -98,18 +109,31 @@ impl Coordinator for Service {
 
     type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
 
-    async fn session(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let node = match inbound.message().await? {
-            Some(NodeMessage { kind: Some(Kind::Hello(h)) }) => h.node_id,
-            _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+            Some(NodeMessage {
+                kind: Some(Kind::Hello(h)),
+            }) => h.node_id,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                ))
+            }
         };
         let info = self
             .pending
             .lock()
             .map_err(|_| Status::internal("membership lock poisoned"))?
             .remove(&node)
-            .ok_or_else(|| Status::not_found(format!("unknown node id {node}: call Join first (ids are single-use)")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown node id {node}: call Join first (ids are single-use)"
+                ))
+            })?;
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let events = self.events.clone();
         if events.send(Event::Joined { node, outbox, info }).is_err() {
@@ -118,7 +142,8 @@ impl Coordinator for Service {
         let limit = self.num_trainable.max(self.num_state) as u64;
         let (num_trainable, num_state) = (self.num_trainable, self.num_state);
         tokio::spawn(async move {
-            let reason = read_session(node, &mut inbound, &events, limit, num_trainable, num_state).await;
+            let reason =
+                read_session(node, &mut inbound, &events, limit, num_trainable, num_state).await;
             let _ = events.send(Event::Left { node, reason });
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -139,7 +164,10 @@ async fn read_session(
     let mut state: Option<(u64, Vec<f32>)> = None;
     let invalid = |reason: String| {
         warn!(node, %reason, "invalid message from node");
-        let _ = events.send(Event::Invalid { node, reason: reason.clone() });
+        let _ = events.send(Event::Invalid {
+            node,
+            reason: reason.clone(),
+        });
         reason
     };
     loop {
@@ -150,7 +178,9 @@ async fn read_session(
         };
         match msg.kind {
             Some(Kind::Chunk(chunk)) => match rx.push(&chunk) {
-                Ok(Some((BufferKind::Gradients, version, values))) => gradients = Some((version, values)),
+                Ok(Some((BufferKind::Gradients, version, values))) => {
+                    gradients = Some((version, values))
+                }
                 Ok(Some((BufferKind::State, version, values))) => state = Some((version, values)),
                 Ok(Some((kind, ..))) => return invalid(format!("unexpected buffer kind {kind:?}")),
                 Ok(None) => {}
@@ -160,7 +190,11 @@ async fn read_session(
                 let step = result.step;
                 let (g, s) = match (gradients.take(), state.take()) {
                     (Some((gv, g)), Some((sv, s))) if gv == step && sv == step => (g, s),
-                    _ => return invalid(format!("result for step {step} without its gradient and state buffers")),
+                    _ => {
+                        return invalid(format!(
+                            "result for step {step} without its gradient and state buffers"
+                        ))
+                    }
                 };
                 if g.len() != num_trainable || s.len() != num_state {
                     return invalid(format!(
@@ -169,12 +203,19 @@ async fn read_session(
                         s.len()
                     ));
                 }
-                let _ = events.send(Event::Train { node, result, gradients: g, state: s });
+                let _ = events.send(Event::Train {
+                    node,
+                    result,
+                    gradients: g,
+                    state: s,
+                });
             }
             Some(Kind::Eval(result)) => {
                 let _ = events.send(Event::Eval { node, result });
             }
-            Some(Kind::Error(e)) => return format!("reported an error at step {}: {}", e.step, e.message),
+            Some(Kind::Error(e)) => {
+                return format!("reported an error at step {}: {}", e.step, e.message)
+            }
             Some(Kind::Hello(_)) | None => {
                 debug!(node, "ignoring a repeated Hello or empty message");
             }

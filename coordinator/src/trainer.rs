@@ -10,7 +10,10 @@ use data::{epoch_order, split_counts, Dataset, Rng};
 use model::{Device, Model, TensorInfo};
 use proto::v1::coordinator_message::Kind as Out;
 use proto::v1::coordinator_server::CoordinatorServer;
-use proto::v1::{BufferKind, CoordinatorMessage, Dtype, EvalTask, Finish, JoinReply, Samples, TensorSpec, TrainResult, TrainTask};
+use proto::v1::{
+    BufferKind, CoordinatorMessage, Dtype, EvalTask, Finish, JoinReply, Samples, TensorSpec,
+    TrainResult, TrainTask,
+};
 use proto::Chunker;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -124,9 +127,12 @@ pub async fn serve(
                     .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
-                let _ = server_stopped.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = server_stopped.await;
+                },
+            ),
     );
     let mut trainer = Trainer {
         weights: model.weights()?,
@@ -204,7 +210,11 @@ impl Trainer {
             let mut penalty = 0.0;
             for (i, batch) in order.chunks(bs).enumerate() {
                 let (step_tally, step_penalty) = self.train_step(batch, lr).await?;
-                tally.add(step_tally.loss_sum, step_tally.correct as u32, step_tally.samples as u32);
+                tally.add(
+                    step_tally.loss_sum,
+                    step_tally.correct as u32,
+                    step_tally.samples as u32,
+                );
                 penalty += step_penalty;
                 if last_progress.elapsed() >= PROGRESS_EVERY {
                     last_progress = Instant::now();
@@ -222,7 +232,11 @@ impl Trainer {
             }
             let train_secs = started.elapsed().as_secs_f64();
             let val = self.evaluate(epoch as u64).await?;
-            let reg = l2_penalty(self.params.iter(), &self.weights[..self.num_trainable], &mut vec![0.0; self.num_trainable]);
+            let reg = l2_penalty(
+                self.params.iter(),
+                &self.weights[..self.num_trainable],
+                &mut vec![0.0; self.num_trainable],
+            );
             let h = &mut self.history;
             h.loss.push(tally.loss() + penalty / steps_per_epoch as f64);
             h.accuracy.push(tally.accuracy());
@@ -242,10 +256,12 @@ impl Trainer {
                 n as f64 / train_secs
             );
             if let Some(path) = &self.config.history {
-                self.history.write(path).map_err(|source| CoordinatorError::History {
-                    path: path.clone(),
-                    source,
-                })?;
+                self.history
+                    .write(path)
+                    .map_err(|source| CoordinatorError::History {
+                        path: path.clone(),
+                        source,
+                    })?;
             }
         }
         Ok(())
@@ -260,7 +276,14 @@ impl Trainer {
             "node joined ({} connected)",
             self.members.len() + 1
         );
-        self.members.insert(node, Member { outbox, info, held: None });
+        self.members.insert(
+            node,
+            Member {
+                outbox,
+                info,
+                held: None,
+            },
+        );
     }
 
     fn remove(&mut self, node: u64, reason: &str) {
@@ -271,25 +294,32 @@ impl Trainer {
 
     async fn wait_for_nodes(&mut self) -> Result<()> {
         let wanted = self.config.nodes;
-        let deadline = self.config.join_timeout.map(|t| (tokio::time::Instant::now() + t, t));
+        let deadline = self
+            .config
+            .join_timeout
+            .map(|t| (tokio::time::Instant::now() + t, t));
         info!("waiting for {wanted} node(s) to join");
         while self.members.len() < wanted {
             let event = match deadline {
-                Some((at, timeout)) => match tokio::time::timeout_at(at, self.events.recv()).await {
-                    Ok(e) => e,
-                    Err(_) => {
-                        return Err(CoordinatorError::NotEnoughNodes {
-                            joined: self.members.len(),
-                            wanted,
-                            timeout,
-                        })
+                Some((at, timeout)) => {
+                    match tokio::time::timeout_at(at, self.events.recv()).await {
+                        Ok(e) => e,
+                        Err(_) => {
+                            return Err(CoordinatorError::NotEnoughNodes {
+                                joined: self.members.len(),
+                                wanted,
+                                timeout,
+                            })
+                        }
                     }
-                },
+                }
                 None => self.events.recv().await,
             };
             match event {
                 Some(Event::Joined { node, outbox, info }) => self.admit(node, outbox, info),
-                Some(Event::Left { node, reason }) | Some(Event::Invalid { node, reason }) => self.remove(node, &reason),
+                Some(Event::Left { node, reason }) | Some(Event::Invalid { node, reason }) => {
+                    self.remove(node, &reason)
+                }
                 Some(_) => {}
                 None => return Err(CoordinatorError::Cancelled),
             }
@@ -298,11 +328,14 @@ impl Trainer {
     }
 
     async fn send(&mut self, node: u64, kind: Out, phase: &str) -> Result<()> {
-        let member = self.members.get(&node).ok_or_else(|| CoordinatorError::NodeLost {
-            node,
-            phase: phase.to_string(),
-            reason: "not connected".into(),
-        })?;
+        let member = self
+            .members
+            .get(&node)
+            .ok_or_else(|| CoordinatorError::NodeLost {
+                node,
+                phase: phase.to_string(),
+                reason: "not connected".into(),
+            })?;
         member
             .outbox
             .send(Ok(CoordinatorMessage { kind: Some(kind) }))
@@ -343,13 +376,24 @@ impl Trainer {
                     });
                 }
             }
-            Event::Train { node, result, .. } => debug!(node, step = result.step, "dropping a late training result"),
-            Event::Eval { node, result } => debug!(node, round = result.round, "dropping a late evaluation result"),
+            Event::Train { node, result, .. } => {
+                debug!(node, step = result.step, "dropping a late training result")
+            }
+            Event::Eval { node, result } => debug!(
+                node,
+                round = result.round,
+                "dropping a late evaluation result"
+            ),
         }
         Ok(())
     }
 
-    async fn next_event(&mut self, deadline: tokio::time::Instant, waiting_for: &[u64], phase: &str) -> Result<Event> {
+    async fn next_event(
+        &mut self,
+        deadline: tokio::time::Instant,
+        waiting_for: &[u64],
+        phase: &str,
+    ) -> Result<Event> {
         match tokio::time::timeout_at(deadline, self.events.recv()).await {
             Ok(Some(e)) => Ok(e),
             Ok(None) => Err(CoordinatorError::Cancelled),
@@ -367,10 +411,19 @@ impl Trainer {
         let phase = format!("step {}", self.step);
         let nodes: Vec<u64> = self.members.keys().copied().collect();
         if nodes.is_empty() {
-            return Err(CoordinatorError::NodeLost { node: 0, phase, reason: "no node left".into() });
+            return Err(CoordinatorError::NodeLost {
+                node: 0,
+                phase,
+                reason: "no node left".into(),
+            });
         }
         let counts = split_counts(batch.len(), &vec![1.0; nodes.len()]);
-        let chunker = Chunker::new(BufferKind::Weights, self.step, &self.weights, proto::DEFAULT_CHUNK_BYTES);
+        let chunker = Chunker::new(
+            BufferKind::Weights,
+            self.step,
+            &self.weights,
+            proto::DEFAULT_CHUNK_BYTES,
+        );
         // (node, samples) of each part, in node order: the order of averaging.
         let mut parts: Vec<(u64, u32)> = Vec::new();
         let mut offset = 0;
@@ -384,8 +437,13 @@ impl Trainer {
             let task = TrainTask {
                 step: self.step,
                 version: self.step,
-                samples: Some(Samples { count: count as u32, images: images.into(), labels: labels.into() }),
-                seed: Rng::derive(self.config.seed, &[0xD0, self.step, parts.len() as u64]).next_u64(),
+                samples: Some(Samples {
+                    count: count as u32,
+                    images: images.into(),
+                    labels: labels.into(),
+                }),
+                seed: Rng::derive(self.config.seed, &[0xD0, self.step, parts.len() as u64])
+                    .next_u64(),
             };
             self.send(node, Out::Train(task), &phase).await?;
             parts.push((node, count as u32));
@@ -400,12 +458,22 @@ impl Trainer {
                 .map(|(_, (n, _))| *n)
                 .collect();
             let event = self.next_event(deadline, &waiting, &phase).await?;
-            let Event::Train { node, result, gradients, state } = event else {
+            let Event::Train {
+                node,
+                result,
+                gradients,
+                state,
+            } = event
+            else {
                 self.side_event(event, &waiting, &phase)?;
                 continue;
             };
             if result.step != self.step {
-                debug!(node, step = result.step, "dropping a result for another step");
+                debug!(
+                    node,
+                    step = result.step,
+                    "dropping a result for another step"
+                );
                 continue;
             }
             let Some(part) = parts.iter().position(|(n, _)| *n == node) else {
@@ -416,11 +484,20 @@ impl Trainer {
                 debug!(node, "dropping a duplicate result");
                 continue;
             }
-            let bad = |reason: String| CoordinatorError::BadResult { node, phase: phase.clone(), reason };
+            let bad = |reason: String| CoordinatorError::BadResult {
+                node,
+                phase: phase.clone(),
+                reason,
+            };
             if result.samples != parts[part].1 {
-                return Err(bad(format!("{} samples, sent {}", result.samples, parts[part].1)));
+                return Err(bad(format!(
+                    "{} samples, sent {}",
+                    result.samples, parts[part].1
+                )));
             }
-            if !result.loss_sum.is_finite() || gradients.iter().chain(&state).any(|v| !v.is_finite()) {
+            if !result.loss_sum.is_finite()
+                || gradients.iter().chain(&state).any(|v| !v.is_finite())
+            {
                 return Err(bad("non-finite loss, gradient or state".into()));
             }
             results.insert(part, (result, gradients, state));
@@ -448,7 +525,12 @@ impl Trainer {
         let phase = format!("evaluation {round}");
         let nodes: Vec<u64> = self.members.keys().copied().collect();
         let counts = split_counts(self.test.len(), &vec![1.0; nodes.len()]);
-        let chunker = Chunker::new(BufferKind::Weights, self.step, &self.weights, proto::DEFAULT_CHUNK_BYTES);
+        let chunker = Chunker::new(
+            BufferKind::Weights,
+            self.step,
+            &self.weights,
+            proto::DEFAULT_CHUNK_BYTES,
+        );
         let mut parts: Vec<(u64, u32)> = Vec::new();
         let mut start = 0;
         for (&node, &count) in nodes.iter().zip(&counts) {
@@ -461,7 +543,11 @@ impl Trainer {
                     round,
                     version: self.step,
                     part: parts.len() as u64,
-                    samples: Some(Samples { count: (part_end - part_start) as u32, images: images.into(), labels: labels.into() }),
+                    samples: Some(Samples {
+                        count: (part_end - part_start) as u32,
+                        images: images.into(),
+                        labels: labels.into(),
+                    }),
                 };
                 self.send(node, Out::Eval(task), &phase).await?;
                 parts.push((node, (part_end - part_start) as u32));
@@ -484,15 +570,26 @@ impl Trainer {
                 continue;
             };
             let expected = parts.get(result.part as usize);
-            if result.round != round || expected.map(|p| p.0) != Some(node) || results.contains_key(&result.part) {
-                debug!(node, round = result.round, part = result.part, "dropping an unexpected evaluation result");
+            if result.round != round
+                || expected.map(|p| p.0) != Some(node)
+                || results.contains_key(&result.part)
+            {
+                debug!(
+                    node,
+                    round = result.round,
+                    part = result.part,
+                    "dropping an unexpected evaluation result"
+                );
                 continue;
             }
             if Some(result.samples) != expected.map(|p| p.1) || !result.loss_sum.is_finite() {
                 return Err(CoordinatorError::BadResult {
                     node,
                     phase,
-                    reason: format!("evaluation part {} came back with {} samples or a non-finite loss", result.part, result.samples),
+                    reason: format!(
+                        "evaluation part {} came back with {} samples or a non-finite loss",
+                        result.part, result.samples
+                    ),
                 });
             }
             results.insert(result.part, result);
@@ -508,8 +605,15 @@ impl Trainer {
     async fn dismiss_all(&mut self, reason: &str) {
         let members = std::mem::take(&mut self.members);
         for (node, m) in members {
-            let msg = CoordinatorMessage { kind: Some(Out::Finish(Finish { reason: reason.to_string() })) };
-            if tokio::time::timeout(Duration::from_secs(2), m.outbox.send(Ok(msg))).await.is_err() {
+            let msg = CoordinatorMessage {
+                kind: Some(Out::Finish(Finish {
+                    reason: reason.to_string(),
+                })),
+            };
+            if tokio::time::timeout(Duration::from_secs(2), m.outbox.send(Ok(msg)))
+                .await
+                .is_err()
+            {
                 debug!(node, "could not tell the node to finish");
             }
         }

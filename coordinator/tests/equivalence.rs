@@ -10,13 +10,20 @@ use data::{write_synthetic, Dataset, SyntheticSpec};
 use model::{Device, ModelKind, ModelSpec};
 
 fn datasets(dir: &std::path::Path) -> (Dataset, Dataset) {
-    let spec = SyntheticSpec { train_per_file: 8, test: 12, seed: 4 };
+    let spec = SyntheticSpec {
+        train_per_file: 8,
+        test: 12,
+        seed: 4,
+    };
     let root = write_synthetic(dir, &spec, false).unwrap();
     Dataset::load_train_test(&root).unwrap()
 }
 
 async fn train(nodes: usize, steps: usize, train: Dataset, test: Dataset) -> TrainReport {
-    let mut config = TrainConfig::new(ModelSpec { kind: ModelKind::SimpleCnn, dropout: false });
+    let mut config = TrainConfig::new(ModelSpec {
+        kind: ModelKind::SimpleCnn,
+        dropout: false,
+    });
     config.nodes = nodes;
     config.batch_size = train.len() / steps;
     config.seed = 17;
@@ -33,7 +40,9 @@ async fn train(nodes: usize, steps: usize, train: Dataset, test: Dataset) -> Tra
         };
         workers.push(tokio::spawn(node::run(cfg)));
     }
-    let report = serve(listener, config, train, test, std::future::pending()).await.unwrap();
+    let report = serve(listener, config, train, test, std::future::pending())
+        .await
+        .unwrap();
     for w in workers {
         w.await.unwrap().expect("node finished cleanly");
     }
@@ -61,15 +70,28 @@ async fn two_and_three_nodes_match_one_node() {
     let two = train(2, 1, train_set.clone(), test_set.clone()).await;
     let three = train(3, 1, train_set.clone(), test_set.clone()).await;
     assert_eq!((one.steps, two.steps, three.steps), (1, 1, 1));
-    let initial = model::Model::new(ModelSpec { kind: ModelKind::SimpleCnn, dropout: false }, 17, &Device::Cpu)
-        .unwrap()
-        .weights()
-        .unwrap();
-    assert!(max_relative_difference(&initial, &one.weights) > 1e-3, "the step changed nothing");
+    let initial = model::Model::new(
+        ModelSpec {
+            kind: ModelKind::SimpleCnn,
+            dropout: false,
+        },
+        17,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .weights()
+    .unwrap();
+    assert!(
+        max_relative_difference(&initial, &one.weights) > 1e-3,
+        "the step changed nothing"
+    );
     let d2 = max_relative_difference(&one.weights, &two.weights);
     let d3 = max_relative_difference(&one.weights, &three.weights);
     assert!(d2 < 1e-5, "2 nodes differ from 1 node by {d2}");
-    assert!(d3 < 1e-5, "3 nodes (uneven shares 14/13/13) differ from 1 node by {d3}");
+    assert!(
+        d3 < 1e-5,
+        "3 nodes (uneven shares 14/13/13) differ from 1 node by {d3}"
+    );
     // Same accounting of the epoch in all three runs.
     assert!((one.history.loss[0] - two.history.loss[0]).abs() < 1e-5);
     assert_eq!(one.history.accuracy, three.history.accuracy);

@@ -65,9 +65,15 @@ pub enum DataError {
     Empty { file: PathBuf },
     /// A label byte outside 0..=9.
     #[error("{file}: record {record} has label {label}, labels must be 0..9; the file is corrupt or not CIFAR-10 (CIFAR-100 has two label bytes)")]
-    BadLabel { file: PathBuf, record: u64, label: u8 },
+    BadLabel {
+        file: PathBuf,
+        record: u64,
+        label: u8,
+    },
     /// The archive could not be read.
-    #[error("{path}: cannot read the archive ({source}); is it a complete cifar-10-binary.tar.gz?")]
+    #[error(
+        "{path}: cannot read the archive ({source}); is it a complete cifar-10-binary.tar.gz?"
+    )]
     Archive {
         path: PathBuf,
         #[source]
@@ -108,7 +114,7 @@ impl Dataset {
                 file: name.to_path_buf(),
             });
         }
-        if size % RECORD_BYTES as u64 != 0 {
+        if !size.is_multiple_of(RECORD_BYTES as u64) {
             return Err(DataError::Truncated {
                 file: name.to_path_buf(),
                 size,
@@ -335,9 +341,22 @@ mod tests {
         let bytes = std::fs::read(&f).unwrap();
         std::fs::write(&f, &bytes[..bytes.len() - 10]).unwrap();
         let err = Dataset::load(&root, Split::Train).unwrap_err();
-        assert!(matches!(err, DataError::Truncated { records: 19, extra: 3063, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DataError::Truncated {
+                    records: 19,
+                    extra: 3063,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains("data_batch_3.bin") && msg.contains("truncated"), "{msg}");
+        assert!(
+            msg.contains("data_batch_3.bin") && msg.contains("truncated"),
+            "{msg}"
+        );
         // The test split is unaffected.
         assert_eq!(Dataset::load(&root, Split::Test).unwrap().len(), 30);
     }
@@ -362,7 +381,14 @@ mod tests {
         std::fs::write(&f, &bytes).unwrap();
         let err = Dataset::load(&root, Split::Train).unwrap_err();
         assert!(
-            matches!(err, DataError::BadLabel { record: 5, label: 10, .. }),
+            matches!(
+                err,
+                DataError::BadLabel {
+                    record: 5,
+                    label: 10,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("data_batch_2.bin"));
@@ -392,7 +418,12 @@ mod tests {
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         let err = Dataset::load(&cut, Split::Test).unwrap_err();
         assert!(
-            matches!(err, DataError::Archive { .. } | DataError::MissingFile { .. } | DataError::Truncated { .. }),
+            matches!(
+                err,
+                DataError::Archive { .. }
+                    | DataError::MissingFile { .. }
+                    | DataError::Truncated { .. }
+            ),
             "{err}"
         );
     }

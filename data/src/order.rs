@@ -32,7 +32,9 @@ pub fn split_counts(total: usize, weights: &[f64]) -> Vec<usize> {
     by_fraction.sort_by(|&a, &b| {
         let fa = exact[a] - exact[a].floor();
         let fb = exact[b] - exact[b].floor();
-        fb.partial_cmp(&fa).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        fb.partial_cmp(&fa)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
     });
     for &i in by_fraction.iter().cycle() {
         if left == 0 {

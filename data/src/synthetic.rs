@@ -65,7 +65,10 @@ pub fn write_synthetic(dir: &Path, spec: &SyntheticSpec, archive: bool) -> io::R
             records(spec.train_per_file, &patterns, &mut rng),
         ));
     }
-    files.push(("test_batch.bin".into(), records(spec.test, &patterns, &mut rng)));
+    files.push((
+        "test_batch.bin".into(),
+        records(spec.test, &patterns, &mut rng),
+    ));
     let meta = crate::CLASS_NAMES.join("\n") + "\n";
     files.push(("batches.meta.txt".into(), meta.into_bytes()));
     for (name, bytes) in &files {
@@ -82,7 +85,11 @@ pub fn write_synthetic(dir: &Path, spec: &SyntheticSpec, archive: bool) -> io::R
             header.set_size(bytes.len() as u64);
             header.set_mode(0o644);
             header.set_cksum();
-            tar.append_data(&mut header, format!("cifar-10-batches-bin/{name}"), bytes.as_slice())?;
+            tar.append_data(
+                &mut header,
+                format!("cifar-10-batches-bin/{name}"),
+                bytes.as_slice(),
+            )?;
         }
         tar.into_inner()?.finish()?.flush()?;
     }

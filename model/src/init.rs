@@ -58,13 +58,20 @@ mod tests {
     #[test]
     fn glorot_uniform_bounds_and_variance() {
         let mut rng = Rng::new(1);
-        let v = Init::GlorotUniform { fan_in: 27, fan_out: 288 }.sample(100_000, &mut rng);
+        let v = Init::GlorotUniform {
+            fan_in: 27,
+            fan_out: 288,
+        }
+        .sample(100_000, &mut rng);
         let limit = (6.0f64 / 315.0).sqrt() as f32;
         assert!(v.iter().all(|x| x.abs() <= limit));
         let (m, var) = moments(&v);
         assert!(m.abs() < 1e-3);
         let expected = 2.0 / 315.0;
-        assert!((var - expected).abs() / expected < 0.02, "{var} vs {expected}");
+        assert!(
+            (var - expected).abs() / expected < 0.02,
+            "{var} vs {expected}"
+        );
     }
 
     #[test]
@@ -77,6 +84,9 @@ mod tests {
         let (m, var) = moments(&v);
         assert!(m.abs() < 1e-3);
         let expected = 2.0 / fan_in as f64;
-        assert!((var - expected).abs() / expected < 0.02, "{var} vs {expected}");
+        assert!(
+            (var - expected).abs() / expected < 0.02,
+            "{var} vs {expected}"
+        );
     }
 }

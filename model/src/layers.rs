@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use data::Rng;
 
 use crate::init::Init;
+use crate::kernels;
 use crate::network::TensorInfo;
 use crate::ModelError;
 
@@ -29,15 +30,18 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
 /// values drawn from one seeded stream.
 pub(crate) struct Registry {
     pub device: Device,
+    /// Whether layers use the fast CPU kernels ([`crate::kernels`]) or candle's own ops.
+    pub fast: bool,
     pub rng: Rng,
     pub params: Vec<(TensorInfo, Var)>,
     pub buffers: Vec<(TensorInfo, Var)>,
 }
 
 impl Registry {
-    pub fn new(seed: u64, device: Device) -> Self {
+    pub fn new(seed: u64, device: Device, fast: bool) -> Self {
         Self {
             device,
+            fast,
             rng: Rng::derive(seed, &[0x1217]),
             params: Vec::new(),
             buffers: Vec::new(),
@@ -47,20 +51,38 @@ impl Registry {
     fn make(&mut self, shape: &[usize], init: Init) -> Result<Var> {
         let n = shape.iter().product();
         let values = init.sample(n, &mut self.rng);
-        Ok(Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?)
+        Ok(Var::from_tensor(&Tensor::from_vec(
+            values,
+            shape,
+            &self.device,
+        )?)?)
     }
 
     /// A trainable parameter; `l2` is its L2 regularisation factor (0 for none).
     pub fn param(&mut self, name: String, shape: &[usize], init: Init, l2: f32) -> Result<Var> {
         let var = self.make(shape, init)?;
-        self.params.push((TensorInfo { name, shape: shape.to_vec(), l2 }, var.clone()));
+        self.params.push((
+            TensorInfo {
+                name,
+                shape: shape.to_vec(),
+                l2,
+            },
+            var.clone(),
+        ));
         Ok(var)
     }
 
     /// A non-trainable state tensor.
     pub fn buffer(&mut self, name: String, shape: &[usize], init: Init) -> Result<(usize, Var)> {
         let var = self.make(shape, init)?;
-        self.buffers.push((TensorInfo { name, shape: shape.to_vec(), l2: 0.0 }, var.clone()));
+        self.buffers.push((
+            TensorInfo {
+                name,
+                shape: shape.to_vec(),
+                l2: 0.0,
+            },
+            var.clone(),
+        ));
         Ok((self.buffers.len() - 1, var))
     }
 }
@@ -99,12 +121,16 @@ impl Kernel {
 }
 
 /// 2-D convolution with bias, NCHW, kernel `(out, in, k, k)`.
+///
+/// When its input carries no gradient (the image, at a network's first layer)
+/// the backward pass skips the input gradient.
 pub(crate) struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     k: usize,
     stride: usize,
     padding: Padding,
+    fast: bool,
 }
 
 /// Options of a convolution.
@@ -117,38 +143,77 @@ pub(crate) struct ConvCfg {
 }
 
 impl Conv2d {
-    pub fn new(reg: &mut Registry, name: &str, cin: usize, cout: usize, cfg: ConvCfg) -> Result<Self> {
+    pub fn new(
+        reg: &mut Registry,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        cfg: ConvCfg,
+    ) -> Result<Self> {
         let (k, fan_in, fan_out) = (cfg.k, cin * cfg.k * cfg.k, cout * cfg.k * cfg.k);
-        let weight = reg.param(format!("{name}.weight"), &[cout, cin, k, k], cfg.kernel.init(fan_in, fan_out), cfg.l2)?;
+        let weight = reg.param(
+            format!("{name}.weight"),
+            &[cout, cin, k, k],
+            cfg.kernel.init(fan_in, fan_out),
+            cfg.l2,
+        )?;
         let bias = reg.param(format!("{name}.bias"), &[cout], Init::Zeros, 0.0)?;
         Ok(Self {
             weight: weight.as_tensor().clone(),
-            bias: bias.as_tensor().reshape((1, cout, 1, 1))?,
+            bias: bias.as_tensor().clone(),
             k,
             stride: cfg.stride,
             padding: cfg.padding,
+            fast: reg.fast,
         })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match self.padding {
-            Padding::Valid => x.conv2d(&self.weight, 0, self.stride, 1, 1)?,
+        let pad = match self.padding {
+            Padding::Valid => [0; 4],
             Padding::Same => {
                 let (_, _, h, w) = x.dims4()?;
                 let (top, bottom) = same_padding(h, self.k, self.stride);
                 let (left, right) = same_padding(w, self.k, self.stride);
-                if top == bottom && left == right && top == left {
-                    x.conv2d(&self.weight, top, self.stride, 1, 1)?
-                } else {
-                    x.pad_with_zeros(2, top, bottom)?
-                        .pad_with_zeros(3, left, right)?
-                        .conv2d(&self.weight, 0, self.stride, 1, 1)?
-                }
+                [top, bottom, left, right]
             }
         };
-        y.broadcast_add(&self.bias)
+        if self.fast {
+            kernels::conv2d(
+                x,
+                &self.weight,
+                Some(&self.bias),
+                self.stride,
+                pad,
+                x.track_op(),
+            )
+        } else {
+            kernels::conv2d_reference(x, &self.weight, Some(&self.bias), self.stride, pad)
+        }
+    }
+}
+
+/// k×k max-pooling with stride k.
+pub(crate) struct MaxPool2d {
+    k: usize,
+    fast: bool,
+}
+
+impl MaxPool2d {
+    pub fn new(reg: &Registry, k: usize) -> Self {
+        Self { k, fast: reg.fast }
+    }
+}
+
+impl Module for MaxPool2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fast {
+            kernels::max_pool2d(x, self.k)
+        } else {
+            kernels::max_pool2d_reference(x, self.k)
+        }
     }
 }
 
@@ -159,8 +224,19 @@ pub(crate) struct Dense {
 }
 
 impl Dense {
-    pub fn new(reg: &mut Registry, name: &str, fan_in: usize, fan_out: usize, kernel: Kernel) -> Result<Self> {
-        let weight = reg.param(format!("{name}.weight"), &[fan_out, fan_in], kernel.init(fan_in, fan_out), 0.0)?;
+    pub fn new(
+        reg: &mut Registry,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+        kernel: Kernel,
+    ) -> Result<Self> {
+        let weight = reg.param(
+            format!("{name}.weight"),
+            &[fan_out, fan_in],
+            kernel.init(fan_in, fan_out),
+            0.0,
+        )?;
         let bias = reg.param(format!("{name}.bias"), &[fan_out], Init::Zeros, 0.0)?;
         Ok(Self {
             weight: weight.as_tensor().clone(),
@@ -185,14 +261,17 @@ pub(crate) struct BatchNorm {
     running_var: Tensor,
     mean_index: usize,
     channels: usize,
+    fast: bool,
 }
 
 impl BatchNorm {
     pub fn new(reg: &mut Registry, name: &str, channels: usize) -> Result<Self> {
         let gamma = reg.param(format!("{name}.weight"), &[channels], Init::Ones, 0.0)?;
         let beta = reg.param(format!("{name}.bias"), &[channels], Init::Zeros, 0.0)?;
-        let (mean_index, running_mean) = reg.buffer(format!("{name}.running_mean"), &[channels], Init::Zeros)?;
-        let (_, running_var) = reg.buffer(format!("{name}.running_var"), &[channels], Init::Ones)?;
+        let (mean_index, running_mean) =
+            reg.buffer(format!("{name}.running_mean"), &[channels], Init::Zeros)?;
+        let (_, running_var) =
+            reg.buffer(format!("{name}.running_var"), &[channels], Init::Ones)?;
         Ok(Self {
             gamma: gamma.as_tensor().clone(),
             beta: beta.as_tensor().clone(),
@@ -200,33 +279,26 @@ impl BatchNorm {
             running_var: running_var.as_tensor().clone(),
             mean_index,
             channels,
+            fast: reg.fast,
         })
     }
 
     pub fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let rank = x.rank();
-        let shape: Vec<usize> = (0..rank).map(|d| if d == 1 { self.channels } else { 1 }).collect();
-        let (mean, var) = if pass.train {
-            let dims: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-            let mean = x.mean_keepdim(dims.as_slice())?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(dims.as_slice())?;
-            pass.bn_stats.push((
-                self.mean_index,
-                mean.flatten_all()?.detach(),
-                var.flatten_all()?.detach(),
-            ));
-            let xhat = centered.broadcast_div(&(var + BN_EPSILON)?.sqrt()?)?;
-            return Ok(xhat
-                .broadcast_mul(&self.gamma.reshape(shape.as_slice())?)?
-                .broadcast_add(&self.beta.reshape(shape.as_slice())?)?);
-        } else {
-            (
-                self.running_mean.reshape(shape.as_slice())?,
-                self.running_var.reshape(shape.as_slice())?,
-            )
-        };
+        if pass.train {
+            let (y, mean, var) = if self.fast {
+                kernels::batch_norm_train(x, &self.gamma, &self.beta, BN_EPSILON)?
+            } else {
+                kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, BN_EPSILON)?
+            };
+            pass.bn_stats.push((self.mean_index, mean, var));
+            return Ok(y);
+        }
         // Inference: fold everything into one scale and shift per channel.
+        let shape: Vec<usize> = (0..x.rank())
+            .map(|d| if d == 1 { self.channels } else { 1 })
+            .collect();
+        let mean = self.running_mean.reshape(shape.as_slice())?;
+        let var = self.running_var.reshape(shape.as_slice())?;
         let scale = (self.gamma.reshape(shape.as_slice())? / (var + BN_EPSILON)?.sqrt()?)?;
         let shift = (self.beta.reshape(shape.as_slice())? - mean.mul(&scale)?)?;
         Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
@@ -248,7 +320,11 @@ pub(crate) fn dropout(x: &Tensor, p: f32, pass: &mut Pass) -> Result<Tensor> {
 /// Number of correct predictions of `logits` (N, classes) against `labels`.
 pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<u32> {
     let pred = logits.argmax(D::Minus1)?;
-    let hits = pred.eq(labels)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+    let hits = pred
+        .eq(labels)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()?;
     Ok(hits)
 }
 
@@ -272,7 +348,15 @@ mod tests {
     }
 
     /// Direct convolution with explicit (top, left) padding, for reference.
-    fn naive_conv(x: &[f32], (c, h, w): (usize, usize, usize), k: &[f32], (o, kk): (usize, usize), stride: usize, pad: (usize, usize), out: (usize, usize)) -> Vec<f32> {
+    fn naive_conv(
+        x: &[f32],
+        (c, h, w): (usize, usize, usize),
+        k: &[f32],
+        (o, kk): (usize, usize),
+        stride: usize,
+        pad: (usize, usize),
+        out: (usize, usize),
+    ) -> Vec<f32> {
         let mut y = vec![0.0; o * out.0 * out.1];
         for oc in 0..o {
             for oy in 0..out.0 {
@@ -284,7 +368,8 @@ mod tests {
                                 let iy = (oy * stride + ky) as isize - pad.0 as isize;
                                 let ix = (ox * stride + kx) as isize - pad.1 as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                    s += x[(ic * h + iy as usize) * w + ix as usize] * k[((oc * c + ic) * kk + ky) * kk + kx];
+                                    s += x[(ic * h + iy as usize) * w + ix as usize]
+                                        * k[((oc * c + ic) * kk + ky) * kk + kx];
                                 }
                             }
                         }
@@ -299,16 +384,41 @@ mod tests {
     #[test]
     fn same_convolution_matches_keras_reference() {
         let dev = Device::Cpu;
-        for &(k, stride, h, w) in &[(2, 1, 5, 6), (3, 2, 8, 8), (3, 2, 7, 9), (3, 1, 6, 5), (1, 2, 8, 8)] {
-            let mut reg = Registry::new(k as u64 * 31 + h as u64, dev.clone());
-            let conv = Conv2d::new(&mut reg, "c", 2, 3, ConvCfg { k, stride, padding: Padding::Same, kernel: Kernel::Glorot, l2: 0.0 }).unwrap();
+        for &(k, stride, h, w) in &[
+            (2, 1, 5, 6),
+            (3, 2, 8, 8),
+            (3, 2, 7, 9),
+            (3, 1, 6, 5),
+            (1, 2, 8, 8),
+        ] {
+            let mut reg = Registry::new(k as u64 * 31 + h as u64, dev.clone(), true);
+            let conv = Conv2d::new(
+                &mut reg,
+                "c",
+                2,
+                3,
+                ConvCfg {
+                    k,
+                    stride,
+                    padding: Padding::Same,
+                    kernel: Kernel::Glorot,
+                    l2: 0.0,
+                },
+            )
+            .unwrap();
             let mut rng = Rng::new(9);
             let x: Vec<f32> = (0..2 * h * w).map(|_| rng.next_f32() - 0.5).collect();
             let xt = Tensor::from_vec(x.clone(), (1, 2, h, w), &dev).unwrap();
             let y = conv.forward(&xt).unwrap();
             let out = (h.div_ceil(stride), w.div_ceil(stride));
             assert_eq!(y.dims4().unwrap(), (1, 3, out.0, out.1));
-            let kv = reg.params[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let kv = reg.params[0]
+                .1
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let pad = (same_padding(h, k, stride).0, same_padding(w, k, stride).0);
             let expected = naive_conv(&x, (2, h, w), &kv, (3, k), stride, pad, out);
             let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -321,15 +431,29 @@ mod tests {
     #[test]
     fn batchnorm_train_normalises_and_reports_biased_stats() {
         let dev = Device::Cpu;
-        let mut reg = Registry::new(1, dev.clone());
+        let mut reg = Registry::new(1, dev.clone(), true);
         let bn = BatchNorm::new(&mut reg, "bn", 2).unwrap();
-        let x = Tensor::from_vec(vec![1f32, 2., 3., 4., 10., 20., 30., 40.], (2, 2, 2, 1), &dev).unwrap();
-        let mut pass = Pass { train: true, dropout: false, rng: Rng::new(0), bn_stats: vec![] };
+        let x = Tensor::from_vec(
+            vec![1f32, 2., 3., 4., 10., 20., 30., 40.],
+            (2, 2, 2, 1),
+            &dev,
+        )
+        .unwrap();
+        let mut pass = Pass {
+            train: true,
+            dropout: false,
+            rng: Rng::new(0),
+            bn_stats: vec![],
+        };
         let y = bn.forward(&x, &mut pass).unwrap();
         let (_, mean, var) = &pass.bn_stats[0];
         // channel 0 holds 1,2,10,20; channel 1 holds 3,4,30,40.
         assert_eq!(mean.to_vec1::<f32>().unwrap(), vec![8.25, 19.25]);
-        let v0 = [1f32, 2., 10., 20.].iter().map(|v| (v - 8.25).powi(2)).sum::<f32>() / 4.0;
+        let v0 = [1f32, 2., 10., 20.]
+            .iter()
+            .map(|v| (v - 8.25).powi(2))
+            .sum::<f32>()
+            / 4.0;
         assert!((var.to_vec1::<f32>().unwrap()[0] - v0).abs() < 1e-3);
         let y0 = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
         assert!((y0 - (1.0 - 8.25) / (v0 + 1e-3).sqrt()).abs() < 1e-4);

@@ -11,14 +11,15 @@
 
 mod error;
 mod init;
+mod kernels;
 mod layers;
-mod network;
 mod nets;
+mod network;
 mod spec;
 
 pub use error::ModelError;
 pub use layers::same_padding;
-pub use network::{EvalOutput, Model, StepOutput, TensorInfo};
+pub use network::{Engine, EvalOutput, Model, StepOutput, TensorInfo};
 pub use spec::{ModelKind, ModelSpec};
 
 /// Re-exported so callers can name devices without depending on candle.

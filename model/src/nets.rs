@@ -2,7 +2,9 @@
 
 use candle_core::{Module, Tensor};
 
-use crate::layers::{dropout, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, Padding, Pass, Registry};
+use crate::layers::{
+    dropout, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass, Registry,
+};
 use crate::{ModelError, ModelKind};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -36,7 +38,13 @@ impl Net {
 }
 
 fn glorot(k: usize, padding: Padding) -> ConvCfg {
-    ConvCfg { k, stride: 1, padding, kernel: Kernel::Glorot, l2: 0.0 }
+    ConvCfg {
+        k,
+        stride: 1,
+        padding,
+        kernel: Kernel::Glorot,
+        l2: 0.0,
+    }
 }
 
 /// Conv 32 3×3 valid ReLU → Conv 64 3×3 valid ReLU → MaxPool 2 → Dropout .25
@@ -44,6 +52,7 @@ fn glorot(k: usize, padding: Padding) -> ConvCfg {
 pub(crate) struct SimpleCnn {
     conv1: Conv2d,
     conv2: Conv2d,
+    pool: MaxPool2d,
     dense1: Dense,
     dense2: Dense,
 }
@@ -53,6 +62,7 @@ impl SimpleCnn {
         Ok(Self {
             conv1: Conv2d::new(reg, "conv1", 3, 32, glorot(3, Padding::Valid))?,
             conv2: Conv2d::new(reg, "conv2", 32, 64, glorot(3, Padding::Valid))?,
+            pool: MaxPool2d::new(reg, 2),
             dense1: Dense::new(reg, "dense1", 64 * 14 * 14, 128, Kernel::Glorot)?,
             dense2: Dense::new(reg, "dense2", 128, 10, Kernel::Glorot)?,
         })
@@ -61,7 +71,7 @@ impl SimpleCnn {
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let x = self.conv1.forward(x)?.relu()?;
         let x = self.conv2.forward(&x)?.relu()?;
-        let x = x.max_pool2d(2)?;
+        let x = self.pool.forward(&x)?;
         let x = dropout(&x, 0.25, pass)?.flatten_from(1)?;
         let x = self.dense1.forward(&x)?.relu()?;
         let x = dropout(&x, 0.5, pass)?;
@@ -78,7 +88,13 @@ pub(crate) struct ConvBnRelu {
 impl ConvBnRelu {
     fn new(reg: &mut Registry, name: &str, cin: usize, cout: usize, k: usize) -> Result<Self> {
         Ok(Self {
-            conv: Conv2d::new(reg, &format!("{name}.conv"), cin, cout, glorot(k, Padding::Same))?,
+            conv: Conv2d::new(
+                reg,
+                &format!("{name}.conv"),
+                cin,
+                cout,
+                glorot(k, Padding::Same),
+            )?,
             bn: BatchNorm::new(reg, &format!("{name}.bn"), cout)?,
         })
     }
@@ -94,6 +110,7 @@ impl ConvBnRelu {
 /// Dropout .5 → Dense 10. All convolutions "same".
 pub(crate) struct ComplexCnn {
     groups: Vec<Vec<ConvBnRelu>>,
+    pool: MaxPool2d,
     dense1: Dense,
     bn_dense: BatchNorm,
     dense2: Dense,
@@ -101,19 +118,30 @@ pub(crate) struct ComplexCnn {
 
 impl ComplexCnn {
     fn new(reg: &mut Registry) -> Result<Self> {
-        let plan: [(&[usize], usize); 3] = [(&[64, 128, 128], 3), (&[256, 256, 256], 2), (&[512, 512, 512], 2)];
+        let plan: [(&[usize], usize); 3] = [
+            (&[64, 128, 128], 3),
+            (&[256, 256, 256], 2),
+            (&[512, 512, 512], 2),
+        ];
         let mut cin = 3;
         let mut groups = Vec::new();
         for (g, (widths, k)) in plan.iter().enumerate() {
             let mut layers = Vec::new();
             for (i, &cout) in widths.iter().enumerate() {
-                layers.push(ConvBnRelu::new(reg, &format!("group{}.layer{i}", g + 1), cin, cout, *k)?);
+                layers.push(ConvBnRelu::new(
+                    reg,
+                    &format!("group{}.layer{i}", g + 1),
+                    cin,
+                    cout,
+                    *k,
+                )?);
                 cin = cout;
             }
             groups.push(layers);
         }
         Ok(Self {
             groups,
+            pool: MaxPool2d::new(reg, 2),
             dense1: Dense::new(reg, "dense1", 512 * 4 * 4, 1024, Kernel::Glorot)?,
             bn_dense: BatchNorm::new(reg, "dense1.bn", 1024)?,
             dense2: Dense::new(reg, "dense2", 1024, 10, Kernel::Glorot)?,
@@ -126,7 +154,7 @@ impl ComplexCnn {
             for layer in group {
                 x = layer.forward(&x, pass)?;
             }
-            x = dropout(&x.max_pool2d(2)?, 0.25, pass)?;
+            x = dropout(&self.pool.forward(&x)?, 0.25, pass)?;
         }
         let x = self.dense1.forward(&x.flatten_from(1)?)?;
         let x = self.bn_dense.forward(&x, pass)?.relu()?;
@@ -143,8 +171,21 @@ struct ResnetLayer {
 }
 
 impl ResnetLayer {
-    fn new(reg: &mut Registry, name: &str, cin: usize, cout: usize, stride: usize, relu: bool) -> Result<Self> {
-        let cfg = ConvCfg { k: 3, stride, padding: Padding::Same, kernel: Kernel::He, l2: RESNET_L2 };
+    fn new(
+        reg: &mut Registry,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        relu: bool,
+    ) -> Result<Self> {
+        let cfg = ConvCfg {
+            k: 3,
+            stride,
+            padding: Padding::Same,
+            kernel: Kernel::He,
+            l2: RESNET_L2,
+        };
         Ok(Self {
             conv: Conv2d::new(reg, &format!("{name}.conv"), cin, cout, cfg)?,
             bn: BatchNorm::new(reg, &format!("{name}.bn"), cout)?,
@@ -184,27 +225,54 @@ impl Resnet {
             for block in 0..n {
                 let stride = if stack > 0 && block == 0 { 2 } else { 1 };
                 let name = format!("stack{}.block{block}", stack + 1);
-                let first = ResnetLayer::new(reg, &format!("{name}.layer1"), cin, filters, stride, true)?;
-                let second = ResnetLayer::new(reg, &format!("{name}.layer2"), filters, filters, 1, false)?;
+                let first =
+                    ResnetLayer::new(reg, &format!("{name}.layer1"), cin, filters, stride, true)?;
+                let second =
+                    ResnetLayer::new(reg, &format!("{name}.layer2"), filters, filters, 1, false)?;
                 let shortcut = if stride != 1 {
-                    let cfg = ConvCfg { k: 1, stride, padding: Padding::Same, kernel: Kernel::He, l2: RESNET_L2 };
-                    Some(Conv2d::new(reg, &format!("{name}.shortcut"), cin, filters, cfg)?)
+                    let cfg = ConvCfg {
+                        k: 1,
+                        stride,
+                        padding: Padding::Same,
+                        kernel: Kernel::He,
+                        l2: RESNET_L2,
+                    };
+                    Some(Conv2d::new(
+                        reg,
+                        &format!("{name}.shortcut"),
+                        cin,
+                        filters,
+                        cfg,
+                    )?)
                 } else {
                     None
                 };
-                blocks.push(ResidualBlock { first, second, shortcut });
+                blocks.push(ResidualBlock {
+                    first,
+                    second,
+                    shortcut,
+                });
                 cin = filters;
             }
         }
         let dense = Dense::new(reg, "dense", 64, 10, Kernel::He)?;
-        Ok(Self { stem, blocks, dense, dropout })
+        Ok(Self {
+            stem,
+            blocks,
+            dense,
+            dropout,
+        })
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let mut x = self.stem.forward(x, pass)?;
         for b in &self.blocks {
             let y = b.first.forward(&x, pass)?;
-            let y = if self.dropout { dropout(&y, 0.3, pass)? } else { y };
+            let y = if self.dropout {
+                dropout(&y, 0.3, pass)?
+            } else {
+                y
+            };
             let y = b.second.forward(&y, pass)?;
             let shortcut = match &b.shortcut {
                 Some(conv) => conv.forward(&x)?,
@@ -213,7 +281,11 @@ impl Resnet {
             x = (shortcut + y)?.relu()?;
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
-        let x = if self.dropout { dropout(&x, 0.4, pass)? } else { x };
+        let x = if self.dropout {
+            dropout(&x, 0.4, pass)?
+        } else {
+            x
+        };
         Ok(self.dense.forward(&x)?)
     }
 }

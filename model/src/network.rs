@@ -57,6 +57,17 @@ pub struct EvalOutput {
     pub samples: u32,
 }
 
+/// Which implementation of the layers' operations a [`Model`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// gradcast's CPU kernels (im2col convolution, fused BatchNorm, max-pool)
+    /// on the CPU; candle's own operations on other devices.
+    #[default]
+    Fast,
+    /// candle's own operations everywhere (for comparison and testing).
+    Reference,
+}
+
 /// A network with its parameters.
 pub struct Model {
     spec: ModelSpec,
@@ -70,7 +81,18 @@ impl Model {
     /// Builds the network, initialising its parameters from `seed` exactly as
     /// Keras would in distribution (the same seed gives the same weights).
     pub fn new(spec: ModelSpec, seed: u64, device: &Device) -> Result<Self> {
-        let mut reg = Registry::new(seed, device.clone());
+        Self::with_engine(spec, seed, device, Engine::Fast)
+    }
+
+    /// [`Model::new`] running the layers with the given [`Engine`]; both
+    /// engines give the same initial weights for the same seed.
+    pub fn with_engine(
+        spec: ModelSpec,
+        seed: u64,
+        device: &Device,
+        engine: Engine,
+    ) -> Result<Self> {
+        let mut reg = Registry::new(seed, device.clone(), engine == Engine::Fast);
         let net = Net::new(spec.kind, &mut reg)?;
         Ok(Self {
             spec,
@@ -119,12 +141,17 @@ impl Model {
     pub fn set_weights(&self, weights: &[f32]) -> Result<()> {
         let expected = self.num_trainable() + self.num_state();
         if weights.len() != expected {
-            return Err(ModelError::BufferLength { what: "weights", expected, got: weights.len() });
+            return Err(ModelError::BufferLength {
+                what: "weights",
+                expected,
+                got: weights.len(),
+            });
         }
         let mut off = 0;
         for (info, v) in self.params.iter().chain(&self.buffers) {
             let n = info.numel();
-            let t = Tensor::from_slice(&weights[off..off + n], info.shape.as_slice(), &self.device)?;
+            let t =
+                Tensor::from_slice(&weights[off..off + n], info.shape.as_slice(), &self.device)?;
             v.set(&t)?;
             off += n;
         }
@@ -146,7 +173,11 @@ impl Model {
         let n = labels.len();
         let pixels: Vec<f32> = images.iter().map(|&p| p as f32 / 255.0).collect();
         let x = Tensor::from_vec(pixels, (n, 3, 32, 32), &self.device)?;
-        let y = Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), n, &self.device)?;
+        let y = Tensor::from_vec(
+            labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+            n,
+            &self.device,
+        )?;
         Ok((x, y))
     }
 
@@ -159,7 +190,12 @@ impl Model {
             return Err(ModelError::BadInput("empty batch".into()));
         }
         let (x, y) = self.input(images, labels)?;
-        let mut pass = Pass { train: true, dropout: self.spec.dropout, rng: Rng::new(seed), bn_stats: Vec::new() };
+        let mut pass = Pass {
+            train: true,
+            dropout: self.spec.dropout,
+            rng: Rng::new(seed),
+            bn_stats: Vec::new(),
+        };
         let logits = self.net.forward(&x, &mut pass)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let grads = loss.backward()?;
@@ -200,10 +236,20 @@ impl Model {
         let mut out = EvalOutput::default();
         for start in (0..labels.len()).step_by(EVAL_CHUNK) {
             let end = (start + EVAL_CHUNK).min(labels.len());
-            let (x, y) = self.input(&images[start * IMAGE_BYTES..end * IMAGE_BYTES], &labels[start..end])?;
-            let mut pass = Pass { train: false, dropout: false, rng: Rng::new(0), bn_stats: Vec::new() };
+            let (x, y) = self.input(
+                &images[start * IMAGE_BYTES..end * IMAGE_BYTES],
+                &labels[start..end],
+            )?;
+            let mut pass = Pass {
+                train: false,
+                dropout: false,
+                rng: Rng::new(0),
+                bn_stats: Vec::new(),
+            };
             let logits = self.net.forward(&x, &mut pass)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             out.loss_sum += loss * (end - start) as f64;
             out.correct += correct(&logits, &y)?;
             out.samples += (end - start) as u32;
@@ -215,7 +261,12 @@ impl Model {
     pub fn predict(&self, images: &[u8]) -> Result<Vec<[f32; NUM_CLASSES]>> {
         let n = images.len() / IMAGE_BYTES;
         let (x, _) = self.input(images, &vec![0; n])?;
-        let mut pass = Pass { train: false, dropout: false, rng: Rng::new(0), bn_stats: Vec::new() };
+        let mut pass = Pass {
+            train: false,
+            dropout: false,
+            rng: Rng::new(0),
+            bn_stats: Vec::new(),
+        };
         let probs = candle_nn::ops::softmax_last_dim(&self.net.forward(&x, &mut pass)?)?;
         Ok(probs
             .to_vec2::<f32>()?
@@ -235,7 +286,12 @@ mod tests {
     use crate::ModelKind;
 
     fn counts(name: &str) -> (usize, usize) {
-        let m = Model::new(ModelSpec::new(name.parse::<ModelKind>().unwrap()), 0, &Device::Cpu).unwrap();
+        let m = Model::new(
+            ModelSpec::new(name.parse::<ModelKind>().unwrap()),
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
         (m.num_trainable(), m.num_trainable() + m.num_state())
     }
 
@@ -251,7 +307,11 @@ mod tests {
     #[test]
     fn names_are_unique_and_l2_only_on_resnet_conv_kernels() {
         let m = Model::new(ModelSpec::new("resnet20".parse().unwrap()), 0, &Device::Cpu).unwrap();
-        let mut names: Vec<_> = m.params().chain(m.buffers()).map(|i| i.name.clone()).collect();
+        let mut names: Vec<_> = m
+            .params()
+            .chain(m.buffers())
+            .map(|i| i.name.clone())
+            .collect();
         assert!(names.contains(&"stack2.block0.shortcut.weight".to_string()));
         assert!(names.contains(&"stack3.block2.layer2.bn.running_var".to_string()));
         for p in m.params() {
@@ -266,7 +326,10 @@ mod tests {
 
     #[test]
     fn weights_round_trip_and_seed_determines_init() {
-        let spec = ModelSpec::new(ModelKind::Resnet { n: 1, dropout: false });
+        let spec = ModelSpec::new(ModelKind::Resnet {
+            n: 1,
+            dropout: false,
+        });
         let a = Model::new(spec, 5, &Device::Cpu).unwrap();
         let b = Model::new(spec, 5, &Device::Cpu).unwrap();
         let c = Model::new(spec, 6, &Device::Cpu).unwrap();
@@ -274,7 +337,10 @@ mod tests {
         assert_ne!(a.weights().unwrap(), c.weights().unwrap());
         c.set_weights(&a.weights().unwrap()).unwrap();
         assert_eq!(a.weights().unwrap(), c.weights().unwrap());
-        assert!(matches!(c.set_weights(&[1.0]), Err(ModelError::BufferLength { .. })));
+        assert!(matches!(
+            c.set_weights(&[1.0]),
+            Err(ModelError::BufferLength { .. })
+        ));
     }
 
     fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
@@ -286,7 +352,10 @@ mod tests {
 
     #[test]
     fn train_step_outputs_have_the_right_sizes_and_update_bn_state() {
-        let spec = ModelSpec::new(ModelKind::Resnet { n: 1, dropout: true });
+        let spec = ModelSpec::new(ModelKind::Resnet {
+            n: 1,
+            dropout: true,
+        });
         let m = Model::new(spec, 1, &Device::Cpu).unwrap();
         let (images, labels) = batch(6, 3);
         let out = m.train_step(&images, &labels, 11).unwrap();
@@ -311,7 +380,13 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_difference() {
-        let spec = ModelSpec { kind: ModelKind::Resnet { n: 1, dropout: false }, dropout: false };
+        let spec = ModelSpec {
+            kind: ModelKind::Resnet {
+                n: 1,
+                dropout: false,
+            },
+            dropout: false,
+        };
         let m = Model::new(spec, 4, &Device::Cpu).unwrap();
         let (images, labels) = batch(4, 8);
         let g = m.train_step(&images, &labels, 0).unwrap().gradients;
@@ -326,7 +401,11 @@ mod tests {
             m.train_step(&images, &labels, 0).unwrap().loss_sum / 4.0
         };
         let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
-        assert!((numeric - g[idx] as f64).abs() < 1e-3, "{numeric} vs {}", g[idx]);
+        assert!(
+            (numeric - g[idx] as f64).abs() < 1e-3,
+            "{numeric} vs {}",
+            g[idx]
+        );
     }
 
     #[test]
@@ -345,7 +424,11 @@ mod tests {
             })
             .count();
         assert_eq!(hits as u32, e.correct);
-        let loss: f64 = probs.iter().zip(&labels).map(|(p, &l)| -(p[l as usize] as f64).ln()).sum();
+        let loss: f64 = probs
+            .iter()
+            .zip(&labels)
+            .map(|(p, &l)| -(p[l as usize] as f64).ln())
+            .sum();
         assert!((loss - e.loss_sum).abs() < 1e-3 * loss.max(1.0));
     }
 }

@@ -56,7 +56,7 @@ impl FromStr for ModelKind {
             None => (rest, false),
         };
         let depth: usize = depth.parse().map_err(|_| unknown())?;
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(unknown());
         }
         Ok(ModelKind::Resnet {
@@ -72,7 +72,12 @@ impl fmt::Display for ModelKind {
             ModelKind::SimpleCnn => write!(f, "simple-cnn"),
             ModelKind::ComplexCnn => write!(f, "complex-cnn"),
             ModelKind::Resnet { n, dropout } => {
-                write!(f, "resnet{}{}", 6 * n + 2, if *dropout { "-dropout" } else { "" })
+                write!(
+                    f,
+                    "resnet{}{}",
+                    6 * n + 2,
+                    if *dropout { "-dropout" } else { "" }
+                )
             }
         }
     }
@@ -84,14 +89,31 @@ mod tests {
 
     #[test]
     fn parses_and_prints_names() {
-        for name in ["simple-cnn", "complex-cnn", "resnet20", "resnet20-dropout", "resnet50-dropout", "resnet8"] {
+        for name in [
+            "simple-cnn",
+            "complex-cnn",
+            "resnet20",
+            "resnet20-dropout",
+            "resnet50-dropout",
+            "resnet8",
+        ] {
             assert_eq!(name.parse::<ModelKind>().unwrap().to_string(), name);
         }
         assert_eq!(
             "resnet50-dropout".parse::<ModelKind>().unwrap(),
-            ModelKind::Resnet { n: 8, dropout: true }
+            ModelKind::Resnet {
+                n: 8,
+                dropout: true
+            }
         );
-        for bad in ["resnet21", "resnet", "resnet2", "vgg16", "resnet20-dropout-x", ""] {
+        for bad in [
+            "resnet21",
+            "resnet",
+            "resnet2",
+            "vgg16",
+            "resnet20-dropout-x",
+            "",
+        ] {
             assert!(bad.parse::<ModelKind>().is_err(), "{bad}");
         }
     }

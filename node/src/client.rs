@@ -7,7 +7,10 @@ use model::{Device, Model, ModelKind, ModelSpec, TensorInfo};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::coordinator_message::Kind as In;
 use proto::v1::node_message::Kind as Out;
-use proto::v1::{BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError, NodeMessage, Samples, TensorSpec, TrainResult, TrainTask};
+use proto::v1::{
+    BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError,
+    NodeMessage, Samples, TensorSpec, TrainResult, TrainTask,
+};
 use proto::{ChunkReceiver, Chunker};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,7 +37,9 @@ pub struct NodeConfig {
 async fn connect(config: &NodeConfig) -> Result<CoordinatorClient<Channel>> {
     let started = Instant::now();
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator)))?
+        .map_err(|e| {
+            NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator))
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -65,9 +70,18 @@ async fn connect(config: &NodeConfig) -> Result<CoordinatorClient<Channel>> {
     }
 }
 
-fn check_layout(what: &str, ours: impl Iterator<Item = TensorInfo>, theirs: &[TensorSpec]) -> Result<()> {
-    let ours: Vec<(String, Vec<u64>)> = ours.map(|i| (i.name, i.shape.iter().map(|&d| d as u64).collect())).collect();
-    let theirs: Vec<(String, Vec<u64>)> = theirs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+fn check_layout(
+    what: &str,
+    ours: impl Iterator<Item = TensorInfo>,
+    theirs: &[TensorSpec],
+) -> Result<()> {
+    let ours: Vec<(String, Vec<u64>)> = ours
+        .map(|i| (i.name, i.shape.iter().map(|&d| d as u64).collect()))
+        .collect();
+    let theirs: Vec<(String, Vec<u64>)> = theirs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect();
     if ours != theirs {
         return Err(NodeError::Protocol(format!(
             "the coordinator's {what} layout differs from this node's model ({} vs {} tensors); run the same gradcast version everywhere",
@@ -80,7 +94,14 @@ fn check_layout(what: &str, ours: impl Iterator<Item = TensorInfo>, theirs: &[Te
 
 fn build_model(reply: &JoinReply, device: &Device) -> Result<Model> {
     let kind: ModelKind = reply.model.parse()?;
-    let model = Model::new(ModelSpec { kind, dropout: reply.dropout }, 0, device)?;
+    let model = Model::new(
+        ModelSpec {
+            kind,
+            dropout: reply.dropout,
+        },
+        0,
+        device,
+    )?;
     check_layout("parameter", model.params().cloned(), &reply.params)?;
     check_layout("state", model.buffers().cloned(), &reply.buffers)?;
     Ok(model)
@@ -115,16 +136,21 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     info!(node_id, model = %reply.model, "joined the coordinator");
 
     let (tx, rx) = mpsc::channel::<NodeMessage>(64);
-    tx.send(NodeMessage { kind: Some(Out::Hello(Hello { node_id })) })
-        .await
-        .map_err(|_| NodeError::Disconnected)?;
+    tx.send(NodeMessage {
+        kind: Some(Out::Hello(Hello { node_id })),
+    })
+    .await
+    .map_err(|_| NodeError::Disconnected)?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
 
     let limit = (model.num_trainable() + model.num_state()) as u64;
     let mut chunks = ChunkReceiver::new(limit);
     let mut pending: Option<(u64, Vec<f32>)> = None;
     let mut held: Option<u64> = None;
-    let session = Session { tx: tx.clone(), model: model.clone() };
+    let session = Session {
+        tx: tx.clone(),
+        model: model.clone(),
+    };
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -132,9 +158,16 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             Err(status) => return Err(status.into()),
         };
         match msg.kind {
-            Some(In::Chunk(chunk)) => match chunks.push(&chunk).map_err(|e| NodeError::Protocol(e.to_string()))? {
+            Some(In::Chunk(chunk)) => match chunks
+                .push(&chunk)
+                .map_err(|e| NodeError::Protocol(e.to_string()))?
+            {
                 Some((BufferKind::Weights, version, values)) => pending = Some((version, values)),
-                Some((kind, ..)) => return Err(NodeError::Protocol(format!("unexpected buffer {kind:?} from the coordinator"))),
+                Some((kind, ..)) => {
+                    return Err(NodeError::Protocol(format!(
+                        "unexpected buffer {kind:?} from the coordinator"
+                    )))
+                }
                 None => {}
             },
             Some(In::Train(task)) => {
@@ -171,7 +204,8 @@ struct Session {
 
 fn samples(s: Option<Samples>) -> Result<Samples> {
     let s = s.ok_or_else(|| NodeError::Protocol("task without samples".into()))?;
-    if s.labels.len() != s.count as usize || s.images.len() != s.count as usize * data::IMAGE_BYTES {
+    if s.labels.len() != s.count as usize || s.images.len() != s.count as usize * data::IMAGE_BYTES
+    {
         return Err(NodeError::Protocol(format!(
             "task says {} samples but carries {} labels and {} image bytes",
             s.count,
@@ -184,11 +218,19 @@ fn samples(s: Option<Samples>) -> Result<Samples> {
 
 impl Session {
     async fn send(&self, kind: Out) -> Result<()> {
-        self.tx.send(NodeMessage { kind: Some(kind) }).await.map_err(|_| NodeError::Disconnected)
+        self.tx
+            .send(NodeMessage { kind: Some(kind) })
+            .await
+            .map_err(|_| NodeError::Disconnected)
     }
 
     /// Makes sure the model holds weights `version`.
-    async fn load(&self, version: u64, pending: &mut Option<(u64, Vec<f32>)>, held: &mut Option<u64>) -> Result<()> {
+    async fn load(
+        &self,
+        version: u64,
+        pending: &mut Option<(u64, Vec<f32>)>,
+        held: &mut Option<u64>,
+    ) -> Result<()> {
         if *held == Some(version) {
             return Ok(());
         }
@@ -212,12 +254,17 @@ impl Session {
         let s = samples(task.samples)?;
         let model = self.model.clone();
         let started = Instant::now();
-        let out = tokio::task::spawn_blocking(move || model.train_step(&s.images, &s.labels, task.seed))
-            .await
-            .map_err(|e| NodeError::Compute(e.to_string()))??;
+        let out =
+            tokio::task::spawn_blocking(move || model.train_step(&s.images, &s.labels, task.seed))
+                .await
+                .map_err(|e| NodeError::Compute(e.to_string()))??;
         let seconds = started.elapsed().as_secs_f64();
-        for (kind, values) in [(BufferKind::Gradients, &out.gradients), (BufferKind::State, &out.state)] {
-            for chunk in Chunker::new(kind, task.step, values, proto::DEFAULT_CHUNK_BYTES).chunks() {
+        for (kind, values) in [
+            (BufferKind::Gradients, &out.gradients),
+            (BufferKind::State, &out.state),
+        ] {
+            for chunk in Chunker::new(kind, task.step, values, proto::DEFAULT_CHUNK_BYTES).chunks()
+            {
                 self.send(Out::Chunk(chunk)).await?;
             }
         }
@@ -253,7 +300,12 @@ impl Session {
     async fn report(&self, step: u64, outcome: Result<()>) -> Result<()> {
         if let Err(e) = &outcome {
             warn!(step, "task failed: {e}");
-            let _ = self.send(Out::Error(WireError { step, message: e.to_string() })).await;
+            let _ = self
+                .send(Out::Error(WireError {
+                    step,
+                    message: e.to_string(),
+                }))
+                .await;
         }
         outcome
     }

@@ -122,7 +122,10 @@ impl ChunkReceiver {
     /// Adds one chunk. Returns the completed buffer, with its kind and version,
     /// when this chunk was the last one. A chunk at offset 0 starts a new buffer
     /// and discards an unfinished one.
-    pub fn push(&mut self, chunk: &Chunk) -> Result<Option<(BufferKind, u64, Vec<f32>)>, ChunkError> {
+    pub fn push(
+        &mut self,
+        chunk: &Chunk,
+    ) -> Result<Option<(BufferKind, u64, Vec<f32>)>, ChunkError> {
         if chunk.dtype != Dtype::F32 as i32 {
             return Err(ChunkError::WrongDType(chunk.dtype));
         }
@@ -169,7 +172,11 @@ impl ChunkReceiver {
         if self.values.len() as u64 == chunk.total_elements {
             self.current = None;
             let kind = BufferKind::try_from(chunk.kind).unwrap_or(BufferKind::Unspecified);
-            return Ok(Some((kind, chunk.version, std::mem::take(&mut self.values))));
+            return Ok(Some((
+                kind,
+                chunk.version,
+                std::mem::take(&mut self.values),
+            )));
         }
         Ok(None)
     }
@@ -215,7 +222,10 @@ mod tests {
             .collect();
         let mut rx = ChunkReceiver::new(1000);
         rx.push(&chunks[0]).unwrap();
-        assert!(matches!(rx.push(&chunks[2]), Err(ChunkError::OutOfOrder { .. })));
+        assert!(matches!(
+            rx.push(&chunks[2]),
+            Err(ChunkError::OutOfOrder { .. })
+        ));
 
         let mut rx = ChunkReceiver::new(1000);
         rx.push(&chunks[0]).unwrap();
@@ -229,7 +239,10 @@ mod tests {
         assert!(matches!(rx.push(&big), Err(ChunkError::Overflow { .. })));
 
         let mut rx = ChunkReceiver::new(50);
-        assert!(matches!(rx.push(&chunks[0]), Err(ChunkError::TooLarge { .. })));
+        assert!(matches!(
+            rx.push(&chunks[0]),
+            Err(ChunkError::TooLarge { .. })
+        ));
 
         let mut rx = ChunkReceiver::new(1000);
         let mut ragged = chunks[0].clone();
@@ -237,6 +250,9 @@ mod tests {
         assert_eq!(rx.push(&ragged), Err(ChunkError::Ragged(3)));
 
         let mut rx = ChunkReceiver::new(1000);
-        assert!(matches!(rx.push(&chunks[1]), Err(ChunkError::OutOfOrder { .. })));
+        assert!(matches!(
+            rx.push(&chunks[1]),
+            Err(ChunkError::OutOfOrder { .. })
+        ));
     }
 }
