@@ -1,6 +1,8 @@
 //! [`Model`]: a network plus its parameters as flat buffers, and the two
 //! computations a node performs: a training step (gradients) and evaluation.
 
+use std::time::{Duration, Instant};
+
 use candle_core::{DType, Device, Tensor};
 use data::{Rng, IMAGE_BYTES, NUM_CLASSES};
 
@@ -185,6 +187,20 @@ impl Model {
     /// the dropout masks. The gradient is that of the *mean* loss over the batch
     /// (without regularisation, which the optimizer side adds).
     pub fn train_step(&self, images: &[u8], labels: &[u8], seed: u64) -> Result<StepOutput> {
+        Ok(self.train_step_timed(images, labels, seed)?.0)
+    }
+
+    /// [`Model::train_step`] that also reports how long the forward pass
+    /// (with the loss) and the backward pass (with reading the gradients back)
+    /// took. For benchmarks.
+    #[doc(hidden)]
+    pub fn train_step_timed(
+        &self,
+        images: &[u8],
+        labels: &[u8],
+        seed: u64,
+    ) -> Result<(StepOutput, Duration, Duration)> {
+        let start = Instant::now();
         let n = labels.len();
         if n == 0 {
             return Err(ModelError::BadInput("empty batch".into()));
@@ -198,6 +214,7 @@ impl Model {
         };
         let logits = self.net.forward(&x, &mut pass)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let forward = start.elapsed();
         let grads = loss.backward()?;
         let mut gradients = Vec::with_capacity(self.num_trainable());
         for (info, v) in &self.params {
@@ -222,13 +239,14 @@ impl Model {
             state.extend(new.flatten_all()?.to_vec1::<f32>()?);
         }
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok(StepOutput {
+        let out = StepOutput {
             gradients,
             state,
             loss_sum: loss_value * n as f64,
             correct: correct(&logits, &y)?,
             samples: n as u32,
-        })
+        };
+        Ok((out, forward, start.elapsed() - forward))
     }
 
     /// Loss and accuracy in inference mode (running statistics, no dropout).
