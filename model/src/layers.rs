@@ -92,6 +92,8 @@ impl Registry {
 pub(crate) struct Pass {
     pub train: bool,
     pub dropout: bool,
+    /// Whether to use the fast CPU kernels ([`crate::kernels`]).
+    pub fast: bool,
     pub rng: Rng,
     /// `(index of the layer's running mean in the buffers, batch mean, batch variance)`.
     pub bn_stats: Vec<(usize, Tensor, Tensor)>,
@@ -260,7 +262,6 @@ pub(crate) struct BatchNorm {
     running_mean: Tensor,
     running_var: Tensor,
     mean_index: usize,
-    channels: usize,
     fast: bool,
 }
 
@@ -278,7 +279,6 @@ impl BatchNorm {
             running_mean: running_mean.as_tensor().clone(),
             running_var: running_var.as_tensor().clone(),
             mean_index,
-            channels,
             fast: reg.fast,
         })
     }
@@ -293,16 +293,23 @@ impl BatchNorm {
             pass.bn_stats.push((self.mean_index, mean, var));
             return Ok(y);
         }
-        // Inference: fold everything into one scale and shift per channel.
-        let shape: Vec<usize> = (0..x.rank())
-            .map(|d| if d == 1 { self.channels } else { 1 })
-            .collect();
-        let mean = self.running_mean.reshape(shape.as_slice())?;
-        let var = self.running_var.reshape(shape.as_slice())?;
-        let scale = (self.gamma.reshape(shape.as_slice())? / (var + BN_EPSILON)?.sqrt()?)?;
-        let shift = (self.beta.reshape(shape.as_slice())? - mean.mul(&scale)?)?;
-        Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+        // Inference: the running statistics.
+        let (mean, var) = (&self.running_mean, &self.running_var);
+        Ok(if self.fast {
+            kernels::batch_norm_eval(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+        } else {
+            kernels::batch_norm_eval_reference(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+        })
     }
+}
+
+/// `max(x, 0)`.
+pub(crate) fn relu(x: &Tensor, pass: &Pass) -> Result<Tensor> {
+    Ok(if pass.fast {
+        kernels::relu(x)?
+    } else {
+        x.relu()?
+    })
 }
 
 /// Inverted dropout with a mask drawn from the pass's seeded stream.
@@ -442,6 +449,7 @@ mod tests {
         let mut pass = Pass {
             train: true,
             dropout: false,
+            fast: true,
             rng: Rng::new(0),
             bn_stats: vec![],
         };

@@ -3,7 +3,7 @@
 use candle_core::{Module, Tensor};
 
 use crate::layers::{
-    dropout, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass, Registry,
+    dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass, Registry,
 };
 use crate::{ModelError, ModelKind};
 
@@ -69,11 +69,11 @@ impl SimpleCnn {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let x = self.conv1.forward(x)?.relu()?;
-        let x = self.conv2.forward(&x)?.relu()?;
+        let x = relu(&self.conv1.forward(x)?, pass)?;
+        let x = relu(&self.conv2.forward(&x)?, pass)?;
         let x = self.pool.forward(&x)?;
         let x = dropout(&x, 0.25, pass)?.flatten_from(1)?;
-        let x = self.dense1.forward(&x)?.relu()?;
+        let x = relu(&self.dense1.forward(&x)?, pass)?;
         let x = dropout(&x, 0.5, pass)?;
         Ok(self.dense2.forward(&x)?)
     }
@@ -100,7 +100,8 @@ impl ConvBnRelu {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        Ok(self.bn.forward(&self.conv.forward(x)?, pass)?.relu()?)
+        let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
+        relu(&y, pass)
     }
 }
 
@@ -157,7 +158,7 @@ impl ComplexCnn {
             x = dropout(&self.pool.forward(&x)?, 0.25, pass)?;
         }
         let x = self.dense1.forward(&x.flatten_from(1)?)?;
-        let x = self.bn_dense.forward(&x, pass)?.relu()?;
+        let x = relu(&self.bn_dense.forward(&x, pass)?, pass)?;
         let x = dropout(&x, 0.5, pass)?;
         Ok(self.dense2.forward(&x)?)
     }
@@ -195,7 +196,11 @@ impl ResnetLayer {
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
-        Ok(if self.relu { y.relu()? } else { y })
+        if self.relu {
+            relu(&y, pass)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -278,7 +283,7 @@ impl Resnet {
                 Some(conv) => conv.forward(&x)?,
                 None => x,
             };
-            x = (shortcut + y)?.relu()?;
+            x = relu(&(shortcut + y)?, pass)?;
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
         let x = if self.dropout {

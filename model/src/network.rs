@@ -75,6 +75,7 @@ pub struct Model {
     spec: ModelSpec,
     device: Device,
     net: Net,
+    fast: bool,
     params: Vec<(TensorInfo, candle_core::Var)>,
     buffers: Vec<(TensorInfo, candle_core::Var)>,
 }
@@ -100,6 +101,7 @@ impl Model {
             spec,
             device: device.clone(),
             net,
+            fast: reg.fast,
             params: reg.params,
             buffers: reg.buffers,
         })
@@ -209,6 +211,7 @@ impl Model {
         let mut pass = Pass {
             train: true,
             dropout: self.spec.dropout,
+            fast: self.fast,
             rng: Rng::new(seed),
             bn_stats: Vec::new(),
         };
@@ -261,6 +264,7 @@ impl Model {
             let mut pass = Pass {
                 train: false,
                 dropout: false,
+                fast: self.fast,
                 rng: Rng::new(0),
                 bn_stats: Vec::new(),
             };
@@ -282,6 +286,7 @@ impl Model {
         let mut pass = Pass {
             train: false,
             dropout: false,
+            fast: self.fast,
             rng: Rng::new(0),
             bn_stats: Vec::new(),
         };

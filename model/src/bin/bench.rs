@@ -139,6 +139,7 @@ fn main() -> ExitCode {
     };
     // Before any candle or rayon work: both size their pools from this.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    model::tune_allocator();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -34,10 +34,13 @@ fn channel_sum(
         .collect()
 }
 
-/// The fused op of `(x, gamma, beta)`; it carries the batch statistics.
+/// The fused op of `(x, gamma, beta)`; it carries the statistics it
+/// normalises with: the batch's (training), or fixed running ones (inference).
 struct BatchNormOp {
     mean: Vec<f32>,
     invstd: Vec<f32>,
+    /// The statistics are constants (inference), not functions of `x`.
+    fixed: bool,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -121,8 +124,10 @@ impl CustomOp3 for BatchNormOp {
                         let s = self.invstd[ch] as f64;
                         let g = gamma[ch] as f64;
                         k1[ch] = (g * s) as f32;
-                        k2[ch] = (-g * s * s * s * sdyxc[ch] / m) as f32;
-                        k3[ch] = (-g * s * sdy[ch] / m) as f32;
+                        if !self.fixed {
+                            k2[ch] = (-g * s * s * s * sdyxc[ch] / m) as f32;
+                            k3[ch] = (-g * s * sdy[ch] / m) as f32;
+                        }
                         dgamma[ch] = (sdyxc[ch] * s) as f32;
                     }
                     // dx = k1·dy + k2·(x − mean) + k3.
@@ -205,6 +210,7 @@ pub(crate) fn batch_norm_train(
     let op = BatchNormOp {
         mean: mean32.clone(),
         invstd,
+        fixed: false,
     };
     let y = x.apply_op3(
         &gamma.flatten_all()?.contiguous()?,
@@ -217,6 +223,56 @@ pub(crate) fn batch_norm_train(
         Tensor::from_vec(mean32, c, dev)?,
         Tensor::from_vec(var32, c, dev)?,
     ))
+}
+
+/// Inference-mode batch normalisation of `x (N, C, ...)` with fixed running
+/// statistics `mean` and `var` `(C)`: one fused pass on the CPU, candle's
+/// broadcast operations elsewhere.
+pub(crate) fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return batch_norm_eval_reference(x, gamma, beta, mean, var, eps);
+    }
+    let mean = with_values(mean, |m| Ok(m.to_vec()))?;
+    let invstd = with_values(var, |v| {
+        Ok(v.iter()
+            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+            .collect())
+    })?;
+    let op = BatchNormOp {
+        mean,
+        invstd,
+        fixed: true,
+    };
+    x.contiguous()?.apply_op3(
+        &gamma.flatten_all()?.contiguous()?,
+        &beta.flatten_all()?.contiguous()?,
+        op,
+    )
+}
+
+/// [`batch_norm_eval`] with candle's broadcast operations: one scale and
+/// shift per channel.
+pub(crate) fn batch_norm_eval_reference(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let shape: Vec<usize> = (0..x.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
+    let shape = shape.as_slice();
+    let scale = (gamma.reshape(shape)? / (var.reshape(shape)? + eps)?.sqrt()?)?;
+    let shift = (beta.reshape(shape)? - mean.reshape(shape)?.mul(&scale)?)?;
+    x.broadcast_mul(&scale)?.broadcast_add(&shift)
 }
 
 /// [`batch_norm_train`] with candle's broadcast operations.

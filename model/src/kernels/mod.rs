@@ -1,6 +1,6 @@
 //! Fast CPU training kernels as candle custom ops: convolution (im2col +
-//! gemm, with a hand-written backward), fused BatchNorm training
-//! forward/backward and k×k max-pooling.
+//! gemm, with a hand-written backward), fused BatchNorm (training and
+//! inference), k×k max-pooling and ReLU.
 //!
 //! Every op falls back to candle's own implementation on devices other than
 //! the CPU. The `*_reference` functions are candle's path on every device;
@@ -9,13 +9,17 @@
 mod bn;
 mod conv;
 mod pool;
+mod relu;
 
 #[cfg(test)]
 mod tests;
 
-pub(crate) use bn::{batch_norm_train, batch_norm_train_reference};
+pub(crate) use bn::{
+    batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
+};
 pub(crate) use conv::{conv2d, conv2d_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
+pub(crate) use relu::relu;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 

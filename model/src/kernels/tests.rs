@@ -151,6 +151,38 @@ fn max_pool_matches_candle_values_and_gradients() {
     }
 }
 
+#[test]
+fn relu_and_inference_batch_norm_match_candle() {
+    let mut rng = Rng::new(13);
+    let x = Var::from_tensor(&random(&[3, 4, 5, 6], &mut rng)).unwrap();
+    let y = relu(&x).unwrap();
+    let yr = x.relu().unwrap();
+    assert_close("relu", &y, &yr);
+    let r = random(y.dims(), &mut rng);
+    let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("relu dx", gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    for shape in [vec![3, 4, 5, 6], vec![7, 4]] {
+        let x = Var::from_tensor(&random(&shape, &mut rng)).unwrap();
+        let [gamma, beta, mean] =
+            [0, 1, 2].map(|_| Var::from_tensor(&random(&[4], &mut rng)).unwrap());
+        let var = (random(&[4], &mut rng).abs().unwrap() + 0.1).unwrap();
+        let y = batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
+        let yr = batch_norm_eval_reference(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
+        assert_close("bn eval", &y, &yr);
+        let r = random(&shape, &mut rng);
+        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+            assert_close(
+                &format!("bn eval {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+    }
+}
+
 fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut rng = Rng::new(seed);
     let images = (0..n * data::IMAGE_BYTES)
