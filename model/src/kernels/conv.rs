@@ -261,7 +261,8 @@ impl CustomOp3 for Conv2dOp {
         let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
         let (k, p, cout) = (g.k(), g.p(), g.cout);
         let t = threads();
-        let chunks = t.min(g.n).max(1);
+        // A few chunks per thread, so that work stealing evens out a busy core.
+        let chunks = (4 * t).min(g.n).max(1);
         let per_chunk = g.n.div_ceil(chunks).max(1);
         let inner = if g.n < t {
             parallelism(t)
