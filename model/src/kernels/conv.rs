@@ -197,6 +197,12 @@ impl CustomOp3 for Conv2dOp {
         }
         let (k, p, cout) = (g.k(), g.p(), g.cout);
         let mut y = vec![0f32; g.n * cout * p];
+        if y.is_empty() {
+            return Ok((
+                CpuStorage::F32(y),
+                Shape::from_dims(&[g.n, cout, g.oh, g.ow]),
+            ));
+        }
         let t = threads();
         let inner = if g.n < t {
             parallelism(t)
@@ -278,7 +284,7 @@ impl CustomOp3 for Conv2dOp {
             with_values(w, |w| {
                 with_values(grad, |dy| {
                     let targets: Vec<(usize, Option<&mut [f32]>)> = if self.input_grad {
-                        dx.chunks_mut(per_chunk * g.image())
+                        dx.chunks_mut((per_chunk * g.image()).max(1))
                             .map(Some)
                             .enumerate()
                             .collect()
