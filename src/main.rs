@@ -305,6 +305,7 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     // candle's CPU kernels size their thread pools from this variable; set it
     // before any of them start.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    model::tune_allocator();
     let config = node::NodeConfig {
         coordinator: args.coordinator,
         threads,

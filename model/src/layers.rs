@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use data::Rng;
 
 use crate::init::Init;
+use crate::kernels;
 use crate::network::TensorInfo;
 use crate::ModelError;
 
@@ -29,15 +30,18 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
 /// values drawn from one seeded stream.
 pub(crate) struct Registry {
     pub device: Device,
+    /// Whether layers use the fast CPU kernels ([`crate::kernels`]) or candle's own ops.
+    pub fast: bool,
     pub rng: Rng,
     pub params: Vec<(TensorInfo, Var)>,
     pub buffers: Vec<(TensorInfo, Var)>,
 }
 
 impl Registry {
-    pub fn new(seed: u64, device: Device) -> Self {
+    pub fn new(seed: u64, device: Device, fast: bool) -> Self {
         Self {
             device,
+            fast,
             rng: Rng::derive(seed, &[0x1217]),
             params: Vec::new(),
             buffers: Vec::new(),
@@ -88,6 +92,8 @@ impl Registry {
 pub(crate) struct Pass {
     pub train: bool,
     pub dropout: bool,
+    /// Whether to use the fast CPU kernels ([`crate::kernels`]).
+    pub fast: bool,
     pub rng: Rng,
     /// `(index of the layer's running mean in the buffers, batch mean, batch variance)`.
     pub bn_stats: Vec<(usize, Tensor, Tensor)>,
@@ -117,12 +123,16 @@ impl Kernel {
 }
 
 /// 2-D convolution with bias, NCHW, kernel `(out, in, k, k)`.
+///
+/// When its input carries no gradient (the image, at a network's first layer)
+/// the backward pass skips the input gradient.
 pub(crate) struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     k: usize,
     stride: usize,
     padding: Padding,
+    fast: bool,
 }
 
 /// Options of a convolution.
@@ -152,32 +162,60 @@ impl Conv2d {
         let bias = reg.param(format!("{name}.bias"), &[cout], Init::Zeros, 0.0)?;
         Ok(Self {
             weight: weight.as_tensor().clone(),
-            bias: bias.as_tensor().reshape((1, cout, 1, 1))?,
+            bias: bias.as_tensor().clone(),
             k,
             stride: cfg.stride,
             padding: cfg.padding,
+            fast: reg.fast,
         })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match self.padding {
-            Padding::Valid => x.conv2d(&self.weight, 0, self.stride, 1, 1)?,
+        let pad = match self.padding {
+            Padding::Valid => [0; 4],
             Padding::Same => {
                 let (_, _, h, w) = x.dims4()?;
                 let (top, bottom) = same_padding(h, self.k, self.stride);
                 let (left, right) = same_padding(w, self.k, self.stride);
-                if top == bottom && left == right && top == left {
-                    x.conv2d(&self.weight, top, self.stride, 1, 1)?
-                } else {
-                    x.pad_with_zeros(2, top, bottom)?
-                        .pad_with_zeros(3, left, right)?
-                        .conv2d(&self.weight, 0, self.stride, 1, 1)?
-                }
+                [top, bottom, left, right]
             }
         };
-        y.broadcast_add(&self.bias)
+        if self.fast {
+            kernels::conv2d(
+                x,
+                &self.weight,
+                Some(&self.bias),
+                self.stride,
+                pad,
+                x.track_op(),
+            )
+        } else {
+            kernels::conv2d_reference(x, &self.weight, Some(&self.bias), self.stride, pad)
+        }
+    }
+}
+
+/// k×k max-pooling with stride k.
+pub(crate) struct MaxPool2d {
+    k: usize,
+    fast: bool,
+}
+
+impl MaxPool2d {
+    pub fn new(reg: &Registry, k: usize) -> Self {
+        Self { k, fast: reg.fast }
+    }
+}
+
+impl Module for MaxPool2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fast {
+            kernels::max_pool2d(x, self.k)
+        } else {
+            kernels::max_pool2d_reference(x, self.k)
+        }
     }
 }
 
@@ -224,7 +262,7 @@ pub(crate) struct BatchNorm {
     running_mean: Tensor,
     running_var: Tensor,
     mean_index: usize,
-    channels: usize,
+    fast: bool,
 }
 
 impl BatchNorm {
@@ -241,40 +279,37 @@ impl BatchNorm {
             running_mean: running_mean.as_tensor().clone(),
             running_var: running_var.as_tensor().clone(),
             mean_index,
-            channels,
+            fast: reg.fast,
         })
     }
 
     pub fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let rank = x.rank();
-        let shape: Vec<usize> = (0..rank)
-            .map(|d| if d == 1 { self.channels } else { 1 })
-            .collect();
-        let (mean, var) = if pass.train {
-            let dims: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-            let mean = x.mean_keepdim(dims.as_slice())?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(dims.as_slice())?;
-            pass.bn_stats.push((
-                self.mean_index,
-                mean.flatten_all()?.detach(),
-                var.flatten_all()?.detach(),
-            ));
-            let xhat = centered.broadcast_div(&(var + BN_EPSILON)?.sqrt()?)?;
-            return Ok(xhat
-                .broadcast_mul(&self.gamma.reshape(shape.as_slice())?)?
-                .broadcast_add(&self.beta.reshape(shape.as_slice())?)?);
+        if pass.train {
+            let (y, mean, var) = if self.fast {
+                kernels::batch_norm_train(x, &self.gamma, &self.beta, BN_EPSILON)?
+            } else {
+                kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, BN_EPSILON)?
+            };
+            pass.bn_stats.push((self.mean_index, mean, var));
+            return Ok(y);
+        }
+        // Inference: the running statistics.
+        let (mean, var) = (&self.running_mean, &self.running_var);
+        Ok(if self.fast {
+            kernels::batch_norm_eval(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
         } else {
-            (
-                self.running_mean.reshape(shape.as_slice())?,
-                self.running_var.reshape(shape.as_slice())?,
-            )
-        };
-        // Inference: fold everything into one scale and shift per channel.
-        let scale = (self.gamma.reshape(shape.as_slice())? / (var + BN_EPSILON)?.sqrt()?)?;
-        let shift = (self.beta.reshape(shape.as_slice())? - mean.mul(&scale)?)?;
-        Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+            kernels::batch_norm_eval_reference(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+        })
     }
+}
+
+/// `max(x, 0)`.
+pub(crate) fn relu(x: &Tensor, pass: &Pass) -> Result<Tensor> {
+    Ok(if pass.fast {
+        kernels::relu(x)?
+    } else {
+        x.relu()?
+    })
 }
 
 /// Inverted dropout with a mask drawn from the pass's seeded stream.
@@ -363,7 +398,7 @@ mod tests {
             (3, 1, 6, 5),
             (1, 2, 8, 8),
         ] {
-            let mut reg = Registry::new(k as u64 * 31 + h as u64, dev.clone());
+            let mut reg = Registry::new(k as u64 * 31 + h as u64, dev.clone(), true);
             let conv = Conv2d::new(
                 &mut reg,
                 "c",
@@ -403,7 +438,7 @@ mod tests {
     #[test]
     fn batchnorm_train_normalises_and_reports_biased_stats() {
         let dev = Device::Cpu;
-        let mut reg = Registry::new(1, dev.clone());
+        let mut reg = Registry::new(1, dev.clone(), true);
         let bn = BatchNorm::new(&mut reg, "bn", 2).unwrap();
         let x = Tensor::from_vec(
             vec![1f32, 2., 3., 4., 10., 20., 30., 40.],
@@ -414,6 +449,7 @@ mod tests {
         let mut pass = Pass {
             train: true,
             dropout: false,
+            fast: true,
             rng: Rng::new(0),
             bn_stats: vec![],
         };

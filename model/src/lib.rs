@@ -12,6 +12,7 @@
 mod checkpoint;
 mod error;
 mod init;
+mod kernels;
 mod layers;
 mod nets;
 mod network;
@@ -20,8 +21,25 @@ mod spec;
 pub use checkpoint::{save_checkpoint, Checkpoint, MODEL_KEY};
 pub use error::ModelError;
 pub use layers::same_padding;
-pub use network::{EvalOutput, Model, StepOutput, TensorInfo};
+pub use network::{Engine, EvalOutput, Model, StepOutput, TensorInfo};
 pub use spec::{ModelKind, ModelSpec};
+
+/// Tunes the C allocator for training: glibc otherwise hands the large,
+/// short-lived activation buffers of every step back to the kernel and
+/// page-faults them in again on the next, which costs a tenth of a step or
+/// more. Keeps freed memory in the process instead (peak usage is reached in
+/// the first step anyway); glibc still maps buffers over 32 MiB one by one
+/// (its limit). Process-wide; call once at start-up, before
+/// spawning threads. Does nothing off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
 
 /// Re-exported so callers can name devices without depending on candle.
 pub use candle_core::Device;

@@ -2,7 +2,9 @@
 
 use candle_core::{Module, Tensor};
 
-use crate::layers::{dropout, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, Padding, Pass, Registry};
+use crate::layers::{
+    dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass, Registry,
+};
 use crate::{ModelError, ModelKind};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -50,6 +52,7 @@ fn glorot(k: usize, padding: Padding) -> ConvCfg {
 pub(crate) struct SimpleCnn {
     conv1: Conv2d,
     conv2: Conv2d,
+    pool: MaxPool2d,
     dense1: Dense,
     dense2: Dense,
 }
@@ -59,17 +62,18 @@ impl SimpleCnn {
         Ok(Self {
             conv1: Conv2d::new(reg, "conv1", 3, 32, glorot(3, Padding::Valid))?,
             conv2: Conv2d::new(reg, "conv2", 32, 64, glorot(3, Padding::Valid))?,
+            pool: MaxPool2d::new(reg, 2),
             dense1: Dense::new(reg, "dense1", 64 * 14 * 14, 128, Kernel::Glorot)?,
             dense2: Dense::new(reg, "dense2", 128, 10, Kernel::Glorot)?,
         })
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let x = self.conv1.forward(x)?.relu()?;
-        let x = self.conv2.forward(&x)?.relu()?;
-        let x = x.max_pool2d(2)?;
+        let x = relu(&self.conv1.forward(x)?, pass)?;
+        let x = relu(&self.conv2.forward(&x)?, pass)?;
+        let x = self.pool.forward(&x)?;
         let x = dropout(&x, 0.25, pass)?.flatten_from(1)?;
-        let x = self.dense1.forward(&x)?.relu()?;
+        let x = relu(&self.dense1.forward(&x)?, pass)?;
         let x = dropout(&x, 0.5, pass)?;
         Ok(self.dense2.forward(&x)?)
     }
@@ -96,7 +100,8 @@ impl ConvBnRelu {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        Ok(self.bn.forward(&self.conv.forward(x)?, pass)?.relu()?)
+        let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
+        relu(&y, pass)
     }
 }
 
@@ -106,6 +111,7 @@ impl ConvBnRelu {
 /// Dropout .5 → Dense 10. All convolutions "same".
 pub(crate) struct ComplexCnn {
     groups: Vec<Vec<ConvBnRelu>>,
+    pool: MaxPool2d,
     dense1: Dense,
     bn_dense: BatchNorm,
     dense2: Dense,
@@ -136,6 +142,7 @@ impl ComplexCnn {
         }
         Ok(Self {
             groups,
+            pool: MaxPool2d::new(reg, 2),
             dense1: Dense::new(reg, "dense1", 512 * 4 * 4, 1024, Kernel::Glorot)?,
             bn_dense: BatchNorm::new(reg, "dense1.bn", 1024)?,
             dense2: Dense::new(reg, "dense2", 1024, 10, Kernel::Glorot)?,
@@ -148,10 +155,10 @@ impl ComplexCnn {
             for layer in group {
                 x = layer.forward(&x, pass)?;
             }
-            x = dropout(&x.max_pool2d(2)?, 0.25, pass)?;
+            x = dropout(&self.pool.forward(&x)?, 0.25, pass)?;
         }
         let x = self.dense1.forward(&x.flatten_from(1)?)?;
-        let x = self.bn_dense.forward(&x, pass)?.relu()?;
+        let x = relu(&self.bn_dense.forward(&x, pass)?, pass)?;
         let x = dropout(&x, 0.5, pass)?;
         Ok(self.dense2.forward(&x)?)
     }
@@ -189,7 +196,11 @@ impl ResnetLayer {
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
-        Ok(if self.relu { y.relu()? } else { y })
+        if self.relu {
+            relu(&y, pass)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -272,7 +283,7 @@ impl Resnet {
                 Some(conv) => conv.forward(&x)?,
                 None => x,
             };
-            x = (shortcut + y)?.relu()?;
+            x = relu(&(shortcut + y)?, pass)?;
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
         let x = if self.dropout {

@@ -1,6 +1,8 @@
 //! [`Model`]: a network plus its parameters as flat buffers, and the two
 //! computations a node performs: a training step (gradients) and evaluation.
 
+use std::time::{Duration, Instant};
+
 use candle_core::{DType, Device, Tensor};
 use data::{Rng, IMAGE_BYTES, NUM_CLASSES};
 
@@ -57,11 +59,23 @@ pub struct EvalOutput {
     pub samples: u32,
 }
 
+/// Which implementation of the layers' operations a [`Model`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// gradcast's CPU kernels (im2col convolution, fused BatchNorm, max-pool)
+    /// on the CPU; candle's own operations on other devices.
+    #[default]
+    Fast,
+    /// candle's own operations everywhere (for comparison and testing).
+    Reference,
+}
+
 /// A network with its parameters.
 pub struct Model {
     spec: ModelSpec,
     device: Device,
     net: Net,
+    fast: bool,
     params: Vec<(TensorInfo, candle_core::Var)>,
     buffers: Vec<(TensorInfo, candle_core::Var)>,
 }
@@ -70,12 +84,24 @@ impl Model {
     /// Builds the network, initialising its parameters from `seed` exactly as
     /// Keras would in distribution (the same seed gives the same weights).
     pub fn new(spec: ModelSpec, seed: u64, device: &Device) -> Result<Self> {
-        let mut reg = Registry::new(seed, device.clone());
+        Self::with_engine(spec, seed, device, Engine::Fast)
+    }
+
+    /// [`Model::new`] running the layers with the given [`Engine`]; both
+    /// engines give the same initial weights for the same seed.
+    pub fn with_engine(
+        spec: ModelSpec,
+        seed: u64,
+        device: &Device,
+        engine: Engine,
+    ) -> Result<Self> {
+        let mut reg = Registry::new(seed, device.clone(), engine == Engine::Fast);
         let net = Net::new(spec.kind, &mut reg)?;
         Ok(Self {
             spec,
             device: device.clone(),
             net,
+            fast: reg.fast,
             params: reg.params,
             buffers: reg.buffers,
         })
@@ -163,6 +189,20 @@ impl Model {
     /// the dropout masks. The gradient is that of the *mean* loss over the batch
     /// (without regularisation, which the optimizer side adds).
     pub fn train_step(&self, images: &[u8], labels: &[u8], seed: u64) -> Result<StepOutput> {
+        Ok(self.train_step_timed(images, labels, seed)?.0)
+    }
+
+    /// [`Model::train_step`] that also reports how long the forward pass
+    /// (with the loss) and the backward pass (with reading the gradients back)
+    /// took. For benchmarks.
+    #[doc(hidden)]
+    pub fn train_step_timed(
+        &self,
+        images: &[u8],
+        labels: &[u8],
+        seed: u64,
+    ) -> Result<(StepOutput, Duration, Duration)> {
+        let start = Instant::now();
         let n = labels.len();
         if n == 0 {
             return Err(ModelError::BadInput("empty batch".into()));
@@ -171,11 +211,13 @@ impl Model {
         let mut pass = Pass {
             train: true,
             dropout: self.spec.dropout,
+            fast: self.fast,
             rng: Rng::new(seed),
             bn_stats: Vec::new(),
         };
         let logits = self.net.forward(&x, &mut pass)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let forward = start.elapsed();
         let grads = loss.backward()?;
         let mut gradients = Vec::with_capacity(self.num_trainable());
         for (info, v) in &self.params {
@@ -200,13 +242,14 @@ impl Model {
             state.extend(new.flatten_all()?.to_vec1::<f32>()?);
         }
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok(StepOutput {
+        let out = StepOutput {
             gradients,
             state,
             loss_sum: loss_value * n as f64,
             correct: correct(&logits, &y)?,
             samples: n as u32,
-        })
+        };
+        Ok((out, forward, start.elapsed() - forward))
     }
 
     /// Loss and accuracy in inference mode (running statistics, no dropout).
@@ -221,6 +264,7 @@ impl Model {
             let mut pass = Pass {
                 train: false,
                 dropout: false,
+                fast: self.fast,
                 rng: Rng::new(0),
                 bn_stats: Vec::new(),
             };
@@ -242,6 +286,7 @@ impl Model {
         let mut pass = Pass {
             train: false,
             dropout: false,
+            fast: self.fast,
             rng: Rng::new(0),
             bn_stats: Vec::new(),
         };

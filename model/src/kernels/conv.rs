@@ -1,0 +1,451 @@
+//! 2-D convolution (NCHW, kernel `(out, in, kh, kw)`, explicit asymmetric
+//! zero padding) by im2col + gemm, forward and backward.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{cpu_slice, gemm, parallelism, threads, with_values, Mat};
+
+/// Shapes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    top: usize,
+    left: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], k: &[usize], stride: usize, pad: [usize; 4]) -> Result<Self> {
+        let (&[n, cin, h, w], &[cout, kcin, kh, kw]) = (x, k) else {
+            bail!("conv2d expects 4-D input and kernel, got {x:?} and {k:?}")
+        };
+        if kcin != cin {
+            bail!("conv2d: input has {cin} channels, kernel expects {kcin}");
+        }
+        if stride == 0 || kh == 0 || kw == 0 {
+            bail!("conv2d: stride and kernel sizes must be positive");
+        }
+        let [top, bottom, left, right] = pad;
+        let (ph, pw) = (h + top + bottom, w + left + right);
+        if ph < kh || pw < kw {
+            bail!("conv2d: kernel {kh}x{kw} larger than padded input {ph}x{pw}");
+        }
+        let (oh, ow) = ((ph - kh) / stride + 1, (pw - kw) / stride + 1);
+        Ok(Self {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride,
+            top,
+            left,
+            oh,
+            ow,
+        })
+    }
+
+    /// Rows of the column matrix: `cin · kh · kw`.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// Output positions per image.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Values per input image.
+    fn image(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+
+    /// Whether the column matrix of an image is the image itself (1×1, stride 1, no padding).
+    fn identity(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.oh == self.h && self.ow == self.w
+    }
+
+    /// Output columns `[lo, hi)` whose input column `ox·s + kx − left` lies inside the image.
+    fn valid_cols(&self, kx: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = self.left.saturating_sub(kx).div_ceil(s).min(self.ow);
+        let hi = (self.w + self.left)
+            .saturating_sub(kx)
+            .div_ceil(s)
+            .clamp(lo, self.ow);
+        (lo, hi)
+    }
+
+    /// Input row of output row `oy` for kernel row `ky`, if inside the image.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.top)
+            .filter(|&iy| iy < self.h)
+    }
+}
+
+/// Column matrix `[cin·kh·kw, oh·ow]` of one image.
+fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
+    let (p, s) = (g.p(), g.stride);
+    for ci in 0..g.cin {
+        let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut cols[((ci * g.kh + ky) * g.kw + kx) * p..][..p];
+                let (lo, hi) = g.valid_cols(kx);
+                for oy in 0..g.oh {
+                    let out = &mut row[oy * g.ow..][..g.ow];
+                    let Some(iy) = g.input_row(oy, ky) else {
+                        out.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[iy * g.w..][..g.w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if lo < hi {
+                        let start = lo * s + kx - g.left;
+                        if s == 1 {
+                            out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                        } else {
+                            for (o, v) in out[lo..hi].iter_mut().zip(src[start..].iter().step_by(s))
+                            {
+                                *o = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds a column matrix back onto the image it came from (adjoint of [`im2col`]).
+fn col2im(cols: &[f32], g: &Geom, x: &mut [f32]) {
+    let (p, s) = (g.p(), g.stride);
+    for ci in 0..g.cin {
+        let plane = &mut x[ci * g.h * g.w..][..g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &cols[((ci * g.kh + ky) * g.kw + kx) * p..][..p];
+                let (lo, hi) = g.valid_cols(kx);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..g.oh {
+                    let Some(iy) = g.input_row(oy, ky) else {
+                        continue;
+                    };
+                    let src = &row[oy * g.ow..][lo..hi];
+                    let dst = &mut plane[iy * g.w..][..g.w];
+                    let start = lo * s + kx - g.left;
+                    if s == 1 {
+                        for (d, v) in dst[start..start + hi - lo].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, v) in dst[start..].iter_mut().step_by(s).zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The convolution as a candle op of `(x, kernel, bias)`.
+struct Conv2dOp {
+    stride: usize,
+    pad: [usize; 4],
+    /// Whether backward computes the gradient of the input (not for the image).
+    input_grad: bool,
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "gradcast-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        if b.len() != g.cout {
+            bail!(
+                "conv2d: bias has {} values for {} channels",
+                b.len(),
+                g.cout
+            );
+        }
+        let (k, p, cout) = (g.k(), g.p(), g.cout);
+        let mut y = vec![0f32; g.n * cout * p];
+        if y.is_empty() {
+            return Ok((
+                CpuStorage::F32(y),
+                Shape::from_dims(&[g.n, cout, g.oh, g.ow]),
+            ));
+        }
+        let t = threads();
+        let inner = if g.n < t {
+            parallelism(t)
+        } else {
+            gemm::Parallelism::None
+        };
+        let cols_len = if g.identity() { 0 } else { k * p };
+        let image = |cols: &mut Vec<f32>, (i, yi): (usize, &mut [f32])| {
+            let xi = &x[i * g.image()..][..g.image()];
+            let cols: &[f32] = if g.identity() {
+                xi
+            } else {
+                im2col(xi, &g, cols);
+                cols
+            };
+            for (row, &bias) in yi.chunks_mut(p).zip(b) {
+                row.fill(bias);
+            }
+            gemm(
+                cout,
+                p,
+                k,
+                yi,
+                true,
+                Mat {
+                    data: w,
+                    rs: k,
+                    cs: 1,
+                },
+                Mat {
+                    data: cols,
+                    rs: p,
+                    cs: 1,
+                },
+                inner,
+            );
+        };
+        if g.n < t {
+            let mut cols = vec![0f32; cols_len];
+            y.chunks_mut(cout * p)
+                .enumerate()
+                .for_each(|a| image(&mut cols, a));
+        } else {
+            y.par_chunks_mut(cout * p)
+                .enumerate()
+                .for_each_init(|| vec![0f32; cols_len], image);
+        }
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from_dims(&[g.n, cout, g.oh, g.ow]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let (k, p, cout) = (g.k(), g.p(), g.cout);
+        let t = threads();
+        // A few chunks per thread, so that work stealing evens out a busy core.
+        let chunks = (4 * t).min(g.n).max(1);
+        let per_chunk = g.n.div_ceil(chunks).max(1);
+        let inner = if g.n < t {
+            parallelism(t)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut dx = if self.input_grad {
+            vec![0f32; g.n * g.image()]
+        } else {
+            Vec::new()
+        };
+        let partials = with_values(x, |x| {
+            with_values(w, |w| {
+                with_values(grad, |dy| {
+                    let targets: Vec<(usize, Option<&mut [f32]>)> = if self.input_grad {
+                        dx.chunks_mut((per_chunk * g.image()).max(1))
+                            .map(Some)
+                            .enumerate()
+                            .collect()
+                    } else {
+                        (0..g.n.div_ceil(per_chunk)).map(|c| (c, None)).collect()
+                    };
+                    let work = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
+                        let mut dw = vec![0f32; cout * k];
+                        let mut db = vec![0f32; cout];
+                        let mut cols = vec![0f32; if g.identity() { 0 } else { k * p }];
+                        let mut dcols = vec![
+                            0f32;
+                            if g.identity() || !self.input_grad {
+                                0
+                            } else {
+                                k * p
+                            }
+                        ];
+                        let first = c * per_chunk;
+                        for i in first..(first + per_chunk).min(g.n) {
+                            let dyi = &dy[i * cout * p..][..cout * p];
+                            for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
+                                *d += super::sum(row);
+                            }
+                            let xi = &x[i * g.image()..][..g.image()];
+                            let colsref: &[f32] = if g.identity() {
+                                xi
+                            } else {
+                                im2col(xi, &g, &mut cols);
+                                &cols
+                            };
+                            // dW (cout×k) += dy_i (cout×p) · colsᵀ (p×k)
+                            let lhs = Mat {
+                                data: dyi,
+                                rs: p,
+                                cs: 1,
+                            };
+                            gemm(
+                                cout,
+                                k,
+                                p,
+                                &mut dw,
+                                true,
+                                lhs,
+                                Mat {
+                                    data: colsref,
+                                    rs: 1,
+                                    cs: p,
+                                },
+                                inner,
+                            );
+                            if let Some(dxc) = dxc.as_deref_mut() {
+                                let dxi = &mut dxc[(i - first) * g.image()..][..g.image()];
+                                // dcols (k×p) = Wᵀ (k×cout) · dy_i (cout×p)
+                                let wt = Mat {
+                                    data: w,
+                                    rs: 1,
+                                    cs: k,
+                                };
+                                if g.identity() {
+                                    gemm(k, p, cout, dxi, false, wt, lhs, inner);
+                                } else {
+                                    gemm(k, p, cout, &mut dcols, false, wt, lhs, inner);
+                                    col2im(&dcols, &g, dxi);
+                                }
+                            }
+                        }
+                        (dw, db)
+                    };
+                    Ok(if g.n < t {
+                        targets.into_iter().map(work).collect::<Vec<_>>()
+                    } else {
+                        targets.into_par_iter().map(work).collect::<Vec<_>>()
+                    })
+                })
+            })
+        })?;
+        let mut parts = partials.into_iter();
+        let (mut dw, mut db) = parts
+            .next()
+            .unwrap_or_else(|| (vec![0f32; cout * k], vec![0f32; cout]));
+        for (pw, pb) in parts {
+            dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+        }
+        let dev = x.device();
+        let dx = if self.input_grad {
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// Convolution of `x (N, Cin, H, W)` with `w (Cout, Cin, kh, kw)` plus an
+/// optional bias `(Cout)`, zero padding `[top, bottom, left, right]`.
+///
+/// On the CPU this is the im2col + gemm op; `input_grad: false` makes its
+/// backward skip the gradient of `x` (for a network's first layer). Elsewhere
+/// it is candle's convolution.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+    input_grad: bool,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return conv2d_reference(x, w, b, stride, pad);
+    }
+    let cout = w.dim(0)?;
+    let b = match b {
+        Some(b) => b.flatten_all()?,
+        None => Tensor::zeros(cout, x.dtype(), x.device())?,
+    };
+    let op = Conv2dOp {
+        stride,
+        pad,
+        input_grad,
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// [`conv2d`] with candle's own operations (pad, convolve, add the bias).
+///
+/// Rows and columns of the padded input that no output reads are cropped
+/// first: candle's convolution backward gets the input-gradient shape wrong
+/// when the stride does not evenly cover the padded input.
+pub(crate) fn conv2d_reference(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+) -> Result<Tensor> {
+    let g = Geom::new(x.dims(), w.dims(), stride, pad)?;
+    let [top, bottom, left, right] = pad;
+    let (used_h, used_w) = ((g.oh - 1) * stride + g.kh, (g.ow - 1) * stride + g.kw);
+    let y = if top == bottom
+        && left == right
+        && top == left
+        && used_h == g.h + 2 * top
+        && used_w == g.w + 2 * left
+    {
+        x.conv2d(w, top, stride, 1, 1)?
+    } else {
+        x.pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?
+            .narrow(2, 0, used_h)?
+            .narrow(3, 0, used_w)?
+            .conv2d(w, 0, stride, 1, 1)?
+    };
+    match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}

@@ -1,0 +1,142 @@
+//! Fast CPU training kernels as candle custom ops: convolution (im2col +
+//! gemm, with a hand-written backward), fused BatchNorm (training and
+//! inference), k×k max-pooling and ReLU.
+//!
+//! Every op falls back to candle's own implementation on devices other than
+//! the CPU. The `*_reference` functions are candle's path on every device;
+//! tests compare the two, and [`crate::Model`] can be built with either.
+
+mod bn;
+mod conv;
+mod pool;
+mod relu;
+
+#[cfg(test)]
+mod tests;
+
+pub(crate) use bn::{
+    batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
+};
+pub(crate) use conv::{conv2d, conv2d_reference};
+pub(crate) use pool::{max_pool2d, max_pool2d_reference};
+pub(crate) use relu::relu;
+
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+
+/// Threads in rayon's global pool (sized by `RAYON_NUM_THREADS`, like candle).
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// The contiguous `f32` values a CPU storage holds under `layout`.
+fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("kernel input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous `f32` values of a CPU tensor.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(cpu_slice(cpu, layout)?),
+        _ => bail!("kernel backward only runs on the CPU"),
+    }
+}
+
+/// Sum of a slice with eight independent accumulators (vectorises).
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// `Σ f(a_i, b_i)` over two slices with eight independent accumulators.
+fn sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum::<f32>()
+}
+
+/// Row-major matrix view: `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst (m×n, row-major, row stride n) = [dst +] lhs (m×k) · rhs (k×n)`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    par: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
+    assert!(k == 0 || n == 0 || rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index the strides reach in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Gemm parallelism for `threads` threads.
+fn parallelism(threads: usize) -> gemm::Parallelism {
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}

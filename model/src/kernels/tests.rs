@@ -1,0 +1,253 @@
+//! The fast ops against candle's own, values and gradients.
+
+use candle_core::{Device, Tensor, Var};
+use data::Rng;
+
+use super::*;
+use crate::{Engine, Model, ModelKind, ModelSpec};
+
+fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Largest absolute difference relative to the largest reference magnitude.
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = w.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    g.iter()
+        .zip(&w)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    let e = rel_err(got, want);
+    assert!(e < 1e-4, "{what}: relative error {e}");
+}
+
+#[test]
+fn conv2d_matches_candle_values_and_gradients() {
+    let mut rng = Rng::new(7);
+    // (n, cin, h, w, cout, k, stride, [top, bottom, left, right])
+    let cases = [
+        (2, 3, 8, 8, 4, 3, 1, [1, 1, 1, 1]),
+        (3, 2, 7, 9, 5, 3, 2, [1, 1, 1, 1]),
+        (2, 4, 8, 8, 3, 3, 2, [0, 1, 0, 1]),
+        (1, 3, 5, 6, 2, 2, 1, [0, 1, 0, 1]),
+        (2, 5, 6, 6, 4, 2, 1, [0, 1, 0, 1]),
+        (3, 4, 8, 8, 6, 1, 2, [0, 0, 0, 0]),
+        (2, 4, 5, 7, 3, 1, 1, [0, 0, 0, 0]),
+        (2, 3, 9, 9, 4, 3, 1, [0, 0, 0, 0]),
+        (4, 2, 11, 10, 3, 3, 2, [1, 1, 0, 1]),
+        (1, 1, 4, 4, 1, 4, 1, [1, 2, 1, 2]),
+        (5, 3, 6, 5, 2, 3, 3, [2, 0, 1, 1]),
+    ];
+    for (n, cin, h, w, cout, k, stride, pad) in cases {
+        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
+        let wt = Var::from_tensor(&random(&[cout, cin, k, k], &mut rng)).unwrap();
+        let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+        let fast = conv2d(&x, &wt, Some(&b), stride, pad, true).unwrap();
+        let reference = conv2d_reference(&x, &wt, Some(&b), stride, pad).unwrap();
+        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride} {pad:?}");
+        assert_close(&format!("{case} forward"), &fast, &reference);
+        let r = random(reference.dims(), &mut rng);
+        let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("dx", &x), ("dw", &wt), ("db", &b)] {
+            assert_close(
+                &format!("{case} {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_without_input_grad_and_with_strided_input() {
+    let mut rng = Rng::new(3);
+    let x = random(&[3, 4, 6, 5], &mut rng);
+    let wt = Var::from_tensor(&random(&[2, 4, 3, 3], &mut rng)).unwrap();
+    let pad = [1, 1, 1, 1];
+    // The input does not track gradients: only the kernel and bias get one.
+    let y = conv2d(&x, &wt, None, 1, pad, false).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let yr = conv2d_reference(&x, &wt, None, 1, pad).unwrap();
+    let gr = yr.sum_all().unwrap().backward().unwrap();
+    assert_close("no-bias forward", &y, &yr);
+    assert_close("dw", grads.get(&wt).unwrap(), gr.get(&wt).unwrap());
+    // A transposed (non-contiguous) input.
+    let xt = x.transpose(2, 3).unwrap();
+    assert!(!xt.is_contiguous());
+    let y = conv2d(&xt, &wt, None, 2, [0, 1, 1, 1], true).unwrap();
+    let yr = conv2d_reference(&xt, &wt, None, 2, [0, 1, 1, 1]).unwrap();
+    assert_close("transposed input", &y, &yr);
+}
+
+#[test]
+fn batch_norm_matches_candle_values_stats_and_gradients() {
+    let mut rng = Rng::new(11);
+    for shape in [
+        vec![4, 3, 5, 7],
+        vec![2, 16, 8, 8],
+        vec![8, 10],
+        vec![3, 5, 1, 1],
+        vec![1, 2, 3, 3],
+    ] {
+        let c = shape[1];
+        // Shifted, scaled input so the statistics are not trivial.
+        let x =
+            Var::from_tensor(&((random(&shape, &mut rng) * 3.0).unwrap() + 0.5).unwrap()).unwrap();
+        let gamma = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
+        let beta = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
+        let (y, mean, var) = batch_norm_train(&x, &gamma, &beta, 1e-3).unwrap();
+        let (yr, mean_r, var_r) = batch_norm_train_reference(&x, &gamma, &beta, 1e-3).unwrap();
+        assert_close(&format!("{shape:?} y"), &y, &yr);
+        assert_close(&format!("{shape:?} mean"), &mean, &mean_r);
+        assert_close(&format!("{shape:?} var"), &var, &var_r);
+        let r = random(&shape, &mut rng);
+        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+            assert_close(
+                &format!("{shape:?} {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn max_pool_matches_candle_values_and_gradients() {
+    let mut rng = Rng::new(5);
+    for (shape, k) in [([2, 3, 8, 8], 2), ([1, 2, 7, 9], 2), ([2, 2, 9, 6], 3)] {
+        let x = Var::from_tensor(&random(&shape, &mut rng)).unwrap();
+        let y = max_pool2d(&x, k).unwrap();
+        let yr = max_pool2d_reference(&x, k).unwrap();
+        assert_close(&format!("{shape:?} forward"), &y, &yr);
+        assert_close(
+            &format!("{shape:?} candle forward"),
+            &y,
+            &x.max_pool2d(k).unwrap(),
+        );
+        let r = random(yr.dims(), &mut rng);
+        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            &format!("{shape:?} dx"),
+            gf.get(&x).unwrap(),
+            gr.get(&x).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn relu_and_inference_batch_norm_match_candle() {
+    let mut rng = Rng::new(13);
+    let x = Var::from_tensor(&random(&[3, 4, 5, 6], &mut rng)).unwrap();
+    let y = relu(&x).unwrap();
+    let yr = x.relu().unwrap();
+    assert_close("relu", &y, &yr);
+    let r = random(y.dims(), &mut rng);
+    let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("relu dx", gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    for shape in [vec![3, 4, 5, 6], vec![7, 4]] {
+        let x = Var::from_tensor(&random(&shape, &mut rng)).unwrap();
+        let [gamma, beta, mean] =
+            [0, 1, 2].map(|_| Var::from_tensor(&random(&[4], &mut rng)).unwrap());
+        let var = (random(&[4], &mut rng).abs().unwrap() + 0.1).unwrap();
+        let y = batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
+        let yr = batch_norm_eval_reference(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
+        assert_close("bn eval", &y, &yr);
+        let r = random(&shape, &mut rng);
+        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+            assert_close(
+                &format!("bn eval {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+    }
+}
+
+fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut rng = Rng::new(seed);
+    let images = (0..n * data::IMAGE_BYTES)
+        .map(|_| rng.below(256) as u8)
+        .collect();
+    let labels = (0..n).map(|_| rng.below(10) as u8).collect();
+    (images, labels)
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+#[test]
+fn train_step_matches_reference_engine() {
+    for kind in [
+        ModelKind::SimpleCnn,
+        ModelKind::Resnet {
+            n: 1,
+            dropout: false,
+        },
+    ] {
+        let spec = ModelSpec {
+            kind,
+            dropout: false,
+        };
+        let fast = Model::with_engine(spec, 3, &Device::Cpu, Engine::Fast).unwrap();
+        let reference = Model::with_engine(spec, 3, &Device::Cpu, Engine::Reference).unwrap();
+        let (images, labels) = batch(6, 21);
+        let a = fast.train_step(&images, &labels, 1).unwrap();
+        let b = reference.train_step(&images, &labels, 1).unwrap();
+        assert!(
+            (a.loss_sum - b.loss_sum).abs() < 1e-4 * b.loss_sum,
+            "{kind:?} loss {} vs {}",
+            a.loss_sum,
+            b.loss_sum
+        );
+        assert_eq!(a.correct, b.correct);
+        // Per tensor, relative to that tensor's largest gradient, except that
+        // the bias of a convolution followed by BatchNorm, whose gradient is
+        // zero up to rounding, is compared with the scale of the whole gradient.
+        let global = b.gradients.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut off = 0;
+        let mut worst = 0f32;
+        for info in fast.params() {
+            let n = info.numel();
+            let (g, r) = (&a.gradients[off..off + n], &b.gradients[off..off + n]);
+            let before_bn =
+                info.name.ends_with(".conv.bias") && !matches!(kind, ModelKind::SimpleCnn);
+            let floor = if before_bn { global } else { 1e-6 };
+            let scale = r.iter().fold(floor, |m, v| m.max(v.abs()));
+            let e = g.iter().zip(r).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+            assert!(e < 1e-4, "{kind:?} {}: relative error {e}", info.name);
+            worst = worst.max(e);
+            off += n;
+        }
+        eprintln!("{kind:?}: worst relative gradient error {worst:e}");
+        assert!(max_rel(&a.state, &b.state) < 1e-5);
+        let ea = fast.evaluate(&images, &labels).unwrap();
+        let eb = reference.evaluate(&images, &labels).unwrap();
+        assert!((ea.loss_sum - eb.loss_sum).abs() < 1e-4 * eb.loss_sum);
+    }
+}
