@@ -2,8 +2,10 @@
 //! coordinator, a node, or a whole single-host cluster; the work is done by the
 //! `coordinator` and `node` crates.
 
+mod inspect;
 mod launch;
 mod metrics_http;
+mod plot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,48 @@ enum Command {
     Run(RunArgs),
     /// Write a small synthetic data set in the CIFAR-10 binary layout (for smoke tests).
     Synthetic(SyntheticArgs),
+    /// Test loss, accuracy and per-class accuracy of a checkpoint.
+    Eval(EvalArgs),
+    /// Classify PNG/JPEG images with a checkpoint (top-3 classes).
+    Predict(PredictArgs),
+    /// Draw learning curves from one or more history JSON files.
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A safetensors checkpoint written by --checkpoint-dir.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// CIFAR-10 archive or folder (its test_batch.bin is used).
+    #[arg(long, env = "GRADCAST_DATA")]
+    data: PathBuf,
+    /// Evaluate on the first K test samples only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A safetensors checkpoint written by --checkpoint-dir.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Images (PNG or JPEG; resized to 32×32 if needed).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// History JSON files (from --history); several are overlaid.
+    #[arg(required = true)]
+    histories: Vec<PathBuf>,
+    /// Output PNG.
+    #[arg(short, long, default_value = "curves.png")]
+    output: PathBuf,
+    /// Legend labels, comma-separated (default: the file names).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
 }
 
 #[derive(Args)]
@@ -87,6 +131,9 @@ pub struct TrainArgs {
     /// Write the Keras-style history JSON here after every epoch.
     #[arg(long, env = "GRADCAST_HISTORY")]
     pub history: Option<PathBuf>,
+    /// Draw the learning curves (accuracy and loss per epoch) to this PNG at the end.
+    #[arg(long, env = "GRADCAST_PLOT")]
+    pub plot: Option<PathBuf>,
     /// Write safetensors checkpoints here (every epoch, and final.safetensors at the end).
     #[arg(long, env = "GRADCAST_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
@@ -126,6 +173,10 @@ impl TrainArgs {
             (
                 "--history",
                 self.history.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "--plot",
+                self.plot.as_ref().map(|p| p.display().to_string()),
             ),
             (
                 "--checkpoint-dir",
@@ -285,6 +336,10 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
         let report = coordinator::serve(listener, config, train, test, shutdown_signal()).await?;
         anyhow::Ok(report)
     })?;
+    if let Some(path) = &t.plot {
+        plot::plot(&[(String::new(), report.history.clone())], path)?;
+        tracing::info!("learning curves in {}", path.display());
+    }
     match report.final_val_accuracy() {
         Some(acc) => println!("final val_accuracy: {acc:.4}"),
         None => println!("final val_accuracy: none (no epoch trained)"),
@@ -324,6 +379,25 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn plot_main(a: PlotArgs) -> Result<ExitCode> {
+    let mut histories = Vec::new();
+    for (i, path) in a.histories.iter().enumerate() {
+        let label = a.labels.get(i).cloned().unwrap_or_else(|| {
+            if a.histories.len() == 1 {
+                String::new()
+            } else {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }
+        });
+        histories.push((label, plot::read_history(path)?));
+    }
+    plot::plot(&histories, &a.output)?;
+    println!("wrote {}", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -333,6 +407,13 @@ fn main() -> ExitCode {
         Command::Run(a) => {
             launch::run_cluster(a.nodes, a.threads_per_node, a.metrics_port, &a.train)
         }
+        Command::Eval(a) => {
+            inspect::eval(&a.checkpoint, &a.data, a.test_limit).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Predict(a) => {
+            inspect::predict(&a.checkpoint, &a.images).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Plot(a) => plot_main(a),
         Command::Synthetic(a) => {
             let spec = data::SyntheticSpec {
                 train_per_file: a.train_per_file,

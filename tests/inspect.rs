@@ -1,0 +1,308 @@
+//! Checkpoints, `eval`, `predict` and plots, through the real binary, and the
+//! checkpoint format read by Python's `safetensors` package.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use data::{Dataset, Split, CLASS_NAMES, IMAGE_BYTES};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gradcast");
+
+fn gradcast(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "gradcast {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct Trained {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    checkpoints: PathBuf,
+    plot: PathBuf,
+    final_accuracy: f64,
+}
+
+/// One short training run shared by the tests of this file.
+fn trained() -> &'static Trained {
+    static RUN: OnceLock<Trained> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = data::SyntheticSpec {
+            train_per_file: 40,
+            test: 60,
+            seed: 5,
+        };
+        data::write_synthetic(dir.path(), &spec, false).unwrap();
+        let data = dir.path().join("cifar-10-batches-bin");
+        let checkpoints = dir.path().join("ckpt");
+        let plot = dir.path().join("curves.png");
+        let out = gradcast(&[
+            "run",
+            "--nodes",
+            "2",
+            "--threads-per-node",
+            "1",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "20",
+            "--checkpoint-dir",
+            checkpoints.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let final_accuracy = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("final val_accuracy: "))
+            .expect("final line")
+            .trim()
+            .parse()
+            .unwrap();
+        Trained {
+            _dir: dir,
+            data,
+            checkpoints,
+            plot,
+            final_accuracy,
+        }
+    })
+}
+
+#[test]
+fn checkpoints_are_written_every_epoch_with_model_metadata() {
+    let t = trained();
+    for name in ["epoch-0001", "epoch-0002", "final"] {
+        assert!(
+            t.checkpoints.join(format!("{name}.safetensors")).exists(),
+            "{name}"
+        );
+    }
+    let ckpt = model::Checkpoint::load(&t.checkpoints.join("final.safetensors")).unwrap();
+    assert_eq!(ckpt.metadata[model::MODEL_KEY], "simple-cnn");
+    assert_eq!(ckpt.metadata["gradcast.epoch"], "2");
+    assert_eq!(ckpt.metadata["gradcast.config.batch_size"], "20");
+    assert_eq!(ckpt.tensor("conv1.weight").unwrap().0, &[32, 3, 3, 3]);
+    assert_eq!(ckpt.tensor("dense1.weight").unwrap().0, &[128, 12544]);
+}
+
+#[test]
+fn eval_reproduces_the_final_accuracy_and_prints_every_class() {
+    let t = trained();
+    let ckpt = t.checkpoints.join("final.safetensors");
+    let out = gradcast(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        t.data.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let acc: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test accuracy: "))
+        .expect("accuracy line")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (acc - t.final_accuracy).abs() < 1e-3,
+        "eval says {acc}, training said {}",
+        t.final_accuracy
+    );
+    for class in CLASS_NAMES {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(class)),
+            "no row for {class}:\n{stdout}"
+        );
+    }
+}
+
+fn write_png(path: &Path, chw: &[u8], scale: u32) {
+    let img = image::RgbImage::from_fn(32 * scale, 32 * scale, |x, y| {
+        let (x, y) = ((x / scale) as usize, (y / scale) as usize);
+        image::Rgb([
+            chw[y * 32 + x],
+            chw[1024 + y * 32 + x],
+            chw[2048 + y * 32 + x],
+        ])
+    });
+    img.save(path).unwrap();
+}
+
+#[test]
+fn predict_classifies_pngs_of_any_size() {
+    let t = trained();
+    let test = Dataset::load(&t.data, Split::Test).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.png");
+    let large = dir.path().join("large.png");
+    write_png(&small, &test.image(0)[..IMAGE_BYTES], 1);
+    write_png(&large, &test.image(0)[..IMAGE_BYTES], 3);
+    let ckpt = t.checkpoints.join("final.safetensors");
+    let out = gradcast(&[
+        "predict",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        small.to_str().unwrap(),
+        large.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for line in &lines {
+        let (_, top) = line.split_once(": ").unwrap();
+        let entries: Vec<&str> = top.split(", ").collect();
+        assert_eq!(entries.len(), 3, "{line}");
+        let probs: Vec<f64> = entries
+            .iter()
+            .map(|e| e.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            probs.windows(2).all(|w| w[0] >= w[1]) && probs.iter().sum::<f64>() <= 1.0 + 1e-3,
+            "{line}"
+        );
+    }
+    // The synthetic classes are learnt after two epochs: the exact-size image is
+    // recognised, and its 3x upscaled copy (resized back) gets the same answer.
+    let top = |l: &str| {
+        l.split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    if t.final_accuracy > 0.9 {
+        assert_eq!(top(lines[0]), CLASS_NAMES[test.label(0) as usize]);
+    }
+    assert_eq!(top(lines[0]), top(lines[1]));
+}
+
+#[test]
+fn plot_png_is_written_and_overlays_histories() {
+    let t = trained();
+    let img = image::open(&t.plot).unwrap();
+    assert_eq!((img.width(), img.height()), (1200, 480));
+    // Not a blank canvas.
+    let rgb = img.to_rgb8();
+    let coloured = rgb.pixels().filter(|p| p[0] != p[2]).count();
+    assert!(coloured > 500, "only {coloured} coloured pixels");
+
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("h.json");
+    std::fs::write(&h, r#"{"loss":[2.0,1.5,1.2],"accuracy":[0.3,0.5,0.6],"val_loss":[1.8,1.6,1.5],"val_accuracy":[0.35,0.45,0.5],"lr":[0.001,0.001,0.001]}"#).unwrap();
+    let out = dir.path().join("both.png");
+    gradcast(&[
+        "plot",
+        h.to_str().unwrap(),
+        h.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--labels",
+        "a,b",
+    ]);
+    assert!(image::open(&out).is_ok());
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let fail = Command::new(BIN)
+        .args(["plot", bad.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!fail.status.success());
+}
+
+/// A Python venv with `safetensors` and `numpy` from PyPI, made once per
+/// target directory.
+fn python_with_safetensors() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-safetensors");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".ready");
+    if !ready.exists() {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for this test");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "safetensors",
+                "numpy",
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "pip install safetensors numpy failed (PyPI reachable?)"
+        );
+        std::fs::write(&ready, b"").unwrap();
+    }
+    python
+}
+
+#[test]
+fn python_safetensors_reads_names_shapes_values_and_metadata() {
+    let t = trained();
+    let ckpt = t.checkpoints.join("final.safetensors");
+    let script = r#"
+import json, sys
+from safetensors import safe_open
+from safetensors.numpy import load_file
+tensors = load_file(sys.argv[1])
+with safe_open(sys.argv[1], framework="numpy") as f:
+    meta = f.metadata()
+print(json.dumps({"meta": meta, "tensors": {k: [list(v.shape), str(v.dtype), float(v.astype("float64").sum())] for k, v in tensors.items()}}))
+"#;
+    let out = Command::new(python_with_safetensors())
+        .args(["-c", script])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["meta"]["gradcast.model"], "simple-cnn");
+    let ours = model::Checkpoint::load(&ckpt).unwrap();
+    let m = model::Model::new(
+        model::ModelSpec::new(model::ModelKind::SimpleCnn),
+        0,
+        &model::Device::Cpu,
+    )
+    .unwrap();
+    let names: Vec<String> = m.params().map(|i| i.name.clone()).collect();
+    assert_eq!(v["tensors"].as_object().unwrap().len(), names.len());
+    for name in names {
+        let entry = &v["tensors"][&name];
+        let (shape, values) = ours.tensor(&name).unwrap();
+        let py_shape: Vec<usize> = entry[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(py_shape, shape, "{name}");
+        assert_eq!(entry[1], "float32", "{name}");
+        let sum: f64 = values.iter().map(|&x| x as f64).sum();
+        let py_sum = entry[2].as_f64().unwrap();
+        assert!(
+            (sum - py_sum).abs() <= 1e-6 * sum.abs().max(1.0),
+            "{name}: {sum} vs {py_sum}"
+        );
+    }
+}
