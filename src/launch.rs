@@ -35,10 +35,19 @@ fn forward(
     });
 }
 
-fn spawn(cmd: &mut Command, prefix: &str, addr: Option<mpsc::Sender<String>>) -> Result<Child> {
+fn spawn(
+    cmd: &mut Command,
+    prefix: &str,
+    addr: Option<mpsc::Sender<String>>,
+    inherit_stderr: bool,
+) -> Result<Child> {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(if inherit_stderr {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
         .stdin(Stdio::null())
         .spawn()
         .context("cannot start a gradcast process")?;
@@ -82,6 +91,11 @@ pub fn run_cluster(
         .unwrap_or(1);
     let threads = threads_per_node.unwrap_or((cores / nodes).max(1));
     let (addr_tx, addr_rx) = mpsc::channel();
+    // On a terminal the coordinator draws its progress bar straight onto ours.
+    let bar = train.progress == "bar"
+        || (train.progress == "auto" && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let mut train = train.clone();
+    train.progress = if bar { "bar" } else { "plain" }.to_string();
     let mut coordinator = spawn(
         Command::new(&exe)
             .arg("coordinator")
@@ -90,6 +104,7 @@ pub fn run_cluster(
             .args(train.to_args()),
         "coordinator | ",
         Some(addr_tx),
+        bar,
     )?;
     let addr = loop {
         match addr_rx.recv_timeout(Duration::from_millis(200)) {
@@ -115,6 +130,7 @@ pub fn run_cluster(
             ]),
             &format!("node{i}       | "),
             None,
+            false,
         )?);
     }
     let status = coordinator.wait()?;

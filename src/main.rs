@@ -6,6 +6,7 @@ mod inspect;
 mod launch;
 mod metrics_http;
 mod plot;
+mod progress_bar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,6 +138,9 @@ pub struct TrainArgs {
     /// Write safetensors checkpoints here (every epoch, and final.safetensors at the end).
     #[arg(long, env = "GRADCAST_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Progress display: auto (a bar on a terminal, log lines otherwise), bar or plain.
+    #[arg(long, env = "GRADCAST_PROGRESS", default_value = "auto", value_parser = ["auto", "bar", "plain"])]
+    pub progress: String,
     /// Seconds to wait for a node's answer to one step before giving up.
     #[arg(long, env = "GRADCAST_STEP_TIMEOUT", default_value_t = 300)]
     pub step_timeout: u64,
@@ -165,6 +169,8 @@ impl TrainArgs {
             self.seed.to_string(),
             "--step-timeout".into(),
             self.step_timeout.to_string(),
+            "--progress".into(),
+            self.progress.clone(),
         ];
         let optional = [
             ("--lr-schedule", self.lr_schedule.map(|s| s.to_string())),
@@ -300,6 +306,10 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.seed = t.seed;
     config.history = t.history.clone();
     config.checkpoint_dir = t.checkpoint_dir.clone();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if t.progress == "bar" || (t.progress == "auto" && terminal) {
+        config.progress = Some(std::sync::Arc::new(progress_bar::EpochBar::default()));
+    }
     config.step_timeout = Duration::from_secs(t.step_timeout.max(1));
     config.join_timeout = args.join_timeout.map(Duration::from_secs);
     if t.batch_size == 0 || args.nodes == 0 {

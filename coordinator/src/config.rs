@@ -3,11 +3,12 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use model::{ModelKind, ModelSpec};
 
-use crate::OptimizerKind;
+use crate::{OptimizerKind, Progress};
 
 /// How the learning rate changes with the epoch (0-based, as Keras'
 /// `LearningRateScheduler` counts).
@@ -92,7 +93,7 @@ impl fmt::Display for LrSchedule {
 }
 
 /// Everything the coordinator needs to know to train.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TrainConfig {
     /// The network.
     pub model: ModelSpec,
@@ -119,6 +120,18 @@ pub struct TrainConfig {
     pub step_timeout: Duration,
     /// Longest wait for `nodes` nodes to join (None: wait forever).
     pub join_timeout: Option<Duration>,
+    /// Where to report progress (None: a log line every 10 seconds).
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+impl fmt::Debug for TrainConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("TrainConfig");
+        for (k, v) in self.describe() {
+            d.field(k, &v);
+        }
+        d.finish_non_exhaustive()
+    }
 }
 
 impl TrainConfig {
@@ -138,6 +151,7 @@ impl TrainConfig {
             checkpoint_dir: None,
             step_timeout: Duration::from_secs(300),
             join_timeout: None,
+            progress: None,
         }
     }
 }

@@ -212,6 +212,9 @@ impl Trainer {
             let order = epoch_order(n, self.config.seed, epoch as u64);
             let started = Instant::now();
             let mut last_progress = Instant::now();
+            if let Some(p) = &self.config.progress {
+                p.epoch_started(epoch + 1, self.config.epochs, steps_per_epoch);
+            }
             let mut tally = Tally::default();
             let mut penalty = 0.0;
             for (i, batch) in order.chunks(bs).enumerate() {
@@ -222,12 +225,12 @@ impl Trainer {
                     step_tally.samples as u32,
                 );
                 penalty += step_penalty;
-                telemetry::step_done(
-                    step_tally.samples,
-                    tally.loss() + penalty / (i + 1) as f64,
-                    tally.accuracy(),
-                );
-                if last_progress.elapsed() >= PROGRESS_EVERY {
+                let running_loss = tally.loss() + penalty / (i + 1) as f64;
+                telemetry::step_done(step_tally.samples, running_loss, tally.accuracy());
+                let rate = tally.samples as f64 / started.elapsed().as_secs_f64();
+                if let Some(p) = &self.config.progress {
+                    p.step(i + 1, rate, running_loss, tally.accuracy());
+                } else if last_progress.elapsed() >= PROGRESS_EVERY {
                     last_progress = Instant::now();
                     info!(
                         "epoch {}/{} step {}/{} loss {:.4} accuracy {:.4} ({:.0} samples/s)",
@@ -235,9 +238,9 @@ impl Trainer {
                         self.config.epochs,
                         i + 1,
                         steps_per_epoch,
-                        tally.loss() + penalty / (i + 1) as f64,
+                        running_loss,
                         tally.accuracy(),
-                        tally.samples as f64 / started.elapsed().as_secs_f64()
+                        rate
                     );
                 }
             }
@@ -255,6 +258,9 @@ impl Trainer {
             h.val_accuracy.push(val.accuracy());
             h.lr.push(lr);
             telemetry::validation(val.loss() + reg, val.accuracy());
+            if let Some(p) = &self.config.progress {
+                p.epoch_finished(epoch + 1, val.loss() + reg, val.accuracy());
+            }
             info!(
                 "epoch {}/{}: loss {:.4} accuracy {:.4} val_loss {:.4} val_accuracy {:.4} lr {:.2e} ({:.1} s, {:.0} samples/s)",
                 epoch + 1,
