@@ -95,9 +95,15 @@ pub fn run_cluster(
     let bar = train.progress == "bar"
         || (train.progress == "auto" && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let mut train = train.clone();
+    let token_env: Vec<(&str, String)> = train
+        .token
+        .iter()
+        .map(|t| ("GRADCAST_TOKEN", t.clone()))
+        .collect();
     train.progress = if bar { "bar" } else { "plain" }.to_string();
     let mut coordinator = spawn(
         Command::new(&exe)
+            .envs(token_env.clone())
             .arg("coordinator")
             .args(["--listen", "127.0.0.1:0", "--nodes", &nodes.to_string()])
             .args(["--metrics-listen", &metrics_addr(metrics_port, 0)])
@@ -120,14 +126,17 @@ pub fn run_cluster(
     let mut children = Vec::new();
     for i in 0..nodes {
         children.push(spawn(
-            Command::new(&exe).arg("node").args([
-                "--coordinator",
-                &format!("http://{addr}"),
-                "--threads",
-                &threads.to_string(),
-                "--metrics-listen",
-                &metrics_addr(metrics_port, 1 + i),
-            ]),
+            Command::new(&exe)
+                .envs(token_env.clone())
+                .arg("node")
+                .args([
+                    "--coordinator",
+                    &format!("http://{addr}"),
+                    "--threads",
+                    &threads.to_string(),
+                    "--metrics-listen",
+                    &metrics_addr(metrics_port, 1 + i),
+                ]),
             &format!("node{i}       | "),
             None,
             false,

@@ -144,6 +144,25 @@ pub struct TrainArgs {
     /// Seconds to wait for a node's answer to one step before giving up.
     #[arg(long, env = "GRADCAST_STEP_TIMEOUT", default_value_t = 300)]
     pub step_timeout: u64,
+    /// Keep training while at least this many nodes remain; below it, wait
+    /// --rejoin-timeout seconds for replacements, then fail.
+    #[arg(long, env = "GRADCAST_MIN_NODES", default_value_t = 1)]
+    pub min_nodes: usize,
+    /// Seconds to wait for replacement nodes when fewer than --min-nodes remain.
+    #[arg(long, env = "GRADCAST_REJOIN_TIMEOUT", default_value_t = 60)]
+    pub rejoin_timeout: u64,
+    /// Share each batch in proportion to the nodes' measured speed.
+    #[arg(long, env = "GRADCAST_BALANCE")]
+    pub balance: bool,
+    /// Also save the resume state every K steps (it is always saved after each epoch).
+    #[arg(long, env = "GRADCAST_CHECKPOINT_EVERY", default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Continue from <checkpoint-dir>/resume.safetensors if it exists.
+    #[arg(long, env = "GRADCAST_RESUME", requires = "checkpoint_dir")]
+    pub resume: bool,
+    /// Cluster token nodes must present to join (also read from GRADCAST_TOKEN).
+    #[arg(long, env = "GRADCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Disable dropout layers (for equivalence tests).
     #[arg(long, hide = true)]
     pub no_dropout: bool,
@@ -197,9 +216,24 @@ impl TrainArgs {
                 a.push(v);
             }
         }
-        if self.no_dropout {
-            a.push("--no-dropout".into());
+        a.extend([
+            "--min-nodes".into(),
+            self.min_nodes.to_string(),
+            "--rejoin-timeout".into(),
+            self.rejoin_timeout.to_string(),
+            "--checkpoint-every".into(),
+            self.checkpoint_every.to_string(),
+        ]);
+        for (flag, on) in [
+            ("--balance", self.balance),
+            ("--resume", self.resume),
+            ("--no-dropout", self.no_dropout),
+        ] {
+            if on {
+                a.push(flag.into());
+            }
         }
+        // The token travels in the environment (GRADCAST_TOKEN), not on the command line.
         a
     }
 }
@@ -239,6 +273,12 @@ struct NodeArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9101; port 0 picks one).
     #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Cluster token to present to the coordinator (also read from GRADCAST_TOKEN).
+    #[arg(long, env = "GRADCAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Misbehave on purpose, to test the coordinator: nan-gradients or slow=MILLISECONDS.
+    #[arg(long, hide = true)]
+    fault: Option<node::Fault>,
 }
 
 #[derive(Args)]
@@ -306,6 +346,11 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.seed = t.seed;
     config.history = t.history.clone();
     config.checkpoint_dir = t.checkpoint_dir.clone();
+    config.min_nodes = t.min_nodes.max(1);
+    config.rejoin_timeout = Duration::from_secs(t.rejoin_timeout);
+    config.balance = t.balance;
+    config.checkpoint_every = t.checkpoint_every;
+    config.resume = t.resume;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if t.progress == "bar" || (t.progress == "auto" && terminal) {
         config.progress = Some(std::sync::Arc::new(progress_bar::EpochBar::default()));
@@ -343,7 +388,9 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         println!("listening on {}", listener.local_addr()?);
-        let report = coordinator::serve(listener, config, train, test, shutdown_signal()).await?;
+        let token = t.token.clone().filter(|t| !t.is_empty());
+        let report =
+            coordinator::serve(listener, config, train, test, token, shutdown_signal()).await?;
         anyhow::Ok(report)
     })?;
     if let Some(path) = &t.plot {
@@ -376,6 +423,8 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
         threads,
         device,
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        token: args.token.filter(|t| !t.is_empty()),
+        fault: args.fault,
     };
     runtime(1)?.block_on(async {
         if let Some(addr) = &args.metrics_listen {

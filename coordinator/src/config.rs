@@ -120,6 +120,17 @@ pub struct TrainConfig {
     pub step_timeout: Duration,
     /// Longest wait for `nodes` nodes to join (None: wait forever).
     pub join_timeout: Option<Duration>,
+    /// Nodes below which training waits for replacements (and fails after
+    /// `rejoin_timeout`).
+    pub min_nodes: usize,
+    /// How long to wait for replacements when fewer than `min_nodes` remain.
+    pub rejoin_timeout: Duration,
+    /// Share each batch in proportion to measured node speed.
+    pub balance: bool,
+    /// Also write the resume state every this many steps (0: only per epoch).
+    pub checkpoint_every: u64,
+    /// Continue from `checkpoint_dir/resume.safetensors` if it exists.
+    pub resume: bool,
     /// Where to report progress (None: a log line every 10 seconds).
     pub progress: Option<Arc<dyn Progress>>,
 }
@@ -152,6 +163,11 @@ impl TrainConfig {
             step_timeout: Duration::from_secs(300),
             join_timeout: None,
             progress: None,
+            min_nodes: 1,
+            rejoin_timeout: Duration::from_secs(60),
+            balance: false,
+            checkpoint_every: 0,
+            resume: false,
         }
     }
 }
@@ -169,6 +185,7 @@ impl TrainConfig {
             ("lr", self.lr.to_string()),
             ("lr_schedule", self.lr_schedule.to_string()),
             ("seed", self.seed.to_string()),
+            ("balance", self.balance.to_string()),
         ]
     }
 }

@@ -10,10 +10,12 @@
 
 mod aggregate;
 mod config;
+mod dispatch;
 mod error;
 mod history;
 mod optimizer;
 mod progress;
+mod resume;
 mod service;
 mod telemetry;
 mod trainer;
@@ -24,5 +26,6 @@ pub use error::CoordinatorError;
 pub use history::History;
 pub use optimizer::{l2_penalty, Adam, Optimizer, OptimizerKind};
 pub use progress::Progress;
+pub use resume::RESUME_FILE;
 pub use telemetry::describe_metrics;
 pub use trainer::{serve, TrainReport};

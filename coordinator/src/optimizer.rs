@@ -54,6 +54,35 @@ impl Optimizer {
         }
     }
 
+    /// Adam's first and second moments (None for SGD).
+    pub fn moments(&self) -> Option<(&[f32], &[f32])> {
+        match self {
+            Optimizer::Adam(a) => Some((&a.m, &a.v)),
+            Optimizer::Sgd => None,
+        }
+    }
+
+    /// Updates applied so far (0 for SGD, which does not count).
+    pub fn iterations(&self) -> u64 {
+        match self {
+            Optimizer::Adam(a) => a.iterations,
+            Optimizer::Sgd => 0,
+        }
+    }
+
+    /// Restores saved Adam state; false if the lengths do not fit.
+    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, iterations: u64) -> bool {
+        match self {
+            Optimizer::Adam(a) if m.len() == a.m.len() && v.len() == a.v.len() => {
+                a.m = m;
+                a.v = v;
+                a.iterations = iterations;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
         match self {

@@ -56,6 +56,8 @@ pub(crate) enum Event {
 
 pub(crate) struct Service {
     events: mpsc::UnboundedSender<Event>,
+    /// Expected `authorization` metadata value, if a token is required.
+    expected: Option<Vec<u8>>,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, NodeInfo>>,
     reply: JoinReply,
@@ -69,9 +71,11 @@ impl Service {
         reply: JoinReply,
         num_trainable: usize,
         num_state: usize,
+        token: Option<String>,
     ) -> Self {
         Self {
             events,
+            expected: token.map(|t| format!("Bearer {t}").into_bytes()),
             next_id: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             reply,
@@ -81,11 +85,48 @@ impl Service {
     }
 }
 
+/// Compares two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Service {
+    /// Checks the cluster token of a request, if one is required.
+    #[allow(clippy::result_large_err)]
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(());
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if constant_time_eq(given, expected) {
+            return Ok(());
+        }
+        crate::telemetry::refused();
+        let from = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        warn!(%from, "refused a node with a missing or wrong cluster token");
+        Err(Status::unauthenticated(
+            "missing or wrong cluster token (--token / GRADCAST_TOKEN)",
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        self.authorize(&request)?;
         let req = request.into_inner();
         if req.protocol_version != proto::PROTOCOL_VERSION {
+            crate::telemetry::refused();
             return Err(Status::failed_precondition(format!(
                 "node speaks protocol {} but this coordinator speaks {}; run the same gradcast version everywhere",
                 req.protocol_version,
@@ -113,6 +154,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        self.authorize(&request)?;
         let mut inbound = request.into_inner();
         let node = match inbound.message().await? {
             Some(NodeMessage {
@@ -130,6 +172,7 @@ impl Coordinator for Service {
             .map_err(|_| Status::internal("membership lock poisoned"))?
             .remove(&node)
             .ok_or_else(|| {
+                crate::telemetry::refused();
                 Status::not_found(format!(
                     "unknown node id {node}: call Join first (ids are single-use)"
                 ))
@@ -220,5 +263,16 @@ async fn read_session(
                 debug!(node, "ignoring a repeated Hello or empty message");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_compares_bytes() {
+        assert!(super::constant_time_eq(b"Bearer abc", b"Bearer abc"));
+        assert!(!super::constant_time_eq(b"Bearer abd", b"Bearer abc"));
+        assert!(!super::constant_time_eq(b"Bearer ab", b"Bearer abc"));
+        assert!(!super::constant_time_eq(b"", b"Bearer abc"));
     }
 }

@@ -59,6 +59,14 @@ pub fn describe_metrics() {
         "gradcast_node_evictions_total",
         "Nodes that left or were removed"
     );
+    describe_counter!(
+        "gradcast_parts_reassigned_total",
+        "Parts of steps or evaluations moved to another node after a loss"
+    );
+    describe_counter!(
+        "gradcast_join_refusals_total",
+        "Join or session attempts refused (bad token, unknown node, wrong protocol)"
+    );
     describe_histogram!(
         "gradcast_node_compute_seconds",
         Unit::Seconds,
@@ -108,6 +116,14 @@ pub(crate) fn epoch(epoch: u32, lr: f64) {
 pub(crate) fn validation(loss: f64, accuracy: f64) {
     gauge!("gradcast_val_loss").set(loss);
     gauge!("gradcast_val_accuracy").set(accuracy);
+}
+
+pub(crate) fn reassigned() {
+    counter!("gradcast_parts_reassigned_total").increment(1);
+}
+
+pub(crate) fn refused() {
+    counter!("gradcast_join_refusals_total").increment(1);
 }
 
 pub(crate) fn membership(connected: usize, joined: bool) {

@@ -1,25 +1,23 @@
 //! The synchronous training loop: one task that owns the weights, the
 //! optimizer and the membership, and talks to nodes only through their
-//! outboxes and the event channel.
+//! outboxes and the event channel (see `dispatch.rs` for how work is handed
+//! out and recovered).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use data::{epoch_order, split_counts, Dataset, Rng};
+use data::{epoch_order, Dataset, Rng};
 use model::{Device, Model, TensorInfo};
-use proto::v1::coordinator_message::Kind as Out;
 use proto::v1::coordinator_server::CoordinatorServer;
-use proto::v1::{
-    BufferKind, CoordinatorMessage, Dtype, EvalTask, Finish, JoinReply, Samples, TensorSpec,
-    TrainResult, TrainTask,
-};
-use proto::Chunker;
+use proto::v1::{Dtype, JoinReply, TensorSpec};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::service::{Event, NodeInfo, Outbox, Service};
+use crate::dispatch::{dismiss, Answer, Member, Task};
+use crate::resume::{self, Position};
+use crate::service::{Event, Service};
 use crate::telemetry;
 use crate::{l2_penalty, CoordinatorError, History, Optimizer, TrainConfig, WeightedSum};
 
@@ -46,13 +44,6 @@ impl TrainReport {
     pub fn final_val_accuracy(&self) -> Option<f64> {
         self.history.val_accuracy.last().copied()
     }
-}
-
-struct Member {
-    outbox: Outbox,
-    info: NodeInfo,
-    /// Weights version this node holds.
-    held: Option<u64>,
 }
 
 /// Sums of one phase (a training epoch or an evaluation).
@@ -89,17 +80,19 @@ fn specs(infos: impl Iterator<Item = TensorInfo>) -> Vec<TensorSpec> {
 
 /// Serves the coordinator on `listener` and trains until done. Returns when
 /// training has finished and every node was told so, or when `shutdown`
-/// resolves (then with [`CoordinatorError::Cancelled`]).
+/// resolves (then with [`CoordinatorError::Cancelled`]). `token`, when set,
+/// is the cluster token every node must present.
 pub async fn serve(
     listener: TcpListener,
     config: TrainConfig,
     train: Dataset,
     test: Dataset,
+    token: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<TrainReport> {
-    if config.batch_size == 0 || config.nodes == 0 || train.is_empty() {
+    if config.batch_size == 0 || config.nodes == 0 || train.is_empty() || test.is_empty() {
         return Err(CoordinatorError::Config(
-            "batch size, node count and training set must all be non-empty".into(),
+            "batch size, node count, training and test set must all be non-empty".into(),
         ));
     }
     let model = Model::new(config.model, config.seed, &Device::Cpu)?;
@@ -114,15 +107,33 @@ pub async fn serve(
         max_message_bytes: proto::MAX_MESSAGE_BYTES as u64,
         dropout: config.model.dropout,
     };
+    let mut trainer = Trainer {
+        weights: model.weights()?,
+        optimizer: Optimizer::new(config.optimizer, num_trainable),
+        num_trainable,
+        params,
+        layout,
+        config,
+        train,
+        test,
+        events: mpsc::unbounded_channel().1,
+        members: BTreeMap::new(),
+        step: 0,
+        history: History::default(),
+        epoch_work: BTreeMap::new(),
+    };
+    drop(model);
+    let position = trainer.restore()?;
     let (events_tx, events) = mpsc::unbounded_channel();
-    let service = Service::new(events_tx, reply, num_trainable, num_state);
+    trainer.events = events;
+    let service = Service::new(events_tx, reply, num_trainable, num_state, token);
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_nodelay(true)
             .add_service(
                 CoordinatorServer::new(service)
@@ -136,30 +147,15 @@ pub async fn serve(
                 },
             ),
     );
-    let mut trainer = Trainer {
-        weights: model.weights()?,
-        optimizer: Optimizer::new(config.optimizer, num_trainable),
-        num_trainable,
-        params,
-        layout,
-        config,
-        train,
-        test,
-        events,
-        members: BTreeMap::new(),
-        step: 0,
-        history: History::default(),
-    };
-    drop(model);
     let outcome = tokio::select! {
-        r = trainer.run() => r,
+        r = trainer.run(position) => r,
         _ = shutdown => Err(CoordinatorError::Cancelled),
     };
     let reason = match &outcome {
         Ok(_) => "training complete".to_string(),
         Err(e) => format!("training stopped: {e}"),
     };
-    trainer.dismiss_all(&reason).await;
+    dismiss(std::mem::take(&mut trainer.members), &reason).await;
     let _ = stop_server.send(());
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => warn!("gRPC server ended with an error: {e}"),
@@ -174,27 +170,90 @@ pub async fn serve(
     })
 }
 
-struct Trainer {
-    config: TrainConfig,
+pub(crate) struct Trainer {
+    pub(crate) config: TrainConfig,
     params: Vec<TensorInfo>,
     /// Names and shapes of the whole weights buffer (params, then state).
     layout: Vec<TensorInfo>,
     num_trainable: usize,
     /// Trainable parameters, then BatchNorm running statistics.
-    weights: Vec<f32>,
+    pub(crate) weights: Vec<f32>,
     optimizer: Optimizer,
-    train: Dataset,
-    test: Dataset,
-    events: mpsc::UnboundedReceiver<Event>,
-    members: BTreeMap<u64, Member>,
+    pub(crate) train: Dataset,
+    pub(crate) test: Dataset,
+    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    pub(crate) members: BTreeMap<u64, Member>,
     /// Optimizer steps taken; also the version of `weights`.
-    step: u64,
+    pub(crate) step: u64,
     history: History,
+    /// Samples and compute seconds of each node in the current epoch.
+    epoch_work: BTreeMap<u64, (u64, f64)>,
 }
 
 impl Trainer {
-    async fn run(&mut self) -> Result<()> {
-        self.wait_for_nodes().await?;
+    /// Loads the resume state if asked to and one exists.
+    fn restore(&mut self) -> Result<Position> {
+        let fingerprint = resume::fingerprint(&self.config, self.train.len());
+        let fresh = Position {
+            fingerprint: fingerprint.clone(),
+            ..Position::default()
+        };
+        let (true, Some(dir)) = (self.config.resume, &self.config.checkpoint_dir) else {
+            return Ok(fresh);
+        };
+        let Some(saved) = resume::load(dir)? else {
+            info!(
+                "--resume: no state in {} yet; starting from scratch",
+                dir.display()
+            );
+            return Ok(fresh);
+        };
+        let p = saved.position;
+        if p.fingerprint != fingerprint {
+            return Err(CoordinatorError::Config(format!(
+                "{} was written for {}, this run is {}",
+                saved.path.display(),
+                p.fingerprint,
+                fingerprint
+            )));
+        }
+        if saved.weights.len() != self.weights.len() {
+            return Err(CoordinatorError::Config(format!(
+                "{}: weights of the wrong size",
+                saved.path.display()
+            )));
+        }
+        self.weights = saved.weights;
+        if let Some((m, v)) = saved.moments {
+            if !self.optimizer.restore(m, v, p.iterations) {
+                return Err(CoordinatorError::Config(format!(
+                    "{}: optimizer state does not fit",
+                    saved.path.display()
+                )));
+            }
+        }
+        self.step = p.step;
+        self.history = p.history.clone();
+        info!(
+            step = p.step,
+            epoch = p.epoch + 1,
+            batch = p.batch,
+            "resuming from {}",
+            saved.path.display()
+        );
+        Ok(p)
+    }
+
+    fn save_state(&self, position: Position) -> Result<()> {
+        let Some(dir) = &self.config.checkpoint_dir else {
+            return Ok(());
+        };
+        resume::save(dir, &position, &self.weights, self.optimizer.moments())
+    }
+
+    pub(crate) async fn run(&mut self, start: Position) -> Result<()> {
+        self.wait_for_members(self.config.nodes, self.config.join_timeout)
+            .await?;
         let n = self.train.len();
         let bs = self.config.batch_size;
         let steps_per_epoch = n.div_ceil(bs);
@@ -206,7 +265,7 @@ impl Trainer {
             steps_per_epoch,
             "training starts"
         );
-        for epoch in 0..self.config.epochs {
+        for epoch in start.epoch..self.config.epochs {
             let lr = self.config.lr_schedule.lr(self.config.lr, epoch);
             telemetry::epoch(epoch + 1, lr);
             let order = epoch_order(n, self.config.seed, epoch as u64);
@@ -215,9 +274,19 @@ impl Trainer {
             if let Some(p) = &self.config.progress {
                 p.epoch_started(epoch + 1, self.config.epochs, steps_per_epoch);
             }
+            let first = if epoch == start.epoch { start.batch } else { 0 };
+            self.epoch_work.clear();
             let mut tally = Tally::default();
             let mut penalty = 0.0;
-            for (i, batch) in order.chunks(bs).enumerate() {
+            if first > 0 {
+                tally = Tally {
+                    loss_sum: start.loss_sum,
+                    correct: start.correct,
+                    samples: start.samples,
+                };
+                penalty = start.penalty;
+            }
+            for (i, batch) in order.chunks(bs).enumerate().skip(first) {
                 let (step_tally, step_penalty) = self.train_step(batch, lr).await?;
                 tally.add(
                     step_tally.loss_sum,
@@ -227,7 +296,8 @@ impl Trainer {
                 penalty += step_penalty;
                 let running_loss = tally.loss() + penalty / (i + 1) as f64;
                 telemetry::step_done(step_tally.samples, running_loss, tally.accuracy());
-                let rate = tally.samples as f64 / started.elapsed().as_secs_f64();
+                let rate = (step_tally.samples as f64 * (i + 1 - first) as f64)
+                    / started.elapsed().as_secs_f64();
                 if let Some(p) = &self.config.progress {
                     p.step(i + 1, rate, running_loss, tally.accuracy());
                 } else if last_progress.elapsed() >= PROGRESS_EVERY {
@@ -242,6 +312,21 @@ impl Trainer {
                         tally.accuracy(),
                         rate
                     );
+                }
+                let every = self.config.checkpoint_every;
+                if every > 0 && self.step.is_multiple_of(every) && i + 1 < steps_per_epoch {
+                    self.save_state(Position {
+                        step: self.step,
+                        epoch,
+                        batch: i + 1,
+                        loss_sum: tally.loss_sum,
+                        correct: tally.correct,
+                        samples: tally.samples,
+                        penalty,
+                        iterations: self.optimizer.iterations(),
+                        history: self.history.clone(),
+                        fingerprint: start.fingerprint.clone(),
+                    })?;
                 }
             }
             let train_secs = started.elapsed().as_secs_f64();
@@ -262,7 +347,7 @@ impl Trainer {
                 p.epoch_finished(epoch + 1, val.loss() + reg, val.accuracy());
             }
             info!(
-                "epoch {}/{}: loss {:.4} accuracy {:.4} val_loss {:.4} val_accuracy {:.4} lr {:.2e} ({:.1} s, {:.0} samples/s)",
+                "epoch {}/{}: loss {:.4} accuracy {:.4} val_loss {:.4} val_accuracy {:.4} lr {:.2e} ({} samples in {:.1} s, {:.0} samples/s)",
                 epoch + 1,
                 self.config.epochs,
                 h.loss[epoch as usize],
@@ -270,9 +355,18 @@ impl Trainer {
                 h.val_loss[epoch as usize],
                 h.val_accuracy[epoch as usize],
                 lr,
+                tally.samples,
                 train_secs,
-                n as f64 / train_secs
+                tally.samples as f64 / train_secs
             );
+            for (node, (samples, secs)) in &self.epoch_work {
+                info!(
+                    "epoch {}/{} node {node}: {samples} samples, {secs:.1} s compute ({:.0} samples/s)",
+                    epoch + 1,
+                    self.config.epochs,
+                    *samples as f64 / secs.max(1e-9)
+                );
+            }
             if let Some(path) = &self.config.history {
                 self.history
                     .write(path)
@@ -282,6 +376,14 @@ impl Trainer {
                     })?;
             }
             self.checkpoint(&format!("epoch-{:04}", epoch + 1), epoch + 1)?;
+            self.save_state(Position {
+                step: self.step,
+                epoch: epoch + 1,
+                iterations: self.optimizer.iterations(),
+                history: self.history.clone(),
+                fingerprint: start.fingerprint.clone(),
+                ..Position::default()
+            })?;
         }
         if self.config.epochs > 0 {
             self.checkpoint("final", self.config.epochs)?;
@@ -320,259 +422,55 @@ impl Trainer {
         Ok(())
     }
 
-    fn admit(&mut self, node: u64, outbox: Outbox, info: NodeInfo) {
-        info!(
-            node,
-            host = %info.hostname,
-            device = %info.device,
-            threads = info.threads,
-            "node joined ({} connected)",
-            self.members.len() + 1
-        );
-        self.members.insert(
-            node,
-            Member {
-                outbox,
-                info,
-                held: None,
-            },
-        );
-        telemetry::membership(self.members.len(), true);
-    }
-
-    fn remove(&mut self, node: u64, reason: &str) {
-        if let Some(m) = self.members.remove(&node) {
-            warn!(node, host = %m.info.hostname, "node left: {reason} ({} connected)", self.members.len());
-            telemetry::membership(self.members.len(), false);
-        }
-    }
-
-    async fn wait_for_nodes(&mut self) -> Result<()> {
-        let wanted = self.config.nodes;
-        let deadline = self
-            .config
-            .join_timeout
-            .map(|t| (tokio::time::Instant::now() + t, t));
-        info!("waiting for {wanted} node(s) to join");
-        while self.members.len() < wanted {
-            let event = match deadline {
-                Some((at, timeout)) => {
-                    match tokio::time::timeout_at(at, self.events.recv()).await {
-                        Ok(e) => e,
-                        Err(_) => {
-                            return Err(CoordinatorError::NotEnoughNodes {
-                                joined: self.members.len(),
-                                wanted,
-                                timeout,
-                            })
-                        }
-                    }
-                }
-                None => self.events.recv().await,
-            };
-            match event {
-                Some(Event::Joined { node, outbox, info }) => self.admit(node, outbox, info),
-                Some(Event::Left { node, reason }) | Some(Event::Invalid { node, reason }) => {
-                    self.remove(node, &reason)
-                }
-                Some(_) => {}
-                None => return Err(CoordinatorError::Cancelled),
-            }
-        }
-        Ok(())
-    }
-
-    async fn send(&mut self, node: u64, kind: Out, phase: &str) -> Result<()> {
-        let member = self
-            .members
-            .get(&node)
-            .ok_or_else(|| CoordinatorError::NodeLost {
-                node,
-                phase: phase.to_string(),
-                reason: "not connected".into(),
-            })?;
-        member
-            .outbox
-            .send(Ok(CoordinatorMessage { kind: Some(kind) }))
-            .await
-            .map_err(|_| CoordinatorError::NodeLost {
-                node,
-                phase: phase.to_string(),
-                reason: "its stream is closed".into(),
-            })
-    }
-
-    /// Sends the current weights to `node` unless it already holds them.
-    async fn send_weights(&mut self, node: u64, chunker: &Chunker, phase: &str) -> Result<()> {
-        if self.members.get(&node).and_then(|m| m.held) == Some(self.step) {
-            return Ok(());
-        }
-        telemetry::bytes(chunker.byte_len(), 0);
-        for chunk in chunker.chunks() {
-            self.send(node, Out::Chunk(chunk), phase).await?;
-        }
-        if let Some(m) = self.members.get_mut(&node) {
-            m.held = Some(self.step);
-        }
-        Ok(())
-    }
-
-    /// Handles an event that is not the one being waited for. Fails if it
-    /// means a node whose answer is outstanding is gone.
-    fn side_event(&mut self, event: Event, waiting_for: &[u64], phase: &str) -> Result<()> {
-        match event {
-            Event::Joined { node, outbox, info } => self.admit(node, outbox, info),
-            Event::Left { node, reason } | Event::Invalid { node, reason } => {
-                self.remove(node, &reason);
-                if waiting_for.contains(&node) {
-                    return Err(CoordinatorError::NodeLost {
-                        node,
-                        phase: phase.to_string(),
-                        reason,
-                    });
-                }
-            }
-            Event::Train { node, result, .. } => {
-                debug!(node, step = result.step, "dropping a late training result")
-            }
-            Event::Eval { node, result } => debug!(
-                node,
-                round = result.round,
-                "dropping a late evaluation result"
-            ),
-        }
-        Ok(())
-    }
-
-    async fn next_event(
-        &mut self,
-        deadline: tokio::time::Instant,
-        waiting_for: &[u64],
-        phase: &str,
-    ) -> Result<Event> {
-        match tokio::time::timeout_at(deadline, self.events.recv()).await {
-            Ok(Some(e)) => Ok(e),
-            Ok(None) => Err(CoordinatorError::Cancelled),
-            Err(_) => Err(CoordinatorError::Timeout {
-                node: waiting_for.first().copied().unwrap_or_default(),
-                phase: phase.to_string(),
-                timeout: self.config.step_timeout,
-            }),
-        }
-    }
-
     /// One synchronous step over the samples `batch`. Returns the step's
     /// tally and its L2 penalty.
     async fn train_step(&mut self, batch: &[u32], lr: f64) -> Result<(Tally, f64)> {
         let phase = format!("step {}", self.step);
-        let nodes: Vec<u64> = self.members.keys().copied().collect();
-        if nodes.is_empty() {
-            return Err(CoordinatorError::NodeLost {
-                node: 0,
-                phase,
-                reason: "no node left".into(),
-            });
+        if self.members.len() < self.config.min_nodes.max(1) {
+            self.wait_for_members(
+                self.config.min_nodes.max(1),
+                Some(self.config.rejoin_timeout),
+            )
+            .await?;
         }
-        let counts = split_counts(batch.len(), &vec![1.0; nodes.len()]);
-        let chunker = Chunker::new(
-            BufferKind::Weights,
-            self.step,
-            &self.weights,
-            proto::DEFAULT_CHUNK_BYTES,
-        );
-        // (node, samples) of each part, in node order: the order of averaging.
         let started = Instant::now();
-        let mut parts: Vec<(u64, u32)> = Vec::new();
+        let shares = self.shares(batch.len());
+        let mut tasks = Vec::with_capacity(shares.len());
+        let mut owners = Vec::with_capacity(shares.len());
         let mut offset = 0;
-        for (&node, &count) in nodes.iter().zip(&counts) {
-            if count == 0 {
-                continue;
-            }
-            let (images, labels) = self.train.gather(&batch[offset..offset + count]);
+        for (part, &(node, count)) in shares.iter().enumerate() {
+            let seed = Rng::derive(self.config.seed, &[0xD0, self.step, part as u64]).next_u64();
+            tasks.push(Task::Train {
+                indices: batch[offset..offset + count].to_vec(),
+                seed,
+            });
+            owners.push(node);
             offset += count;
-            self.send_weights(node, &chunker, &phase).await?;
-            let task = TrainTask {
-                step: self.step,
-                version: self.step,
-                samples: Some(Samples {
-                    count: count as u32,
-                    images: images.into(),
-                    labels: labels.into(),
-                }),
-                seed: Rng::derive(self.config.seed, &[0xD0, self.step, parts.len() as u64])
-                    .next_u64(),
-            };
-            telemetry::bytes(count * (data::IMAGE_BYTES + 1), 0);
-            self.send(node, Out::Train(task), &phase).await?;
-            parts.push((node, count as u32));
         }
-        let sent = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.config.step_timeout;
-        let mut results: BTreeMap<usize, (TrainResult, Vec<f32>, Vec<f32>)> = BTreeMap::new();
-        while results.len() < parts.len() {
-            let waiting: Vec<u64> = parts
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !results.contains_key(i))
-                .map(|(_, (n, _))| *n)
-                .collect();
-            let event = self.next_event(deadline, &waiting, &phase).await?;
-            let Event::Train {
-                node,
-                result,
-                gradients,
-                state,
-            } = event
-            else {
-                self.side_event(event, &waiting, &phase)?;
-                continue;
-            };
-            if result.step != self.step {
-                debug!(
-                    node,
-                    step = result.step,
-                    "dropping a result for another step"
-                );
-                continue;
-            }
-            let Some(part) = parts.iter().position(|(n, _)| *n == node) else {
-                debug!(node, "dropping a result from a node not in this step");
-                continue;
-            };
-            if results.contains_key(&part) {
-                debug!(node, "dropping a duplicate result");
-                continue;
-            }
-            let bad = |reason: String| CoordinatorError::BadResult {
-                node,
-                phase: phase.clone(),
-                reason,
-            };
-            if result.samples != parts[part].1 {
-                return Err(bad(format!(
-                    "{} samples, sent {}",
-                    result.samples, parts[part].1
-                )));
-            }
-            if !result.loss_sum.is_finite()
-                || gradients.iter().chain(&state).any(|v| !v.is_finite())
-            {
-                return Err(bad("non-finite loss, gradient or state".into()));
-            }
-            results.insert(part, (result, gradients, state));
-        }
+        let (answers, sent) = self.dispatch(&phase, 0, &tasks, &owners).await?;
         let gathered = Instant::now();
         let mut tally = Tally::default();
         let mut slowest = 0.0f64;
         let num_state = self.weights.len() - self.num_trainable;
         let mut grads = WeightedSum::new(self.num_trainable);
         let mut state = WeightedSum::new(num_state);
-        for (part, (result, g, s)) in results {
-            telemetry::node_work(parts[part].0, result.samples, result.compute_seconds);
-            telemetry::bytes(0, 4 * (g.len() + s.len()));
+        for (node, answer) in answers {
+            let Answer::Train {
+                result,
+                gradients,
+                state: s,
+            } = answer
+            else {
+                continue;
+            };
+            telemetry::node_work(node, result.samples, result.compute_seconds);
+            let work = self.epoch_work.entry(node).or_default();
+            work.0 += result.samples as u64;
+            work.1 += result.compute_seconds;
+            telemetry::bytes(0, 4 * (gradients.len() + s.len()));
             slowest = slowest.max(result.compute_seconds);
             tally.add(result.loss_sum, result.correct, result.samples);
-            grads.add(result.samples as f64, g);
+            grads.add(result.samples as f64, gradients);
             state.add(result.samples as f64, s);
         }
         let mut grads = grads.mean();
@@ -588,99 +486,32 @@ impl Trainer {
     /// Evaluates the current weights on the test set, split across the nodes.
     async fn evaluate(&mut self, round: u64) -> Result<Tally> {
         let phase = format!("evaluation {round}");
-        let nodes: Vec<u64> = self.members.keys().copied().collect();
-        let counts = split_counts(self.test.len(), &vec![1.0; nodes.len()]);
-        let chunker = Chunker::new(
-            BufferKind::Weights,
-            self.step,
-            &self.weights,
-            proto::DEFAULT_CHUNK_BYTES,
-        );
-        let mut parts: Vec<(u64, u32)> = Vec::new();
+        if self.members.is_empty() {
+            self.wait_for_members(
+                self.config.min_nodes.max(1),
+                Some(self.config.rejoin_timeout),
+            )
+            .await?;
+        }
+        let mut tasks = Vec::new();
+        let mut owners = Vec::new();
         let mut start = 0;
-        for (&node, &count) in nodes.iter().zip(&counts) {
+        for (node, count) in self.shares(self.test.len()) {
             let end = start + count;
             for part_start in (start..end).step_by(EVAL_PART) {
-                let part_end = (part_start + EVAL_PART).min(end);
-                let (images, labels) = self.test.slice(part_start..part_end);
-                self.send_weights(node, &chunker, &phase).await?;
-                let task = EvalTask {
-                    round,
-                    version: self.step,
-                    part: parts.len() as u64,
-                    samples: Some(Samples {
-                        count: (part_end - part_start) as u32,
-                        images: images.into(),
-                        labels: labels.into(),
-                    }),
-                };
-                self.send(node, Out::Eval(task), &phase).await?;
-                parts.push((node, (part_end - part_start) as u32));
+                tasks.push(Task::Eval {
+                    range: part_start..(part_start + EVAL_PART).min(end),
+                });
+                owners.push(node);
             }
             start = end;
         }
-        let per_node = parts.len().div_ceil(nodes.len().max(1)).max(1) as u32;
-        let deadline = tokio::time::Instant::now() + self.config.step_timeout * per_node;
-        let mut results = BTreeMap::new();
-        while results.len() < parts.len() {
-            let waiting: Vec<u64> = parts
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !results.contains_key(&(*i as u64)))
-                .map(|(_, (n, _))| *n)
-                .collect();
-            let event = self.next_event(deadline, &waiting, &phase).await?;
-            let Event::Eval { node, result } = event else {
-                self.side_event(event, &waiting, &phase)?;
-                continue;
-            };
-            let expected = parts.get(result.part as usize);
-            if result.round != round
-                || expected.map(|p| p.0) != Some(node)
-                || results.contains_key(&result.part)
-            {
-                debug!(
-                    node,
-                    round = result.round,
-                    part = result.part,
-                    "dropping an unexpected evaluation result"
-                );
-                continue;
-            }
-            if Some(result.samples) != expected.map(|p| p.1) || !result.loss_sum.is_finite() {
-                return Err(CoordinatorError::BadResult {
-                    node,
-                    phase,
-                    reason: format!(
-                        "evaluation part {} came back with {} samples or a non-finite loss",
-                        result.part, result.samples
-                    ),
-                });
-            }
-            results.insert(result.part, result);
-        }
         let mut tally = Tally::default();
-        for r in results.values() {
-            tally.add(r.loss_sum, r.correct, r.samples);
+        for answer in self.dispatch(&phase, round, &tasks, &owners).await?.0 {
+            if let (_, Answer::Eval(r)) = answer {
+                tally.add(r.loss_sum, r.correct, r.samples);
+            }
         }
         Ok(tally)
-    }
-
-    /// Tells every node that training is over and forgets them.
-    async fn dismiss_all(&mut self, reason: &str) {
-        let members = std::mem::take(&mut self.members);
-        for (node, m) in members {
-            let msg = CoordinatorMessage {
-                kind: Some(Out::Finish(Finish {
-                    reason: reason.to_string(),
-                })),
-            };
-            if tokio::time::timeout(Duration::from_secs(2), m.outbox.send(Ok(msg)))
-                .await
-                .is_err()
-            {
-                debug!(node, "could not tell the node to finish");
-            }
-        }
     }
 }

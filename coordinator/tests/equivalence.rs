@@ -48,10 +48,12 @@ async fn train(
             threads: 1,
             device: Device::Cpu,
             connect_timeout: Duration::from_secs(30),
+            token: None,
+            fault: None,
         };
         workers.push(tokio::spawn(node::run(cfg)));
     }
-    let report = serve(listener, config, train, test, std::future::pending())
+    let report = serve(listener, config, train, test, None, std::future::pending())
         .await
         .unwrap();
     for w in workers {

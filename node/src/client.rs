@@ -14,6 +14,9 @@ use proto::v1::{
 use proto::{ChunkReceiver, Chunker};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -30,12 +33,68 @@ pub struct NodeConfig {
     pub threads: usize,
     /// Where to compute.
     pub device: Device,
-    /// How long to keep retrying the first connection.
+    /// How long to keep retrying to reach the coordinator (at start and
+    /// after losing it).
     pub connect_timeout: Duration,
+    /// Cluster token, sent as `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Deliberate misbehaviour, for tests of the coordinator's defences.
+    pub fault: Option<Fault>,
 }
 
-async fn connect(config: &NodeConfig) -> Result<CoordinatorClient<Channel>> {
+/// A deliberate fault a node can be told to commit (for tests).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Every gradient it sends holds a NaN.
+    NanGradients,
+    /// Sleeps this long before answering each training task.
+    Slow(Duration),
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s == "nan-gradients" {
+            return Ok(Fault::NanGradients);
+        }
+        if let Some(ms) = s.strip_prefix("slow=").and_then(|ms| ms.parse().ok()) {
+            return Ok(Fault::Slow(Duration::from_millis(ms)));
+        }
+        Err(format!(
+            "unknown fault {s:?}; use nan-gradients or slow=MILLISECONDS"
+        ))
+    }
+}
+
+/// Adds the cluster token to every request.
+#[derive(Clone)]
+struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+
+async fn connect(config: &NodeConfig) -> Result<Client> {
     let started = Instant::now();
+    let auth = match &config.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| NodeError::Protocol("the token must be printable ASCII".into()))?,
+        ),
+        None => None,
+    };
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| {
             NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator))
@@ -50,9 +109,11 @@ async fn connect(config: &NodeConfig) -> Result<CoordinatorClient<Channel>> {
     loop {
         match endpoint.connect().await {
             Ok(channel) => {
-                return Ok(CoordinatorClient::new(channel)
-                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))
+                return Ok(
+                    CoordinatorClient::with_interceptor(channel, Auth(auth.clone()))
+                        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+                )
             }
             Err(e) if started.elapsed() < config.connect_timeout => {
                 debug!("coordinator not reachable yet ({e}); retrying in {delay:?}");
@@ -107,9 +168,23 @@ fn build_model(reply: &JoinReply, device: &Device) -> Result<Model> {
     Ok(model)
 }
 
-/// Joins the coordinator and works until it says training is over.
+/// Joins the coordinator and works until it says training is over. If the
+/// coordinator goes away mid-run, reconnects (retrying for
+/// `connect_timeout`) and joins again as a new node.
 pub async fn run(config: NodeConfig) -> Result<()> {
-    let mut client = connect(&config).await?;
+    loop {
+        match serve_once(&config).await {
+            Err(e) if e.is_retryable() => {
+                warn!("lost the coordinator ({e}); reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn serve_once(config: &NodeConfig) -> Result<()> {
+    let mut client = connect(config).await?;
     let hostname = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
@@ -150,6 +225,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     let session = Session {
         tx: tx.clone(),
         model: model.clone(),
+        fault: config.fault,
     };
     loop {
         let msg = match inbound.message().await {
@@ -203,6 +279,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
                 .await;
                 session.report(round, outcome).await?;
             }
+            Some(In::Finish(f)) if f.evicted => return Err(NodeError::Evicted(f.reason)),
             Some(In::Finish(f)) => {
                 info!(node_id, "coordinator finished: {}", f.reason);
                 return Ok(());
@@ -215,6 +292,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
 struct Session {
     tx: mpsc::Sender<NodeMessage>,
     model: Arc<Model>,
+    fault: Option<Fault>,
 }
 
 fn samples(s: Option<Samples>) -> Result<Samples> {
@@ -273,6 +351,12 @@ impl Session {
             tokio::task::spawn_blocking(move || model.train_step(&s.images, &s.labels, task.seed))
                 .await
                 .map_err(|e| NodeError::Compute(e.to_string()))??;
+        let mut out = out;
+        match self.fault {
+            Some(Fault::NanGradients) => out.gradients[0] = f32::NAN,
+            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+            None => {}
+        }
         let seconds = started.elapsed().as_secs_f64();
         telemetry::task("train", out.samples, seconds);
         for (kind, values) in [
@@ -291,6 +375,7 @@ impl Session {
             loss_sum: out.loss_sum,
             correct: out.correct,
             compute_seconds: seconds,
+            part: task.part,
         }))
         .await
     }

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use thiserror::Error;
+use tonic::Code;
 
 /// Why a node stopped.
 #[derive(Debug, Error)]
@@ -24,7 +25,30 @@ pub enum NodeError {
     /// The coordinator went away without saying training ended.
     #[error("the coordinator closed the session without finishing training")]
     Disconnected,
+    /// The coordinator removed this node for misbehaving.
+    #[error("the coordinator evicted this node: {0}")]
+    Evicted(String),
     /// The compute thread failed.
     #[error("compute thread failed: {0}")]
     Compute(String),
+}
+
+impl NodeError {
+    /// Whether reconnecting may help: the coordinator went away or restarted,
+    /// as opposed to refusing this node or the node failing by itself.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            NodeError::Disconnected => true,
+            NodeError::Status(s) => matches!(
+                s.code(),
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::Internal
+                    | Code::Aborted
+                    | Code::NotFound
+            ),
+            _ => false,
+        }
+    }
 }

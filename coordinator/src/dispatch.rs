@@ -1,0 +1,455 @@
+//! Handing the parts of a step (or of an evaluation) to nodes and collecting
+//! the answers, surviving the loss of nodes: a part whose node dies, times out
+//! or answers with garbage is given to another live node, with the same
+//! samples and the same dropout seed, so the step's result does not depend on
+//! who computed which part.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use proto::v1::coordinator_message::Kind as Out;
+use proto::v1::{
+    BufferKind, CoordinatorMessage, EvalResult, EvalTask, Finish, Samples, TrainResult, TrainTask,
+};
+use proto::Chunker;
+use tracing::{debug, info, warn};
+
+use crate::service::{Event, NodeInfo, Outbox};
+use crate::telemetry;
+use crate::trainer::Trainer;
+use crate::CoordinatorError;
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+/// A connected node.
+pub(crate) struct Member {
+    pub outbox: Outbox,
+    pub info: NodeInfo,
+    /// Weights version this node holds.
+    pub held: Option<u64>,
+    /// Measured speed (samples per compute second), smoothed.
+    pub speed: Option<f64>,
+}
+
+/// One part of a step or of an evaluation.
+pub(crate) enum Task {
+    /// Gradients for these training samples, with this dropout seed.
+    Train { indices: Vec<u32>, seed: u64 },
+    /// Loss and accuracy on this range of the test set.
+    Eval { range: Range<usize> },
+}
+
+impl Task {
+    fn samples(&self) -> u32 {
+        match self {
+            Task::Train { indices, .. } => indices.len() as u32,
+            Task::Eval { range } => range.len() as u32,
+        }
+    }
+}
+
+/// A node's answer to one task.
+pub(crate) enum Answer {
+    Train {
+        result: TrainResult,
+        gradients: Vec<f32>,
+        state: Vec<f32>,
+    },
+    Eval(EvalResult),
+}
+
+impl Trainer {
+    pub(crate) fn admit(&mut self, node: u64, outbox: Outbox, info: NodeInfo) {
+        info!(
+            node,
+            host = %info.hostname,
+            device = %info.device,
+            threads = info.threads,
+            "node joined ({} connected)",
+            self.members.len() + 1
+        );
+        let member = Member {
+            outbox,
+            info,
+            held: None,
+            speed: None,
+        };
+        self.members.insert(node, member);
+        telemetry::membership(self.members.len(), true);
+    }
+
+    /// Forgets a node (it left, or is being evicted).
+    pub(crate) fn remove(&mut self, node: u64, reason: &str) {
+        if let Some(m) = self.members.remove(&node) {
+            warn!(node, host = %m.info.hostname, "node removed: {reason} ({} connected)", self.members.len());
+            telemetry::membership(self.members.len(), false);
+        }
+    }
+
+    /// Removes a misbehaving node and tells it not to come back.
+    fn evict(&mut self, node: u64, reason: &str) {
+        if let Some(m) = self.members.get(&node) {
+            let finish = Finish {
+                reason: format!("evicted: {reason}"),
+                evicted: true,
+            };
+            let _ = m.outbox.try_send(Ok(CoordinatorMessage {
+                kind: Some(Out::Finish(finish)),
+            }));
+        }
+        self.remove(node, reason);
+    }
+
+    /// Waits until at least `wanted` nodes are connected, for at most `timeout`
+    /// (None: forever).
+    pub(crate) async fn wait_for_members(
+        &mut self,
+        wanted: usize,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        if self.members.len() >= wanted {
+            return Ok(());
+        }
+        info!(
+            "waiting for {wanted} node(s) ({} connected)",
+            self.members.len()
+        );
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        while self.members.len() < wanted {
+            let event = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, self.events.recv()).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        return Err(CoordinatorError::NotEnoughNodes {
+                            joined: self.members.len(),
+                            wanted,
+                            timeout: timeout.unwrap_or_default(),
+                        })
+                    }
+                },
+                None => self.events.recv().await,
+            };
+            match event {
+                Some(Event::Joined { node, outbox, info }) => self.admit(node, outbox, info),
+                Some(Event::Left { node, reason }) | Some(Event::Invalid { node, reason }) => {
+                    self.remove(node, &reason)
+                }
+                Some(_) => {}
+                None => return Err(CoordinatorError::Cancelled),
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits `total` samples over the connected nodes (in id order): equal
+    /// shares, or shares proportional to measured speed with `--balance`
+    /// (a node not measured yet counts as the mean of the others).
+    /// Returns `(node, count)` with count > 0.
+    pub(crate) fn shares(&self, total: usize) -> Vec<(u64, usize)> {
+        let nodes: Vec<u64> = self.members.keys().copied().collect();
+        let weights: Vec<f64> = if self.config.balance {
+            let known: Vec<f64> = self.members.values().filter_map(|m| m.speed).collect();
+            let fallback = if known.is_empty() {
+                1.0
+            } else {
+                known.iter().sum::<f64>() / known.len() as f64
+            };
+            self.members
+                .values()
+                .map(|m| m.speed.unwrap_or(fallback))
+                .collect()
+        } else {
+            vec![1.0; nodes.len()]
+        };
+        // With --balance every node keeps at least one sample per step (when
+        // there are enough), so the speed of a slow node is still measured
+        // and it can win its share back.
+        let floor = usize::from(self.config.balance && total >= nodes.len());
+        data::split_counts(total - floor * nodes.len(), &weights)
+            .into_iter()
+            .map(|c| c + floor)
+            .zip(nodes)
+            .filter(|(c, _)| *c > 0)
+            .map(|(c, n)| (n, c))
+            .collect()
+    }
+
+    async fn send(&mut self, node: u64, kind: Out) -> bool {
+        let Some(member) = self.members.get(&node) else {
+            return false;
+        };
+        member
+            .outbox
+            .send(Ok(CoordinatorMessage { kind: Some(kind) }))
+            .await
+            .is_ok()
+    }
+
+    /// Sends the current weights (unless held) and the task. False if the
+    /// node is gone.
+    async fn assign(
+        &mut self,
+        node: u64,
+        part: usize,
+        task: &Task,
+        weights: &Chunker,
+        round: u64,
+    ) -> bool {
+        if self.members.get(&node).and_then(|m| m.held) != Some(self.step) {
+            telemetry::bytes(weights.byte_len(), 0);
+            for chunk in weights.chunks() {
+                if !self.send(node, Out::Chunk(chunk)).await {
+                    return false;
+                }
+            }
+            if let Some(m) = self.members.get_mut(&node) {
+                m.held = Some(self.step);
+            }
+        }
+        let msg = match task {
+            Task::Train { indices, seed } => {
+                let (images, labels) = self.train.gather(indices);
+                telemetry::bytes(images.len() + labels.len(), 0);
+                Out::Train(TrainTask {
+                    step: self.step,
+                    version: self.step,
+                    samples: Some(Samples {
+                        count: indices.len() as u32,
+                        images: images.into(),
+                        labels: labels.into(),
+                    }),
+                    seed: *seed,
+                    part: part as u32,
+                })
+            }
+            Task::Eval { range } => {
+                let (images, labels) = self.test.slice(range.clone());
+                telemetry::bytes(images.len() + labels.len(), 0);
+                Out::Eval(EvalTask {
+                    round,
+                    version: self.step,
+                    part: part as u64,
+                    samples: Some(Samples {
+                        count: range.len() as u32,
+                        images: images.into(),
+                        labels: labels.into(),
+                    }),
+                })
+            }
+        };
+        self.send(node, msg).await
+    }
+
+    /// The live node with the least outstanding work (lowest id on ties).
+    fn least_loaded(&self, owner: &[Option<u64>], done: &[bool]) -> Option<u64> {
+        self.members.keys().copied().min_by_key(|n| {
+            owner
+                .iter()
+                .zip(done)
+                .filter(|(o, d)| **o == Some(*n) && !**d)
+                .count()
+        })
+    }
+
+    /// Runs `tasks` (first given to `initial[i]`) until every one has an
+    /// answer, moving the tasks of lost, slow or misbehaving nodes to others.
+    /// Answers come back in task order, each with the node that computed it.
+    /// Also returns when the first round of sending was done.
+    pub(crate) async fn dispatch(
+        &mut self,
+        phase: &str,
+        round: u64,
+        tasks: &[Task],
+        initial: &[u64],
+    ) -> Result<(Vec<(u64, Answer)>, Instant)> {
+        let weights = Chunker::new(
+            BufferKind::Weights,
+            self.step,
+            &self.weights,
+            proto::DEFAULT_CHUNK_BYTES,
+        );
+        let n = tasks.len();
+        let mut owner: Vec<Option<u64>> = vec![None; n];
+        let mut since: Vec<Instant> = vec![Instant::now(); n];
+        let mut answers: Vec<Option<(u64, Answer)>> = (0..n).map(|_| None).collect();
+        let mut done = vec![false; n];
+        for (part, task) in tasks.iter().enumerate() {
+            let node = initial[part];
+            if self.assign(node, part, task, &weights, round).await {
+                owner[part] = Some(node);
+                since[part] = Instant::now();
+            } else {
+                self.remove(node, "its stream is closed");
+            }
+        }
+        let sent = Instant::now();
+        while done.iter().any(|d| !d) {
+            // Every open part must have a live owner.
+            for part in 0..n {
+                let alive = owner[part].is_some_and(|o| self.members.contains_key(&o));
+                if done[part] || alive {
+                    continue;
+                }
+                if self.members.len() < self.config.min_nodes.max(1) {
+                    warn!(
+                        "{phase}: {} node(s) left, fewer than --min-nodes {}; waiting up to {:?} for more",
+                        self.members.len(),
+                        self.config.min_nodes.max(1),
+                        self.config.rejoin_timeout
+                    );
+                    self.wait_for_members(
+                        self.config.min_nodes.max(1),
+                        Some(self.config.rejoin_timeout),
+                    )
+                    .await?;
+                }
+                let Some(node) = self.least_loaded(&owner, &done) else {
+                    continue;
+                };
+                info!(part, node, "{phase}: giving part {part} to node {node}");
+                telemetry::reassigned();
+                if self.assign(node, part, &tasks[part], &weights, round).await {
+                    owner[part] = Some(node);
+                    since[part] = Instant::now();
+                } else {
+                    self.remove(node, "its stream is closed");
+                }
+            }
+            let open: Vec<usize> = (0..n).filter(|&p| !done[p] && owner[p].is_some()).collect();
+            let Some(oldest) = open.iter().map(|&p| since[p]).min() else {
+                continue;
+            };
+            let deadline = tokio::time::Instant::from_std(oldest + self.config.step_timeout);
+            let event = match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => return Err(CoordinatorError::Cancelled),
+                Err(_) => {
+                    let late: Vec<u64> = open
+                        .iter()
+                        .filter(|&&p| since[p].elapsed() >= self.config.step_timeout)
+                        .filter_map(|&p| owner[p])
+                        .collect();
+                    for node in late {
+                        let reason =
+                            format!("no answer to {phase} within {:?}", self.config.step_timeout);
+                        self.evict(node, &reason);
+                    }
+                    continue;
+                }
+            };
+            let (node, part, answer) = match event {
+                Event::Joined { node, outbox, info } => {
+                    self.admit(node, outbox, info);
+                    continue;
+                }
+                Event::Left { node, reason } | Event::Invalid { node, reason } => {
+                    self.remove(node, &reason);
+                    continue;
+                }
+                Event::Train {
+                    node,
+                    result,
+                    gradients,
+                    state,
+                } => {
+                    if result.step != self.step
+                        || !matches!(tasks.first(), Some(Task::Train { .. }))
+                    {
+                        debug!(
+                            node,
+                            step = result.step,
+                            "dropping a training result for another step"
+                        );
+                        continue;
+                    }
+                    (
+                        node,
+                        result.part as usize,
+                        Answer::Train {
+                            result,
+                            gradients,
+                            state,
+                        },
+                    )
+                }
+                Event::Eval { node, result } => {
+                    if result.round != round || !matches!(tasks.first(), Some(Task::Eval { .. })) {
+                        debug!(
+                            node,
+                            round = result.round,
+                            "dropping an evaluation result for another round"
+                        );
+                        continue;
+                    }
+                    (node, result.part as usize, Answer::Eval(result))
+                }
+            };
+            if part >= n || done[part] || owner[part] != Some(node) {
+                debug!(node, part, "dropping a late or duplicate answer");
+                continue;
+            }
+            if let Err(reason) = check(&tasks[part], &answer) {
+                warn!(node, part, "{phase}: {reason}");
+                self.evict(node, &reason);
+                continue;
+            }
+            if let Answer::Train { result, .. } = &answer {
+                if result.compute_seconds > 0.0 {
+                    let speed = result.samples as f64 / result.compute_seconds;
+                    if let Some(m) = self.members.get_mut(&node) {
+                        m.speed = Some(m.speed.map_or(speed, |s| 0.8 * s + 0.2 * speed));
+                    }
+                }
+            }
+            answers[part] = Some((node, answer));
+            done[part] = true;
+        }
+        Ok((answers.into_iter().flatten().collect(), sent))
+    }
+}
+
+/// Whether an answer is usable for its task.
+fn check(task: &Task, answer: &Answer) -> std::result::Result<(), String> {
+    let (samples, loss) = match answer {
+        Answer::Train {
+            result,
+            gradients,
+            state,
+        } => {
+            if gradients.iter().chain(state).any(|v| !v.is_finite()) {
+                return Err("non-finite gradient or state".into());
+            }
+            (result.samples, result.loss_sum)
+        }
+        Answer::Eval(r) => (r.samples, r.loss_sum),
+    };
+    if samples != task.samples() {
+        return Err(format!(
+            "answered for {samples} samples, was given {}",
+            task.samples()
+        ));
+    }
+    if !loss.is_finite() {
+        return Err("non-finite loss".into());
+    }
+    Ok(())
+}
+
+/// Sends Finish to every member and forgets them.
+pub(crate) async fn dismiss(members: BTreeMap<u64, Member>, reason: &str) {
+    for (node, m) in members {
+        let msg = CoordinatorMessage {
+            kind: Some(Out::Finish(Finish {
+                reason: reason.to_string(),
+                evicted: false,
+            })),
+        };
+        if tokio::time::timeout(Duration::from_secs(2), m.outbox.send(Ok(msg)))
+            .await
+            .is_err()
+        {
+            debug!(node, "could not tell the node to finish");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Helpers shared by the multi-process tests: spawning the real `gradcast`
+//! binary on 127.0.0.1 and watching its output.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gradcast");
+
+/// Writes a synthetic data set (folder and archive) and returns the archive.
+pub fn synthetic(dir: &Path, per_file: usize, test: usize) -> PathBuf {
+    let spec = data::SyntheticSpec {
+        train_per_file: per_file,
+        test,
+        seed: 1,
+    };
+    data::write_synthetic(dir, &spec, true).unwrap();
+    dir.join("cifar-10-binary.tar.gz")
+}
+
+/// Waits for `child` at most `limit`; kills it and fails the test after that.
+pub fn wait(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lines a process printed (stdout and stderr), with the time each arrived.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<(Instant, String)>>>);
+
+impl Lines {
+    fn follow(&self, pipe: impl Read + Send + 'static) {
+        let lines = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.0.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+    }
+
+    /// All lines so far.
+    pub fn all(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// When the first line containing `needle` arrived.
+    pub fn when(&self, needle: &str) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+    }
+
+    /// Waits up to `limit` for a line containing `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> String {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some((_, l)) = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, l)| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < end,
+                "no line with {needle:?} within {limit:?}:\n{}",
+                self.all().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn text(&self) -> String {
+        self.all().join("\n")
+    }
+}
+
+/// Spawns `gradcast ARGS` with `env`, collecting its output.
+pub fn start(args: &[&str], env: &[(&str, &str)]) -> (Child, Lines) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = Lines::default();
+    lines.follow(child.stdout.take().unwrap());
+    lines.follow(child.stderr.take().unwrap());
+    (child, lines)
+}
+
+/// The address a coordinator printed (`listening on ADDR`).
+pub fn address(lines: &Lines) -> String {
+    let line = lines.wait_for("listening on ", Duration::from_secs(60));
+    line.rsplit(' ').next().unwrap().trim().to_string()
+}
+
+/// Starts a node against `addr` with extra arguments.
+pub fn node(addr: &str, extra: &[&str]) -> (Child, Lines) {
+    let url = format!("http://{addr}");
+    let mut args = vec!["node", "--coordinator", url.as_str(), "--threads", "1"];
+    args.extend_from_slice(extra);
+    start(&args, &[])
+}
+
+/// Samples each epoch trained on, from the coordinator's epoch lines.
+pub fn epoch_samples(lines: &Lines) -> Vec<u64> {
+    lines
+        .all()
+        .iter()
+        .filter(|l| l.contains("val_accuracy") && l.contains(" samples in "))
+        .filter_map(|l| {
+            let before = l.split(" samples in ").next()?;
+            before.rsplit('(').next()?.trim().parse().ok()
+        })
+        .collect()
+}
+
+/// Samples each node computed in `epoch` (1-based), from the per-node lines.
+pub fn node_samples(lines: &Lines, epoch: u32) -> Vec<(u64, u64)> {
+    lines
+        .all()
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split(&format!("epoch {epoch}/")).nth(1)?;
+            let rest = rest.split(" node ").nth(1)?;
+            let (node, rest) = rest.split_once(": ")?;
+            let samples = rest.split(' ').next()?;
+            Some((node.parse().ok()?, samples.parse().ok()?))
+        })
+        .collect()
+}

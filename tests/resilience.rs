@@ -1,0 +1,364 @@
+//! Fault tolerance, elasticity and security, with real processes on
+//! 127.0.0.1: nodes are killed, started late, misbehave or bring the wrong
+//! token; the coordinator is SIGKILLed and resumed.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn coordinator_args<'a>(
+    data: &'a str,
+    nodes: &'a str,
+    epochs: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data,
+        "--nodes",
+        nodes,
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "8",
+        "--step-timeout",
+        "30",
+        "--rejoin-timeout",
+        "20",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+#[test]
+fn a_killed_node_is_replaced_by_the_survivors_and_no_sample_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 200, 50);
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "2", "2", &[]),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut survivor, _) = node(&addr, &[]);
+    let (mut victim, _) = node(&addr, &[]);
+    lines.wait_for("training starts", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    victim.kill().unwrap();
+    let killed_at = Instant::now();
+    victim.wait().unwrap();
+    let status = wait(&mut coordinator, Duration::from_secs(180), "coordinator");
+    assert!(
+        status.success(),
+        "training did not survive a lost node:\n{}",
+        lines.text()
+    );
+    let noticed = lines.when("node removed").expect("the loss was noticed");
+    let latency = noticed.saturating_duration_since(killed_at);
+    eprintln!("loss of a node detected after {latency:?}");
+    assert!(
+        latency < Duration::from_secs(5),
+        "detected only after {latency:?}"
+    );
+    // Every training sample was used exactly once in each epoch.
+    assert_eq!(epoch_samples(&lines), vec![1000, 1000], "{}", lines.text());
+    assert!(wait(&mut survivor, Duration::from_secs(30), "survivor").success());
+}
+
+#[test]
+fn a_node_started_mid_run_contributes_from_the_next_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 100, 20);
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "1", "3", &[]),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut first, _) = node(&addr, &[]);
+    lines.wait_for("training starts", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut late, _) = node(&addr, &[]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    lines.wait_for("node joined (2 connected)", Duration::from_secs(1));
+    let last = node_samples(&lines, 3);
+    assert_eq!(
+        last.len(),
+        2,
+        "both nodes should work in the last epoch:\n{}",
+        lines.text()
+    );
+    assert!(last.iter().all(|&(_, s)| s > 0));
+    assert_eq!(last.iter().map(|&(_, s)| s).sum::<u64>(), 500);
+    assert_eq!(epoch_samples(&lines), vec![500, 500, 500]);
+    assert!(wait(&mut first, Duration::from_secs(30), "first node").success());
+    assert!(wait(&mut late, Duration::from_secs(30), "late node").success());
+}
+
+#[test]
+fn a_node_sending_nan_gradients_is_evicted_and_the_weights_stay_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let history = dir.path().join("h.json");
+    let args = coordinator_args(
+        data.to_str().unwrap(),
+        "2",
+        "2",
+        &["--history", history.to_str().unwrap()],
+    );
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let (mut good, _) = node(&addr, &[]);
+    let (mut bad, bad_lines) = node(&addr, &["--fault", "nan-gradients"]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert!(lines.text().contains("non-finite"), "{}", lines.text());
+    let h: serde_json::Value = serde_json::from_slice(&std::fs::read(&history).unwrap()).unwrap();
+    for key in ["loss", "val_loss"] {
+        for v in h[key].as_array().unwrap() {
+            assert!(v.as_f64().is_some_and(f64::is_finite), "{key}: {h}");
+        }
+    }
+    assert_eq!(epoch_samples(&lines), vec![200, 200]);
+    assert!(!wait(&mut bad, Duration::from_secs(30), "bad node").success());
+    assert!(bad_lines.text().contains("evicted"), "{}", bad_lines.text());
+    assert!(wait(&mut good, Duration::from_secs(30), "good node").success());
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_right_one_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 10, 10);
+    let args = coordinator_args(data.to_str().unwrap(), "1", "1", &["--join-timeout", "60"]);
+    let (mut coordinator, lines) = start(&args, &[("GRADCAST_TOKEN", "open-sesame")]);
+    let addr = address(&lines);
+    let (mut intruder, intruder_lines) = node(&addr, &["--token", "guess"]);
+    assert!(!wait(
+        &mut intruder,
+        Duration::from_secs(30),
+        "node with a wrong token"
+    )
+    .success());
+    assert!(
+        intruder_lines.text().contains("token"),
+        "{}",
+        intruder_lines.text()
+    );
+    let (mut anonymous, _) = node(&addr, &[]);
+    assert!(!wait(
+        &mut anonymous,
+        Duration::from_secs(30),
+        "node without a token"
+    )
+    .success());
+    assert!(lines.text().contains("refused a node"), "{}", lines.text());
+    let (mut member, _) = node(&addr, &["--token", "open-sesame"]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(120), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert!(wait(&mut member, Duration::from_secs(30), "node with the token").success());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = model::Checkpoint::load(&dir.join("final.safetensors")).unwrap();
+    let m = model::Model::new(
+        model::ModelSpec::new(model::ModelKind::SimpleCnn),
+        0,
+        &model::Device::Cpu,
+    )
+    .unwrap();
+    m.params()
+        .chain(m.buffers())
+        .map(|i| (i.name.clone(), ckpt.tensor(&i.name).unwrap().1.to_vec()))
+        .collect()
+}
+
+/// Trains 2 epochs with 2 nodes, optionally SIGKILLing the coordinator once
+/// mid-epoch and restarting it with --resume. Returns the final weights.
+fn train_maybe_interrupted(dir: &Path, data: &Path, interrupt: bool) -> Vec<(String, Vec<f32>)> {
+    let ckpt = dir.join("ckpt");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "coordinator",
+        "--listen",
+        &listen,
+        "--data",
+        data.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+        "--checkpoint-every",
+        "5",
+        "--resume",
+    ];
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let (mut a, _) = node(&addr, &["--connect-timeout", "60"]);
+    let (mut b, _) = node(&addr, &["--connect-timeout", "60"]);
+    if interrupt {
+        let resume = ckpt.join(coordinator::RESUME_FILE);
+        let end = Instant::now() + Duration::from_secs(120);
+        while !resume.exists() {
+            assert!(
+                Instant::now() < end,
+                "no resume state written:\n{}",
+                lines.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(
+            coordinator.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        coordinator.kill().unwrap();
+        coordinator.wait().unwrap();
+        let (restarted, restarted_lines) = start(&args, &[]);
+        coordinator = restarted;
+        restarted_lines.wait_for("resuming from", Duration::from_secs(30));
+        assert!(
+            wait(
+                &mut coordinator,
+                Duration::from_secs(180),
+                "resumed coordinator"
+            )
+            .success(),
+            "{}",
+            restarted_lines.text()
+        );
+    } else {
+        assert!(
+            wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+            "{}",
+            lines.text()
+        );
+    }
+    assert!(wait(&mut a, Duration::from_secs(30), "node a").success());
+    assert!(wait(&mut b, Duration::from_secs(30), "node b").success());
+    final_weights(&ckpt)
+}
+
+#[test]
+fn a_killed_and_resumed_coordinator_ends_with_bit_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let straight_dir = dir.path().join("straight");
+    let resumed_dir = dir.path().join("resumed");
+    let straight = train_maybe_interrupted(&straight_dir, &data, false);
+    let resumed = train_maybe_interrupted(&resumed_dir, &data, true);
+    assert_eq!(straight.len(), resumed.len());
+    for ((name, a), (_, b)) in straight.iter().zip(&resumed) {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs after resume"
+        );
+    }
+}
+
+#[test]
+fn balance_gives_a_straggler_a_smaller_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let args = coordinator_args(data.to_str().unwrap(), "2", "2", &["--balance"]);
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let (mut fast, _) = node(&addr, &[]);
+    let (mut slow, _) = node(&addr, &["--fault", "slow=150"]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    let shares = node_samples(&lines, 2);
+    assert_eq!(shares.len(), 2, "{}", lines.text());
+    assert_eq!(shares.iter().map(|s| s.1).sum::<u64>(), 200);
+    let (fast_id, slow_id) = (shares[0].0.min(shares[1].0), shares[0].0.max(shares[1].0));
+    let get = |id: u64| shares.iter().find(|s| s.0 == id).unwrap().1;
+    // The ids follow join order only loosely; the slow one is whichever did less.
+    let (more, less) = (
+        get(fast_id).max(get(slow_id)),
+        get(fast_id).min(get(slow_id)),
+    );
+    assert!(
+        (less as f64) < 0.7 * more as f64,
+        "shares {shares:?} did not follow speed"
+    );
+    assert!(wait(&mut fast, Duration::from_secs(30), "fast node").success());
+    assert!(wait(&mut slow, Duration::from_secs(30), "slow node").success());
+}
+
+/// Soak: 16 nodes of a tiny model for 500 steps on one host, coordinator
+/// memory stable. Run with `cargo test --release --test resilience -- --ignored soak`.
+#[test]
+#[ignore]
+fn soak_sixteen_nodes_five_hundred_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 100, 32);
+    let args = [
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data.to_str().unwrap(),
+        "--nodes",
+        "16",
+        "--model",
+        "resnet8",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "10",
+        "--step-timeout",
+        "120",
+    ];
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let mut nodes: Vec<_> = (0..16).map(|_| node(&addr, &[]).0).collect();
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    lines.wait_for("epoch 2/10:", Duration::from_secs(600));
+    let early = rss(coordinator.id());
+    lines.wait_for("epoch 9/10:", Duration::from_secs(1800));
+    let late = rss(coordinator.id());
+    assert!(wait(&mut coordinator, Duration::from_secs(600), "coordinator").success());
+    eprintln!("coordinator RSS after 100 steps {early} kB, after 450 steps {late} kB");
+    assert!(
+        late < early + 20_000,
+        "coordinator memory grew from {early} kB to {late} kB"
+    );
+    for n in nodes.iter_mut() {
+        assert!(wait(n, Duration::from_secs(60), "node").success());
+    }
+}
