@@ -252,6 +252,15 @@ struct CoordinatorArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9100; port 0 picks one).
     #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "GRADCAST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "GRADCAST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require nodes to present client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "GRADCAST_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -276,6 +285,18 @@ struct NodeArgs {
     /// Cluster token to present to the coordinator (also read from GRADCAST_TOKEN).
     #[arg(long, env = "GRADCAST_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the coordinator's TLS certificate; use an https:// URL.
+    #[arg(long, env = "GRADCAST_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --tls-key.
+    #[arg(long, env = "GRADCAST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for --tls-cert.
+    #[arg(long, env = "GRADCAST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name expected in the coordinator's certificate (default: the URL's host).
+    #[arg(long, env = "GRADCAST_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     /// Misbehave on purpose, to test the coordinator: nan-gradients or slow=MILLISECONDS.
     #[arg(long, hide = true)]
     fault: Option<node::Fault>,
@@ -328,6 +349,47 @@ async fn shutdown_signal() {
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
     }
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+fn server_tls(args: &CoordinatorArgs) -> Result<Option<coordinator::ServerTls>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    Ok(Some(coordinator::ServerTls {
+        cert: read_pem(cert, "TLS certificate")?,
+        key: read_pem(key, "TLS key")?,
+        client_ca: args
+            .tls_ca
+            .as_deref()
+            .map(|p| read_pem(p, "client CA"))
+            .transpose()?,
+    }))
+}
+
+fn client_tls(args: &NodeArgs) -> Result<Option<node::ClientTls>> {
+    if args.tls_ca.is_none() && args.tls_cert.is_none() && args.tls_domain.is_none() {
+        return Ok(None);
+    }
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((
+            read_pem(c, "client certificate")?,
+            read_pem(k, "client key")?,
+        )),
+        _ => None,
+    };
+    Ok(Some(node::ClientTls {
+        ca: args
+            .tls_ca
+            .as_deref()
+            .map(|p| read_pem(p, "CA certificate"))
+            .transpose()?,
+        identity,
+        domain: args.tls_domain.clone(),
+    }))
 }
 
 fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
@@ -388,9 +450,12 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         println!("listening on {}", listener.local_addr()?);
-        let token = t.token.clone().filter(|t| !t.is_empty());
+        let security = coordinator::Security {
+            token: t.token.clone().filter(|t| !t.is_empty()),
+            tls: server_tls(&args)?,
+        };
         let report =
-            coordinator::serve(listener, config, train, test, token, shutdown_signal()).await?;
+            coordinator::serve(listener, config, train, test, security, shutdown_signal()).await?;
         anyhow::Ok(report)
     })?;
     if let Some(path) = &t.plot {
@@ -419,11 +484,12 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     model::tune_allocator();
     let config = node::NodeConfig {
-        coordinator: args.coordinator,
+        coordinator: args.coordinator.clone(),
         threads,
         device,
         connect_timeout: Duration::from_secs(args.connect_timeout),
-        token: args.token.filter(|t| !t.is_empty()),
+        token: args.token.clone().filter(|t| !t.is_empty()),
+        tls: client_tls(&args)?,
         fault: args.fault,
     };
     runtime(1)?.block_on(async {

@@ -362,3 +362,118 @@ fn soak_sixteen_nodes_five_hundred_steps() {
         assert!(wait(n, Duration::from_secs(60), "node").success());
     }
 }
+
+/// Makes a CA and a certificate for localhost/127.0.0.1 signed by it (openssl CLI).
+fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=gradcast test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[test]
+fn tls_nodes_train_and_plaintext_nodes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let data = synthetic(dir.path(), 10, 10);
+    let pem = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (pem("server.pem"), pem("server.key"), pem("ca.pem"));
+    let args = coordinator_args(
+        data.to_str().unwrap(),
+        "1",
+        "1",
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    let (mut coordinator, lines) = start(&args, &[]);
+    let port = address(&lines).rsplit(':').next().unwrap().to_string();
+    let (mut plain, _) = node(&format!("127.0.0.1:{port}"), &["--connect-timeout", "2"]);
+    assert!(!wait(&mut plain, Duration::from_secs(30), "plaintext node").success());
+    let url = format!("https://localhost:{port}");
+    let (mut secure, secure_lines) = start(
+        &[
+            "node",
+            "--coordinator",
+            &url,
+            "--threads",
+            "1",
+            "--tls-ca",
+            &ca,
+        ],
+        &[],
+    );
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(120), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert!(
+        wait(&mut secure, Duration::from_secs(30), "TLS node").success(),
+        "{}",
+        secure_lines.text()
+    );
+}

@@ -208,3 +208,23 @@ mod tests {
         assert!("nope".parse::<LrSchedule>().is_err());
     }
 }
+
+/// Who may join, and how the channel is protected.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// Cluster token nodes must present (`authorization: Bearer <token>`).
+    pub token: Option<String>,
+    /// Serve gRPC over TLS with this certificate chain and key (PEM).
+    pub tls: Option<ServerTls>,
+}
+
+/// PEM material for serving TLS.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain (PEM).
+    pub cert: Vec<u8>,
+    /// Private key (PEM).
+    pub key: Vec<u8>,
+    /// If set, nodes must present a client certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<Vec<u8>>,
+}

@@ -21,7 +21,7 @@ mod telemetry;
 mod trainer;
 
 pub use aggregate::WeightedSum;
-pub use config::{LrSchedule, TrainConfig};
+pub use config::{LrSchedule, Security, ServerTls, TrainConfig};
 pub use error::CoordinatorError;
 pub use history::History;
 pub use optimizer::{l2_penalty, Adam, Optimizer, OptimizerKind};

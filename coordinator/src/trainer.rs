@@ -19,7 +19,8 @@ use crate::dispatch::{dismiss, Answer, Member, Task};
 use crate::resume::{self, Position};
 use crate::service::{Event, Service};
 use crate::telemetry;
-use crate::{l2_penalty, CoordinatorError, History, Optimizer, TrainConfig, WeightedSum};
+use crate::{l2_penalty, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
 
@@ -80,14 +81,14 @@ fn specs(infos: impl Iterator<Item = TensorInfo>) -> Vec<TensorSpec> {
 
 /// Serves the coordinator on `listener` and trains until done. Returns when
 /// training has finished and every node was told so, or when `shutdown`
-/// resolves (then with [`CoordinatorError::Cancelled`]). `token`, when set,
-/// is the cluster token every node must present.
+/// resolves (then with [`CoordinatorError::Cancelled`]). `security` sets the
+/// cluster token and TLS.
 pub async fn serve(
     listener: TcpListener,
     config: TrainConfig,
     train: Dataset,
     test: Dataset,
-    token: Option<String>,
+    security: Security,
     shutdown: impl Future<Output = ()>,
 ) -> Result<TrainReport> {
     if config.batch_size == 0 || config.nodes == 0 || train.is_empty() || test.is_empty() {
@@ -126,10 +127,18 @@ pub async fn serve(
     let position = trainer.restore()?;
     let (events_tx, events) = mpsc::unbounded_channel();
     trainer.events = events;
-    let service = Service::new(events_tx, reply, num_trainable, num_state, token);
+    let service = Service::new(events_tx, reply, num_trainable, num_state, security.token);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls {
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key));
+        if let Some(ca) = tls.client_ca {
+            cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg)?;
+    }
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .http2_keepalive_interval(Some(Duration::from_secs(5)))

@@ -49,13 +49,21 @@ async fn train(
             device: Device::Cpu,
             connect_timeout: Duration::from_secs(30),
             token: None,
+            tls: None,
             fault: None,
         };
         workers.push(tokio::spawn(node::run(cfg)));
     }
-    let report = serve(listener, config, train, test, None, std::future::pending())
-        .await
-        .unwrap();
+    let report = serve(
+        listener,
+        config,
+        train,
+        test,
+        Default::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     for w in workers {
         w.await.unwrap().expect("node finished cleanly");
     }

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
 
 use crate::{telemetry, NodeError};
@@ -38,8 +38,21 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     /// Cluster token, sent as `authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// TLS settings (for `https://` coordinator URLs).
+    pub tls: Option<ClientTls>,
     /// Deliberate misbehaviour, for tests of the coordinator's defences.
     pub fault: Option<Fault>,
+}
+
+/// PEM material for talking TLS to the coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificate(s) that signed the coordinator's certificate (PEM).
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key (PEM), when the coordinator asks for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to expect in the coordinator's certificate (default: the URL's host).
+    pub domain: Option<String>,
 }
 
 /// A deliberate fault a node can be told to commit (for tests).
@@ -105,6 +118,24 @@ async fn connect(config: &NodeConfig) -> Result<Client> {
         .initial_connection_window_size(Some(16 << 20))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
+    let endpoint = match &config.tls {
+        None => endpoint,
+        Some(tls) => {
+            let mut cfg = ClientTlsConfig::new();
+            if let Some(ca) = &tls.ca {
+                cfg = cfg.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                cfg = cfg.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                cfg = cfg.domain_name(domain.clone());
+            }
+            endpoint
+                .tls_config(cfg)
+                .map_err(|e| NodeError::Protocol(format!("TLS settings: {e}")))?
+        }
+    };
     let mut delay = Duration::from_millis(100);
     loop {
         match endpoint.connect().await {
@@ -172,9 +203,11 @@ fn build_model(reply: &JoinReply, device: &Device) -> Result<Model> {
 /// coordinator goes away mid-run, reconnects (retrying for
 /// `connect_timeout`) and joins again as a new node.
 pub async fn run(config: NodeConfig) -> Result<()> {
+    // When this node last joined (or started): retries stop `connect_timeout` after it.
+    let mut joined_at = Instant::now();
     loop {
-        match serve_once(&config).await {
-            Err(e) if e.is_retryable() => {
+        match serve_once(&config, &mut joined_at).await {
+            Err(e) if e.is_retryable() && joined_at.elapsed() < config.connect_timeout => {
                 warn!("lost the coordinator ({e}); reconnecting");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -183,7 +216,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     }
 }
 
-async fn serve_once(config: &NodeConfig) -> Result<()> {
+async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> {
     let mut client = connect(config).await?;
     let hostname = std::env::var("HOSTNAME")
         .ok()
@@ -200,6 +233,7 @@ async fn serve_once(config: &NodeConfig) -> Result<()> {
         .await?
         .into_inner();
     let node_id = reply.node_id;
+    *joined_at = Instant::now();
     let device = config.device.clone();
     let model = {
         let reply = reply.clone();
