@@ -42,6 +42,12 @@ enum Command {
     Predict(PredictArgs),
     /// Draw learning curves from one or more history JSON files.
     Plot(PlotArgs),
+    /// Exit 0 if the process serving metrics on ADDR answers /health (container health checks).
+    Healthcheck {
+        /// Metrics address of the process to check.
+        #[arg(default_value = "127.0.0.1:9100")]
+        addr: String,
+    },
 }
 
 #[derive(Args)]
@@ -524,6 +530,14 @@ fn plot_main(a: PlotArgs) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // An empty GRADCAST_* variable counts as unset (so `VAR=${VAR:-}` in a
+    // compose file leaves the flag's default alone). Nothing runs yet, so
+    // changing the environment is safe.
+    for (key, value) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GRADCAST_") && value.is_empty() {
+            std::env::remove_var(&key);
+        }
+    }
     let cli = Cli::parse();
     init_logging();
     let outcome = match cli.command {
@@ -539,6 +553,7 @@ fn main() -> ExitCode {
             inspect::predict(&a.checkpoint, &a.images).map(|_| ExitCode::SUCCESS)
         }
         Command::Plot(a) => plot_main(a),
+        Command::Healthcheck { addr } => metrics_http::probe(&addr).map(|_| ExitCode::SUCCESS),
         Command::Synthetic(a) => {
             let spec = data::SyntheticSpec {
                 train_per_file: a.train_per_file,

@@ -105,3 +105,23 @@ async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Re
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
 }
+
+/// `gradcast healthcheck`: succeeds if the metrics endpoint at `addr`
+/// answers `GET /health` with 200 (used by the container HEALTHCHECK).
+pub fn probe(addr: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let target = addr
+        .to_socket_addrs()
+        .with_context(|| format!("bad address {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .with_context(|| format!("nothing listens on {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    anyhow::ensure!(reply.starts_with("HTTP/1.1 200"), "unhealthy: {}", reply.lines().next().unwrap_or(""));
+    Ok(())
+}
