@@ -342,13 +342,26 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ if s == "cuda" || s.starts_with("cuda:") => {
-            bail!("--device {s}: this build has no CUDA support; rebuild with --features cuda")
-        }
-        _ => bail!("--device {s}: unknown device; use cpu, cuda or cuda:N"),
-    }
+    let ordinal = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => bail!("--device {s}: unknown device; use cpu, cuda or cuda:N"),
+        },
+    };
+    cuda_device(s, ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(s: &str, ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("--device {s}: cannot open CUDA device {ordinal}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(s: &str, _ordinal: usize) -> Result<Device> {
+    bail!("--device {s}: this build has no CUDA support; rebuild with --features cuda")
 }
 
 async fn shutdown_signal() {

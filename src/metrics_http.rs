@@ -122,6 +122,10 @@ pub fn probe(addr: &str) -> Result<()> {
     stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
-    anyhow::ensure!(reply.starts_with("HTTP/1.1 200"), "unhealthy: {}", reply.lines().next().unwrap_or(""));
+    anyhow::ensure!(
+        reply.starts_with("HTTP/1.1 200"),
+        "unhealthy: {}",
+        reply.lines().next().unwrap_or("")
+    );
     Ok(())
 }

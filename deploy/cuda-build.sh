@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds gradcast with CUDA support (`--features cuda`) on a machine without a
+# system CUDA installation: the CUDA compiler, headers and libraries come from
+# PyPI wheels (NVIDIA's nvidia-cuda-* packages) installed into a venv.
+#
+#   deploy/cuda-build.sh                      # CUDA 13 wheels, compute capability 90 (H100/H200)
+#   CUDA_COMPUTE_CAP=80 deploy/cuda-build.sh  # A100
+#   CUDA_MAJOR=12 deploy/cuda-build.sh        # the -cu12 wheels instead
+#
+# Result: target/release/gradcast (CUDA build). At run time it loads the CUDA
+# driver (libcuda.so.1, from the NVIDIA driver) and the CUDA runtime libraries
+# (libcudart, libcublas, libcublasLt, libcurand, libnvrtc). They are found
+# through the usual dynamic-loader search; point LD_LIBRARY_PATH at the
+# folder printed at the end (or at the nvidia/*/lib folders of an installed
+# PyTorch, which ships the same libraries).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAJOR=${CUDA_MAJOR:-13}
+CAP=${CUDA_COMPUTE_CAP:-90}
+VENV=${CUDA_VENV:-target/cuda-venv}
+
+if [ "$MAJOR" = 13 ]; then
+  pkgs=(nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-nvrtc nvidia-cublas nvidia-curand)
+else
+  pkgs=(nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 nvidia-curand-cu12)
+fi
+[ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}"
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+nvcc=$(find "$site/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
+[ -n "$nvcc" ] || { echo "no nvcc in the wheels under $site/nvidia" >&2; exit 1; }
+root=$(dirname "$(dirname "$nvcc")")
+chmod +x "$nvcc" "$root"/bin/* 2>/dev/null || true
+find "$root" -path '*/nvvm/bin/*' -type f -exec chmod +x {} + 2>/dev/null || true
+
+# One lib folder with unversioned names, as linkers and dlopen(libX.so) expect.
+libs="$PWD/target/cuda-lib"
+mkdir -p "$libs"
+while IFS= read -r so; do
+  base=$(basename "$so")
+  ln -sf "$so" "$libs/$base"
+  ln -sf "$so" "$libs/${base%%.so*}.so"
+done < <(find "$site/nvidia" -name 'lib*.so*' -type f)
+includes=$(find "$site/nvidia" -name 'cuda_runtime.h' -printf '%h\n' | sort -u | paste -sd: -)
+
+export PATH="$root/bin:$PATH"
+export CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
+export CUDA_COMPUTE_CAP="$CAP"
+export CPATH="$includes${CPATH:+:$CPATH}"
+export LIBRARY_PATH="$libs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvcc --version | tail -n 2
+
+cargo build --release --features cuda --bin gradcast
+strip target/release/gradcast
+echo "built target/release/gradcast with CUDA $MAJOR for compute capability $CAP"
+echo "runtime libraries: LD_LIBRARY_PATH=$libs (or a PyTorch install's nvidia/*/lib)"
