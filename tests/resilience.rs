@@ -232,7 +232,7 @@ fn train_maybe_interrupted(dir: &Path, data: &Path, interrupt: bool) -> Vec<(Str
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(700));
+        // Mid-epoch: the first resume state is written at step 5 of 126.
         assert!(
             coordinator.try_wait().unwrap().is_none(),
             "finished before the kill"
@@ -267,7 +267,7 @@ fn train_maybe_interrupted(dir: &Path, data: &Path, interrupt: bool) -> Vec<(Str
 #[test]
 fn a_killed_and_resumed_coordinator_ends_with_bit_identical_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let data = synthetic(dir.path(), 40, 20);
+    let data = synthetic(dir.path(), 100, 20);
     let straight_dir = dir.path().join("straight");
     let resumed_dir = dir.path().join("resumed");
     let straight = train_maybe_interrupted(&straight_dir, &data, false);
