@@ -1,47 +1,11 @@
 //! Multi-process tests: the real `gradcast` binary as coordinator and nodes on
 //! 127.0.0.1, on small synthetic data in the CIFAR-10 binary layout.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
 
-use common::{synthetic, wait, BIN};
-
-/// Runs a gradcast command to completion (with a time limit).
-fn gradcast(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out_pipe = child.stdout.take().unwrap();
-    let err_pipe = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || std::io::read_to_string(out_pipe).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(err_pipe).unwrap_or_default());
-    let status = wait(&mut child, limit, &format!("gradcast {args:?}"));
-    Output {
-        status,
-        stdout: out.join().unwrap().into_bytes(),
-        stderr: err.join().unwrap().into_bytes(),
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn final_accuracy(stdout: &str) -> f64 {
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("final val_accuracy: "))
-        .unwrap_or_else(|| panic!("no final line in:\n{stdout}"));
-    line.trim().parse().unwrap()
-}
+use common::{address, final_accuracy, gradcast, node, start, synthetic, text, wait};
 
 #[test]
 fn run_trains_a_two_node_cluster_and_writes_history() {
@@ -100,84 +64,46 @@ fn run_trains_a_two_node_cluster_and_writes_history() {
     );
 }
 
-/// Spawns a process whose stdout lines are sent to a channel.
-fn spawn_lines(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-fn listening_address(rx: &mpsc::Receiver<String>) -> String {
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("coordinator printed its address");
-        if let Some(a) = line.strip_prefix("listening on ") {
-            return a.trim().to_string();
-        }
-    }
-}
-
-fn node(addr: &str) -> Child {
-    Command::new(BIN)
-        .args([
-            "node",
-            "--coordinator",
-            &format!("http://{addr}"),
-            "--threads",
-            "1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn separate_coordinator_and_node_processes_all_exit_zero() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 20, 30);
     let history = dir.path().join("h.json");
-    let (mut coordinator, lines) = spawn_lines(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--nodes",
-        "2",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        "resnet8",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "25",
-        "--history",
-        history.to_str().unwrap(),
-    ]);
-    let addr = listening_address(&lines);
-    let mut nodes = [node(&addr), node(&addr)];
+    let (mut coordinator, lines) = start(
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--nodes",
+            "2",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            "resnet8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "25",
+            "--history",
+            history.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = address(&lines);
+    let mut nodes = [node(&addr, &[]).0, node(&addr, &[]).0];
     let status = wait(&mut coordinator, Duration::from_secs(300), "coordinator");
     assert!(status.success(), "coordinator failed: {status}");
     for (i, n) in nodes.iter_mut().enumerate() {
         let s = wait(n, Duration::from_secs(30), "node");
         assert!(s.success(), "node {i} failed: {s}");
     }
-    let rest: Vec<String> = lines.try_iter().collect();
     assert!(
-        rest.iter().any(|l| l.starts_with("final val_accuracy: ")),
-        "{rest:?}"
+        lines
+            .all()
+            .iter()
+            .any(|l| l.starts_with("final val_accuracy: ")),
+        "{}",
+        lines.text()
     );
     assert!(history.exists());
 }

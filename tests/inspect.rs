@@ -2,23 +2,14 @@
 //! checkpoint format read by Python's `safetensors` package.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use data::{Dataset, Split, CLASS_NAMES, IMAGE_BYTES};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gradcast");
+mod common;
 
-fn gradcast(args: &[&str]) -> Output {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "gradcast {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use common::{final_accuracy, gradcast_ok as gradcast, BIN};
 
 struct Trained {
     _dir: tempfile::TempDir,
@@ -59,14 +50,7 @@ fn trained() -> &'static Trained {
             "--plot",
             plot.to_str().unwrap(),
         ]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let final_accuracy = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("final val_accuracy: "))
-            .expect("final line")
-            .trim()
-            .parse()
-            .unwrap();
+        let final_accuracy = final_accuracy(&String::from_utf8_lossy(&out.stdout));
         Trained {
             _dir: dir,
             data,

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,4 +156,50 @@ pub fn node_samples(lines: &Lines, epoch: u32) -> Vec<(u64, u64)> {
             Some((node.parse().ok()?, samples.parse().ok()?))
         })
         .collect()
+}
+
+/// Runs `gradcast ARGS` to completion (within `limit`) and returns its output.
+pub fn gradcast(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out_pipe = child.stdout.take().unwrap();
+    let err_pipe = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || std::io::read_to_string(out_pipe).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(err_pipe).unwrap_or_default());
+    let status = wait(&mut child, limit, &format!("gradcast {args:?}"));
+    Output {
+        status,
+        stdout: out.join().unwrap().into_bytes(),
+        stderr: err.join().unwrap().into_bytes(),
+    }
+}
+
+/// Runs `gradcast ARGS` and fails the test unless it succeeds.
+pub fn gradcast_ok(args: &[&str]) -> Output {
+    let out = gradcast(args, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "gradcast {args:?} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The number on the `final val_accuracy: ` line.
+pub fn final_accuracy(stdout: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("final val_accuracy: "))
+        .unwrap_or_else(|| panic!("no final line in:\n{stdout}"));
+    line.trim().parse().unwrap()
 }
