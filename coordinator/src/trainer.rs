@@ -108,6 +108,7 @@ pub async fn serve(
         max_message_bytes: proto::MAX_MESSAGE_BYTES as u64,
         dropout: config.model.dropout,
     };
+    let (events_tx, events) = mpsc::unbounded_channel();
     let mut trainer = Trainer {
         weights: model.weights()?,
         optimizer: Optimizer::new(config.optimizer, num_trainable),
@@ -117,7 +118,7 @@ pub async fn serve(
         config,
         train,
         test,
-        events: mpsc::unbounded_channel().1,
+        events,
         members: BTreeMap::new(),
         step: 0,
         history: History::default(),
@@ -125,8 +126,6 @@ pub async fn serve(
     };
     drop(model);
     let position = trainer.restore()?;
-    let (events_tx, events) = mpsc::unbounded_channel();
-    trainer.events = events;
     let service = Service::new(events_tx, reply, num_trainable, num_state, security.token);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
