@@ -92,6 +92,7 @@ impl CustomOp3 for BatchNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = split(x.dims())?;
+        let _t = super::Prof::new("bn-bwd", &x.dims());
         let (n, c, inner) = dims;
         let m = (n * inner) as f64;
         let (dx, dgamma, dbeta) = with_values(x, |x| {

@@ -140,3 +140,22 @@ fn parallelism(threads: usize) -> gemm::Parallelism {
         gemm::Parallelism::None
     }
 }
+
+/// Per-op timing on stderr when `GRADCAST_KERNEL_PROFILE` is set: one
+/// `PROF <op> <ms> <shape>` line per kernel call (a profiling aid).
+pub(crate) struct Prof(&'static str, String, std::time::Instant);
+
+impl Prof {
+    pub(crate) fn new(what: &'static str, shape: &impl std::fmt::Debug) -> Option<Self> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        ON.get_or_init(|| std::env::var_os("GRADCAST_KERNEL_PROFILE").is_some())
+            .then(|| Prof(what, format!("{shape:?}"), std::time::Instant::now()))
+    }
+}
+
+impl Drop for Prof {
+    fn drop(&mut self) {
+        let ms = self.2.elapsed().as_secs_f64() * 1e3;
+        eprintln!("PROF {} {ms:.2}ms {}", self.0, self.1);
+    }
+}

@@ -67,6 +67,7 @@ impl CustomOp1 for MaxPoolOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = super::Prof::new("pool-bwd", &arg.dims());
         let (_, h, w, oh, ow) = geom(arg.dims(), self.k)?;
         let k = self.k;
         let dx = with_values(arg, |x| {

@@ -28,6 +28,7 @@ impl CustomOp1 for ReluOp {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = super::Prof::new("relu-bwd", &arg.dims());
         let dx = with_values(res, |y| {
             with_values(grad, |dy| {
                 let mut dx = vec![0f32; y.len()];
