@@ -283,22 +283,29 @@ impl BatchNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+    /// BatchNorm followed by a ReLU when `relu`: one fused op on the fast path.
+    pub fn forward_act(&self, x: &Tensor, pass: &mut Pass, relu: bool) -> Result<Tensor> {
+        let eps = BN_EPSILON;
         if pass.train {
             let (y, mean, var) = if self.fast {
-                kernels::batch_norm_train(x, &self.gamma, &self.beta, BN_EPSILON)?
+                kernels::batch_norm_train(x, &self.gamma, &self.beta, eps, relu)?
             } else {
-                kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, BN_EPSILON)?
+                kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, eps, relu)?
             };
             pass.bn_stats.push((self.mean_index, mean, var));
             return Ok(y);
         }
         // Inference: the running statistics.
-        let (mean, var) = (&self.running_mean, &self.running_var);
+        let (g, b, mean, var) = (
+            &self.gamma,
+            &self.beta,
+            &self.running_mean,
+            &self.running_var,
+        );
         Ok(if self.fast {
-            kernels::batch_norm_eval(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+            kernels::batch_norm_eval(x, g, b, mean, var, eps, relu)?
         } else {
-            kernels::batch_norm_eval_reference(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+            kernels::batch_norm_eval_reference(x, g, b, mean, var, eps, relu)?
         })
     }
 }
@@ -453,7 +460,7 @@ mod tests {
             rng: Rng::new(0),
             bn_stats: vec![],
         };
-        let y = bn.forward(&x, &mut pass).unwrap();
+        let y = bn.forward_act(&x, &mut pass, false).unwrap();
         let (_, mean, var) = &pass.bn_stats[0];
         // channel 0 holds 1,2,10,20; channel 1 holds 3,4,30,40.
         assert_eq!(mean.to_vec1::<f32>().unwrap(), vec![8.25, 19.25]);

@@ -100,8 +100,7 @@ impl ConvBnRelu {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
-        relu(&y, pass)
+        self.bn.forward_act(&self.conv.forward(x)?, pass, true)
     }
 }
 
@@ -158,7 +157,7 @@ impl ComplexCnn {
             x = dropout(&self.pool.forward(&x)?, 0.25, pass)?;
         }
         let x = self.dense1.forward(&x.flatten_from(1)?)?;
-        let x = relu(&self.bn_dense.forward(&x, pass)?, pass)?;
+        let x = self.bn_dense.forward_act(&x, pass, true)?;
         let x = dropout(&x, 0.5, pass)?;
         Ok(self.dense2.forward(&x)?)
     }
@@ -195,12 +194,7 @@ impl ResnetLayer {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
-        if self.relu {
-            relu(&y, pass)
-        } else {
-            Ok(y)
-        }
+        self.bn.forward_act(&self.conv.forward(x)?, pass, self.relu)
     }
 }
 

@@ -103,26 +103,30 @@ fn batch_norm_matches_candle_values_stats_and_gradients() {
         vec![3, 5, 1, 1],
         vec![1, 2, 3, 3],
     ] {
-        let c = shape[1];
-        // Shifted, scaled input so the statistics are not trivial.
-        let x =
-            Var::from_tensor(&((random(&shape, &mut rng) * 3.0).unwrap() + 0.5).unwrap()).unwrap();
-        let gamma = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
-        let beta = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
-        let (y, mean, var) = batch_norm_train(&x, &gamma, &beta, 1e-3).unwrap();
-        let (yr, mean_r, var_r) = batch_norm_train_reference(&x, &gamma, &beta, 1e-3).unwrap();
-        assert_close(&format!("{shape:?} y"), &y, &yr);
-        assert_close(&format!("{shape:?} mean"), &mean, &mean_r);
-        assert_close(&format!("{shape:?} var"), &var, &var_r);
-        let r = random(&shape, &mut rng);
-        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
-            assert_close(
-                &format!("{shape:?} {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
+        for relu in [false, true] {
+            let c = shape[1];
+            // Shifted, scaled input so the statistics are not trivial.
+            let x = Var::from_tensor(&((random(&shape, &mut rng) * 3.0).unwrap() + 0.5).unwrap())
+                .unwrap();
+            let gamma = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
+            let beta = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
+            let (y, mean, var) = batch_norm_train(&x, &gamma, &beta, 1e-3, relu).unwrap();
+            let (yr, mean_r, var_r) =
+                batch_norm_train_reference(&x, &gamma, &beta, 1e-3, relu).unwrap();
+            let shape = format!("{shape:?} relu={relu}");
+            assert_close(&format!("{shape:?} y"), &y, &yr);
+            assert_close(&format!("{shape:?} mean"), &mean, &mean_r);
+            assert_close(&format!("{shape:?} var"), &var, &var_r);
+            let r = random(y.dims(), &mut rng);
+            let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+                assert_close(
+                    &format!("{shape:?} {name}"),
+                    gf.get(v).unwrap(),
+                    gr.get(v).unwrap(),
+                );
+            }
         }
     }
 }
@@ -167,18 +171,20 @@ fn relu_and_inference_batch_norm_match_candle() {
         let [gamma, beta, mean] =
             [0, 1, 2].map(|_| Var::from_tensor(&random(&[4], &mut rng)).unwrap());
         let var = (random(&[4], &mut rng).abs().unwrap() + 0.1).unwrap();
-        let y = batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
-        let yr = batch_norm_eval_reference(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
-        assert_close("bn eval", &y, &yr);
-        let r = random(&shape, &mut rng);
-        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
-            assert_close(
-                &format!("bn eval {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
+        for relu in [false, true] {
+            let y = batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-3, relu).unwrap();
+            let yr = batch_norm_eval_reference(&x, &gamma, &beta, &mean, &var, 1e-3, relu).unwrap();
+            assert_close("bn eval", &y, &yr);
+            let r = random(&shape, &mut rng);
+            let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+                assert_close(
+                    &format!("bn eval {name}"),
+                    gf.get(v).unwrap(),
+                    gr.get(v).unwrap(),
+                );
+            }
         }
     }
 }
