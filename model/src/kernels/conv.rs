@@ -97,6 +97,9 @@ impl Geom {
 
 /// Column matrix `[cin·kh·kw, oh·ow]` of one image.
 fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
+    if g.stride == 1 && g.ow == g.w {
+        return im2col_rows(x, g, cols);
+    }
     let (p, s) = (g.p(), g.stride);
     for ci in 0..g.cin {
         let plane = &x[ci * g.h * g.w..][..g.h * g.w];
@@ -122,6 +125,49 @@ fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
                             {
                                 *o = *v;
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] at stride 1 with output rows as wide as input rows: each row
+/// of the column matrix is then the input plane shifted by one offset, copied
+/// in one piece, with the few positions that fall in the padding zeroed after.
+fn im2col_rows(x: &[f32], g: &Geom, cols: &mut [f32]) {
+    let (p, w, hw) = (g.p(), g.w, g.h * g.w);
+    for ci in 0..g.cin {
+        let plane = &x[ci * hw..][..hw];
+        for ky in 0..g.kh {
+            // Output rows whose input row `oy + ky − top` lies inside the image.
+            let oy0 = g.top.saturating_sub(ky).min(g.oh);
+            let oy1 = (g.h + g.top).saturating_sub(ky).clamp(oy0, g.oh);
+            for kx in 0..g.kw {
+                let row = &mut cols[((ci * g.kh + ky) * g.kw + kx) * p..][..p];
+                row[..oy0 * w].fill(0.0);
+                row[oy1 * w..].fill(0.0);
+                if oy0 == oy1 {
+                    continue;
+                }
+                let dst = &mut row[oy0 * w..oy1 * w];
+                let start = ((oy0 + ky - g.top) * w) as isize + kx as isize - g.left as isize;
+                let end = start + dst.len() as isize;
+                let (s0, s1) = (start.max(0), end.min(hw as isize));
+                let off = (s0 - start) as usize;
+                let len = (s1 - s0).max(0) as usize;
+                dst[..off].fill(0.0);
+                dst[off..off + len].copy_from_slice(&plane[s0 as usize..][..len]);
+                dst[off + len..].fill(0.0);
+                let (lo, hi) = g.valid_cols(kx);
+                if lo > 0 || hi < w {
+                    for r in dst.chunks_exact_mut(w) {
+                        for v in &mut r[..lo] {
+                            *v = 0.0;
+                        }
+                        for v in &mut r[hi..] {
+                            *v = 0.0;
                         }
                     }
                 }
@@ -212,7 +258,13 @@ impl CustomOp3 for Conv2dOp {
             );
         }
         let (k, p, cout) = (g.k(), g.p(), g.cout);
-        let mut y = vec![0f32; g.n * cout * p];
+        // The output starts as the bias, written once; the gemm adds onto it.
+        let mut y = Vec::with_capacity(g.n * cout * p);
+        for _ in 0..g.n {
+            for &bias in b {
+                y.extend(std::iter::repeat_n(bias, p));
+            }
+        }
         if y.is_empty() {
             return Ok((
                 CpuStorage::F32(y),
@@ -234,9 +286,6 @@ impl CustomOp3 for Conv2dOp {
                 im2col(xi, &g, cols);
                 cols
             };
-            for (row, &bias) in yi.chunks_mut(p).zip(b) {
-                row.fill(bias);
-            }
             gemm(
                 cout,
                 p,
@@ -262,9 +311,17 @@ impl CustomOp3 for Conv2dOp {
                 .enumerate()
                 .for_each(|a| image(&mut cols, a));
         } else {
-            y.par_chunks_mut(cout * p)
+            // A few runs of images per thread, each with one column buffer
+            // (`for_each_init` would allocate one per rayon split).
+            let per_chunk = g.n.div_ceil(4 * t).max(1);
+            y.par_chunks_mut(per_chunk * cout * p)
                 .enumerate()
-                .for_each_init(|| vec![0f32; cols_len], image);
+                .for_each(|(c, yc)| {
+                    let mut cols = vec![0f32; cols_len];
+                    for (j, yi) in yc.chunks_mut(cout * p).enumerate() {
+                        image(&mut cols, (c * per_chunk + j, yi));
+                    }
+                });
         }
         Ok((
             CpuStorage::F32(y),
