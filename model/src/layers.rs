@@ -319,6 +319,15 @@ pub(crate) fn relu(x: &Tensor, pass: &Pass) -> Result<Tensor> {
     })
 }
 
+/// `max(a + b, 0)` (a residual connection): one fused op on the fast path.
+pub(crate) fn add_relu(a: &Tensor, b: &Tensor, pass: &Pass) -> Result<Tensor> {
+    Ok(if pass.fast {
+        kernels::add_relu(a, b)?
+    } else {
+        (a + b)?.relu()?
+    })
+}
+
 /// Inverted dropout with a mask drawn from the pass's seeded stream.
 pub(crate) fn dropout(x: &Tensor, p: f32, pass: &mut Pass) -> Result<Tensor> {
     if !pass.train || !pass.dropout || p <= 0.0 {

@@ -3,7 +3,8 @@
 use candle_core::{Module, Tensor};
 
 use crate::layers::{
-    dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass, Registry,
+    add_relu, dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass,
+    Registry,
 };
 use crate::{ModelError, ModelKind};
 
@@ -277,7 +278,7 @@ impl Resnet {
                 Some(conv) => conv.forward(&x)?,
                 None => x,
             };
-            x = relu(&(shortcut + y)?, pass)?;
+            x = add_relu(&shortcut, &y, pass)?;
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
         let x = if self.dropout {

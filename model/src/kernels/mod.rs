@@ -19,7 +19,7 @@ pub(crate) use bn::{
 };
 pub(crate) use conv::{conv2d, conv2d_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
-pub(crate) use relu::relu;
+pub(crate) use relu::{add_relu, relu};
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 

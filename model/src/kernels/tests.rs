@@ -166,6 +166,15 @@ fn relu_and_inference_batch_norm_match_candle() {
     let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
     assert_close("relu dx", gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    let b = Var::from_tensor(&random(&[3, 4, 5, 6], &mut rng)).unwrap();
+    let y = add_relu(&x, &b).unwrap();
+    let yr = (x.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+    assert_close("add-relu", &y, &yr);
+    let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &b] {
+        assert_close("add-relu grad", gf.get(v).unwrap(), gr.get(v).unwrap());
+    }
     for shape in [vec![3, 4, 5, 6], vec![7, 4]] {
         let x = Var::from_tensor(&random(&shape, &mut rng)).unwrap();
         let [gamma, beta, mean] =
