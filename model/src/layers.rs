@@ -328,16 +328,18 @@ pub(crate) fn add_relu(a: &Tensor, b: &Tensor, pass: &Pass) -> Result<Tensor> {
     })
 }
 
-/// Inverted dropout with a mask drawn from the pass's seeded stream.
+/// Inverted dropout with a mask drawn from the pass's seeded stream (one
+/// 64-bit draw per layer seeds the layer's mask; both engines use the same mask).
 pub(crate) fn dropout(x: &Tensor, p: f32, pass: &mut Pass) -> Result<Tensor> {
     if !pass.train || !pass.dropout || p <= 0.0 {
         return Ok(x.clone());
     }
-    let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if pass.rng.next_f32() >= p { scale } else { 0.0 })
-        .collect();
-    Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    let seed = pass.rng.next_u64();
+    Ok(if pass.fast {
+        kernels::dropout(x, p, seed)?
+    } else {
+        kernels::dropout_reference(x, p, seed)?
+    })
 }
 
 /// Number of correct predictions of `logits` (N, classes) against `labels`.

@@ -1,6 +1,6 @@
 //! Fast CPU training kernels as candle custom ops: convolution (im2col +
 //! gemm, with a hand-written backward), fused BatchNorm (training and
-//! inference), k×k max-pooling and ReLU.
+//! inference), k×k max-pooling, ReLU and dropout.
 //!
 //! Every op falls back to candle's own implementation on devices other than
 //! the CPU. The `*_reference` functions are candle's path on every device;
@@ -8,6 +8,7 @@
 
 mod bn;
 mod conv;
+mod dropout;
 mod pool;
 mod relu;
 
@@ -18,6 +19,7 @@ pub(crate) use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
 };
 pub(crate) use conv::{conv2d, conv2d_reference};
+pub(crate) use dropout::{dropout, dropout_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
 pub(crate) use relu::{add_relu, relu};
 

@@ -198,6 +198,27 @@ fn relu_and_inference_batch_norm_match_candle() {
     }
 }
 
+#[test]
+fn dropout_matches_reference_and_keeps_one_minus_p() {
+    let mut rng = Rng::new(17);
+    let x = Var::from_tensor(&random(&[5, 7, 33, 31], &mut rng)).unwrap();
+    let y = dropout(&x, 0.3, 99).unwrap();
+    let yr = dropout_reference(&x, 0.3, 99).unwrap();
+    assert_close("dropout", &y, &yr);
+    let r = random(y.dims(), &mut rng);
+    let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("dropout dx", gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    let mask = dropout::dropout_mask(200_000, 0.3, 5);
+    assert_eq!(mask, dropout::dropout_mask(200_000, 0.3, 5));
+    assert_ne!(mask, dropout::dropout_mask(200_000, 0.3, 6));
+    let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / 2e5;
+    assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
+    assert!(mask
+        .iter()
+        .all(|&m| m == 0.0 || (m - 1.0 / 0.7).abs() < 1e-6));
+}
+
 fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut rng = Rng::new(seed);
     let images = (0..n * data::IMAGE_BYTES)
