@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # gradcast vs PyTorch, side by side, on the CPU.
 #
-#   bench/compare.sh [--threads N] [--batch-size N] [--models "simple-cnn resnet20 complex-cnn"]
+#   bench/compare.sh [--threads N] [--batch-size N] [--rounds N] [--models "simple-cnn resnet20 complex-cnn"]
 #
 # For each model runs gradcast's `bench` and bench/pytorch_reference.py (NCHW
 # and channels_last, the faster of the two counts) one after the other in the
-# same run, then prints a table of img/s with the ratio gradcast / PyTorch for
-# training and inference. Raw JSON lines go to stderr as they come.
+# same run, `--rounds` times (default 2) alternating the engines, and keeps
+# each engine's best run (on a shared machine, load comes in bursts). Then
+# prints a table of img/s with the ratio gradcast / PyTorch for training and
+# inference. Raw JSON lines go to stderr as they come.
 #
 # Needs bench/.venv (bench/setup-venv.sh). Builds the bench with -j 1.
 set -euo pipefail
@@ -14,13 +16,15 @@ cd "$(dirname "$0")/.."
 
 threads=2
 batch=128
+rounds=2
 models="simple-cnn resnet20 complex-cnn"
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads="$2"; shift 2 ;;
         --batch-size) batch="$2"; shift 2 ;;
         --models) models="$2"; shift 2 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        --rounds) rounds="$2"; shift 2 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -48,9 +52,11 @@ echo "# $(date -u +%FT%TZ) load:$(uptime | sed 's/.*load average: //')" >&2
 for m in $models; do
     read -r steps warmup <<<"$(steps_for "$m")"
     common=(--model "$m" --batch-size "$batch" --threads "$threads" --steps "$steps" --warmup "$warmup")
-    "$gradcast" "${common[@]}" | tee -a "$results" >&2
-    "$python" bench/pytorch_reference.py "${common[@]}" | tee -a "$results" >&2
-    "$python" bench/pytorch_reference.py "${common[@]}" --channels-last | tee -a "$results" >&2
+    for _ in $(seq "$rounds"); do
+        "$gradcast" "${common[@]}" | tee -a "$results" >&2
+        "$python" bench/pytorch_reference.py "${common[@]}" | tee -a "$results" >&2
+        "$python" bench/pytorch_reference.py "${common[@]}" --channels-last | tee -a "$results" >&2
+    done
 done
 echo "# done, load:$(uptime | sed 's/.*load average: //')" >&2
 
@@ -63,7 +69,7 @@ def get(engine, model, mode):
     return max(c, key=lambda r: r["img_per_s"]) if c else None
 t = rows[0]["threads"] if rows else "?"
 b = rows[0]["batch_size"] if rows else "?"
-print(f"batch {b}, {t} thread(s); img/s (PyTorch: faster of NCHW / channels_last)\n")
+print(f"batch {b}, {t} thread(s); img/s, best of the rounds (PyTorch: faster of NCHW / channels_last)\n")
 print("| model | mode | gradcast | PyTorch | PyTorch format | gradcast / PyTorch |")
 print("|---|---|---:|---:|---|---:|")
 for m in models:
@@ -73,10 +79,13 @@ for m in models:
             continue
         print(f"| {m} | {mode} | {g['img_per_s']:.1f} | {p['img_per_s']:.1f} | "
               f"{p['memory_format']} | {g['img_per_s'] / p['img_per_s']:.2f}x |")
-print("\nPyTorch train includes the Adam step; gradcast's step is forward + backward only "
-      "(its optimizer runs on the coordinator). PyTorch forward+backward only:")
+print("\nPyTorch's training step includes the Adam update; gradcast's is forward + backward")
+print("only (its optimizer runs on the coordinator). Seconds per step of the best runs:\n")
+print("| model | gradcast fwd | gradcast bwd | PyTorch fwd | PyTorch bwd | PyTorch Adam | PyTorch fwd+bwd img/s |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 for m in models:
-    p = get("pytorch", m, "train")
-    if p and "fwd_bwd_img_per_s" in p:
-        print(f"  {m}: {p['fwd_bwd_img_per_s']:.1f} img/s ({p['memory_format']})")
+    g, p = get("gradcast", m, "train"), get("pytorch", m, "train")
+    if g and p:
+        print(f"| {m} | {g['forward_s']:.3f} | {g['backward_s']:.3f} | {p['forward_s']:.3f} | "
+              f"{p['backward_s']:.3f} | {p['optimizer_s']:.3f} | {p['fwd_bwd_img_per_s']:.1f} |")
 EOF
