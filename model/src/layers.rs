@@ -171,8 +171,9 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv2d {
+    /// The convolution, followed by a ReLU when `relu` (one fused op on the fast path).
+    pub fn forward_act(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
         let pad = match self.padding {
             Padding::Valid => [0; 4],
             Padding::Same => {
@@ -183,17 +184,22 @@ impl Module for Conv2d {
             }
         };
         if self.fast {
-            kernels::conv2d(
-                x,
-                &self.weight,
-                Some(&self.bias),
-                self.stride,
-                pad,
-                x.track_op(),
-            )
+            let b = Some(&self.bias);
+            kernels::conv2d_act(x, &self.weight, b, self.stride, pad, x.track_op(), relu)
         } else {
-            kernels::conv2d_reference(x, &self.weight, Some(&self.bias), self.stride, pad)
+            let y = kernels::conv2d_reference(x, &self.weight, Some(&self.bias), self.stride, pad)?;
+            if relu {
+                y.relu()
+            } else {
+                Ok(y)
+            }
         }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_act(x, false)
     }
 }
 

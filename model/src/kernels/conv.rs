@@ -231,6 +231,8 @@ struct Conv2dOp {
     pad: [usize; 4],
     /// Whether backward computes the gradient of the input (not for the image).
     input_grad: bool,
+    /// A ReLU follows (fused: applied while the output is in cache).
+    relu: bool,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -304,6 +306,9 @@ impl CustomOp3 for Conv2dOp {
                 },
                 inner,
             );
+            if self.relu {
+                yi.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
         };
         if g.n < t {
             let mut cols = vec![0f32; cols_len];
@@ -334,11 +339,19 @@ impl CustomOp3 for Conv2dOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
         let _t = super::Prof::new("conv-bwd", &g);
+        // Through the fused ReLU: the gradient passes where the output is positive.
+        let masked;
+        let grad = if self.relu {
+            masked = super::relu::masked(res, grad)?;
+            &masked
+        } else {
+            grad
+        };
         let (k, p, cout) = (g.k(), g.p(), g.cout);
         let t = threads();
         // A few chunks per thread, so that work stealing evens out a busy core.
@@ -484,7 +497,8 @@ impl CustomOp3 for Conv2dOp {
 ///
 /// On the CPU this is the im2col + gemm op; `input_grad: false` makes its
 /// backward skip the gradient of `x` (for a network's first layer). Elsewhere
-/// it is candle's convolution.
+/// it is candle's convolution. (The layers call [`conv2d_act`].)
+#[cfg(test)]
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -493,8 +507,22 @@ pub(crate) fn conv2d(
     pad: [usize; 4],
     input_grad: bool,
 ) -> Result<Tensor> {
+    conv2d_act(x, w, b, stride, pad, input_grad, false)
+}
+
+/// [`conv2d`] followed by a ReLU when `relu`: one op on the CPU.
+pub(crate) fn conv2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+    input_grad: bool,
+    relu: bool,
+) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
-        return conv2d_reference(x, w, b, stride, pad);
+        let y = conv2d_reference(x, w, b, stride, pad)?;
+        return if relu { y.relu() } else { Ok(y) };
     }
     let cout = w.dim(0)?;
     let b = match b {
@@ -505,6 +533,7 @@ pub(crate) fn conv2d(
         stride,
         pad,
         input_grad,
+        relu,
     };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, op)

@@ -18,7 +18,9 @@ mod tests;
 pub(crate) use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
 };
-pub(crate) use conv::{conv2d, conv2d_reference};
+#[cfg(test)]
+pub(crate) use conv::conv2d;
+pub(crate) use conv::{conv2d_act, conv2d_reference};
 pub(crate) use dropout::{dropout, dropout_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
 pub(crate) use relu::{add_relu, relu};

@@ -46,7 +46,7 @@ pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
 struct AddReluOp;
 
 /// `dy` where `y > 0`, else 0.
-fn masked(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+pub(super) fn masked(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let dx = with_values(y, |y| {
         with_values(grad, |dy| {
             let mut dx = vec![0f32; y.len()];

@@ -50,9 +50,16 @@ fn conv2d_matches_candle_values_and_gradients() {
         let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
         let wt = Var::from_tensor(&random(&[cout, cin, k, k], &mut rng)).unwrap();
         let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
-        let fast = conv2d(&x, &wt, Some(&b), stride, pad, true).unwrap();
+        // Every other case with the fused ReLU.
+        let relu = (h + w + k) % 2 == 0;
+        let fast = conv2d_act(&x, &wt, Some(&b), stride, pad, true, relu).unwrap();
         let reference = conv2d_reference(&x, &wt, Some(&b), stride, pad).unwrap();
-        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride} {pad:?}");
+        let reference = if relu {
+            reference.relu().unwrap()
+        } else {
+            reference
+        };
+        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride} {pad:?} relu={relu}");
         assert_close(&format!("{case} forward"), &fast, &reference);
         let r = random(reference.dims(), &mut rng);
         let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
