@@ -155,10 +155,13 @@ fn im2col_rows(x: &[f32], g: &Geom, cols: &mut [f32]) {
                 let start = ((oy0 + ky - g.top) * w) as isize + kx as isize - g.left as isize;
                 let end = start + dst.len() as isize;
                 let (s0, s1) = (start.max(0), end.min(hw as isize));
-                let off = (s0 - start) as usize;
-                let len = (s1 - s0).max(0) as usize;
+                // (Clamped for paddings wider than the image.)
+                let off = ((s0 - start) as usize).min(dst.len());
+                let len = ((s1 - s0).max(0) as usize).min(dst.len() - off);
                 dst[..off].fill(0.0);
-                dst[off..off + len].copy_from_slice(&plane[s0 as usize..][..len]);
+                if len > 0 {
+                    dst[off..off + len].copy_from_slice(&plane[s0 as usize..][..len]);
+                }
                 dst[off + len..].fill(0.0);
                 let (lo, hi) = g.valid_cols(kx);
                 if lo > 0 || hi < w {

@@ -45,6 +45,8 @@ fn conv2d_matches_candle_values_and_gradients() {
         (4, 2, 11, 10, 3, 3, 2, [1, 1, 0, 1]),
         (1, 1, 4, 4, 1, 4, 1, [1, 2, 1, 2]),
         (5, 3, 6, 5, 2, 3, 3, [2, 0, 1, 1]),
+        (2, 2, 1, 1, 3, 5, 1, [2, 2, 2, 2]),
+        (2, 2, 2, 1, 3, 5, 1, [2, 2, 2, 2]),
     ];
     for (n, cin, h, w, cout, k, stride, pad) in cases {
         let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
