@@ -171,8 +171,9 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv2d {
+    /// The convolution, followed by a ReLU when `relu` (one fused op on the fast path).
+    pub fn forward_act(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
         let pad = match self.padding {
             Padding::Valid => [0; 4],
             Padding::Same => {
@@ -183,17 +184,22 @@ impl Module for Conv2d {
             }
         };
         if self.fast {
-            kernels::conv2d(
-                x,
-                &self.weight,
-                Some(&self.bias),
-                self.stride,
-                pad,
-                x.track_op(),
-            )
+            let b = Some(&self.bias);
+            kernels::conv2d_act(x, &self.weight, b, self.stride, pad, x.track_op(), relu)
         } else {
-            kernels::conv2d_reference(x, &self.weight, Some(&self.bias), self.stride, pad)
+            let y = kernels::conv2d_reference(x, &self.weight, Some(&self.bias), self.stride, pad)?;
+            if relu {
+                y.relu()
+            } else {
+                Ok(y)
+            }
         }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_act(x, false)
     }
 }
 
@@ -283,22 +289,29 @@ impl BatchNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+    /// BatchNorm followed by a ReLU when `relu`: one fused op on the fast path.
+    pub fn forward_act(&self, x: &Tensor, pass: &mut Pass, relu: bool) -> Result<Tensor> {
+        let eps = BN_EPSILON;
         if pass.train {
             let (y, mean, var) = if self.fast {
-                kernels::batch_norm_train(x, &self.gamma, &self.beta, BN_EPSILON)?
+                kernels::batch_norm_train(x, &self.gamma, &self.beta, eps, relu)?
             } else {
-                kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, BN_EPSILON)?
+                kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, eps, relu)?
             };
             pass.bn_stats.push((self.mean_index, mean, var));
             return Ok(y);
         }
         // Inference: the running statistics.
-        let (mean, var) = (&self.running_mean, &self.running_var);
+        let (g, b, mean, var) = (
+            &self.gamma,
+            &self.beta,
+            &self.running_mean,
+            &self.running_var,
+        );
         Ok(if self.fast {
-            kernels::batch_norm_eval(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+            kernels::batch_norm_eval(x, g, b, mean, var, eps, relu)?
         } else {
-            kernels::batch_norm_eval_reference(x, &self.gamma, &self.beta, mean, var, BN_EPSILON)?
+            kernels::batch_norm_eval_reference(x, g, b, mean, var, eps, relu)?
         })
     }
 }
@@ -312,16 +325,27 @@ pub(crate) fn relu(x: &Tensor, pass: &Pass) -> Result<Tensor> {
     })
 }
 
-/// Inverted dropout with a mask drawn from the pass's seeded stream.
+/// `max(a + b, 0)` (a residual connection): one fused op on the fast path.
+pub(crate) fn add_relu(a: &Tensor, b: &Tensor, pass: &Pass) -> Result<Tensor> {
+    Ok(if pass.fast {
+        kernels::add_relu(a, b)?
+    } else {
+        (a + b)?.relu()?
+    })
+}
+
+/// Inverted dropout with a mask drawn from the pass's seeded stream (one
+/// 64-bit draw per layer seeds the layer's mask; both engines use the same mask).
 pub(crate) fn dropout(x: &Tensor, p: f32, pass: &mut Pass) -> Result<Tensor> {
     if !pass.train || !pass.dropout || p <= 0.0 {
         return Ok(x.clone());
     }
-    let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if pass.rng.next_f32() >= p { scale } else { 0.0 })
-        .collect();
-    Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    let seed = pass.rng.next_u64();
+    Ok(if pass.fast {
+        kernels::dropout(x, p, seed)?
+    } else {
+        kernels::dropout_reference(x, p, seed)?
+    })
 }
 
 /// Number of correct predictions of `logits` (N, classes) against `labels`.
@@ -453,7 +477,7 @@ mod tests {
             rng: Rng::new(0),
             bn_stats: vec![],
         };
-        let y = bn.forward(&x, &mut pass).unwrap();
+        let y = bn.forward_act(&x, &mut pass, false).unwrap();
         let (_, mean, var) = &pass.bn_stats[0];
         // channel 0 holds 1,2,10,20; channel 1 holds 3,4,30,40.
         assert_eq!(mean.to_vec1::<f32>().unwrap(), vec![8.25, 19.25]);

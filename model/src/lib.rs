@@ -28,14 +28,17 @@ pub use spec::{ModelKind, ModelSpec};
 /// short-lived activation buffers of every step back to the kernel and
 /// page-faults them in again on the next, which costs a tenth of a step or
 /// more. Keeps freed memory in the process instead (peak usage is reached in
-/// the first step anyway); glibc still maps buffers over 32 MiB one by one
-/// (its limit). Process-wide; call once at start-up, before
-/// spawning threads. Does nothing off glibc.
+/// the first step anyway): no trimming, and no `mmap` for large blocks at all
+/// (glibc caps the mmap threshold at 32 MiB, and a batch of 128 has
+/// activations of 64 MiB), so every buffer comes from the heap and is reused.
+/// Process-wide; call once at start-up, before spawning threads. Does nothing
+/// off glibc.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }

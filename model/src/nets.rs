@@ -3,7 +3,8 @@
 use candle_core::{Module, Tensor};
 
 use crate::layers::{
-    dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass, Registry,
+    add_relu, dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass,
+    Registry,
 };
 use crate::{ModelError, ModelKind};
 
@@ -69,8 +70,8 @@ impl SimpleCnn {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let x = relu(&self.conv1.forward(x)?, pass)?;
-        let x = relu(&self.conv2.forward(&x)?, pass)?;
+        let x = self.conv1.forward_act(x, true)?;
+        let x = self.conv2.forward_act(&x, true)?;
         let x = self.pool.forward(&x)?;
         let x = dropout(&x, 0.25, pass)?.flatten_from(1)?;
         let x = relu(&self.dense1.forward(&x)?, pass)?;
@@ -100,8 +101,7 @@ impl ConvBnRelu {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
-        relu(&y, pass)
+        self.bn.forward_act(&self.conv.forward(x)?, pass, true)
     }
 }
 
@@ -158,7 +158,7 @@ impl ComplexCnn {
             x = dropout(&self.pool.forward(&x)?, 0.25, pass)?;
         }
         let x = self.dense1.forward(&x.flatten_from(1)?)?;
-        let x = relu(&self.bn_dense.forward(&x, pass)?, pass)?;
+        let x = self.bn_dense.forward_act(&x, pass, true)?;
         let x = dropout(&x, 0.5, pass)?;
         Ok(self.dense2.forward(&x)?)
     }
@@ -195,12 +195,7 @@ impl ResnetLayer {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let y = self.bn.forward(&self.conv.forward(x)?, pass)?;
-        if self.relu {
-            relu(&y, pass)
-        } else {
-            Ok(y)
-        }
+        self.bn.forward_act(&self.conv.forward(x)?, pass, self.relu)
     }
 }
 
@@ -283,7 +278,7 @@ impl Resnet {
                 Some(conv) => conv.forward(&x)?,
                 None => x,
             };
-            x = relu(&(shortcut + y)?, pass)?;
+            x = add_relu(&shortcut, &y, pass)?;
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
         let x = if self.dropout {

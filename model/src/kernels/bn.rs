@@ -41,6 +41,8 @@ struct BatchNormOp {
     invstd: Vec<f32>,
     /// The statistics are constants (inference), not functions of `x`.
     fixed: bool,
+    /// A ReLU follows the normalisation (fused: one pass, one gradient).
+    relu: bool,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -76,7 +78,11 @@ impl CustomOp3 for BatchNormOp {
                         let rows = yi[ch * inner..][..inner]
                             .iter_mut()
                             .zip(&xi[ch * inner..][..inner]);
-                        rows.for_each(|(y, x)| *y = x * s + t);
+                        if self.relu {
+                            rows.for_each(|(y, x)| *y = (x * s + t).max(0.0));
+                        } else {
+                            rows.for_each(|(y, x)| *y = x * s + t);
+                        }
                     }
                 });
         }
@@ -88,9 +94,30 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = super::Prof::new("bn-bwd", &x.dims());
+        // Through the fused ReLU first: the gradient passes where the output is positive.
+        let grad = if self.relu {
+            let masked = with_values(res, |y| {
+                with_values(grad, |dy| {
+                    let mut out = vec![0f32; y.len()];
+                    out.par_chunks_mut(1 << 16)
+                        .zip(y.par_chunks(1 << 16).zip(dy.par_chunks(1 << 16)))
+                        .for_each(|(o, (y, dy))| {
+                            for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                                *o = if y > 0.0 { g } else { 0.0 };
+                            }
+                        });
+                    Ok(out)
+                })
+            })?;
+            Tensor::from_vec(masked, grad.shape(), grad.device())?
+        } else {
+            grad.clone()
+        };
+        let grad = &grad;
         let dims = split(x.dims())?;
         let (n, c, inner) = dims;
         let m = (n * inner) as f64;
@@ -173,9 +200,10 @@ pub(crate) fn batch_norm_train(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return batch_norm_train_reference(x, gamma, beta, eps);
+        return batch_norm_train_reference(x, gamma, beta, eps, relu);
     }
     let x = x.contiguous()?;
     let dims = split(x.dims())?;
@@ -211,6 +239,7 @@ pub(crate) fn batch_norm_train(
         mean: mean32.clone(),
         invstd,
         fixed: false,
+        relu,
     };
     let y = x.apply_op3(
         &gamma.flatten_all()?.contiguous()?,
@@ -235,9 +264,10 @@ pub(crate) fn batch_norm_eval(
     mean: &Tensor,
     var: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return batch_norm_eval_reference(x, gamma, beta, mean, var, eps);
+        return batch_norm_eval_reference(x, gamma, beta, mean, var, eps, relu);
     }
     let mean = with_values(mean, |m| Ok(m.to_vec()))?;
     let invstd = with_values(var, |v| {
@@ -249,6 +279,7 @@ pub(crate) fn batch_norm_eval(
         mean,
         invstd,
         fixed: true,
+        relu,
     };
     x.contiguous()?.apply_op3(
         &gamma.flatten_all()?.contiguous()?,
@@ -266,13 +297,19 @@ pub(crate) fn batch_norm_eval_reference(
     mean: &Tensor,
     var: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<Tensor> {
     let c = x.dim(1)?;
     let shape: Vec<usize> = (0..x.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
     let shape = shape.as_slice();
     let scale = (gamma.reshape(shape)? / (var.reshape(shape)? + eps)?.sqrt()?)?;
     let shift = (beta.reshape(shape)? - mean.reshape(shape)?.mul(&scale)?)?;
-    x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// [`batch_norm_train`] with candle's broadcast operations.
@@ -281,6 +318,7 @@ pub(crate) fn batch_norm_train_reference(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let rank = x.rank();
     let c = x.dim(1)?;
@@ -293,5 +331,6 @@ pub(crate) fn batch_norm_train_reference(
     let y = xhat
         .broadcast_mul(&gamma.reshape(shape.as_slice())?)?
         .broadcast_add(&beta.reshape(shape.as_slice())?)?;
+    let y = if relu { y.relu()? } else { y };
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }

@@ -1,6 +1,6 @@
 //! Fast CPU training kernels as candle custom ops: convolution (im2col +
 //! gemm, with a hand-written backward), fused BatchNorm (training and
-//! inference), k×k max-pooling and ReLU.
+//! inference), k×k max-pooling, ReLU and dropout.
 //!
 //! Every op falls back to candle's own implementation on devices other than
 //! the CPU. The `*_reference` functions are candle's path on every device;
@@ -8,6 +8,7 @@
 
 mod bn;
 mod conv;
+mod dropout;
 mod pool;
 mod relu;
 
@@ -17,9 +18,12 @@ mod tests;
 pub(crate) use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
 };
-pub(crate) use conv::{conv2d, conv2d_reference};
+#[cfg(test)]
+pub(crate) use conv::conv2d;
+pub(crate) use conv::{conv2d_act, conv2d_reference};
+pub(crate) use dropout::{dropout, dropout_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
-pub(crate) use relu::relu;
+pub(crate) use relu::{add_relu, relu};
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 
@@ -138,5 +142,24 @@ fn parallelism(threads: usize) -> gemm::Parallelism {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
+    }
+}
+
+/// Per-op timing on stderr when `GRADCAST_KERNEL_PROFILE` is set: one
+/// `PROF <op> <ms> <shape>` line per kernel call (a profiling aid).
+pub(crate) struct Prof(&'static str, String, std::time::Instant);
+
+impl Prof {
+    pub(crate) fn new(what: &'static str, shape: &impl std::fmt::Debug) -> Option<Self> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        ON.get_or_init(|| std::env::var_os("GRADCAST_KERNEL_PROFILE").is_some())
+            .then(|| Prof(what, format!("{shape:?}"), std::time::Instant::now()))
+    }
+}
+
+impl Drop for Prof {
+    fn drop(&mut self) {
+        let ms = self.2.elapsed().as_secs_f64() * 1e3;
+        eprintln!("PROF {} {ms:.2}ms {}", self.0, self.1);
     }
 }

@@ -33,6 +33,31 @@ fn argmax(plane: &[f32], w: usize, k: usize, oy: usize, ox: usize) -> usize {
     best
 }
 
+/// Backward of 2×2 pooling on one plane: each window's gradient goes to its
+/// first maximum (the same choice as [`argmax`]), written without branches.
+fn pool2_backward(xp: &[f32], dyp: &[f32], dxp: &mut [f32], w: usize, oh: usize, ow: usize) {
+    for oy in 0..oh {
+        let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
+        let (x0, x1) = (&xp[r0..r0 + 2 * ow], &xp[r1..r1 + 2 * ow]);
+        let g = &dyp[oy * ow..][..ow];
+        let (top, rest) = dxp[r0..].split_at_mut(w);
+        let (d0, d1) = (&mut top[..2 * ow], &mut rest[..2 * ow]);
+        for ox in 0..ow {
+            let (a, b, c, d) = (x0[2 * ox], x0[2 * ox + 1], x1[2 * ox], x1[2 * ox + 1]);
+            let gv = g[ox];
+            // First maximum in row-major order: a, b, c, d.
+            let ta = a >= b && a >= c && a >= d;
+            let tb = !ta && b >= c && b >= d;
+            let tc = !ta && !tb && c >= d;
+            let td = !ta && !tb && !tc;
+            d0[2 * ox] = if ta { gv } else { 0.0 };
+            d0[2 * ox + 1] = if tb { gv } else { 0.0 };
+            d1[2 * ox] = if tc { gv } else { 0.0 };
+            d1[2 * ox + 1] = if td { gv } else { 0.0 };
+        }
+    }
+}
+
 /// The pooling as a candle op.
 struct MaxPoolOp {
     k: usize,
@@ -67,6 +92,7 @@ impl CustomOp1 for MaxPoolOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = super::Prof::new("pool-bwd", &arg.dims());
         let (_, h, w, oh, ow) = geom(arg.dims(), self.k)?;
         let k = self.k;
         let dx = with_values(arg, |x| {
@@ -77,6 +103,10 @@ impl CustomOp1 for MaxPoolOp {
                         .zip(x.par_chunks(h * w))
                         .zip(dy.par_chunks(oh * ow))
                         .for_each(|((dxp, xp), dyp)| {
+                            if k == 2 {
+                                pool2_backward(xp, dyp, dxp, w, oh, ow);
+                                return;
+                            }
                             for oy in 0..oh {
                                 for ox in 0..ow {
                                     dxp[argmax(xp, w, k, oy, ox)] += dyp[oy * ow + ox];

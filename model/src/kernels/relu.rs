@@ -1,6 +1,6 @@
-//! ReLU with a one-pass backward.
+//! ReLU, and the residual `ReLU(a + b)`, with one-pass backwards.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{cpu_slice, with_values};
@@ -27,22 +27,9 @@ impl CustomOp1 for ReluOp {
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_values(res, |y| {
-            with_values(grad, |dy| {
-                let mut dx = vec![0f32; y.len()];
-                dx.par_chunks_mut(CHUNK)
-                    .zip(y.par_chunks(CHUNK))
-                    .zip(dy.par_chunks(CHUNK))
-                    .for_each(|((dx, y), dy)| {
-                        for ((d, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
-                            *d = if y > 0.0 { g } else { 0.0 };
-                        }
-                    });
-                Ok(dx)
-            })
-        })?;
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = super::Prof::new("relu-bwd", &res.dims());
+        Ok(Some(masked(res, grad)?))
     }
 }
 
@@ -52,4 +39,78 @@ pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
         return x.relu();
     }
     x.contiguous()?.apply_op1(ReluOp)
+}
+
+/// `max(a + b, 0)` as one candle op (a residual connection); its backward
+/// passes the gradient, where the output is positive, to both inputs.
+struct AddReluOp;
+
+/// `dy` where `y > 0`, else 0.
+pub(super) fn masked(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let dx = with_values(y, |y| {
+        with_values(grad, |dy| {
+            let mut dx = vec![0f32; y.len()];
+            dx.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK))
+                .for_each(|((dx, y), dy)| {
+                    for ((d, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
+                        *d = if y > 0.0 { g } else { 0.0 };
+                    }
+                });
+            Ok(dx)
+        })
+    })?;
+    Tensor::from_vec(dx, y.shape(), y.device())
+}
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "gradcast-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "add-relu: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let (a, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(y, (a, b))| {
+                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                    *y = (a + b).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = masked(res, grad)?;
+        Ok((Some(d.clone()), Some(d)))
+    }
+}
+
+/// `max(a + b, 0)`: one fused op on the CPU, candle's add and `relu` elsewhere.
+pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 || a.shape() != b.shape() {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
 }

@@ -45,14 +45,23 @@ fn conv2d_matches_candle_values_and_gradients() {
         (4, 2, 11, 10, 3, 3, 2, [1, 1, 0, 1]),
         (1, 1, 4, 4, 1, 4, 1, [1, 2, 1, 2]),
         (5, 3, 6, 5, 2, 3, 3, [2, 0, 1, 1]),
+        (2, 2, 1, 1, 3, 5, 1, [2, 2, 2, 2]),
+        (2, 2, 2, 1, 3, 5, 1, [2, 2, 2, 2]),
     ];
     for (n, cin, h, w, cout, k, stride, pad) in cases {
         let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
         let wt = Var::from_tensor(&random(&[cout, cin, k, k], &mut rng)).unwrap();
         let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
-        let fast = conv2d(&x, &wt, Some(&b), stride, pad, true).unwrap();
+        // Every other case with the fused ReLU.
+        let relu = (h + w + k) % 2 == 0;
+        let fast = conv2d_act(&x, &wt, Some(&b), stride, pad, true, relu).unwrap();
         let reference = conv2d_reference(&x, &wt, Some(&b), stride, pad).unwrap();
-        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride} {pad:?}");
+        let reference = if relu {
+            reference.relu().unwrap()
+        } else {
+            reference
+        };
+        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride} {pad:?} relu={relu}");
         assert_close(&format!("{case} forward"), &fast, &reference);
         let r = random(reference.dims(), &mut rng);
         let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -103,26 +112,30 @@ fn batch_norm_matches_candle_values_stats_and_gradients() {
         vec![3, 5, 1, 1],
         vec![1, 2, 3, 3],
     ] {
-        let c = shape[1];
-        // Shifted, scaled input so the statistics are not trivial.
-        let x =
-            Var::from_tensor(&((random(&shape, &mut rng) * 3.0).unwrap() + 0.5).unwrap()).unwrap();
-        let gamma = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
-        let beta = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
-        let (y, mean, var) = batch_norm_train(&x, &gamma, &beta, 1e-3).unwrap();
-        let (yr, mean_r, var_r) = batch_norm_train_reference(&x, &gamma, &beta, 1e-3).unwrap();
-        assert_close(&format!("{shape:?} y"), &y, &yr);
-        assert_close(&format!("{shape:?} mean"), &mean, &mean_r);
-        assert_close(&format!("{shape:?} var"), &var, &var_r);
-        let r = random(&shape, &mut rng);
-        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
-            assert_close(
-                &format!("{shape:?} {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
+        for relu in [false, true] {
+            let c = shape[1];
+            // Shifted, scaled input so the statistics are not trivial.
+            let x = Var::from_tensor(&((random(&shape, &mut rng) * 3.0).unwrap() + 0.5).unwrap())
+                .unwrap();
+            let gamma = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
+            let beta = Var::from_tensor(&random(&[c], &mut rng)).unwrap();
+            let (y, mean, var) = batch_norm_train(&x, &gamma, &beta, 1e-3, relu).unwrap();
+            let (yr, mean_r, var_r) =
+                batch_norm_train_reference(&x, &gamma, &beta, 1e-3, relu).unwrap();
+            let shape = format!("{shape:?} relu={relu}");
+            assert_close(&format!("{shape:?} y"), &y, &yr);
+            assert_close(&format!("{shape:?} mean"), &mean, &mean_r);
+            assert_close(&format!("{shape:?} var"), &var, &var_r);
+            let r = random(y.dims(), &mut rng);
+            let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+                assert_close(
+                    &format!("{shape:?} {name}"),
+                    gf.get(v).unwrap(),
+                    gr.get(v).unwrap(),
+                );
+            }
         }
     }
 }
@@ -162,25 +175,57 @@ fn relu_and_inference_batch_norm_match_candle() {
     let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
     assert_close("relu dx", gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    let b = Var::from_tensor(&random(&[3, 4, 5, 6], &mut rng)).unwrap();
+    let y = add_relu(&x, &b).unwrap();
+    let yr = (x.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+    assert_close("add-relu", &y, &yr);
+    let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &b] {
+        assert_close("add-relu grad", gf.get(v).unwrap(), gr.get(v).unwrap());
+    }
     for shape in [vec![3, 4, 5, 6], vec![7, 4]] {
         let x = Var::from_tensor(&random(&shape, &mut rng)).unwrap();
         let [gamma, beta, mean] =
             [0, 1, 2].map(|_| Var::from_tensor(&random(&[4], &mut rng)).unwrap());
         let var = (random(&[4], &mut rng).abs().unwrap() + 0.1).unwrap();
-        let y = batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
-        let yr = batch_norm_eval_reference(&x, &gamma, &beta, &mean, &var, 1e-3).unwrap();
-        assert_close("bn eval", &y, &yr);
-        let r = random(&shape, &mut rng);
-        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
-            assert_close(
-                &format!("bn eval {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
+        for relu in [false, true] {
+            let y = batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-3, relu).unwrap();
+            let yr = batch_norm_eval_reference(&x, &gamma, &beta, &mean, &var, 1e-3, relu).unwrap();
+            assert_close("bn eval", &y, &yr);
+            let r = random(&shape, &mut rng);
+            let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("dx", &x), ("dgamma", &gamma), ("dbeta", &beta)] {
+                assert_close(
+                    &format!("bn eval {name}"),
+                    gf.get(v).unwrap(),
+                    gr.get(v).unwrap(),
+                );
+            }
         }
     }
+}
+
+#[test]
+fn dropout_matches_reference_and_keeps_one_minus_p() {
+    let mut rng = Rng::new(17);
+    let x = Var::from_tensor(&random(&[5, 7, 33, 31], &mut rng)).unwrap();
+    let y = dropout(&x, 0.3, 99).unwrap();
+    let yr = dropout_reference(&x, 0.3, 99).unwrap();
+    assert_close("dropout", &y, &yr);
+    let r = random(y.dims(), &mut rng);
+    let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("dropout dx", gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    let mask = dropout::dropout_mask(200_000, 0.3, 5);
+    assert_eq!(mask, dropout::dropout_mask(200_000, 0.3, 5));
+    assert_ne!(mask, dropout::dropout_mask(200_000, 0.3, 6));
+    let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / 2e5;
+    assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
+    assert!(mask
+        .iter()
+        .all(|&m| m == 0.0 || (m - 1.0 / 0.7).abs() < 1e-6));
 }
 
 fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
