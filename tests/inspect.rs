@@ -290,3 +290,47 @@ print(json.dumps({"meta": meta, "tensors": {k: [list(v.shape), str(v.dtype), flo
         );
     }
 }
+
+/// On a terminal (a pseudo-terminal from util-linux `script`), `gradcast run`
+/// draws the coordinator's per-epoch progress bar; off a terminal it prints
+/// plain lines only.
+#[test]
+fn progress_bar_on_a_terminal_plain_lines_otherwise() {
+    let t = trained();
+    let cmd = format!(
+        "{BIN} run --nodes 1 --threads-per-node 1 --data {} --epochs 1 --batch-size 20",
+        t.data.display()
+    );
+    let out = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("util-linux `script` is needed for this test");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("epoch 1/1 [") && screen.contains("steps") && screen.contains("ETA"),
+        "no bar:\n{screen}"
+    );
+    assert!(screen.contains("val_accuracy"), "{screen}");
+
+    let piped = gradcast(&[
+        "run",
+        "--nodes",
+        "1",
+        "--threads-per-node",
+        "1",
+        "--data",
+        t.data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+    ]);
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !err.contains("ETA"),
+        "a bar was drawn off a terminal:\n{err}"
+    );
+    assert!(err.contains("epoch 1/1: loss"), "{err}");
+}
