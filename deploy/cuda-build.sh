@@ -7,7 +7,8 @@
 #   CUDA_COMPUTE_CAP=80 deploy/cuda-build.sh  # A100
 #   CUDA_MAJOR=12 deploy/cuda-build.sh        # the -cu12 wheels instead
 #
-# Result: target/release/gradcast (CUDA build). At run time it loads the CUDA
+# Result: target/cuda/release/gradcast (a separate target folder, so the CPU
+# build in target/release is left alone). At run time it loads the CUDA
 # driver (libcuda.so.1, from the NVIDIA driver) and the CUDA runtime libraries
 # (libcudart, libcublas, libcublasLt, libcurand, libnvrtc). They are found
 # through the usual dynamic-loader search; point LD_LIBRARY_PATH at the
@@ -52,7 +53,8 @@ export LIBRARY_PATH="$libs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvcc --version | tail -n 2
 
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 cargo build --release --features cuda --bin gradcast
-strip target/release/gradcast
-echo "built target/release/gradcast with CUDA $MAJOR for compute capability $CAP"
+strip "$CARGO_TARGET_DIR/release/gradcast"
+echo "built $CARGO_TARGET_DIR/release/gradcast with CUDA $MAJOR for compute capability $CAP"
 echo "runtime libraries: LD_LIBRARY_PATH=$libs (or a PyTorch install's nvidia/*/lib)"
