@@ -43,6 +43,21 @@ while IFS= read -r so; do
   ln -sf "$so" "$libs/$base"
   ln -sf "$so" "$libs/${base%%.so*}.so"
 done < <(find "$site/nvidia" -name 'lib*.so*' -type f)
+# The CUDA driver library (libcuda.so.1) comes with the NVIDIA driver, not with
+# the toolkit wheels. To link without a driver installed, build a stub with the
+# driver API's symbols (taken from cudarc's bindings) and soname libcuda.so.1;
+# at run time the real driver library is loaded instead.
+if ! ls "$libs"/libcuda.so >/dev/null 2>&1 || [ -n "${REBUILD_CUDA_STUB:-}" ]; then
+  bindings=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-*/src/driver/sys/mod.rs' | sort -V | tail -n 1)
+  if [ -z "$bindings" ]; then
+    cargo fetch --quiet
+    bindings=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-*/src/driver/sys/mod.rs' | sort -V | tail -n 1)
+  fi
+  grep -o 'fn cu[A-Z][A-Za-z0-9_]*' "$bindings" | sed 's/^fn //' | sort -u \
+    | sed 's/.*/void &(void) {}/' > "$libs/cuda_stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$libs/libcuda.so" "$libs/cuda_stub.c"
+  rm -f "$libs/libcuda.so.1"
+fi
 includes=$(find "$site/nvidia" -name 'cuda_runtime.h' -printf '%h\n' | sort -u | paste -sd: -)
 
 export PATH="$root/bin:$PATH"
@@ -52,6 +67,16 @@ export CPATH="$includes${CPATH:+:$CPATH}"
 export LIBRARY_PATH="$libs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvcc --version | tail -n 2
+# cudarc knows toolkits up to a given release (13.4 for the version candle
+# 0.11 uses); newer 13.x toolkits work with its 13.4 bindings.
+if [ -z "${CUDARC_CUDA_VERSION:-}" ]; then
+  release=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+  read -r cmaj cmin <<<"$release"
+  if [ "$cmaj" = 13 ] && [ "$cmin" -gt 4 ]; then cmin=4; fi
+  if [ "$cmaj" = 12 ] && [ "$cmin" -gt 9 ]; then cmin=9; fi
+  export CUDARC_CUDA_VERSION="${cmaj}0${cmin}0"
+fi
+echo "cudarc bindings for CUDA $CUDARC_CUDA_VERSION"
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 cargo build --release --features cuda --bin gradcast
