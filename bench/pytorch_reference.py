@@ -231,6 +231,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = p.parse_args()
     if min(args.batch_size, args.threads, args.steps) <= 0 or args.warmup < 0:
         raise SystemExit("--batch-size, --threads and --steps must be positive")
@@ -243,14 +244,16 @@ def main():
     if expected is not None:
         assert trainable == expected, f"{args.model}: {trainable} trainable parameters, expected {expected}"
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = model.to(device=device, memory_format=fmt)
     l2_kernels = model.l2_kernels() if isinstance(model, Resnet) else []
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
 
     g = torch.Generator().manual_seed(42)
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), generator=g)
-    x = (images.float() / 255.0).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    x = (images.float() / 255.0).contiguous(memory_format=fmt).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
 
     def line(mode, secs, **extra):
         out = {
@@ -261,6 +264,7 @@ def main():
             "threads": args.threads,
             "img_per_s": round(args.batch_size / secs, 2),
             "memory_format": "channels_last" if args.channels_last else "nchw",
+            "device": args.device,
         }
         out.update(extra)
         print(json.dumps(out, separators=(",", ":")), flush=True)
@@ -268,15 +272,19 @@ def main():
     model.train()
     total, fwd, bwd, step_s = [], [], [], []
     for step in range(args.warmup + args.steps):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         if l2_kernels:
             loss = loss + RESNET_L2 * sum(w.pow(2).sum() for w in l2_kernels)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
+        sync()
         t3 = time.perf_counter()
         if step >= args.warmup:
             total.append(t3 - t0)

@@ -7,7 +7,8 @@
 #   CUDA_COMPUTE_CAP=80 deploy/cuda-build.sh  # A100
 #   CUDA_MAJOR=12 deploy/cuda-build.sh        # the -cu12 wheels instead
 #
-# Result: target/cuda/release/gradcast (a separate target folder, so the CPU
+# Result: target/cuda/release/gradcast (also `gradcast bench`; deploy/gpu-proof.sh
+# is the script to run with it on a GPU machine) (a separate target folder, so the CPU
 # build in target/release is left alone). At run time it loads the CUDA
 # driver (libcuda.so.1, from the NVIDIA driver) and the CUDA runtime libraries
 # (libcudart, libcublas, libcublasLt, libcurand, libnvrtc). They are found

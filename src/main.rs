@@ -42,6 +42,14 @@ enum Command {
     Predict(PredictArgs),
     /// Draw learning curves from one or more history JSON files.
     Plot(PlotArgs),
+    /// Measure training and inference img/s of a model on random data
+    /// (`gradcast bench --model resnet20 [--batch-size 128] [--threads 2] [--device cuda]`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Options: --model NAME [--batch-size N] [--threads N] [--steps N] [--warmup N] [--reference] [--device cpu|cuda[:N]].
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        options: Vec<String>,
+    },
     /// Exit 0 if the process serving metrics on ADDR answers /health (container health checks).
     Healthcheck {
         /// Metrics address of the process to check.
@@ -566,6 +574,9 @@ fn main() -> ExitCode {
             inspect::predict(&a.checkpoint, &a.images).map(|_| ExitCode::SUCCESS)
         }
         Command::Plot(a) => plot_main(a),
+        Command::Bench { options } => model::bench::main_with_args(options.into_iter())
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!(e)),
         Command::Healthcheck { addr } => metrics_http::probe(&addr).map(|_| ExitCode::SUCCESS),
         Command::Synthetic(a) => {
             let spec = data::SyntheticSpec {

@@ -9,6 +9,7 @@
 //!
 //! This crate knows nothing of gRPC, of the coordinator or of nodes.
 
+pub mod bench;
 mod checkpoint;
 mod error;
 mod init;
