@@ -6,6 +6,13 @@ use rayon::prelude::*;
 
 use super::{cpu_slice, gemm, parallelism, threads, with_values, Mat};
 
+/// Fewest input channels for the direct path (below, im2col + one gemm).
+const DIRECT_MIN_CHANNELS: usize = 8;
+/// Most input and output channels for the direct path (measured on
+/// resnet20's 16- and 32-channel layers; wider ones, where im2col's copies
+/// are a smaller share of the gemm, keep im2col: unmeasured on a loaded machine).
+const DIRECT_MAX_CHANNELS: usize = 32;
+
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy)]
 struct Geom {
@@ -74,6 +81,34 @@ impl Geom {
     /// Whether the column matrix of an image is the image itself (1×1, stride 1, no padding).
     fn identity(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.oh == self.h && self.ow == self.w
+    }
+
+    /// Whether the direct (im2col-free) path applies: stride 1, a kernel
+    /// wider than 1×1, paddings under the kernel size (so that the input
+    /// gradient is again such a convolution), enough input channels for
+    /// the per-tap gemms over `cin` to be efficient but few enough for the
+    /// copies to matter, and maps wide enough.
+    fn direct(&self) -> bool {
+        let bottom = (self.oh + self.kh - 1).checked_sub(self.h + self.top);
+        let right = (self.ow + self.kw - 1).checked_sub(self.w + self.left);
+        self.stride == 1
+            && !self.identity()
+            && (self.kh > 1 || self.kw > 1)
+            && self.cin >= DIRECT_MIN_CHANNELS
+            && self.cin <= DIRECT_MAX_CHANNELS
+            && self.cout <= DIRECT_MAX_CHANNELS
+            && self.top < self.kh
+            && self.left < self.kw
+            && bottom.is_some_and(|b| b < self.kh)
+            && right.is_some_and(|r| r < self.kw)
+            && 8 * self.wide_len() <= 9 * self.p()
+    }
+
+    /// Output length per channel of the direct path (see [`Plan`]): rows of
+    /// the padded width, rounded up to whole vectors. On small maps the
+    /// wrapped-around columns outweigh the copies it saves (8×8: 25 % extra).
+    fn wide_len(&self) -> usize {
+        ((self.oh - 1) * (self.ow + self.kw - 1) + self.ow).next_multiple_of(16)
     }
 
     /// Output columns `[lo, hi)` whose input column `ox·s + kx − left` lies inside the image.
@@ -213,6 +248,125 @@ fn col2im(cols: &[f32], g: &Geom, x: &mut [f32]) {
     }
 }
 
+/// One direct (im2col-free) stride-1 convolution of an image `(c, h, w)` into
+/// `(cout, oh, ow)`. The input is copied once into zero-padded planes of row
+/// width `wp = ow + kw − 1`; in that layout every kernel tap `(ky, kx)` reads
+/// the planes shifted by `ky·wp + kx`, so the output in rows of the padded
+/// width, `out (cout × l)`, is the sum over taps of `W_tap (cout × c) ·
+/// xp[:, shift..shift + l]`: one gemm per tap, each operand read in place
+/// (the gemm crate packs neither at these shapes). The columns past `ow` in
+/// each output row are wrapped-around garbage and dropped.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    c: usize,
+    h: usize,
+    w: usize,
+    top: usize,
+    left: usize,
+    kh: usize,
+    kw: usize,
+    cout: usize,
+    oh: usize,
+    ow: usize,
+    wp: usize,
+    /// Output length per channel, rounded up to a multiple of 16 (the gemm
+    /// crate reads an unpacked operand only in whole vectors).
+    l: usize,
+    /// Stride between the padded input planes.
+    s: usize,
+}
+
+impl Plan {
+    fn new(
+        (c, h, w): (usize, usize, usize),
+        (top, left): (usize, usize),
+        (kh, kw): (usize, usize),
+        (cout, oh, ow): (usize, usize, usize),
+    ) -> Self {
+        let wp = ow + kw - 1;
+        // (As `Geom::wide_len`.)
+        let l = ((oh - 1) * wp + ow).next_multiple_of(16);
+        let s = ((oh + kh - 1) * wp).max((kh - 1) * wp + kw - 1 + l);
+        Self {
+            c,
+            h,
+            w,
+            top,
+            left,
+            kh,
+            kw,
+            cout,
+            oh,
+            ow,
+            wp,
+            l,
+            s,
+        }
+    }
+
+    /// Length of the padded input buffer (allocate zeroed: [`Plan::load`]
+    /// writes only the image's own positions).
+    fn xp_len(&self) -> usize {
+        self.c * self.s
+    }
+
+    /// Copies image `x` into the interior of the padded planes `xp`.
+    fn load(&self, x: &[f32], xp: &mut [f32]) {
+        let hw = self.h * self.w;
+        for ci in 0..self.c {
+            let plane = &mut xp[ci * self.s..][..self.s];
+            for (iy, row) in x[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
+                plane[(iy + self.top) * self.wp + self.left..][..self.w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// Input rows `(c × l)` seen by tap `tap` (shifted planes of `xp`).
+    fn shifted<'a>(&self, xp: &'a [f32], tap: usize) -> &'a [f32] {
+        let (ky, kx) = (tap / self.kw, tap % self.kw);
+        &xp[ky * self.wp + kx..]
+    }
+
+    /// `out (cout × l) = Σ_tap wr[tap] (cout × c) · shifted(xp, tap)`, with
+    /// the kernel as `wr [kh·kw][cout][c]`.
+    fn run(&self, wr: &[f32], xp: &[f32], out: &mut [f32], par: gemm::Parallelism) {
+        let (c, cout) = (self.c, self.cout);
+        for tap in 0..self.kh * self.kw {
+            gemm(
+                cout,
+                self.l,
+                c,
+                &mut out[..cout * self.l],
+                tap > 0,
+                Mat {
+                    data: &wr[tap * cout * c..][..cout * c],
+                    rs: c,
+                    cs: 1,
+                },
+                Mat {
+                    data: self.shifted(xp, tap),
+                    rs: self.s,
+                    cs: 1,
+                },
+                par,
+            );
+        }
+    }
+
+    /// Adds the valid part of `out (cout × l)` onto `y (cout, oh, ow)`.
+    fn add_to(&self, out: &[f32], y: &mut [f32]) {
+        let p = self.oh * self.ow;
+        for (co, plane) in y[..self.cout * p].chunks_exact_mut(p).enumerate() {
+            let src = &out[co * self.l..];
+            for (oy, row) in plane.chunks_exact_mut(self.ow).enumerate() {
+                for (v, s) in row.iter_mut().zip(&src[oy * self.wp..][..self.ow]) {
+                    *v += s;
+                }
+            }
+        }
+    }
+}
+
 /// `dst (cols×rows) = srcᵀ` for a row-major `src (rows×cols)`, in tiles.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const T: usize = 16;
@@ -282,9 +436,46 @@ impl CustomOp3 for Conv2dOp {
         } else {
             gemm::Parallelism::None
         };
-        let cols_len = if g.identity() { 0 } else { k * p };
+        let direct = g.direct();
+        let plan = Plan::new(
+            (g.cin, g.h, g.w),
+            (g.top, g.left),
+            (g.kh, g.kw),
+            (cout, g.oh, g.ow),
+        );
+        let xp_len = plan.xp_len();
+        let taps = g.kh * g.kw;
+        // The kernel as `[kh·kw][cout][cin]` for the direct path.
+        let mut wr = vec![0f32; if direct { k * cout } else { 0 }];
+        if direct {
+            for co in 0..cout {
+                for ci in 0..g.cin {
+                    for tap in 0..taps {
+                        wr[(tap * cout + co) * g.cin + ci] = w[(co * g.cin + ci) * taps + tap];
+                    }
+                }
+            }
+        }
+        let wr = &wr;
+        let cols_len = if direct {
+            xp_len + plan.l * cout
+        } else if g.identity() {
+            0
+        } else {
+            k * p
+        };
         let image = |cols: &mut Vec<f32>, (i, yi): (usize, &mut [f32])| {
             let xi = &x[i * g.image()..][..g.image()];
+            if direct {
+                let (xp, out) = cols.split_at_mut(xp_len);
+                plan.load(xi, xp);
+                plan.run(wr, xp, out, inner);
+                plan.add_to(out, yi);
+                if self.relu {
+                    yi.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                return;
+            }
             let cols: &[f32] = if g.identity() {
                 xi
             } else {
@@ -378,6 +569,45 @@ impl CustomOp3 for Conv2dOp {
                     transpose(w, cout, k, &mut wt);
                 }
                 let wt = &wt;
+                let direct = g.direct();
+                let taps = g.kh * g.kw;
+                let plan = Plan::new(
+                    (g.cin, g.h, g.w),
+                    (g.top, g.left),
+                    (g.kh, g.kw),
+                    (cout, g.oh, g.ow),
+                );
+                // The input gradient is the direct convolution of dy with the
+                // kernel flipped (taps reversed), in/out channels swapped, as
+                // `[kh·kw][cin][cout]`.
+                let tplan = Plan::new(
+                    (cout, g.oh, g.ow),
+                    (
+                        g.kh - 1 - g.top.min(g.kh - 1),
+                        g.kw - 1 - g.left.min(g.kw - 1),
+                    ),
+                    (g.kh, g.kw),
+                    (g.cin, g.h, g.w),
+                );
+                let mut wf = vec![
+                    0f32;
+                    if direct && self.input_grad {
+                        k * cout
+                    } else {
+                        0
+                    }
+                ];
+                if direct && self.input_grad {
+                    for co in 0..cout {
+                        for ci in 0..g.cin {
+                            for tap in 0..taps {
+                                wf[((taps - 1 - tap) * g.cin + ci) * cout + co] =
+                                    w[(co * g.cin + ci) * taps + tap];
+                            }
+                        }
+                    }
+                }
+                let wf = &wf;
                 with_values(grad, |dy| {
                     let targets: Vec<(usize, Option<&mut [f32]>)> = if self.input_grad {
                         dx.chunks_mut((per_chunk * g.image()).max(1))
@@ -387,7 +617,76 @@ impl CustomOp3 for Conv2dOp {
                     } else {
                         (0..g.n.div_ceil(per_chunk)).map(|c| (c, None)).collect()
                     };
+                    let work_direct = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
+                        // dW as `[kh·kw][cout][cin]`.
+                        let mut dwk = vec![0f32; k * cout];
+                        let mut db = vec![0f32; cout];
+                        let mut xp = vec![0f32; plan.xp_len()];
+                        // dy in rows of the padded width, zero past each row.
+                        let mut dyw = vec![0f32; cout * plan.l];
+                        let (mut dyp, mut out) = if dxc.is_some() {
+                            (vec![0f32; tplan.xp_len()], vec![0f32; g.cin * tplan.l])
+                        } else {
+                            (Vec::new(), Vec::new())
+                        };
+                        let first = c * per_chunk;
+                        for i in first..(first + per_chunk).min(g.n) {
+                            let dyi = &dy[i * cout * p..][..cout * p];
+                            for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
+                                *d += super::sum(row);
+                            }
+                            let xi = &x[i * g.image()..][..g.image()];
+                            plan.load(xi, &mut xp);
+                            for (dst, src) in dyw.chunks_exact_mut(plan.l).zip(dyi.chunks_exact(p))
+                            {
+                                for (oy, row) in src.chunks_exact(g.ow).enumerate() {
+                                    dst[oy * plan.wp..][..g.ow].copy_from_slice(row);
+                                }
+                            }
+                            for tap in 0..taps {
+                                // dW_tap (cout × cin) += dy_wide (cout × l) · shiftedᵀ (l × cin)
+                                gemm(
+                                    cout,
+                                    g.cin,
+                                    plan.l,
+                                    &mut dwk[tap * cout * g.cin..][..cout * g.cin],
+                                    true,
+                                    Mat {
+                                        data: &dyw,
+                                        rs: plan.l,
+                                        cs: 1,
+                                    },
+                                    Mat {
+                                        data: plan.shifted(&xp, tap),
+                                        rs: 1,
+                                        cs: plan.s,
+                                    },
+                                    inner,
+                                );
+                            }
+                            if let Some(dxc) = dxc.as_deref_mut() {
+                                let dxi = &mut dxc[(i - first) * g.image()..][..g.image()];
+                                tplan.load(dyi, &mut dyp);
+                                tplan.run(wf, &dyp, &mut out, inner);
+                                tplan.add_to(&out, dxi);
+                            }
+                        }
+                        // Into the im2col path's `[cin·kh·kw][cout]`.
+                        let mut dwt = vec![0f32; k * cout];
+                        for tap in 0..taps {
+                            for co in 0..cout {
+                                for ci in 0..g.cin {
+                                    dwt[(ci * taps + tap) * cout + co] =
+                                        dwk[(tap * cout + co) * g.cin + ci];
+                                }
+                            }
+                        }
+                        (dwt, db)
+                    };
                     let work = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
+                        if direct {
+                            return work_direct((c, dxc));
+                        }
                         let mut dwt = vec![0f32; k * cout];
                         let mut dyt = vec![0f32; p * cout];
                         let mut db = vec![0f32; cout];

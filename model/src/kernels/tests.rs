@@ -47,6 +47,15 @@ fn conv2d_matches_candle_values_and_gradients() {
         (5, 3, 6, 5, 2, 3, 3, [2, 0, 1, 1]),
         (2, 2, 1, 1, 3, 5, 1, [2, 2, 2, 2]),
         (2, 2, 2, 1, 3, 5, 1, [2, 2, 2, 2]),
+        // Eight or more input channels at stride 1 on wide maps: the direct path.
+        (2, 8, 16, 16, 5, 3, 1, [1, 1, 1, 1]),
+        (3, 9, 5, 40, 4, 3, 1, [0, 1, 2, 1]),
+        (1, 8, 6, 30, 3, 2, 1, [0, 1, 1, 0]),
+        (2, 10, 8, 36, 4, 3, 1, [0, 0, 0, 0]),
+        (2, 8, 3, 40, 6, 3, 1, [2, 0, 0, 2]),
+        // ... and where it does not (padding as wide as the kernel, small map).
+        (2, 8, 4, 4, 3, 3, 1, [3, 0, 1, 1]),
+        (2, 8, 8, 8, 5, 3, 1, [1, 1, 1, 1]),
     ];
     for (n, cin, h, w, cout, k, stride, pad) in cases {
         let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
