@@ -39,7 +39,7 @@ fn coordinator_args<'a>(
 #[test]
 fn a_killed_node_is_replaced_by_the_survivors_and_no_sample_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let data = synthetic(dir.path(), 200, 50);
+    let data = synthetic(dir.path(), 400, 50);
     let (mut coordinator, lines) = start(
         &coordinator_args(data.to_str().unwrap(), "2", "2", &[]),
         &[],
@@ -48,7 +48,7 @@ fn a_killed_node_is_replaced_by_the_survivors_and_no_sample_is_lost() {
     let (mut survivor, _) = node(&addr, &[]);
     let (mut victim, _) = node(&addr, &[]);
     lines.wait_for("training starts", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(800));
     victim.kill().unwrap();
     let killed_at = Instant::now();
     victim.wait().unwrap();
@@ -66,14 +66,14 @@ fn a_killed_node_is_replaced_by_the_survivors_and_no_sample_is_lost() {
         "detected only after {latency:?}"
     );
     // Every training sample was used exactly once in each epoch.
-    assert_eq!(epoch_samples(&lines), vec![1000, 1000], "{}", lines.text());
+    assert_eq!(epoch_samples(&lines), vec![2000, 2000], "{}", lines.text());
     assert!(wait(&mut survivor, Duration::from_secs(30), "survivor").success());
 }
 
 #[test]
 fn a_node_started_mid_run_contributes_from_the_next_step() {
     let dir = tempfile::tempdir().unwrap();
-    let data = synthetic(dir.path(), 100, 20);
+    let data = synthetic(dir.path(), 300, 20);
     let (mut coordinator, lines) = start(
         &coordinator_args(data.to_str().unwrap(), "1", "3", &[]),
         &[],
@@ -81,7 +81,7 @@ fn a_node_started_mid_run_contributes_from_the_next_step() {
     let addr = address(&lines);
     let (mut first, _) = node(&addr, &[]);
     lines.wait_for("training starts", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(300));
     let (mut late, _) = node(&addr, &[]);
     assert!(
         wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
@@ -97,8 +97,8 @@ fn a_node_started_mid_run_contributes_from_the_next_step() {
         lines.text()
     );
     assert!(last.iter().all(|&(_, s)| s > 0));
-    assert_eq!(last.iter().map(|&(_, s)| s).sum::<u64>(), 500);
-    assert_eq!(epoch_samples(&lines), vec![500, 500, 500]);
+    assert_eq!(last.iter().map(|&(_, s)| s).sum::<u64>(), 1500);
+    assert_eq!(epoch_samples(&lines), vec![1500, 1500, 1500]);
     assert!(wait(&mut first, Duration::from_secs(30), "first node").success());
     assert!(wait(&mut late, Duration::from_secs(30), "late node").success());
 }
