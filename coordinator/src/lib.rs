@@ -24,7 +24,7 @@ pub use aggregate::WeightedSum;
 pub use config::{LrSchedule, Security, ServerTls, TrainConfig};
 pub use error::CoordinatorError;
 pub use history::History;
-pub use optimizer::{l2_penalty, Adam, Optimizer, OptimizerKind};
+pub use optimizer::{l2_penalty, l2_value, Adam, Optimizer, OptimizerKind};
 pub use progress::Progress;
 pub use resume::RESUME_FILE;
 pub use telemetry::describe_metrics;

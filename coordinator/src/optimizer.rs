@@ -155,6 +155,24 @@ impl Adam {
     }
 }
 
+/// The L2 penalty `Σ l2·w²` over every tensor with `l2 > 0` (what Keras adds
+/// to the reported loss).
+pub fn l2_value<'a>(params: impl Iterator<Item = &'a TensorInfo>, weights: &[f32]) -> f64 {
+    let mut off = 0;
+    let mut penalty = 0.0f64;
+    for info in params {
+        let n = info.numel();
+        if info.l2 > 0.0 {
+            penalty += weights[off..off + n]
+                .iter()
+                .map(|&w| (info.l2 * w * w) as f64)
+                .sum::<f64>();
+        }
+        off += n;
+    }
+    penalty
+}
+
 /// Adds the gradient of `Σ l2·w²` to `grads` for every tensor with `l2 > 0`
 /// and returns the penalty itself (what Keras adds to the reported loss).
 pub fn l2_penalty<'a>(
@@ -226,6 +244,7 @@ mod tests {
         let w = [3.0f32, -1.0, 5.0];
         let mut g = [0.0f32; 3];
         let p = l2_penalty(params.iter(), &w, &mut g);
+        assert_eq!(l2_value(params.iter(), &w), p);
         assert!((p - 1e-4 * 10.0).abs() < 1e-9);
         assert!((g[0] - 6e-4).abs() < 1e-9 && (g[1] + 2e-4).abs() < 1e-9);
         assert_eq!(g[2], 0.0);

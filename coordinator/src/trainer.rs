@@ -19,7 +19,9 @@ use crate::dispatch::{dismiss, Answer, Member, Task};
 use crate::resume::{self, Position};
 use crate::service::{Event, Service};
 use crate::telemetry;
-use crate::{l2_penalty, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
+use crate::{
+    l2_penalty, l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum,
+};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -60,6 +62,11 @@ impl Tally {
         self.loss_sum += loss_sum;
         self.correct += correct as u64;
         self.samples += samples as u64;
+    }
+    fn merge(&mut self, other: &Tally) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.samples += other.samples;
     }
     fn loss(&self) -> f64 {
         self.loss_sum / self.samples.max(1) as f64
@@ -294,18 +301,15 @@ impl Trainer {
                 };
                 penalty = start.penalty;
             }
+            let resumed_samples = tally.samples;
             for (i, batch) in order.chunks(bs).enumerate().skip(first) {
                 let (step_tally, step_penalty) = self.train_step(batch, lr).await?;
-                tally.add(
-                    step_tally.loss_sum,
-                    step_tally.correct as u32,
-                    step_tally.samples as u32,
-                );
+                tally.merge(&step_tally);
                 penalty += step_penalty;
                 let running_loss = tally.loss() + penalty / (i + 1) as f64;
                 telemetry::step_done(step_tally.samples, running_loss, tally.accuracy());
-                let rate = (step_tally.samples as f64 * (i + 1 - first) as f64)
-                    / started.elapsed().as_secs_f64();
+                let rate =
+                    (tally.samples - resumed_samples) as f64 / started.elapsed().as_secs_f64();
                 if let Some(p) = &self.config.progress {
                     p.step(i + 1, rate, running_loss, tally.accuracy());
                 } else if last_progress.elapsed() >= PROGRESS_EVERY {
@@ -339,11 +343,7 @@ impl Trainer {
             }
             let train_secs = started.elapsed().as_secs_f64();
             let val = self.evaluate(epoch as u64).await?;
-            let reg = l2_penalty(
-                self.params.iter(),
-                &self.weights[..self.num_trainable],
-                &mut vec![0.0; self.num_trainable],
-            );
+            let reg = l2_value(self.params.iter(), &self.weights[..self.num_trainable]);
             let h = &mut self.history;
             h.loss.push(tally.loss() + penalty / steps_per_epoch as f64);
             h.accuracy.push(tally.accuracy());

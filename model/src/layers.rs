@@ -99,6 +99,19 @@ pub(crate) struct Pass {
     pub bn_stats: Vec<(usize, Tensor, Tensor)>,
 }
 
+impl Pass {
+    /// An inference pass: running statistics, no dropout.
+    pub fn inference(fast: bool) -> Self {
+        Self {
+            train: false,
+            dropout: false,
+            fast,
+            rng: Rng::new(0),
+            bn_stats: Vec::new(),
+        }
+    }
+}
+
 /// How a convolution pads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Padding {

@@ -261,13 +261,7 @@ impl Model {
                 &images[start * IMAGE_BYTES..end * IMAGE_BYTES],
                 &labels[start..end],
             )?;
-            let mut pass = Pass {
-                train: false,
-                dropout: false,
-                fast: self.fast,
-                rng: Rng::new(0),
-                bn_stats: Vec::new(),
-            };
+            let mut pass = Pass::inference(self.fast);
             let logits = self.net.forward(&x, &mut pass)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?
                 .to_dtype(DType::F64)?
@@ -283,13 +277,7 @@ impl Model {
     pub fn predict(&self, images: &[u8]) -> Result<Vec<[f32; NUM_CLASSES]>> {
         let n = images.len() / IMAGE_BYTES;
         let (x, _) = self.input(images, &vec![0; n])?;
-        let mut pass = Pass {
-            train: false,
-            dropout: false,
-            fast: self.fast,
-            rng: Rng::new(0),
-            bn_stats: Vec::new(),
-        };
+        let mut pass = Pass::inference(self.fast);
         let probs = candle_nn::ops::softmax_last_dim(&self.net.forward(&x, &mut pass)?)?;
         Ok(probs
             .to_vec2::<f32>()?
