@@ -506,10 +506,9 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
                 .unwrap_or(1)
         })
         .max(1);
-    // candle's CPU kernels size their thread pools from this variable; set it
-    // before any of them start.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    model::tune_allocator();
+    // candle's CPU kernels size their thread pools from the environment; set
+    // it before any of them start.
+    model::use_threads(threads);
     let config = node::NodeConfig {
         coordinator: args.coordinator.clone(),
         threads,
@@ -522,7 +521,7 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     runtime(1)?.block_on(async {
         if let Some(addr) = &args.metrics_listen {
             let bound = metrics_http::start(addr).await?;
-            node::describe_metrics();
+            node::describe_metrics(&node::device_name(&config.device));
             println!("metrics on http://{bound}/metrics");
         }
         node::run(config).await?;
@@ -549,6 +548,10 @@ fn plot_main(a: PlotArgs) -> Result<ExitCode> {
     println!("wrote {}", a.output.display());
     Ok(ExitCode::SUCCESS)
 }
+
+/// Keeps the large buffers of a training step for the next one.
+#[global_allocator]
+static ALLOC: model::BlockCache = model::BlockCache;
 
 fn main() -> ExitCode {
     // An empty GRADCAST_* variable counts as unset (so `VAR=${VAR:-}` in a

@@ -69,6 +69,7 @@ impl Trainer {
             "node joined ({} connected)",
             self.members.len() + 1
         );
+        telemetry::node_info(node, &info.device, &info.hostname, true);
         let member = Member {
             outbox,
             info,
@@ -83,6 +84,7 @@ impl Trainer {
     pub(crate) fn remove(&mut self, node: u64, reason: &str) {
         if let Some(m) = self.members.remove(&node) {
             warn!(node, host = %m.info.hostname, "node removed: {reason} ({} connected)", self.members.len());
+            telemetry::node_info(node, &m.info.device, &m.info.hostname, false);
             telemetry::membership(self.members.len(), false);
         }
     }

@@ -55,6 +55,10 @@ pub fn describe_metrics() {
         "Nodes connected to the coordinator"
     );
     describe_counter!("gradcast_node_joins_total", "Nodes admitted");
+    describe_gauge!(
+        "gradcast_node_info",
+        "1 for each connected node, labelled with its id, compute device and host (0 once it left)"
+    );
     describe_counter!(
         "gradcast_node_evictions_total",
         "Nodes that left or were removed"
@@ -124,6 +128,17 @@ pub(crate) fn reassigned() {
 
 pub(crate) fn refused() {
     counter!("gradcast_join_refusals_total").increment(1);
+}
+
+/// Marks a node present (1) or gone (0) in `gradcast_node_info`.
+pub(crate) fn node_info(node: u64, device: &str, host: &str, present: bool) {
+    gauge!(
+        "gradcast_node_info",
+        "node" => node.to_string(),
+        "device" => device.to_string(),
+        "host" => host.to_string()
+    )
+    .set(if present { 1.0 } else { 0.0 });
 }
 
 pub(crate) fn membership(connected: usize, joined: bool) {

@@ -149,12 +149,12 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// Runs the benchmark with command-line style arguments (without the program
-/// name) and prints its JSON lines. Sets `RAYON_NUM_THREADS` and tunes the
-/// allocator first, so call it before any other candle work.
+/// name) and prints its JSON lines. Sizes the thread pools and tunes the
+/// allocator first ([`crate::use_threads`]), so call it before any other
+/// candle work.
 pub fn main_with_args(argv: impl Iterator<Item = String>) -> Result<(), String> {
     let args = parse(argv)?;
     // Before any candle or rayon work: both size their pools from this.
-    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    crate::tune_allocator();
+    crate::use_threads(args.threads);
     run(&args)
 }

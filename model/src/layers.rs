@@ -185,9 +185,9 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// The convolution, followed by a ReLU when `relu` (one fused op on the fast path).
-    pub fn forward_act(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
-        let pad = match self.padding {
+    /// Zero padding `[top, bottom, left, right]` for input `x`.
+    fn pad(&self, x: &Tensor) -> candle_core::Result<[usize; 4]> {
+        Ok(match self.padding {
             Padding::Valid => [0; 4],
             Padding::Same => {
                 let (_, _, h, w) = x.dims4()?;
@@ -195,7 +195,12 @@ impl Conv2d {
                 let (left, right) = same_padding(w, self.k, self.stride);
                 [top, bottom, left, right]
             }
-        };
+        })
+    }
+
+    /// The convolution, followed by a ReLU when `relu` (one fused op on the fast path).
+    pub fn forward_act(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+        let pad = self.pad(x)?;
         if self.fast {
             let b = Some(&self.bias);
             kernels::conv2d_act(x, &self.weight, b, self.stride, pad, x.track_op(), relu)
@@ -300,6 +305,33 @@ impl BatchNorm {
             mean_index,
             fast: reg.fast,
         })
+    }
+
+    /// `conv`, then this BatchNorm, then a ReLU when `relu`. On the fast
+    /// path while training, one fused op (see `kernels::conv_bn_train`).
+    pub fn after_conv(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        pass: &mut Pass,
+        relu: bool,
+    ) -> Result<Tensor> {
+        if !(pass.train && self.fast && conv.fast) {
+            return self.forward_act(&conv.forward(x)?, pass, relu);
+        }
+        let (y, mean, var) = kernels::conv_bn_train(
+            x,
+            &conv.weight,
+            &conv.bias,
+            (&self.gamma, &self.beta),
+            conv.stride,
+            conv.pad(x)?,
+            x.track_op(),
+            BN_EPSILON,
+            relu,
+        )?;
+        pass.bn_stats.push((self.mean_index, mean, var));
+        Ok(y)
     }
 
     /// BatchNorm followed by a ReLU when `relu`: one fused op on the fast path.

@@ -101,7 +101,7 @@ impl ConvBnRelu {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        self.bn.forward_act(&self.conv.forward(x)?, pass, true)
+        self.bn.after_conv(&self.conv, x, pass, true)
     }
 }
 
@@ -195,7 +195,7 @@ impl ResnetLayer {
     }
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        self.bn.forward_act(&self.conv.forward(x)?, pass, self.relu)
+        self.bn.after_conv(&self.conv, x, pass, self.relu)
     }
 }
 

@@ -216,6 +216,15 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     }
 }
 
+/// The device as users write it: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        model::DeviceLocation::Cpu => "cpu".into(),
+        model::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        model::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> {
     let mut client = connect(config).await?;
     let hostname = std::env::var("HOSTNAME")
@@ -226,7 +235,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
     let reply = client
         .join(JoinRequest {
             hostname,
-            device: format!("{:?}", config.device).to_lowercase(),
+            device: device_name(&config.device),
             threads: config.threads as u32,
             protocol_version: proto::PROTOCOL_VERSION,
         })

@@ -9,6 +9,6 @@ mod client;
 mod error;
 mod telemetry;
 
-pub use client::{run, ClientTls, Fault, NodeConfig};
+pub use client::{device_name, run, ClientTls, Fault, NodeConfig};
 pub use error::NodeError;
 pub use telemetry::describe_metrics;

@@ -1,9 +1,18 @@
 //! The node's Prometheus metrics, through the `metrics` facade.
 
-use metrics::{counter, describe_counter, describe_histogram, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 
-/// Registers help texts for every node metric.
-pub fn describe_metrics() {
+/// Registers help texts for every node metric and publishes
+/// `gradcast_node_info{device}` (always 1) so a scrape tells what the node
+/// computes on.
+pub fn describe_metrics(device: &str) {
+    describe_gauge!(
+        "gradcast_node_info",
+        "Always 1; the label tells the compute device of this node"
+    );
+    gauge!("gradcast_node_info", "device" => device.to_string()).set(1.0);
     describe_counter!(
         "gradcast_node_tasks_total",
         "Tasks completed by this node, by phase (train, eval)"

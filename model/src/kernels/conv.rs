@@ -4,7 +4,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_slice, gemm, parallelism, threads, with_values, Mat};
+use super::{cpu_slice, direct, gemm, parallelism, threads, with_values, Mat};
 
 /// Fewest input channels for the direct path (below, im2col + one gemm).
 const DIRECT_MIN_CHANNELS: usize = 8;
@@ -15,23 +15,23 @@ const DIRECT_MAX_CHANNELS: usize = 32;
 
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
+pub(super) struct Geom {
+    pub(super) n: usize,
     cin: usize,
     h: usize,
     w: usize,
-    cout: usize,
+    pub(super) cout: usize,
     kh: usize,
     kw: usize,
     stride: usize,
     top: usize,
     left: usize,
-    oh: usize,
-    ow: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], k: &[usize], stride: usize, pad: [usize; 4]) -> Result<Self> {
+    pub(super) fn new(x: &[usize], k: &[usize], stride: usize, pad: [usize; 4]) -> Result<Self> {
         let (&[n, cin, h, w], &[cout, kcin, kh, kw]) = (x, k) else {
             bail!("conv2d expects 4-D input and kernel, got {x:?} and {k:?}")
         };
@@ -69,7 +69,7 @@ impl Geom {
     }
 
     /// Output positions per image.
-    fn p(&self) -> usize {
+    pub(super) fn p(&self) -> usize {
         self.oh * self.ow
     }
 
@@ -89,19 +89,19 @@ impl Geom {
     /// the per-tap gemms over `cin` to be efficient but few enough for the
     /// copies to matter, and maps wide enough.
     fn direct(&self) -> bool {
+        let avx = direct::available();
         let bottom = (self.oh + self.kh - 1).checked_sub(self.h + self.top);
         let right = (self.ow + self.kw - 1).checked_sub(self.w + self.left);
         self.stride == 1
             && !self.identity()
             && (self.kh > 1 || self.kw > 1)
             && self.cin >= DIRECT_MIN_CHANNELS
-            && self.cin <= DIRECT_MAX_CHANNELS
-            && self.cout <= DIRECT_MAX_CHANNELS
+            && (avx || (self.cin <= DIRECT_MAX_CHANNELS && self.cout <= DIRECT_MAX_CHANNELS))
             && self.top < self.kh
             && self.left < self.kw
             && bottom.is_some_and(|b| b < self.kh)
             && right.is_some_and(|r| r < self.kw)
-            && 8 * self.wide_len() <= 9 * self.p()
+            && (avx || 8 * self.wide_len() <= 9 * self.p())
     }
 
     /// Output length per channel of the direct path (see [`Plan`]): rows of
@@ -304,6 +304,19 @@ impl Plan {
         }
     }
 
+    /// The shapes as the AVX-512 kernels of [`direct`] see them.
+    fn wide(&self) -> direct::Wide {
+        direct::Wide {
+            cin: self.c,
+            cout: self.cout,
+            s: self.s,
+            wp: self.wp,
+            kh: self.kh,
+            kw: self.kw,
+            l: self.l,
+        }
+    }
+
     /// Length of the padded input buffer (allocate zeroed: [`Plan::load`]
     /// writes only the image's own positions).
     fn xp_len(&self) -> usize {
@@ -350,6 +363,27 @@ impl Plan {
                 },
                 par,
             );
+        }
+    }
+
+    /// `y (cout, oh, ow) = act(out + bias)` over the valid part of `out (cout × l)`.
+    fn store(&self, out: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32]) {
+        let p = self.oh * self.ow;
+        for (co, plane) in y[..self.cout * p].chunks_exact_mut(p).enumerate() {
+            let src = &out[co * self.l..];
+            let b = bias.map_or(0.0, |b| b[co]);
+            for (oy, row) in plane.chunks_exact_mut(self.ow).enumerate() {
+                let from = &src[oy * self.wp..][..self.ow];
+                if relu {
+                    for (v, s) in row.iter_mut().zip(from) {
+                        *v = (s + b).max(0.0);
+                    }
+                } else {
+                    for (v, s) in row.iter_mut().zip(from) {
+                        *v = s + b;
+                    }
+                }
+            }
         }
     }
 
@@ -409,6 +443,83 @@ impl CustomOp3 for Conv2dOp {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let _t = super::Prof::new("conv-fwd", &g);
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let y = forward_values(&g, x, w, b, self.relu)?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from_dims(&[g.n, g.cout, g.oh, g.ow]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let _t = super::Prof::new("conv-bwd", &g);
+        // Through the fused ReLU: the gradient passes where the output is positive.
+        let masked;
+        let grad = if self.relu {
+            masked = super::relu::masked(res, grad)?;
+            &masked
+        } else {
+            grad
+        };
+        let (dx, dw, db) = with_values(x, |xv| {
+            with_values(w, |wv| {
+                with_values(grad, |dy| {
+                    backward_values(&g, xv, wv, Dy::Slice(dy), self.input_grad)
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = match dx {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, g.cout, dev)?),
+        ))
+    }
+}
+
+/// The gradient of a convolution's output, image by image: a slice, or
+/// computed on demand (by a fused op whose own backward produces it).
+pub(super) enum Dy<'a> {
+    Slice(&'a [f32]),
+    Make(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
+}
+
+impl Dy<'_> {
+    /// The `len` values of image `i`, made in `scratch` if need be.
+    fn image<'s>(&'s self, i: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        match self {
+            Dy::Slice(dy) => &dy[i * len..][..len],
+            Dy::Make(f) => {
+                scratch.resize(len, 0.0);
+                f(i, scratch);
+                scratch
+            }
+        }
+    }
+}
+
+/// The convolution of `x` with `w` plus the bias `b`, then a ReLU when
+/// `relu`, as a `(n, cout, oh, ow)` buffer.
+pub(super) fn forward_values(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    relu: bool,
+) -> Result<Vec<f32>> {
+    let g = *g;
+    {
         if b.len() != g.cout {
             bail!(
                 "conv2d: bias has {} values for {} channels",
@@ -417,18 +528,24 @@ impl CustomOp3 for Conv2dOp {
             );
         }
         let (k, p, cout) = (g.k(), g.p(), g.cout);
-        // The output starts as the bias, written once; the gemm adds onto it.
-        let mut y = Vec::with_capacity(g.n * cout * p);
-        for _ in 0..g.n {
-            for &bias in b {
-                y.extend(std::iter::repeat_n(bias, p));
+        let direct = g.direct();
+        let avx = direct && direct::available();
+        // The output starts as the bias, written once, and the gemm adds onto
+        // it; the AVX-512 path writes bias and activation with its result.
+        let mut y = if avx {
+            // SAFETY: the direct path's `store` writes every output value.
+            unsafe { super::output_buffer(g.n * cout * p) }
+        } else {
+            let mut y = Vec::with_capacity(g.n * cout * p);
+            for _ in 0..g.n {
+                for &bias in b {
+                    y.extend(std::iter::repeat_n(bias, p));
+                }
             }
-        }
+            y
+        };
         if y.is_empty() {
-            return Ok((
-                CpuStorage::F32(y),
-                Shape::from_dims(&[g.n, cout, g.oh, g.ow]),
-            ));
+            return Ok(y);
         }
         let t = threads();
         let inner = if g.n < t {
@@ -436,7 +553,6 @@ impl CustomOp3 for Conv2dOp {
         } else {
             gemm::Parallelism::None
         };
-        let direct = g.direct();
         let plan = Plan::new(
             (g.cin, g.h, g.w),
             (g.top, g.left),
@@ -445,13 +561,19 @@ impl CustomOp3 for Conv2dOp {
         );
         let xp_len = plan.xp_len();
         let taps = g.kh * g.kw;
-        // The kernel as `[kh·kw][cout][cin]` for the direct path.
+        // The kernel for the direct path: `[kh·kw][cout][cin]` for the gemm
+        // crate, `[cin][kh·kw][cout]` for the AVX-512 kernel.
         let mut wr = vec![0f32; if direct { k * cout } else { 0 }];
         if direct {
             for co in 0..cout {
                 for ci in 0..g.cin {
                     for tap in 0..taps {
-                        wr[(tap * cout + co) * g.cin + ci] = w[(co * g.cin + ci) * taps + tap];
+                        let at = if avx {
+                            (ci * taps + tap) * cout + co
+                        } else {
+                            (tap * cout + co) * g.cin + ci
+                        };
+                        wr[at] = w[(co * g.cin + ci) * taps + tap];
                     }
                 }
             }
@@ -469,9 +591,14 @@ impl CustomOp3 for Conv2dOp {
             if direct {
                 let (xp, out) = cols.split_at_mut(xp_len);
                 plan.load(xi, xp);
+                if avx {
+                    direct::forward(&plan.wide(), xp, wr, out);
+                    plan.store(out, Some(b), relu, yi);
+                    return;
+                }
                 plan.run(wr, xp, out, inner);
                 plan.add_to(out, yi);
-                if self.relu {
+                if relu {
                     yi.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
                 return;
@@ -500,7 +627,7 @@ impl CustomOp3 for Conv2dOp {
                 },
                 inner,
             );
-            if self.relu {
+            if relu {
                 yi.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         };
@@ -522,30 +649,24 @@ impl CustomOp3 for Conv2dOp {
                     }
                 });
         }
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from_dims(&[g.n, cout, g.oh, g.ow]),
-        ))
+        Ok(y)
     }
+}
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
-        let _t = super::Prof::new("conv-bwd", &g);
-        // Through the fused ReLU: the gradient passes where the output is positive.
-        let masked;
-        let grad = if self.relu {
-            masked = super::relu::masked(res, grad)?;
-            &masked
-        } else {
-            grad
-        };
+/// The gradients of [`forward_values`] (without its ReLU: `dy` is the
+/// gradient of the convolution's own output): `(dx, dw, db)`, `dx` only when
+/// `input_grad`.
+#[allow(clippy::type_complexity)]
+pub(super) fn backward_values(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    dy: Dy,
+    input_grad: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
+    let g = *g;
+    {
+        let dy = &dy;
         let (k, p, cout) = (g.k(), g.p(), g.cout);
         let t = threads();
         // A few chunks per thread, so that work stealing evens out a busy core.
@@ -556,20 +677,24 @@ impl CustomOp3 for Conv2dOp {
         } else {
             gemm::Parallelism::None
         };
-        let mut dx = if self.input_grad {
+        let mut dx = if input_grad && g.direct() && direct::available() {
+            // SAFETY: the AVX-512 direct path stores every input-gradient value.
+            unsafe { super::output_buffer(g.n * g.image()) }
+        } else if input_grad {
             vec![0f32; g.n * g.image()]
         } else {
             Vec::new()
         };
-        let partials = with_values(x, |x| {
-            with_values(w, |w| {
+        let partials: Result<_> = {
+            {
                 // Wᵀ (k×cout), row-major, for the input gradient.
-                let mut wt = vec![0f32; if self.input_grad { k * cout } else { 0 }];
-                if self.input_grad {
+                let mut wt = vec![0f32; if input_grad { k * cout } else { 0 }];
+                if input_grad {
                     transpose(w, cout, k, &mut wt);
                 }
                 let wt = &wt;
                 let direct = g.direct();
+                let avx = direct && direct::available();
                 let taps = g.kh * g.kw;
                 let plan = Plan::new(
                     (g.cin, g.h, g.w),
@@ -589,27 +714,26 @@ impl CustomOp3 for Conv2dOp {
                     (g.kh, g.kw),
                     (g.cin, g.h, g.w),
                 );
-                let mut wf = vec![
-                    0f32;
-                    if direct && self.input_grad {
-                        k * cout
-                    } else {
-                        0
-                    }
-                ];
-                if direct && self.input_grad {
+                let mut wf = vec![0f32; if direct && input_grad { k * cout } else { 0 }];
+                // (`[cout][kh·kw][cin]` for the AVX-512 kernel.)
+                if direct && input_grad {
                     for co in 0..cout {
                         for ci in 0..g.cin {
                             for tap in 0..taps {
-                                wf[((taps - 1 - tap) * g.cin + ci) * cout + co] =
-                                    w[(co * g.cin + ci) * taps + tap];
+                                let flipped = taps - 1 - tap;
+                                let at = if avx {
+                                    (co * taps + flipped) * g.cin + ci
+                                } else {
+                                    (flipped * g.cin + ci) * cout + co
+                                };
+                                wf[at] = w[(co * g.cin + ci) * taps + tap];
                             }
                         }
                     }
                 }
                 let wf = &wf;
-                with_values(grad, |dy| {
-                    let targets: Vec<(usize, Option<&mut [f32]>)> = if self.input_grad {
+                {
+                    let targets: Vec<(usize, Option<&mut [f32]>)> = if input_grad {
                         dx.chunks_mut((per_chunk * g.image()).max(1))
                             .map(Some)
                             .enumerate()
@@ -618,32 +742,76 @@ impl CustomOp3 for Conv2dOp {
                         (0..g.n.div_ceil(per_chunk)).map(|c| (c, None)).collect()
                     };
                     let work_direct = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
-                        // dW as `[kh·kw][cout][cin]`.
-                        let mut dwk = vec![0f32; k * cout];
+                        // dW as `[kh·kw][cout][cin]` (the gemm crate's), or
+                        // as lane sums `[cin][kh·kw][cout][16]` (AVX-512).
+                        let mut dwk = vec![0f32; if avx { 16 * k * cout } else { k * cout }];
                         let mut db = vec![0f32; cout];
-                        let mut xp = vec![0f32; plan.xp_len()];
-                        // dy in rows of the padded width, zero past each row.
-                        let mut dyw = vec![0f32; cout * plan.l];
+                        let mut scratch = Vec::new();
+                        // The AVX-512 weight gradient runs over a group of
+                        // images at a time (one flush of its sums per group:
+                        // 8×8 maps have only 80 wide positions per image).
+                        let group = if avx { (1024 / plan.l).max(1) } else { 1 };
+                        // When dy's padded planes for the input gradient
+                        // have the wide layout's row width, its wide rows are
+                        // a view into them (the padding supplies the zeros
+                        // past each row): one copy of dy serves both.
+                        let (ttop, tleft) = (tplan.top, tplan.left);
+                        let shared = avx
+                            && dxc.is_some()
+                            && tplan.wp == plan.wp
+                            && ttop * tplan.wp + tleft + plan.l <= tplan.s;
+                        // Per-image strides, a cache line over the sizes so
+                        // that the images of a group do not share cache sets.
+                        let xs = plan.xp_len() + 16;
+                        let (ds, dc) = if shared {
+                            (tplan.xp_len() + 16, tplan.s)
+                        } else {
+                            (cout * plan.l + 16, plan.l)
+                        };
+                        let mut xp = vec![0f32; group * xs];
+                        // dy in rows of the padded width, zero past each row
+                        // (or dy's padded planes, when shared).
+                        let mut dyw = vec![0f32; group * ds];
                         let (mut dyp, mut out) = if dxc.is_some() {
-                            (vec![0f32; tplan.xp_len()], vec![0f32; g.cin * tplan.l])
+                            let planes = if shared { 0 } else { tplan.xp_len() };
+                            (vec![0f32; planes], vec![0f32; g.cin * tplan.l])
                         } else {
                             (Vec::new(), Vec::new())
                         };
+                        let view = if shared { ttop * tplan.wp + tleft } else { 0 };
                         let first = c * per_chunk;
-                        for i in first..(first + per_chunk).min(g.n) {
-                            let dyi = &dy[i * cout * p..][..cout * p];
+                        let last = (first + per_chunk).min(g.n);
+                        for i in first..last {
+                            let dyi = dy.image(i, cout * p, &mut scratch);
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
                                 *d += super::sum(row);
                             }
                             let xi = &x[i * g.image()..][..g.image()];
-                            plan.load(xi, &mut xp);
-                            for (dst, src) in dyw.chunks_exact_mut(plan.l).zip(dyi.chunks_exact(p))
-                            {
-                                for (oy, row) in src.chunks_exact(g.ow).enumerate() {
-                                    dst[oy * plan.wp..][..g.ow].copy_from_slice(row);
+                            let slot = (i - first) % group;
+                            plan.load(xi, &mut xp[slot * xs..][..plan.xp_len()]);
+                            if shared {
+                                tplan.load(dyi, &mut dyw[slot * ds..][..tplan.xp_len()]);
+                            } else {
+                                for (dst, src) in dyw[slot * ds..][..cout * plan.l]
+                                    .chunks_exact_mut(plan.l)
+                                    .zip(dyi.chunks_exact(p))
+                                {
+                                    for (oy, row) in src.chunks_exact(g.ow).enumerate() {
+                                        dst[oy * plan.wp..][..g.ow].copy_from_slice(row);
+                                    }
                                 }
                             }
-                            for tap in 0..taps {
+                            if avx && (slot + 1 == group || i + 1 == last) {
+                                let n = slot + 1;
+                                direct::weight_grad(
+                                    &plan.wide(),
+                                    (n, xs, ds, dc),
+                                    &xp,
+                                    &dyw[view..],
+                                    &mut dwk,
+                                );
+                            }
+                            for tap in (0..taps).filter(|_| !avx) {
                                 // dW_tap (cout × cin) += dy_wide (cout × l) · shiftedᵀ (l × cin)
                                 gemm(
                                     cout,
@@ -666,13 +834,27 @@ impl CustomOp3 for Conv2dOp {
                             }
                             if let Some(dxc) = dxc.as_deref_mut() {
                                 let dxi = &mut dxc[(i - first) * g.image()..][..g.image()];
-                                tplan.load(dyi, &mut dyp);
-                                tplan.run(wf, &dyp, &mut out, inner);
-                                tplan.add_to(&out, dxi);
+                                if shared {
+                                    let dyp = &dyw[slot * ds..][..tplan.xp_len()];
+                                    direct::forward(&tplan.wide(), dyp, wf, &mut out);
+                                    tplan.store(&out, None, false, dxi);
+                                } else if avx {
+                                    tplan.load(dyi, &mut dyp);
+                                    direct::forward(&tplan.wide(), &dyp, wf, &mut out);
+                                    tplan.store(&out, None, false, dxi);
+                                } else {
+                                    tplan.load(dyi, &mut dyp);
+                                    tplan.run(wf, &dyp, &mut out, inner);
+                                    tplan.add_to(&out, dxi);
+                                }
                             }
                         }
                         // Into the im2col path's `[cin·kh·kw][cout]`.
                         let mut dwt = vec![0f32; k * cout];
+                        if avx {
+                            direct::lane_sums(&dwk, &mut dwt);
+                            return (dwt, db);
+                        }
                         for tap in 0..taps {
                             for co in 0..cout {
                                 for ci in 0..g.cin {
@@ -688,12 +870,13 @@ impl CustomOp3 for Conv2dOp {
                             return work_direct((c, dxc));
                         }
                         let mut dwt = vec![0f32; k * cout];
+                        let mut scratch = Vec::new();
                         let mut dyt = vec![0f32; p * cout];
                         let mut db = vec![0f32; cout];
                         let mut cols = vec![0f32; if g.identity() { 0 } else { k * p }];
                         let mut dcols = vec![
                             0f32;
-                            if g.identity() || !self.input_grad {
+                            if g.identity() || !input_grad {
                                 0
                             } else {
                                 k * p
@@ -701,7 +884,7 @@ impl CustomOp3 for Conv2dOp {
                         ];
                         let first = c * per_chunk;
                         for i in first..(first + per_chunk).min(g.n) {
-                            let dyi = &dy[i * cout * p..][..cout * p];
+                            let dyi = dy.image(i, cout * p, &mut scratch);
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
                                 *d += super::sum(row);
                             }
@@ -763,9 +946,10 @@ impl CustomOp3 for Conv2dOp {
                     } else {
                         targets.into_par_iter().map(work).collect::<Vec<_>>()
                     })
-                })
-            })
-        })?;
+                }
+            }
+        };
+        let partials = partials?;
         let mut parts = partials.into_iter();
         let (mut dwt, mut db) = parts
             .next()
@@ -780,17 +964,7 @@ impl CustomOp3 for Conv2dOp {
                 dw[co * k + r] = v;
             }
         }
-        let dev = x.device();
-        let dx = if self.input_grad {
-            Some(Tensor::from_vec(dx, x.shape(), dev)?)
-        } else {
-            None
-        };
-        Ok((
-            dx,
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, b.shape(), dev)?),
-        ))
+        Ok((input_grad.then_some(dx), dw, db))
     }
 }
 

@@ -8,6 +8,8 @@
 
 mod bn;
 mod conv;
+mod conv_bn;
+mod direct;
 mod dropout;
 mod pool;
 mod relu;
@@ -21,6 +23,7 @@ pub(crate) use bn::{
 #[cfg(test)]
 pub(crate) use conv::conv2d;
 pub(crate) use conv::{conv2d_act, conv2d_reference};
+pub(crate) use conv_bn::conv_bn_train;
 pub(crate) use dropout::{dropout, dropout_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
 pub(crate) use relu::{add_relu, relu};
@@ -49,6 +52,23 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> 
         Storage::Cpu(cpu) => f(cpu_slice(cpu, layout)?),
         _ => bail!("kernel backward only runs on the CPU"),
     }
+}
+
+/// A buffer of `len` values for an output the caller overwrites entirely
+/// before anything reads it. Zero-filling it would cost one more pass over
+/// memory as large as the activations (measured: 5–6 % of a resnet20
+/// training step in `memset`). candle allocates its own outputs this way.
+///
+/// # Safety
+///
+/// Every element must be written before the buffer is read or handed on.
+#[allow(clippy::uninit_vec)]
+unsafe fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: capacity is `len`; f32 has no invalid bit patterns and the
+    // caller writes every element before any read.
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// Sum of a slice with eight independent accumulators (vectorises).

@@ -18,7 +18,8 @@ impl CustomOp1 for ReluOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_slice(storage, layout)?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: the zipped chunks cover every value of `y` (same length as `x`).
+        let mut y = unsafe { super::output_buffer(x.len()) };
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| {
@@ -49,7 +50,15 @@ struct AddReluOp;
 pub(super) fn masked(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let dx = with_values(y, |y| {
         with_values(grad, |dy| {
-            let mut dx = vec![0f32; y.len()];
+            if dy.len() != y.len() {
+                bail!(
+                    "relu backward: gradient of {} values for {}",
+                    dy.len(),
+                    y.len()
+                );
+            }
+            // SAFETY: `y` and `dy` have the same length, so the zip writes every value.
+            let mut dx = unsafe { super::output_buffer(y.len()) };
             dx.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK))
                 .zip(dy.par_chunks(CHUNK))
@@ -84,7 +93,8 @@ impl CustomOp2 for AddReluOp {
             );
         }
         let (a, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
-        let mut y = vec![0f32; a.len()];
+        // SAFETY: same shapes (checked above): the zip writes every value.
+        let mut y = unsafe { super::output_buffer(a.len()) };
         y.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
             .for_each(|(y, (a, b))| {

@@ -53,7 +53,14 @@ fn conv2d_matches_candle_values_and_gradients() {
         (1, 8, 6, 30, 3, 2, 1, [0, 1, 1, 0]),
         (2, 10, 8, 36, 4, 3, 1, [0, 0, 0, 0]),
         (2, 8, 3, 40, 6, 3, 1, [2, 0, 0, 2]),
-        // ... and where it does not (padding as wide as the kernel, small map).
+        // Whole register blocks of 8 output channels and 3 vectors, small
+        // maps whose weight gradient runs over groups of images, 64 channels.
+        (3, 16, 12, 20, 16, 3, 1, [1, 1, 1, 1]),
+        (5, 24, 8, 8, 40, 3, 1, [1, 1, 1, 1]),
+        (2, 64, 8, 8, 64, 3, 1, [1, 1, 1, 1]),
+        (3, 16, 7, 9, 12, 2, 1, [0, 1, 0, 1]),
+        // ... and where it does not (padding as wide as the kernel), or only
+        // with AVX-512 (small map).
         (2, 8, 4, 4, 3, 3, 1, [3, 0, 1, 1]),
         (2, 8, 8, 8, 5, 3, 1, [1, 1, 1, 1]),
     ];
@@ -146,6 +153,74 @@ fn batch_norm_matches_candle_values_stats_and_gradients() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
+    let mut rng = Rng::new(13);
+    // (n, cin, h, w, cout, k, stride, pad, input_grad)
+    let cases = [
+        (2, 16, 12, 12, 16, 3, 1, [1, 1, 1, 1], true),
+        (3, 8, 8, 8, 12, 3, 1, [1, 1, 1, 1], true),
+        (2, 3, 9, 7, 5, 3, 1, [1, 1, 1, 1], false),
+        (2, 6, 9, 9, 4, 3, 2, [1, 1, 1, 1], true),
+        (3, 5, 6, 6, 7, 2, 1, [0, 1, 0, 1], true),
+    ];
+    for (i, (n, cin, h, w, cout, k, stride, pad, input_grad)) in cases.into_iter().enumerate() {
+        let relu = i % 2 == 0;
+        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
+        let wt = Var::from_tensor(&random(&[cout, cin, k, k], &mut rng)).unwrap();
+        let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+        let gamma = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+        let beta = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+        let xin = if input_grad {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
+        let (z, mean, var) = conv_bn_train(
+            &xin,
+            &wt,
+            &b,
+            (&gamma, &beta),
+            stride,
+            pad,
+            input_grad,
+            1e-3,
+            relu,
+        )
+        .unwrap();
+        let y = conv2d_reference(&xin, &wt, Some(&b), stride, pad).unwrap();
+        let (zr, mean_r, var_r) =
+            batch_norm_train_reference(&y, &gamma, &beta, 1e-3, relu).unwrap();
+        let case = format!("case {i} relu={relu}");
+        assert_close(&format!("{case} z"), &z, &zr);
+        assert_close(&format!("{case} mean"), &mean, &mean_r);
+        assert_close(&format!("{case} var"), &var, &var_r);
+        let r = random(z.dims(), &mut rng);
+        let gf = (&z * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&zr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut checked = vec![("dw", &wt), ("dgamma", &gamma), ("dbeta", &beta)];
+        if input_grad {
+            checked.push(("dx", &x));
+        } else {
+            assert!(
+                gf.get(&x).is_none(),
+                "{case}: no gradient for a detached input"
+            );
+        }
+        for (name, v) in checked {
+            assert_close(
+                &format!("{case} {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+        // The bias before a BatchNorm has no effect: its gradient is zero up
+        // to rounding on both paths.
+        let db = gf.get(&b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(db.to_scalar::<f32>().unwrap() < 1e-4, "{case} db");
     }
 }
 

@@ -1,0 +1,293 @@
+//! A convolution followed by training-mode BatchNorm (and a ReLU when
+//! asked) as one op.
+//!
+//! Separately, the convolution's output `y` is a tensor of its own: candle's
+//! autograd then materialises its gradient (BatchNorm's input gradient),
+//! zero-fills an accumulator for it and adds the gradient in, and the
+//! convolution's backward copies it once more into its own layout — four
+//! passes over a tensor as large as the activations. Fused, the backward
+//! computes BatchNorm's input gradient image by image, as the convolution's
+//! backward asks for it, while it is in cache; `y` never leaves the op.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv::{backward_values, forward_values, Dy, Geom};
+use super::{batch_norm_train, conv2d_act, cpu_slice, with_values};
+
+/// What the forward pass keeps for the backward pass.
+struct Saved {
+    /// The convolution's output, before normalisation.
+    y: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+/// The fused op of `(x, kernel, [bias; gamma; beta])`.
+struct ConvBnOp {
+    stride: usize,
+    pad: [usize; 4],
+    input_grad: bool,
+    eps: f64,
+    relu: bool,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+/// Per-channel `(Σ v, Σ (v − mean)²)` of `y (n, c, p)`, in `f64`, the mean first.
+fn moments(y: &[f32], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
+    let count = (n * p).max(1) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let rows = || (0..n).map(|i| &y[(i * c + ch) * p..][..p]);
+            let mean = rows().map(|r| super::sum(r) as f64).sum::<f64>() / count;
+            let mu = mean as f32;
+            let var = rows()
+                .map(|r| super::sum2(r, r, |v, _| (v - mu) * (v - mu)) as f64)
+                .sum::<f64>()
+                / count;
+            (mean, var)
+        })
+        .unzip()
+}
+
+/// The gradient reaching the normalisation: `dz`, zero where a fused ReLU
+/// clipped (`z ≤ 0`).
+#[inline]
+fn passed(dz: f32, z: f32, relu: bool) -> f32 {
+    if relu && z <= 0.0 {
+        0.0
+    } else {
+        dz
+    }
+}
+
+impl CustomOp3 for ConvBnOp {
+    fn name(&self) -> &'static str {
+        "gradcast-conv-bn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let _t = super::Prof::new("conv-bn-fwd", &g);
+        let (x, w, params) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (c, p) = (g.cout, g.p());
+        if params.len() != 3 * c {
+            bail!("conv-bn: expected bias, gamma and beta of {c} channels");
+        }
+        let (bias, gamma, beta) = (&params[..c], &params[c..2 * c], &params[2 * c..]);
+        let y = forward_values(&g, x, w, bias, false)?;
+        let (mean, var) = moments(&y, (g.n, c, p));
+        let invstd: Vec<f32> = var
+            .iter()
+            .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
+            .collect();
+        let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let scale: Vec<f32> = gamma.iter().zip(&invstd).map(|(g, s)| g * s).collect();
+        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+        // SAFETY: the loop below writes every value (each image, each channel's row).
+        let mut z = unsafe { super::output_buffer(y.len()) };
+        if c * p > 0 {
+            z.par_chunks_mut(c * p)
+                .zip(y.par_chunks(c * p))
+                .for_each(|(zi, yi)| {
+                    for ch in 0..c {
+                        let (s, t) = (scale[ch], shift[ch]);
+                        let rows = zi[ch * p..][..p].iter_mut().zip(&yi[ch * p..][..p]);
+                        if self.relu {
+                            rows.for_each(|(z, y)| *z = (y * s + t).max(0.0));
+                        } else {
+                            rows.for_each(|(z, y)| *z = y * s + t);
+                        }
+                    }
+                });
+        }
+        let var = var.iter().map(|&v| v as f32).collect();
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-bn: poisoned".into()))? = Some(Saved {
+            y,
+            mean,
+            var,
+            invstd,
+        });
+        Ok((CpuStorage::F32(z), Shape::from_dims(&[g.n, c, g.oh, g.ow])))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let _t = super::Prof::new("conv-bn-bwd", &g);
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-bn: poisoned".into()))?;
+        let Some(saved) = saved.as_ref() else {
+            bail!("conv-bn: backward before forward")
+        };
+        let (n, c, p) = (g.n, g.cout, g.p());
+        let m = (n * p) as f64;
+        let relu = self.relu;
+        let (dx, dw, dparams) = with_values(x, |xv| {
+            with_values(w, |wv| {
+                with_values(params, |pv| {
+                    with_values(res, |z| {
+                        with_values(grad, |dz| {
+                            let (y, mean) = (&saved.y, &saved.mean);
+                            // Σ dz and Σ dz·(y − mean) per channel (after the ReLU's mask).
+                            let (sdz, sdzy): (Vec<f64>, Vec<f64>) = (0..c)
+                                .into_par_iter()
+                                .map(|ch| {
+                                    let mu = mean[ch];
+                                    let (mut a, mut b) = (0f64, 0f64);
+                                    for i in 0..n {
+                                        let off = (i * c + ch) * p;
+                                        let (dz, z, y) =
+                                            (&dz[off..][..p], &z[off..][..p], &y[off..][..p]);
+                                        let mut acc = [[0f32; 8]; 2];
+                                        let mut j = 0;
+                                        while j + 8 <= p {
+                                            for l in 0..8 {
+                                                let d = passed(dz[j + l], z[j + l], relu);
+                                                acc[0][l] += d;
+                                                acc[1][l] += d * (y[j + l] - mu);
+                                            }
+                                            j += 8;
+                                        }
+                                        let (mut ra, mut rb) = (0f32, 0f32);
+                                        for j in j..p {
+                                            let d = passed(dz[j], z[j], relu);
+                                            ra += d;
+                                            rb += d * (y[j] - mu);
+                                        }
+                                        a += (acc[0].iter().sum::<f32>() + ra) as f64;
+                                        b += (acc[1].iter().sum::<f32>() + rb) as f64;
+                                    }
+                                    (a, b)
+                                })
+                                .unzip();
+                            let gamma = &pv[c..2 * c];
+                            let mut k = vec![[0f32; 3]; c];
+                            let mut dgamma = vec![0f32; c];
+                            for ch in 0..c {
+                                let s = saved.invstd[ch] as f64;
+                                let gm = gamma[ch] as f64;
+                                k[ch] = [
+                                    (gm * s) as f32,
+                                    (-gm * s * s * s * sdzy[ch] / m) as f32,
+                                    (-gm * s * sdz[ch] / m) as f32,
+                                ];
+                                dgamma[ch] = (sdzy[ch] * s) as f32;
+                            }
+                            // BatchNorm's input gradient of image i:
+                            // k1·dz + k2·(y − mean) + k3.
+                            let make = |i: usize, out: &mut [f32]| {
+                                for ch in 0..c {
+                                    let off = (i * c + ch) * p;
+                                    let (dz, z, y) =
+                                        (&dz[off..][..p], &z[off..][..p], &y[off..][..p]);
+                                    let ([k1, k2, k3], mu) = (k[ch], mean[ch]);
+                                    for (j, o) in out[ch * p..][..p].iter_mut().enumerate() {
+                                        *o = k1 * passed(dz[j], z[j], relu) + k2 * (y[j] - mu) + k3;
+                                    }
+                                }
+                            };
+                            let (dx, dw, db) =
+                                backward_values(&g, xv, wv, Dy::Make(&make), self.input_grad)?;
+                            let mut dparams = db;
+                            dparams.extend_from_slice(&dgamma);
+                            dparams.extend(sdz.iter().map(|&v| v as f32));
+                            Ok((dx, dw, dparams))
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = match dx {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(dparams, params.shape(), dev)?),
+        ))
+    }
+}
+
+/// Convolution of `x` with `w` plus `bias`, then training-mode batch
+/// normalisation with `gamma` and `beta` (then a ReLU when `relu`): returns
+/// the output, the batch mean and the biased batch variance of the
+/// convolution's output (both `(C)`, detached).
+///
+/// On the CPU this is one fused op; elsewhere [`conv2d_act`] then
+/// [`batch_norm_train`]. `input_grad: false` skips the gradient of `x`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_bn_train(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    stride: usize,
+    pad: [usize; 4],
+    input_grad: bool,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        let y = conv2d_act(x, w, Some(bias), stride, pad, input_grad, false)?;
+        return batch_norm_train(&y, gamma, beta, eps, relu);
+    }
+    let params = Tensor::cat(
+        &[
+            bias.flatten_all()?,
+            gamma.flatten_all()?,
+            beta.flatten_all()?,
+        ],
+        0,
+    )?;
+    let saved = Arc::new(Mutex::new(None));
+    let op = ConvBnOp {
+        stride,
+        pad,
+        input_grad,
+        eps,
+        relu,
+        saved: saved.clone(),
+    };
+    let z = x.contiguous()?.apply_op3(&w.contiguous()?, &params, op)?;
+    let (mean, var) = {
+        let s = saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-bn: poisoned".into()))?;
+        let Some(s) = s.as_ref() else {
+            bail!("conv-bn: the forward pass kept no statistics")
+        };
+        (s.mean.clone(), s.var.clone())
+    };
+    let (c, dev) = (mean.len(), x.device());
+    Ok((
+        z,
+        Tensor::from_vec(mean, c, dev)?,
+        Tensor::from_vec(var, c, dev)?,
+    ))
+}

@@ -1,0 +1,313 @@
+//! Register-blocked direct convolution over "wide" rows, in AVX-512.
+//!
+//! The direct path of [`super::conv`] lays each zero-padded input plane out
+//! row after row at the padded width `wp`, and computes each output channel
+//! as a "wide" plane of `l` positions `q = oy·wp + ox` (the columns past `ow`
+//! wrap around and are thrown away). Kernel tap `(ky, kx)` then reads input
+//! position `q + ky·wp + kx`: every tap is a contiguous, shifted run of the
+//! plane, so the convolution needs no im2col copies.
+//!
+//! These kernels keep a block of outputs in registers over the whole
+//! reduction (all input channels and taps), where a gemm per tap would load
+//! and store its output once per tap with only `cin` products in between.
+//! [`available`] says whether the CPU runs them; without AVX-512 the
+//! convolution uses the gemm crate instead.
+
+/// Whether this CPU has AVX-512F (checked once; the standard library caches it).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Shapes shared by both kernels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Wide {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Distance between two padded input planes.
+    pub s: usize,
+    /// Padded row width.
+    pub wp: usize,
+    /// Kernel size.
+    pub kh: usize,
+    pub kw: usize,
+    /// Wide output positions per channel (a multiple of 16).
+    pub l: usize,
+}
+
+impl Wide {
+    fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    /// Panics unless `xp`, `w` and `out` are large enough for these shapes,
+    /// which keeps every pointer the kernels form in bounds.
+    fn check(&self, xp: usize, w: usize, out: usize) {
+        assert!(
+            self.l.is_multiple_of(16),
+            "wide length must be whole vectors"
+        );
+        assert!(self.s >= (self.kh - 1) * self.wp + self.kw - 1 + self.l);
+        assert!(xp >= self.cin * self.s, "padded input too short");
+        assert!(w >= self.cin * self.taps() * self.cout, "kernel too short");
+        assert!(out >= self.cout * self.l, "output too short");
+    }
+}
+
+/// `out[co][q] = Σ_ci Σ_tap w[ci][tap][co] · xp[ci·s + ky·wp + kx + q]` for
+/// every output channel `co` and wide position `q < l`.
+///
+/// `w` is the kernel as `[cin][kh·kw][cout]`. Call only when [`available`].
+pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
+    g.check(xp.len(), w.len(), out.len());
+    assert!(available(), "direct::forward needs AVX-512F");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted) and `check` bounds every access.
+    unsafe {
+        avx512::forward(g, xp, w, out)
+    }
+}
+
+/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + ky·wp + kx + q]`: the
+/// weight gradient of [`forward`], with `dy` in wide rows whose wrapped
+/// columns are zero.
+///
+/// `dw` holds 16 partial sums per weight (`[cin][kh·kw][cout][16]`, adding
+/// vectors is cheaper than reducing them after every image); [`lane_sums`]
+/// turns it into the gradient. Call only when [`available`].
+///
+/// `xp` and `dy` hold `images` images, the padded inputs `xs` values apart
+/// and the wide gradients `ds` apart, their channels `dc` apart: their sums
+/// add up.
+pub(crate) fn weight_grad(
+    g: &Wide,
+    (images, xs, ds, dc): (usize, usize, usize, usize),
+    xp: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) {
+    assert!(images > 0 && g.cout > 0 && xs >= g.cin * g.s && dc >= g.l && ds >= g.cout * dc);
+    let (xp, dy) = (&xp[(images - 1) * xs..], &dy[(images - 1) * ds..]);
+    assert!(dy.len() >= (g.cout - 1) * dc + g.l, "gradient too short");
+    g.check(xp.len(), dw.len() / 16, g.cout * g.l);
+    assert!(available(), "direct::weight_grad needs AVX-512F");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `forward`, for each of the `images` (asserted above).
+    unsafe {
+        let (xp, dy) = (
+            xp.as_ptr().sub((images - 1) * xs),
+            dy.as_ptr().sub((images - 1) * ds),
+        );
+        avx512::weight_grad(g, (images, xs, ds, dc), xp, dy, dw)
+    }
+}
+
+/// `dw[i] = Σ lanes[16·i .. 16·i + 16]`: the gradient from [`weight_grad`]'s partial sums.
+pub(crate) fn lane_sums(lanes: &[f32], dw: &mut [f32]) {
+    for (d, l) in dw.iter_mut().zip(lanes.chunks_exact(16)) {
+        *d = l.iter().sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Wide;
+
+    /// Output channels per register block of the forward kernel.
+    const CB: usize = 8;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
+        let (xp, w, out) = (xp.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        let offs: Vec<usize> = (0..g.kh)
+            .flat_map(|ky| (0..g.kw).map(move |kx| ky * g.wp + kx))
+            .collect();
+        let mut co = 0;
+        while co < g.cout {
+            let cb = (g.cout - co).min(CB);
+            let mut q = 0;
+            while q < g.l {
+                let left = (g.l - q) / 16;
+                // SAFETY (all calls): `q + 16·NV ≤ l` and `co + CB' ≤ cout`.
+                q += 16
+                    * match (cb, left) {
+                        (CB, 3..) => block::<CB, 3>(g, &offs, xp, w, out, co, q),
+                        (CB, 2) => block::<CB, 2>(g, &offs, xp, w, out, co, q),
+                        (CB, _) => block::<CB, 1>(g, &offs, xp, w, out, co, q),
+                        (4..=7, 3..) => block::<4, 3>(g, &offs, xp, w, out, co, q),
+                        (4..=7, _) => block::<4, 1>(g, &offs, xp, w, out, co, q),
+                        (_, 3..) => block::<1, 3>(g, &offs, xp, w, out, co, q),
+                        (_, _) => block::<1, 1>(g, &offs, xp, w, out, co, q),
+                    };
+            }
+            co += match cb {
+                CB => CB,
+                4..=7 => 4,
+                _ => 1,
+            };
+        }
+    }
+
+    /// `NV` vectors of positions from `q`, output channels `co .. co + C`.
+    /// Returns `NV`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const C: usize, const NV: usize>(
+        g: &Wide,
+        offs: &[usize],
+        xp: *const f32,
+        w: *const f32,
+        out: *mut f32,
+        co: usize,
+        q: usize,
+    ) -> usize {
+        let mut acc = [[_mm512_setzero_ps(); NV]; C];
+        let taps = offs.len();
+        for ci in 0..g.cin {
+            let xc = xp.add(ci * g.s + q);
+            let wc = w.add(ci * taps * g.cout + co);
+            for (t, &off) in offs.iter().enumerate() {
+                let xt = xc.add(off);
+                let mut xv = [_mm512_setzero_ps(); NV];
+                for (v, x) in xv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(xt.add(16 * v));
+                }
+                let wt = wc.add(t * g.cout);
+                for (c, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(*wt.add(c));
+                    for (a, x) in row.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(wv, *x, *a);
+                    }
+                }
+            }
+        }
+        for (c, row) in acc.iter().enumerate() {
+            let o = out.add((co + c) * g.l + q);
+            for (v, a) in row.iter().enumerate() {
+                _mm512_storeu_ps(o.add(16 * v), *a);
+            }
+        }
+        NV
+    }
+
+    /// Output channels per register block of the weight-gradient kernel
+    /// (times `kw` taps of one kernel row: 24 accumulators for 3×3).
+    const GB: usize = 8;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_grad(
+        g: &Wide,
+        n: (usize, usize, usize, usize),
+        xp: *const f32,
+        dy: *const f32,
+        dw: &mut [f32],
+    ) {
+        let dw = dw.as_mut_ptr();
+        // Output channels outermost: their rows of `dy` stay in L1 while
+        // the input planes stream past.
+        let mut co = 0;
+        while co < g.cout {
+            let cb = (g.cout - co).min(GB);
+            let mut step = 1;
+            for ci in 0..g.cin {
+                for ky in 0..g.kh {
+                    let x = xp.add(ci * g.s + ky * g.wp);
+                    // dw[ci][ky·kw + kx][co][lane]
+                    let d = dw.add((ci * g.kh + ky) * g.kw * g.cout * 16);
+                    step = match (cb, g.kw) {
+                        (GB, 3) => grad_row::<GB, 3>(g, n, x, dy, d, co),
+                        (4..=7, 3) => grad_row::<4, 3>(g, n, x, dy, d, co),
+                        (_, 3) => grad_row::<1, 3>(g, n, x, dy, d, co),
+                        (4.., 2) => grad_row::<4, 2>(g, n, x, dy, d, co),
+                        (_, 2) => grad_row::<1, 2>(g, n, x, dy, d, co),
+                        (4.., 1) => grad_row::<4, 1>(g, n, x, dy, d, co),
+                        _ => grad_row_any(g, n, x, dy, d, co),
+                    };
+                }
+            }
+            co += step;
+        }
+    }
+
+    /// One kernel row (`K = kw` taps) of one input channel, output channels
+    /// `co .. co + C`, summed over all `l` positions. Returns `C`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn grad_row<const C: usize, const K: usize>(
+        g: &Wide,
+        (images, xs, ds, dc): (usize, usize, usize, usize),
+        x: *const f32,
+        dy: *const f32,
+        d: *mut f32,
+        co: usize,
+    ) -> usize {
+        let mut acc = [[_mm512_setzero_ps(); K]; C];
+        for i in 0..images {
+            let x = x.add(i * xs);
+            let dy = dy.add(i * ds);
+            let mut q = 0;
+            while q < g.l {
+                let mut xv = [_mm512_setzero_ps(); K];
+                for (kx, v) in xv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(x.add(q + kx));
+                }
+                for (c, row) in acc.iter_mut().enumerate() {
+                    let dv = _mm512_loadu_ps(dy.add((co + c) * dc + q));
+                    for (a, v) in row.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(dv, *v, *a);
+                    }
+                }
+                q += 16;
+            }
+        }
+        for (c, row) in acc.iter().enumerate() {
+            for (kx, a) in row.iter().enumerate() {
+                let p = d.add((kx * g.cout + co + c) * 16);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *a));
+            }
+        }
+        C
+    }
+
+    /// [`grad_row`] for any kernel width, one output channel at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn grad_row_any(
+        g: &Wide,
+        (images, xs, ds, dc): (usize, usize, usize, usize),
+        x: *const f32,
+        dy: *const f32,
+        d: *mut f32,
+        co: usize,
+    ) -> usize {
+        for kx in 0..g.kw {
+            let mut acc = _mm512_setzero_ps();
+            for i in 0..images {
+                let x = x.add(i * xs);
+                let dyc = dy.add(i * ds + co * dc);
+                let mut q = 0;
+                while q < g.l {
+                    acc = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(dyc.add(q)),
+                        _mm512_loadu_ps(x.add(q + kx)),
+                        acc,
+                    );
+                    q += 16;
+                }
+            }
+            let p = d.add((kx * g.cout + co) * 16);
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc));
+        }
+        1
+    }
+}
