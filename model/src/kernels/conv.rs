@@ -443,7 +443,7 @@ impl CustomOp3 for Conv2dOp {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let _t = super::Prof::new("conv-fwd", &g);
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        let y = forward_values(&g, x, w, b, self.relu)?;
+        let (y, _) = forward_values(&g, x, w, b, self.relu, false)?;
         Ok((
             CpuStorage::F32(y),
             Shape::from_dims(&[g.n, g.cout, g.oh, g.ow]),
@@ -510,14 +510,17 @@ impl Dy<'_> {
 }
 
 /// The convolution of `x` with `w` plus the bias `b`, then a ReLU when
-/// `relu`, as a `(n, cout, oh, ow)` buffer.
+/// `relu`, as a `(n, cout, oh, ow)` buffer; with `moments`, also the
+/// `(mean, Σ (v − mean)²)` of every image's channel (`n · cout` pairs).
+#[allow(clippy::type_complexity)]
 pub(super) fn forward_values(
     g: &Geom,
     x: &[f32],
     w: &[f32],
     b: &[f32],
     relu: bool,
-) -> Result<Vec<f32>> {
+    moments: bool,
+) -> Result<(Vec<f32>, Vec<[f64; 2]>)> {
     let g = *g;
     {
         if b.len() != g.cout {
@@ -545,7 +548,7 @@ pub(super) fn forward_values(
             y
         };
         if y.is_empty() {
-            return Ok(y);
+            return Ok((y, Vec::new()));
         }
         let t = threads();
         let inner = if g.n < t {
@@ -631,26 +634,61 @@ pub(super) fn forward_values(
                 yi.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         };
+        // Per image and channel `(mean, Σ (v − mean)²)` of the output, taken
+        // while the image is in cache, when asked for.
+        let mut stats = vec![[0f64; 2]; if moments { g.n * cout } else { 0 }];
+        let measure = |yi: &[f32], si: &mut [[f64; 2]]| {
+            for (row, s) in yi.chunks_exact(p).zip(si) {
+                *s = row_moments(row);
+            }
+        };
         if g.n < t {
             let mut cols = vec![0f32; cols_len];
-            y.chunks_mut(cout * p)
-                .enumerate()
-                .for_each(|a| image(&mut cols, a));
+            for (i, yi) in y.chunks_mut(cout * p).enumerate() {
+                image(&mut cols, (i, yi));
+                if moments {
+                    measure(yi, &mut stats[i * cout..][..cout]);
+                }
+            }
         } else {
             // A few runs of images per thread, each with one column buffer
             // (`for_each_init` would allocate one per rayon split).
             let per_chunk = g.n.div_ceil(4 * t).max(1);
+            let stat_chunks: Vec<&mut [[f64; 2]]> = if moments {
+                stats.chunks_mut(per_chunk * cout).collect()
+            } else {
+                (0..g.n.div_ceil(per_chunk))
+                    .map(|_| Default::default())
+                    .collect()
+            };
             y.par_chunks_mut(per_chunk * cout * p)
+                .zip(stat_chunks)
                 .enumerate()
-                .for_each(|(c, yc)| {
+                .for_each(|(c, (yc, sc))| {
                     let mut cols = vec![0f32; cols_len];
                     for (j, yi) in yc.chunks_mut(cout * p).enumerate() {
                         image(&mut cols, (c * per_chunk + j, yi));
+                        if moments {
+                            measure(yi, &mut sc[j * cout..][..cout]);
+                        }
                     }
                 });
         }
-        Ok(y)
+        Ok((y, stats))
     }
+}
+
+/// `(mean, Σ (v − mean)²)` of one row, two passes (the row is in cache).
+fn row_moments(row: &[f32]) -> [f64; 2] {
+    if row.is_empty() {
+        return [0.0; 2];
+    }
+    let mean = super::sum(row) as f64 / row.len() as f64;
+    let mu = mean as f32;
+    [
+        mean,
+        super::sum2(row, row, |v, _| (v - mu) * (v - mu)) as f64,
+    ]
 }
 
 /// The gradients of [`forward_values`] (without its ReLU: `dy` is the
@@ -744,7 +782,9 @@ pub(super) fn backward_values(
                     let work_direct = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
                         // dW as `[kh·kw][cout][cin]` (the gemm crate's), or
                         // as lane sums `[cin][kh·kw][cout][16]` (AVX-512).
-                        let mut dwk = vec![0f32; if avx { 16 * k * cout } else { k * cout }];
+                        // Lane sums on large maps only (see `direct::weight_grad`).
+                        let lanes = if avx && plan.l >= 512 { 16 } else { 1 };
+                        let mut dwk = vec![0f32; lanes * k * cout];
                         let mut db = vec![0f32; cout];
                         let mut scratch = Vec::new();
                         // The AVX-512 weight gradient runs over a group of
@@ -809,6 +849,7 @@ pub(super) fn backward_values(
                                     &xp,
                                     &dyw[view..],
                                     &mut dwk,
+                                    lanes,
                                 );
                             }
                             for tap in (0..taps).filter(|_| !avx) {
@@ -852,6 +893,9 @@ pub(super) fn backward_values(
                         // Into the im2col path's `[cin·kh·kw][cout]`.
                         let mut dwt = vec![0f32; k * cout];
                         if avx {
+                            if lanes == 1 {
+                                return (dwk, db);
+                            }
                             direct::lane_sums(&dwk, &mut dwt);
                             return (dwt, db);
                         }

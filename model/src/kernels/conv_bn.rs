@@ -36,20 +36,19 @@ struct ConvBnOp {
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-/// Per-channel `(Σ v, Σ (v − mean)²)` of `y (n, c, p)`, in `f64`, the mean first.
-fn moments(y: &[f32], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
+/// Per-channel mean and biased variance over all images, from each image's
+/// `(mean, Σ (v − mean)²)` of its `p` values per channel (Chan et al.'s
+/// pairwise combination, in `f64`).
+fn combine(stats: &[[f64; 2]], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
     let count = (n * p).max(1) as f64;
     (0..c)
-        .into_par_iter()
         .map(|ch| {
-            let rows = || (0..n).map(|i| &y[(i * c + ch) * p..][..p]);
-            let mean = rows().map(|r| super::sum(r) as f64).sum::<f64>() / count;
-            let mu = mean as f32;
-            let var = rows()
-                .map(|r| super::sum2(r, r, |v, _| (v - mu) * (v - mu)) as f64)
-                .sum::<f64>()
-                / count;
-            (mean, var)
+            let per = || (0..n).map(|i| stats[i * c + ch]);
+            let mean = per().map(|[m, _]| m * p as f64).sum::<f64>() / count;
+            let m2: f64 = per()
+                .map(|[m, q]| q + p as f64 * (m - mean) * (m - mean))
+                .sum();
+            (mean, m2 / count)
         })
         .unzip()
 }
@@ -87,8 +86,8 @@ impl CustomOp3 for ConvBnOp {
             bail!("conv-bn: expected bias, gamma and beta of {c} channels");
         }
         let (bias, gamma, beta) = (&params[..c], &params[c..2 * c], &params[2 * c..]);
-        let y = forward_values(&g, x, w, bias, false)?;
-        let (mean, var) = moments(&y, (g.n, c, p));
+        let (y, stats) = forward_values(&g, x, w, bias, false, true)?;
+        let (mean, var) = combine(&stats, (g.n, c, p));
         let invstd: Vec<f32> = var
             .iter()
             .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
@@ -152,38 +151,56 @@ impl CustomOp3 for ConvBnOp {
                     with_values(res, |z| {
                         with_values(grad, |dz| {
                             let (y, mean) = (&saved.y, &saved.mean);
-                            // Σ dz and Σ dz·(y − mean) per channel (after the ReLU's mask).
-                            let (sdz, sdzy): (Vec<f64>, Vec<f64>) = (0..c)
-                                .into_par_iter()
-                                .map(|ch| {
-                                    let mu = mean[ch];
-                                    let (mut a, mut b) = (0f64, 0f64);
-                                    for i in 0..n {
-                                        let off = (i * c + ch) * p;
-                                        let (dz, z, y) =
-                                            (&dz[off..][..p], &z[off..][..p], &y[off..][..p]);
-                                        let mut acc = [[0f32; 8]; 2];
-                                        let mut j = 0;
-                                        while j + 8 <= p {
-                                            for l in 0..8 {
-                                                let d = passed(dz[j + l], z[j + l], relu);
-                                                acc[0][l] += d;
-                                                acc[1][l] += d * (y[j + l] - mu);
-                                            }
-                                            j += 8;
-                                        }
-                                        let (mut ra, mut rb) = (0f32, 0f32);
-                                        for j in j..p {
-                                            let d = passed(dz[j], z[j], relu);
-                                            ra += d;
-                                            rb += d * (y[j] - mu);
-                                        }
-                                        a += (acc[0].iter().sum::<f32>() + ra) as f64;
-                                        b += (acc[1].iter().sum::<f32>() + rb) as f64;
+                            // Σ dz and Σ dz·(y − mean) per channel (after the
+                            // ReLU's mask), image by image in memory order.
+                            let row = |off: usize, mu: f32| {
+                                let (dz, z, y) = (&dz[off..][..p], &z[off..][..p], &y[off..][..p]);
+                                let mut acc = [[0f32; 16]; 2];
+                                let mut j = 0;
+                                while j + 16 <= p {
+                                    for l in 0..16 {
+                                        let d = passed(dz[j + l], z[j + l], relu);
+                                        acc[0][l] += d;
+                                        acc[1][l] += d * (y[j + l] - mu);
                                     }
-                                    (a, b)
-                                })
-                                .unzip();
+                                    j += 16;
+                                }
+                                let (mut a, mut b) = (0f32, 0f32);
+                                for j in j..p {
+                                    let d = passed(dz[j], z[j], relu);
+                                    a += d;
+                                    b += d * (y[j] - mu);
+                                }
+                                (
+                                    (acc[0].iter().sum::<f32>() + a) as f64,
+                                    (acc[1].iter().sum::<f32>() + b) as f64,
+                                )
+                            };
+                            let sums = (0..n)
+                                .into_par_iter()
+                                .fold(
+                                    || vec![[0f64; 2]; c],
+                                    |mut acc, i| {
+                                        for (ch, a) in acc.iter_mut().enumerate() {
+                                            let (s, t) = row((i * c + ch) * p, mean[ch]);
+                                            a[0] += s;
+                                            a[1] += t;
+                                        }
+                                        acc
+                                    },
+                                )
+                                .reduce(
+                                    || vec![[0f64; 2]; c],
+                                    |mut a, b| {
+                                        for (x, y) in a.iter_mut().zip(&b) {
+                                            x[0] += y[0];
+                                            x[1] += y[1];
+                                        }
+                                        a
+                                    },
+                                );
+                            let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
+                            let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
                             let gamma = &pv[c..2 * c];
                             let mut k = vec![[0f32; 3]; c];
                             let mut dgamma = vec![0f32; c];

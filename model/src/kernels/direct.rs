@@ -80,24 +80,27 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
 /// weight gradient of [`forward`], with `dy` in wide rows whose wrapped
 /// columns are zero.
 ///
-/// `dw` holds 16 partial sums per weight (`[cin][kh·kw][cout][16]`, adding
-/// vectors is cheaper than reducing them after every image); [`lane_sums`]
-/// turns it into the gradient. Call only when [`available`].
-///
+/// `dw` holds `lanes` partial sums per weight (`[cin][kh·kw][cout][lanes]`):
+/// with 16, one per vector lane, the kernel adds its registers to memory
+/// without reducing them ([`lane_sums`] does that once at the end), cheaper
+/// on large maps where `dw` stays in cache; with 1 it reduces each register
+/// (small maps, where the 16-fold `dw` of wide layers would not fit in L2).
 /// `xp` and `dy` hold `images` images, the padded inputs `xs` values apart
 /// and the wide gradients `ds` apart, their channels `dc` apart: their sums
-/// add up.
+/// add up. Call only when [`available`].
 pub(crate) fn weight_grad(
     g: &Wide,
     (images, xs, ds, dc): (usize, usize, usize, usize),
     xp: &[f32],
     dy: &[f32],
     dw: &mut [f32],
+    lanes: usize,
 ) {
+    assert!(lanes == 1 || lanes == 16, "1 or 16 partial sums per weight");
     assert!(images > 0 && g.cout > 0 && xs >= g.cin * g.s && dc >= g.l && ds >= g.cout * dc);
     let (xp, dy) = (&xp[(images - 1) * xs..], &dy[(images - 1) * ds..]);
     assert!(dy.len() >= (g.cout - 1) * dc + g.l, "gradient too short");
-    g.check(xp.len(), dw.len() / 16, g.cout * g.l);
+    g.check(xp.len(), dw.len() / lanes, g.cout * g.l);
     assert!(available(), "direct::weight_grad needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `forward`, for each of the `images` (asserted above).
@@ -106,7 +109,7 @@ pub(crate) fn weight_grad(
             xp.as_ptr().sub((images - 1) * xs),
             dy.as_ptr().sub((images - 1) * ds),
         );
-        avx512::weight_grad(g, (images, xs, ds, dc), xp, dy, dw)
+        avx512::weight_grad(g, (images, xs, ds, dc), xp, dy, dw, lanes)
     }
 }
 
@@ -212,6 +215,7 @@ mod avx512 {
         xp: *const f32,
         dy: *const f32,
         dw: &mut [f32],
+        lanes: usize,
     ) {
         let dw = dw.as_mut_ptr();
         // Output channels outermost: their rows of `dy` stay in L1 while
@@ -224,15 +228,15 @@ mod avx512 {
                 for ky in 0..g.kh {
                     let x = xp.add(ci * g.s + ky * g.wp);
                     // dw[ci][ky·kw + kx][co][lane]
-                    let d = dw.add((ci * g.kh + ky) * g.kw * g.cout * 16);
+                    let d = dw.add((ci * g.kh + ky) * g.kw * g.cout * lanes);
                     step = match (cb, g.kw) {
-                        (GB, 3) => grad_row::<GB, 3>(g, n, x, dy, d, co),
-                        (4..=7, 3) => grad_row::<4, 3>(g, n, x, dy, d, co),
-                        (_, 3) => grad_row::<1, 3>(g, n, x, dy, d, co),
-                        (4.., 2) => grad_row::<4, 2>(g, n, x, dy, d, co),
-                        (_, 2) => grad_row::<1, 2>(g, n, x, dy, d, co),
-                        (4.., 1) => grad_row::<4, 1>(g, n, x, dy, d, co),
-                        _ => grad_row_any(g, n, x, dy, d, co),
+                        (GB, 3) => grad_row::<GB, 3>(g, n, x, dy, (d, lanes), co),
+                        (4..=7, 3) => grad_row::<4, 3>(g, n, x, dy, (d, lanes), co),
+                        (_, 3) => grad_row::<1, 3>(g, n, x, dy, (d, lanes), co),
+                        (4.., 2) => grad_row::<4, 2>(g, n, x, dy, (d, lanes), co),
+                        (_, 2) => grad_row::<1, 2>(g, n, x, dy, (d, lanes), co),
+                        (4.., 1) => grad_row::<4, 1>(g, n, x, dy, (d, lanes), co),
+                        _ => grad_row_any(g, n, x, dy, (d, lanes), co),
                     };
                 }
             }
@@ -249,7 +253,7 @@ mod avx512 {
         (images, xs, ds, dc): (usize, usize, usize, usize),
         x: *const f32,
         dy: *const f32,
-        d: *mut f32,
+        (d, lanes): (*mut f32, usize),
         co: usize,
     ) -> usize {
         let mut acc = [[_mm512_setzero_ps(); K]; C];
@@ -273,11 +277,22 @@ mod avx512 {
         }
         for (c, row) in acc.iter().enumerate() {
             for (kx, a) in row.iter().enumerate() {
-                let p = d.add((kx * g.cout + co + c) * 16);
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *a));
+                flush(d.add((kx * g.cout + co + c) * lanes), lanes, *a);
             }
         }
         C
+    }
+
+    /// Adds a register of partial sums to one weight: lane by lane when
+    /// `lanes` is 16, reduced when 1.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn flush(p: *mut f32, lanes: usize, a: __m512) {
+        if lanes == 16 {
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), a));
+        } else {
+            *p += _mm512_reduce_add_ps(a);
+        }
     }
 
     /// [`grad_row`] for any kernel width, one output channel at a time.
@@ -287,7 +302,7 @@ mod avx512 {
         (images, xs, ds, dc): (usize, usize, usize, usize),
         x: *const f32,
         dy: *const f32,
-        d: *mut f32,
+        (d, lanes): (*mut f32, usize),
         co: usize,
     ) -> usize {
         for kx in 0..g.kw {
@@ -305,8 +320,7 @@ mod avx512 {
                     q += 16;
                 }
             }
-            let p = d.add((kx * g.cout + co) * 16);
-            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc));
+            flush(d.add((kx * g.cout + co) * lanes), lanes, acc);
         }
         1
     }
