@@ -565,14 +565,21 @@ pub(super) fn forward_values(
         let xp_len = plan.xp_len();
         let taps = g.kh * g.kw;
         // The kernel for the direct path: `[kh·kw][cout][cin]` for the gemm
-        // crate, `[cin][kh·kw][cout]` for the AVX-512 kernel.
-        let mut wr = vec![0f32; if direct { k * cout } else { 0 }];
+        // crate, packed for the AVX-512 kernel (`direct::packed_index`).
+        let mut wr = vec![
+            0f32;
+            match (direct, avx) {
+                (false, _) => 0,
+                (true, false) => k * cout,
+                (true, true) => direct::packed_len(g.cin, taps, cout),
+            }
+        ];
         if direct {
             for co in 0..cout {
                 for ci in 0..g.cin {
                     for tap in 0..taps {
                         let at = if avx {
-                            (ci * taps + tap) * cout + co
+                            direct::packed_index(g.cin, taps, (ci, tap, co))
                         } else {
                             (tap * cout + co) * g.cin + ci
                         };
@@ -752,15 +759,22 @@ pub(super) fn backward_values(
                     (g.kh, g.kw),
                     (g.cin, g.h, g.w),
                 );
-                let mut wf = vec![0f32; if direct && input_grad { k * cout } else { 0 }];
-                // (`[cout][kh·kw][cin]` for the AVX-512 kernel.)
+                let mut wf = vec![
+                    0f32;
+                    match (direct && input_grad, avx) {
+                        (false, _) => 0,
+                        (true, false) => k * cout,
+                        (true, true) => direct::packed_len(cout, taps, g.cin),
+                    }
+                ];
+                // (Packed with cout as the input channels for the AVX-512 kernel.)
                 if direct && input_grad {
                     for co in 0..cout {
                         for ci in 0..g.cin {
                             for tap in 0..taps {
                                 let flipped = taps - 1 - tap;
                                 let at = if avx {
-                                    (co * taps + flipped) * g.cin + ci
+                                    direct::packed_index(cout, taps, (co, flipped, ci))
                                 } else {
                                     (flipped * g.cin + ci) * cout + co
                                 };

@@ -13,6 +13,23 @@
 //! [`available`] says whether the CPU runs them; without AVX-512 the
 //! convolution uses the gemm crate instead.
 
+/// Output channels per block of a packed kernel.
+const BLOCK: usize = 8;
+
+/// Length of a kernel packed for [`forward`]: output channels rounded up to
+/// whole blocks.
+pub(crate) fn packed_len(cin: usize, taps: usize, cout: usize) -> usize {
+    cout.next_multiple_of(BLOCK) * cin * taps
+}
+
+/// Where weight `(ci, tap, co)` goes in a packed kernel:
+/// `[cout / 8][cin][kh·kw][8]`, so that a block of output channels reads its
+/// weights in one contiguous run (wide layers' kernels are megabytes: strided
+/// over all of it, each weight would be a cache miss).
+pub(crate) fn packed_index(cin: usize, taps: usize, (ci, tap, co): (usize, usize, usize)) -> usize {
+    (((co / BLOCK) * cin + ci) * taps + tap) * BLOCK + co % BLOCK
+}
+
 /// Whether this CPU has AVX-512F (checked once; the standard library caches it).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -57,7 +74,10 @@ impl Wide {
         );
         assert!(self.s >= (self.kh - 1) * self.wp + self.kw - 1 + self.l);
         assert!(xp >= self.cin * self.s, "padded input too short");
-        assert!(w >= self.cin * self.taps() * self.cout, "kernel too short");
+        assert!(
+            w >= packed_len(self.cin, self.taps(), self.cout),
+            "kernel too short"
+        );
         assert!(out >= self.cout * self.l, "output too short");
     }
 }
@@ -65,7 +85,7 @@ impl Wide {
 /// `out[co][q] = Σ_ci Σ_tap w[ci][tap][co] · xp[ci·s + ky·wp + kx + q]` for
 /// every output channel `co` and wide position `q < l`.
 ///
-/// `w` is the kernel as `[cin][kh·kw][cout]`. Call only when [`available`].
+/// `w` is the kernel packed by [`packed_index`]. Call only when [`available`].
 pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
     g.check(xp.len(), w.len(), out.len());
     assert!(available(), "direct::forward needs AVX-512F");
@@ -100,7 +120,12 @@ pub(crate) fn weight_grad(
     assert!(images > 0 && g.cout > 0 && xs >= g.cin * g.s && dc >= g.l && ds >= g.cout * dc);
     let (xp, dy) = (&xp[(images - 1) * xs..], &dy[(images - 1) * ds..]);
     assert!(dy.len() >= (g.cout - 1) * dc + g.l, "gradient too short");
-    g.check(xp.len(), dw.len() / lanes, g.cout * g.l);
+    assert!(
+        dw.len() >= lanes * g.cin * g.taps() * g.cout,
+        "weight gradient too short"
+    );
+    // (No kernel here: `usize::MAX` passes its check.)
+    g.check(xp.len(), usize::MAX, g.cout * g.l);
     assert!(available(), "direct::weight_grad needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `forward`, for each of the `images` (asserted above).
@@ -177,16 +202,18 @@ mod avx512 {
     ) -> usize {
         let mut acc = [[_mm512_setzero_ps(); NV]; C];
         let taps = offs.len();
+        // This block's weights: `[cin][taps][8]` from `packed_index`.
+        let wb = w.add(super::packed_index(g.cin, taps, (0, 0, co)));
         for ci in 0..g.cin {
             let xc = xp.add(ci * g.s + q);
-            let wc = w.add(ci * taps * g.cout + co);
+            let wc = wb.add(ci * taps * super::BLOCK);
             for (t, &off) in offs.iter().enumerate() {
                 let xt = xc.add(off);
                 let mut xv = [_mm512_setzero_ps(); NV];
                 for (v, x) in xv.iter_mut().enumerate() {
                     *x = _mm512_loadu_ps(xt.add(16 * v));
                 }
-                let wt = wc.add(t * g.cout);
+                let wt = wc.add(t * super::BLOCK);
                 for (c, row) in acc.iter_mut().enumerate() {
                     let wv = _mm512_set1_ps(*wt.add(c));
                     for (a, x) in row.iter_mut().zip(&xv) {
@@ -218,29 +245,35 @@ mod avx512 {
         lanes: usize,
     ) {
         let dw = dw.as_mut_ptr();
-        // Output channels outermost: their rows of `dy` stay in L1 while
-        // the input planes stream past.
-        let mut co = 0;
-        while co < g.cout {
-            let cb = (g.cout - co).min(GB);
-            let mut step = 1;
-            for ci in 0..g.cin {
-                for ky in 0..g.kh {
-                    let x = xp.add(ci * g.s + ky * g.wp);
-                    // dw[ci][ky·kw + kx][co][lane]
-                    let d = dw.add((ci * g.kh + ky) * g.kw * g.cout * lanes);
-                    step = match (cb, g.kw) {
-                        (GB, 3) => grad_row::<GB, 3>(g, n, x, dy, (d, lanes), co),
-                        (4..=7, 3) => grad_row::<4, 3>(g, n, x, dy, (d, lanes), co),
-                        (_, 3) => grad_row::<1, 3>(g, n, x, dy, (d, lanes), co),
-                        (4.., 2) => grad_row::<4, 2>(g, n, x, dy, (d, lanes), co),
-                        (_, 2) => grad_row::<1, 2>(g, n, x, dy, (d, lanes), co),
-                        (4.., 1) => grad_row::<4, 1>(g, n, x, dy, (d, lanes), co),
-                        _ => grad_row_any(g, n, x, dy, (d, lanes), co),
-                    };
+        // Blocks of input channels whose planes (of every image) stay in L2,
+        // and within them output channels outermost: their rows of `dy` stay
+        // in L1 while the input planes stream past.
+        let ci_block = ((64 << 10) / (n.0 * g.s).max(1)).clamp(1, g.cin);
+        for ci0 in (0..g.cin).step_by(ci_block) {
+            let mut co = 0;
+            while co < g.cout {
+                let cb = g.cout - co;
+                let mut step = 1;
+                for ci in ci0..(ci0 + ci_block).min(g.cin) {
+                    for ky in 0..g.kh {
+                        let x = xp.add(ci * g.s + ky * g.wp);
+                        // dw[ci][ky·kw + kx][co][lane]
+                        let d = (dw.add((ci * g.kh + ky) * g.kw * g.cout * lanes), lanes);
+                        step = match (cb, g.kw) {
+                            (GB.., 3) => grad_row::<GB, 3>(g, n, x, dy, d, co),
+                            (4.., 3) => grad_row::<4, 3>(g, n, x, dy, d, co),
+                            (_, 3) => grad_row::<1, 3>(g, n, x, dy, d, co),
+                            (12.., 2) => grad_row::<12, 2>(g, n, x, dy, d, co),
+                            (GB.., 2) => grad_row::<GB, 2>(g, n, x, dy, d, co),
+                            (4.., 2) => grad_row::<4, 2>(g, n, x, dy, d, co),
+                            (_, 2) => grad_row::<1, 2>(g, n, x, dy, d, co),
+                            (4.., 1) => grad_row::<4, 1>(g, n, x, dy, d, co),
+                            _ => grad_row_any(g, n, x, dy, d, co),
+                        };
+                    }
                 }
+                co += step;
             }
-            co += step;
         }
     }
 
