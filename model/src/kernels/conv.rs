@@ -796,8 +796,16 @@ pub(super) fn backward_values(
                     let work_direct = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
                         // dW as `[kh·kw][cout][cin]` (the gemm crate's), or
                         // as lane sums `[cin][kh·kw][cout][16]` (AVX-512).
-                        // Lane sums on large maps only (see `direct::weight_grad`).
-                        let lanes = if avx && plan.l >= 512 { 16 } else { 1 };
+                        // The gemm-shaped weight gradient where it applies,
+                        // else lane sums on large maps only (see
+                        // `direct::weight_grad`).
+                        let gemm_grad = avx && direct::gemm_grad_supported(g.kh, g.kw);
+                        let lanes = if avx && !gemm_grad && plan.l >= 512 {
+                            16
+                        } else {
+                            1
+                        };
+                        let ts = plan.l * direct::transposed_width(cout) + 16;
                         let mut dwk = vec![0f32; lanes * k * cout];
                         let mut db = vec![0f32; cout];
                         let mut scratch = Vec::new();
@@ -823,6 +831,7 @@ pub(super) fn backward_values(
                             (cout * plan.l + 16, plan.l)
                         };
                         let mut xp = vec![0f32; group * xs];
+                        let mut dyt = vec![0f32; if gemm_grad { group * ts } else { 0 }];
                         // dy in rows of the padded width, zero past each row
                         // (or dy's padded planes, when shared).
                         let mut dyw = vec![0f32; group * ds];
@@ -855,7 +864,23 @@ pub(super) fn backward_values(
                                     }
                                 }
                             }
-                            if avx && (slot + 1 == group || i + 1 == last) {
+                            if gemm_grad {
+                                direct::transpose_gradient(
+                                    &plan.wide(),
+                                    &dyw[slot * ds + view..],
+                                    dc,
+                                    &mut dyt[slot * ts..][..ts],
+                                );
+                            }
+                            if gemm_grad && (slot + 1 == group || i + 1 == last) {
+                                direct::weight_grad_gemm(
+                                    &plan.wide(),
+                                    (slot + 1, xs, ts),
+                                    &xp,
+                                    &dyt,
+                                    &mut dwk,
+                                );
+                            } else if avx && (slot + 1 == group || i + 1 == last) {
                                 let n = slot + 1;
                                 direct::weight_grad(
                                     &plan.wide(),

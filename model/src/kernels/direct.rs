@@ -138,6 +138,64 @@ pub(crate) fn weight_grad(
     }
 }
 
+/// Whether [`weight_grad_gemm`] handles a `kh×kw` kernel.
+pub(crate) fn gemm_grad_supported(kh: usize, kw: usize) -> bool {
+    matches!((kh, kw), (3, 3) | (2, 2))
+}
+
+/// Columns of a transposed gradient (output channels rounded up to whole vectors).
+pub(crate) fn transposed_width(cout: usize) -> usize {
+    cout.next_multiple_of(16)
+}
+
+/// `t[q][co] = dy[co·dc + q]` for the `l` wide positions: the wide gradient
+/// transposed for [`weight_grad_gemm`] (`t` is `l × transposed_width(cout)`,
+/// its padding columns left as they are: zero).
+pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32]) {
+    let np = transposed_width(g.cout);
+    assert!(t.len() >= g.l * np && dy.len() >= (g.cout - 1) * dc + g.l);
+    const B: usize = 16;
+    for q0 in (0..g.l).step_by(B) {
+        for co in 0..g.cout {
+            let row = &dy[co * dc + q0..][..B.min(g.l - q0)];
+            for (j, &v) in row.iter().enumerate() {
+                t[(q0 + j) * np + co] = v;
+            }
+        }
+    }
+}
+
+/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + ky·wp + kx + q]` as a
+/// gemm: output channels along the vector lanes (from the transposed
+/// gradient `t`, see [`transpose_gradient`]), one broadcast input value
+/// per kernel tap, and the positions as the reduction, so that nothing is
+/// reduced across lanes and the sums stay in registers over all the
+/// positions of all `images` (inputs `xs` apart, gradients `ts` apart).
+/// `dw` is plain `[cin][kh·kw][cout]`. Only for [`gemm_grad_supported`]
+/// kernels; call only when [`available`].
+pub(crate) fn weight_grad_gemm(
+    g: &Wide,
+    (images, xs, ts): (usize, usize, usize),
+    xp: &[f32],
+    t: &[f32],
+    dw: &mut [f32],
+) {
+    assert!(gemm_grad_supported(g.kh, g.kw) && images > 0);
+    let np = transposed_width(g.cout);
+    assert!(xs >= g.cin * g.s && ts >= g.l * np);
+    assert!(xp.len() >= (images - 1) * xs + g.cin * g.s);
+    assert!(t.len() >= (images - 1) * ts + g.l * np);
+    assert!(dw.len() >= g.cin * g.taps() * g.cout);
+    g.check(g.cin * g.s, usize::MAX, g.cout * g.l);
+    assert!(available(), "direct::weight_grad_gemm needs AVX-512F");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present and the asserts bound every access: each
+    // image's planes and transposed gradient, and `dw` (tails masked).
+    unsafe {
+        avx512::weight_grad_gemm(g, (images, xs, ts), xp.as_ptr(), t.as_ptr(), dw)
+    }
+}
+
 /// `dw[i] = Σ lanes[16·i .. 16·i + 16]`: the gradient from [`weight_grad`]'s partial sums.
 pub(crate) fn lane_sums(lanes: &[f32], dw: &mut [f32]) {
     for (d, l) in dw.iter_mut().zip(lanes.chunks_exact(16)) {
@@ -314,6 +372,98 @@ mod avx512 {
             }
         }
         C
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_grad_gemm(
+        g: &Wide,
+        n: (usize, usize, usize),
+        xp: *const f32,
+        t: *const f32,
+        dw: &mut [f32],
+    ) {
+        let dw = dw.as_mut_ptr();
+        let np = super::transposed_width(g.cout);
+        let mut co = 0;
+        while co < g.cout {
+            let nv = if g.cout - co > 16 { 2 } else { 1 };
+            let mut ci = 0;
+            while ci < g.cin {
+                let left = g.cin - ci;
+                let a = (g, n, xp, t, np, dw, ci, co);
+                ci += match (g.kh, nv, left) {
+                    (3, 2, _) => gemm_block::<3, 3, 1, 9, 2>(a),
+                    (3, 1, 2..) => gemm_block::<3, 3, 2, 18, 1>(a),
+                    (3, 1, _) => gemm_block::<3, 3, 1, 9, 1>(a),
+                    (_, 2, 3..) => gemm_block::<2, 2, 3, 12, 2>(a),
+                    (_, 2, _) => gemm_block::<2, 2, 1, 4, 2>(a),
+                    (_, _, 6..) => gemm_block::<2, 2, 6, 24, 1>(a),
+                    (_, _, _) => gemm_block::<2, 2, 1, 4, 1>(a),
+                };
+            }
+            co += 16 * nv;
+        }
+    }
+
+    /// Input channels `ci .. ci + CI` (`M = CI·KH·KW` rows of taps) against
+    /// output channels `co .. co + 16·NV`; returns `CI`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::type_complexity)]
+    unsafe fn gemm_block<
+        const KH: usize,
+        const KW: usize,
+        const CI: usize,
+        const M: usize,
+        const NV: usize,
+    >(
+        (g, (images, xs, ts), xp, t, np, dw, ci, co): (
+            &Wide,
+            (usize, usize, usize),
+            *const f32,
+            *const f32,
+            usize,
+            *mut f32,
+            usize,
+            usize,
+        ),
+    ) -> usize {
+        debug_assert_eq!(M, CI * KH * KW);
+        let mut acc = [[_mm512_setzero_ps(); NV]; M];
+        for i in 0..images {
+            let x = xp.add(i * xs + ci * g.s);
+            let ti = t.add(i * ts + co);
+            for q in 0..g.l {
+                let mut dv = [_mm512_setzero_ps(); NV];
+                for (v, d) in dv.iter_mut().enumerate() {
+                    *d = _mm512_loadu_ps(ti.add(q * np + 16 * v));
+                }
+                for c in 0..CI {
+                    for ky in 0..KH {
+                        let row = x.add(c * g.s + ky * g.wp + q);
+                        for kx in 0..KW {
+                            let sv = _mm512_set1_ps(*row.add(kx));
+                            for (a, d) in acc[(c * KH + ky) * KW + kx].iter_mut().zip(&dv) {
+                                *a = _mm512_fmadd_ps(sv, *d, *a);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let taps = KH * KW;
+        for (r, row) in acc.iter().enumerate() {
+            let (c, tap) = (r / taps, r % taps);
+            let d = dw.add(((ci + c) * taps + tap) * g.cout + co);
+            for (v, a) in row.iter().enumerate() {
+                let valid = g.cout.saturating_sub(co + 16 * v).min(16);
+                let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
+                let p = d.add(16 * v);
+                let old = _mm512_maskz_loadu_ps(mask, p);
+                _mm512_mask_storeu_ps(p, mask, _mm512_add_ps(old, *a));
+            }
+        }
+        CI
     }
 
     /// Adds a register of partial sums to one weight: lane by lane when
