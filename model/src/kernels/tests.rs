@@ -59,6 +59,11 @@ fn conv2d_matches_candle_values_and_gradients() {
         (5, 24, 8, 8, 40, 3, 1, [1, 1, 1, 1]),
         (2, 64, 8, 8, 64, 3, 1, [1, 1, 1, 1]),
         (3, 16, 7, 9, 12, 2, 1, [0, 1, 0, 1]),
+        // The gemm-shaped weight gradient: blocks of 32 and 16 output
+        // channels with masked tails, input channels in blocks with remainders.
+        (2, 20, 9, 9, 36, 2, 1, [0, 1, 0, 1]),
+        (2, 10, 6, 7, 20, 3, 1, [1, 1, 1, 1]),
+        (2, 7, 5, 11, 50, 3, 1, [1, 1, 1, 1]),
         // ... and where it does not (padding as wide as the kernel), or only
         // with AVX-512 (small map).
         (2, 8, 4, 4, 3, 3, 1, [3, 0, 1, 1]),
