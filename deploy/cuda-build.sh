@@ -6,6 +6,7 @@
 #   deploy/cuda-build.sh                      # CUDA 13 wheels, compute capability 90 (H100/H200)
 #   CUDA_COMPUTE_CAP=80 deploy/cuda-build.sh  # A100
 #   CUDA_MAJOR=12 deploy/cuda-build.sh        # the -cu12 wheels instead
+#   CUDNN=1 deploy/cuda-build.sh              # also cuDNN (nvidia-cudnn wheel), --features cudnn
 #
 # Result: target/cuda/release/gradcast (also `gradcast bench`; deploy/gpu-proof.sh
 # is the script to run with it on a GPU machine) (a separate target folder, so the CPU
@@ -25,6 +26,11 @@ if [ "$MAJOR" = 13 ]; then
   pkgs=(nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-nvrtc nvidia-cublas nvidia-curand)
 else
   pkgs=(nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 nvidia-curand-cu12)
+fi
+features=cuda
+if [ -n "${CUDNN:-}" ]; then
+  pkgs+=("nvidia-cudnn-cu$MAJOR")
+  features=cudnn
 fi
 [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}"
@@ -80,7 +86,7 @@ fi
 echo "cudarc bindings for CUDA $CUDARC_CUDA_VERSION"
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
-cargo build --release --features cuda --bin gradcast
+cargo build --release --features "$features" --bin gradcast
 strip "$CARGO_TARGET_DIR/release/gradcast"
-echo "built $CARGO_TARGET_DIR/release/gradcast with CUDA $MAJOR for compute capability $CAP"
+echo "built $CARGO_TARGET_DIR/release/gradcast (features: $features) with CUDA $MAJOR for compute capability $CAP"
 echo "runtime libraries: LD_LIBRARY_PATH=$libs (or a PyTorch install's nvidia/*/lib)"

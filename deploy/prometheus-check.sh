@@ -82,11 +82,14 @@ for _ in $(seq 60); do
   c=$(count_series 'gradcast_steps_total{job="gradcast-coordinator"}' || echo 0)
   n=$(count_series 'gradcast_node_tasks_total{job="gradcast-node",phase="train"}' || echo 0)
   p=$(count_series 'gradcast_node_compute_seconds_count{job="gradcast-coordinator"}' || echo 0)
-  if [ "$c" -ge 1 ] && [ "$n" -ge 2 ] && [ "$p" -ge 2 ]; then ok=1; break; fi
+  # Each node's device, as the coordinator saw it at join and as the node says.
+  d=$(count_series 'gradcast_node_info{job="gradcast-coordinator",device="cpu"} == 1' || echo 0)
+  e=$(count_series 'gradcast_node_info{job="gradcast-node",device="cpu"}' || echo 0)
+  if [ "$c" -ge 1 ] && [ "$n" -ge 2 ] && [ "$p" -ge 2 ] && [ "$d" -ge 2 ] && [ "$e" -ge 2 ]; then ok=1; break; fi
   sleep 1
 done
-[ "$ok" = 1 ] || fail "Prometheus did not scrape the coordinator and both nodes (coordinator=$c nodes=$n per-node=$p)"
-echo "prometheus: scraped coordinator ($c series) and $n nodes; per-node compute series: $p"
+[ "$ok" = 1 ] || fail "Prometheus did not scrape the coordinator and both nodes (coordinator=$c nodes=$n per-node=$p node-info=$d/$e)"
+echo "prometheus: scraped coordinator ($c series) and $n nodes; per-node compute series: $p; nodes reporting device cpu: $d (coordinator), $e (nodes)"
 
 wait "$run" || fail "gradcast run failed"
 
