@@ -1,5 +1,8 @@
 //! 2-D convolution (NCHW, kernel `(out, in, kh, kw)`, explicit asymmetric
-//! zero padding) by im2col + gemm, forward and backward.
+//! zero padding), forward and backward: by the direct kernels of
+//! [`super::direct`] on AVX-512 CPUs for stride-1 kernels over 8+ input
+//! channels, by nine (kh·kw) shifted gemms for the same shapes elsewhere,
+//! and by im2col + gemm for the rest.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -85,9 +88,9 @@ impl Geom {
 
     /// Whether the direct (im2col-free) path applies: stride 1, a kernel
     /// wider than 1×1, paddings under the kernel size (so that the input
-    /// gradient is again such a convolution), enough input channels for
-    /// the per-tap gemms over `cin` to be efficient but few enough for the
-    /// copies to matter, and maps wide enough.
+    /// gradient is again such a convolution) and enough input channels. With
+    /// AVX-512 that is all; the gemm-per-tap fallback also needs few enough
+    /// channels for the copies to matter and maps wide enough.
     fn direct(&self) -> bool {
         let avx = direct::available();
         let bottom = (self.oh + self.kh - 1).checked_sub(self.h + self.top);
@@ -475,17 +478,28 @@ impl CustomOp3 for Conv2dOp {
                 })
             })
         })?;
-        let dev = x.device();
-        let dx = match dx {
-            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            None => None,
-        };
-        Ok((
-            dx,
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, g.cout, dev)?),
-        ))
+        gradient_tensors((x, dx), (w, dw), (db, g.cout.into()))
     }
+}
+
+/// A custom op's three gradients as tensors on `x`'s device: `dx` (if any)
+/// in `x`'s shape, `dw` in `w`'s, the third in the given shape.
+#[allow(clippy::type_complexity)]
+pub(super) fn gradient_tensors(
+    (x, dx): (&Tensor, Option<Vec<f32>>),
+    (w, dw): (&Tensor, Vec<f32>),
+    (third, shape): (Vec<f32>, Shape),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dev = x.device();
+    let dx = match dx {
+        Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+        None => None,
+    };
+    Ok((
+        dx,
+        Some(Tensor::from_vec(dw, w.shape(), dev)?),
+        Some(Tensor::from_vec(third, shape, dev)?),
+    ))
 }
 
 /// The gradient of a convolution's output, image by image: a slice, or

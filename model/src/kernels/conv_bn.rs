@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{backward_values, forward_values, Dy, Geom};
+use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Geom};
 use super::{batch_norm_train, conv2d_act, cpu_slice, with_values};
 
 /// What the forward pass keeps for the backward pass.
@@ -238,16 +238,7 @@ impl CustomOp3 for ConvBnOp {
                 })
             })
         })?;
-        let dev = x.device();
-        let dx = match dx {
-            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            None => None,
-        };
-        Ok((
-            dx,
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(dparams, params.shape(), dev)?),
-        ))
+        gradient_tensors((x, dx), (w, dw), (dparams, params.shape().clone()))
     }
 }
 
