@@ -60,22 +60,26 @@ await_coordinator() {
   timeout "${1:-600}" docker wait "$cid" || fail "coordinator still running after ${1:-600} s"
 }
 
+query() { curl -sf "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$1" \
+  | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))'; }
+nodes_seen_query='count by (instance) (count_over_time(gradcast_node_tasks_total{job="gradcast-node"}[10m]))'
+
 echo "== run 1: coordinator + 3 nodes + prometheus"
-GRADCAST_EPOCHS=2 compose up -d --no-build --scale node=3 >/dev/null
+# Long enough (8 epochs, ~50 s) for DNS discovery (5 s refresh) and scrapes
+# (5 s) to reach every node while it trains; checked while the run is on.
+GRADCAST_EPOCHS=8 compose up -d --no-build --scale node=3 >/dev/null
+nodes_seen=0
+for _ in $(seq 120); do
+  nodes_seen=$(query "$nodes_seen_query" || echo 0)
+  [ "$nodes_seen" -ge 3 ] && break
+  sleep 1
+done
 code=$(await_coordinator 600)
 logs=$(compose logs --no-color coordinator)
 [ "$code" = 0 ] || fail "coordinator exited with $code"
 grep -q 'final val_accuracy: ' <<<"$logs" || fail "no final accuracy line"
 echo "$(grep -o 'final val_accuracy: [0-9.]*' <<<"$logs")"
-
-query() { curl -sf "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$1" \
-  | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))'; }
-nodes_seen=0
-for _ in $(seq 30); do
-  nodes_seen=$(query 'count by (instance) (count_over_time(gradcast_node_tasks_total{job="gradcast-node"}[10m]))' || echo 0)
-  [ "$nodes_seen" -ge 3 ] && break
-  sleep 1
-done
+[ "$nodes_seen" -ge 3 ] || nodes_seen=$(query "$nodes_seen_query" || echo 0)
 [ "$nodes_seen" -ge 3 ] || fail "Prometheus scraped $nodes_seen of 3 nodes"
 # The coordinator has exited by now, so its series are stale: look back in time.
 [ "$(query 'count_over_time(gradcast_steps_total{job="gradcast-coordinator"}[10m])')" -ge 1 ] \
