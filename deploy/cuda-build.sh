@@ -36,7 +36,7 @@ fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}"
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-nvcc=$(find "$site/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
+nvcc=$(find "$site/nvidia" -path '*/bin/nvcc' -type f | sed -n 1p)
 [ -n "$nvcc" ] || { echo "no nvcc in the wheels under $site/nvidia" >&2; exit 1; }
 root=$(dirname "$(dirname "$nvcc")")
 chmod +x "$nvcc" "$root"/bin/* 2>/dev/null || true

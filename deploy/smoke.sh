@@ -90,11 +90,14 @@ compose down -v >/dev/null 2>&1
 echo "== run 2: docker kill a node mid-run"
 GRADCAST_EPOCHS=3 compose up -d --no-build --scale node=3 >/dev/null
 for _ in $(seq 120); do
-  compose logs --no-color coordinator | grep -q 'training starts' && break
+  # (Captured first: `grep -q` quitting early would break the pipe, and
+  # with pipefail that is a failure.)
+  started=$(compose logs --no-color coordinator)
+  grep -q 'training starts' <<<"$started" && break
   sleep 1
 done
 sleep 3
-victim=$(compose ps -q node | head -n 1)
+victim=$(compose ps -q node | sed -n 1p)
 docker kill "$victim" >/dev/null
 echo "killed node container ${victim:0:12}"
 code=$(await_coordinator 600)
