@@ -1072,7 +1072,8 @@ pub(super) fn backward_values(
 /// Convolution of `x (N, Cin, H, W)` with `w (Cout, Cin, kh, kw)` plus an
 /// optional bias `(Cout)`, zero padding `[top, bottom, left, right]`.
 ///
-/// On the CPU this is the im2col + gemm op; `input_grad: false` makes its
+/// On the CPU this is the fast convolution op (direct AVX-512 kernels, or
+/// gemm-based where they do not apply); `input_grad: false` makes its
 /// backward skip the gradient of `x` (for a network's first layer). Elsewhere
 /// it is candle's convolution. (The layers call [`conv2d_act`].)
 #[cfg(test)]
