@@ -27,16 +27,14 @@ pub use layers::same_padding;
 pub use network::{Engine, EvalOutput, Model, StepOutput, TensorInfo};
 pub use spec::{ModelKind, ModelSpec};
 
-/// Tunes the C allocator for training: glibc otherwise hands the large,
-/// short-lived activation buffers of every step back to the kernel and
-/// page-faults them in again on the next, which costs a tenth of a step or
-/// more. Keeps freed memory in the process instead (peak usage is reached in
-/// the first step anyway): no trimming, and no `mmap` for large blocks at all
-/// (glibc caps the mmap threshold at 32 MiB, and a batch of 128 has
-/// activations of 64 MiB), so every buffer comes from the heap and is reused.
-/// Process-wide; call once at start-up, before spawning threads. Does nothing
-/// off glibc.
-pub fn tune_allocator() {
+/// Tunes the C allocator for training (see [`use_threads`]): no trimming of
+/// the heap and no `mmap` for large blocks, so that freed memory stays in the
+/// process. This alone did not stop large activation buffers from
+/// page-faulting in again every step on the machines measured; the binaries'
+/// [`BlockCache`] allocator does that, and this keeps what it passes on to
+/// glibc (smaller blocks, and large ones once its cache is full) in the
+/// process too. Does nothing off glibc.
+fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters.
     unsafe {

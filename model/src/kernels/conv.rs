@@ -736,7 +736,9 @@ pub(super) fn backward_values(
         } else {
             gemm::Parallelism::None
         };
-        let mut dx = if input_grad && g.direct() && direct::available() {
+        let direct = g.direct();
+        let avx = direct && direct::available();
+        let mut dx = if input_grad && avx {
             // SAFETY: the AVX-512 direct path stores every input-gradient value.
             unsafe { super::output_buffer(g.n * g.image()) }
         } else if input_grad {
@@ -752,8 +754,6 @@ pub(super) fn backward_values(
                     transpose(w, cout, k, &mut wt);
                 }
                 let wt = &wt;
-                let direct = g.direct();
-                let avx = direct && direct::available();
                 let taps = g.kh * g.kw;
                 let plan = Plan::new(
                     (g.cin, g.h, g.w),

@@ -65,20 +65,16 @@ impl Wide {
         self.kh * self.kw
     }
 
-    /// Panics unless `xp`, `w` and `out` are large enough for these shapes,
-    /// which keeps every pointer the kernels form in bounds.
-    fn check(&self, xp: usize, w: usize, out: usize) {
+    /// Panics unless the shapes are consistent and one image's padded input
+    /// (`xp` values) covers every tap of every wide position, which keeps
+    /// every input pointer the kernels form in bounds.
+    fn check(&self, xp: usize) {
         assert!(
             self.l.is_multiple_of(16),
             "wide length must be whole vectors"
         );
         assert!(self.s >= (self.kh - 1) * self.wp + self.kw - 1 + self.l);
         assert!(xp >= self.cin * self.s, "padded input too short");
-        assert!(
-            w >= packed_len(self.cin, self.taps(), self.cout),
-            "kernel too short"
-        );
-        assert!(out >= self.cout * self.l, "output too short");
     }
 }
 
@@ -87,7 +83,12 @@ impl Wide {
 ///
 /// `w` is the kernel packed by [`packed_index`]. Call only when [`available`].
 pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
-    g.check(xp.len(), w.len(), out.len());
+    g.check(xp.len());
+    assert!(
+        w.len() >= packed_len(g.cin, g.taps(), g.cout),
+        "kernel too short"
+    );
+    assert!(out.len() >= g.cout * g.l, "output too short");
     assert!(available(), "direct::forward needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present (asserted) and `check` bounds every access.
@@ -124,8 +125,7 @@ pub(crate) fn weight_grad(
         dw.len() >= lanes * g.cin * g.taps() * g.cout,
         "weight gradient too short"
     );
-    // (No kernel here: `usize::MAX` passes its check.)
-    g.check(xp.len(), usize::MAX, g.cout * g.l);
+    g.check(xp.len());
     assert!(available(), "direct::weight_grad needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `forward`, for each of the `images` (asserted above).
@@ -186,7 +186,7 @@ pub(crate) fn weight_grad_gemm(
     assert!(xp.len() >= (images - 1) * xs + g.cin * g.s);
     assert!(t.len() >= (images - 1) * ts + g.l * np);
     assert!(dw.len() >= g.cin * g.taps() * g.cout);
-    g.check(g.cin * g.s, usize::MAX, g.cout * g.l);
+    g.check(g.cin * g.s);
     assert!(available(), "direct::weight_grad_gemm needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present and the asserts bound every access: each
