@@ -55,10 +55,12 @@ promtool check config "$work/prometheus.yml" >/dev/null
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
   --web.listen-address="127.0.0.1:$prom" >"$work/prometheus.log" 2>&1 &
 pids+=($!)
+# Start training only once Prometheus serves, so its scrapes see the run.
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$prom/-/ready" >/dev/null && break; sleep 0.2; done
 
 "$BIN" synthetic --out "$work/data" --train-per-file 400 --test 100 >/dev/null
 "$BIN" run --nodes 2 --threads-per-node 1 --metrics-port "$base" --data "$work/data" \
-  --epochs 2 --batch-size 32 >"$work/run.log" 2>&1 &
+  --epochs 4 --batch-size 32 >"$work/run.log" 2>&1 &
 run=$!
 pids+=($run)
 
@@ -75,7 +77,9 @@ for port in "$base" "$((base + 1))" "$((base + 2))"; do
 done
 
 query() { curl -sf "http://127.0.0.1:$prom/api/v1/query" --data-urlencode "query=$1"; }
-count_series() { query "$1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))'; }
+# Series of a finished process are marked stale at its next failed scrape, so
+# instant queries would miss them: look at the last sample of the past minutes.
+count_series() { query "last_over_time($1[5m])${2:-}" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))'; }
 
 ok=0
 for _ in $(seq 60); do
@@ -83,7 +87,7 @@ for _ in $(seq 60); do
   n=$(count_series 'gradcast_node_tasks_total{job="gradcast-node",phase="train"}' || echo 0)
   p=$(count_series 'gradcast_node_compute_seconds_count{job="gradcast-coordinator"}' || echo 0)
   # Each node's device, as the coordinator saw it at join and as the node says.
-  d=$(count_series 'gradcast_node_info{job="gradcast-coordinator",device="cpu"} == 1' || echo 0)
+  d=$(count_series 'gradcast_node_info{job="gradcast-coordinator",device="cpu"}' ' == 1' || echo 0)
   e=$(count_series 'gradcast_node_info{job="gradcast-node",device="cpu"}' || echo 0)
   if [ "$c" -ge 1 ] && [ "$n" -ge 2 ] && [ "$p" -ge 2 ] && [ "$d" -ge 2 ] && [ "$e" -ge 2 ]; then ok=1; break; fi
   sleep 1
