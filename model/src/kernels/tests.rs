@@ -45,6 +45,10 @@ fn conv2d_matches_candle_values_and_gradients() {
         (4, 2, 11, 10, 3, 3, 2, [1, 1, 0, 1]),
         (1, 1, 4, 4, 1, 4, 1, [1, 2, 1, 2]),
         (5, 3, 6, 5, 2, 3, 3, [2, 0, 1, 1]),
+        // Kernels wider than the stride (im2col through column phases):
+        // odd widths, phases of unequal length, padding on one side only.
+        (2, 3, 10, 11, 4, 5, 3, [2, 1, 1, 2]),
+        (2, 2, 9, 13, 3, 4, 2, [1, 2, 0, 3]),
         (2, 2, 1, 1, 3, 5, 1, [2, 2, 2, 2]),
         (2, 2, 2, 1, 3, 5, 1, [2, 2, 2, 2]),
         // Eight or more input channels at stride 1 on wide maps: the direct path.
