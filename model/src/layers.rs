@@ -361,6 +361,45 @@ impl BatchNorm {
     }
 }
 
+/// A ResNet v1 identity block while training, `ReLU(x + BN₂(conv₂(ReLU(
+/// BN₁(conv₁ x)))))`, as one fused op on the fast path; `None` where that
+/// does not apply (reference engine, inference, strided convolutions, not on
+/// the CPU), and the caller composes the layers instead.
+pub(crate) fn residual_block(
+    x: &Tensor,
+    (conv1, bn1): (&Conv2d, &BatchNorm),
+    (conv2, bn2): (&Conv2d, &BatchNorm),
+    pass: &mut Pass,
+) -> Result<Option<Tensor>> {
+    let fast = [conv1.fast, bn1.fast, conv2.fast, bn2.fast]
+        .iter()
+        .all(|&f| f);
+    if !(pass.train && fast && conv1.stride == 1 && conv2.stride == 1) {
+        return Ok(None);
+    }
+    // Both convolutions keep the map's size, so `x`'s padding serves both.
+    let first = (
+        &conv1.weight,
+        &conv1.bias,
+        &bn1.gamma,
+        &bn1.beta,
+        conv1.pad(x)?,
+    );
+    let second = (
+        &conv2.weight,
+        &conv2.bias,
+        &bn2.gamma,
+        &bn2.beta,
+        conv2.pad(x)?,
+    );
+    let Some((z, [s1, s2])) = kernels::residual_block_train(x, first, second, BN_EPSILON)? else {
+        return Ok(None);
+    };
+    pass.bn_stats.push((bn1.mean_index, s1.0, s1.1));
+    pass.bn_stats.push((bn2.mean_index, s2.0, s2.1));
+    Ok(Some(z))
+}
+
 /// `max(x, 0)`.
 pub(crate) fn relu(x: &Tensor, pass: &Pass) -> Result<Tensor> {
     Ok(if pass.fast {

@@ -3,8 +3,8 @@
 use candle_core::{Module, Tensor};
 
 use crate::layers::{
-    add_relu, dropout, relu, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding, Pass,
-    Registry,
+    add_relu, dropout, relu, residual_block, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d,
+    Padding, Pass, Registry,
 };
 use crate::{ModelError, ModelKind};
 
@@ -267,6 +267,14 @@ impl Resnet {
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let mut x = self.stem.forward(x, pass)?;
         for b in &self.blocks {
+            if b.shortcut.is_none() && !self.dropout {
+                let (first, second) = (&b.first, &b.second);
+                let layers = ((&first.conv, &first.bn), (&second.conv, &second.bn));
+                if let Some(z) = residual_block(&x, layers.0, layers.1, pass)? {
+                    x = z;
+                    continue;
+                }
+            }
             let y = b.first.forward(&x, pass)?;
             let y = if self.dropout {
                 dropout(&y, 0.3, pass)?

@@ -234,6 +234,78 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
 }
 
 #[test]
+fn residual_block_matches_its_layers_composed_from_candle_ops() {
+    let mut rng = Rng::new(29);
+    // (n, c, h, w, input_grad): odd sizes, and a block whose input needs no gradient.
+    for (n, c, h, w, input_grad) in [(3, 8, 7, 9, true), (2, 16, 8, 8, true), (2, 8, 5, 6, false)] {
+        let x = Var::from_tensor(&random(&[n, c, h, w], &mut rng)).unwrap();
+        let layer = |rng: &mut Rng| {
+            let v = |shape: &[usize], rng: &mut Rng| Var::from_tensor(&random(shape, rng)).unwrap();
+            (
+                v(&[c, c, 3, 3], rng),
+                v(&[c], rng),
+                v(&[c], rng),
+                v(&[c], rng),
+            )
+        };
+        let (l1, l2) = (layer(&mut rng), layer(&mut rng));
+        let xin = if input_grad {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
+        let pad = [1, 1, 1, 1];
+        let (z, [s1, s2]) = residual_block_train(
+            &xin,
+            (&l1.0, &l1.1, &l1.2, &l1.3, pad),
+            (&l2.0, &l2.1, &l2.2, &l2.3, pad),
+            1e-3,
+        )
+        .unwrap()
+        .expect("the fused block runs on the CPU");
+        let y = conv2d_reference(&xin, &l1.0, Some(&l1.1), 1, pad).unwrap();
+        let (hr, m1, v1) = batch_norm_train_reference(&y, &l1.2, &l1.3, 1e-3, true).unwrap();
+        let y = conv2d_reference(&hr, &l2.0, Some(&l2.1), 1, pad).unwrap();
+        let (yr, m2, v2) = batch_norm_train_reference(&y, &l2.2, &l2.3, 1e-3, false).unwrap();
+        let zr = (&xin + &yr).unwrap().relu().unwrap();
+        let case = format!("block {n}x{c}x{h}x{w}");
+        assert_close(&format!("{case} z"), &z, &zr);
+        for (what, got, want) in [("mean1", &s1.0, &m1), ("var1", &s1.1, &v1)] {
+            assert_close(&format!("{case} {what}"), got, want);
+        }
+        for (what, got, want) in [("mean2", &s2.0, &m2), ("var2", &s2.1, &v2)] {
+            assert_close(&format!("{case} {what}"), got, want);
+        }
+        let r = random(z.dims(), &mut rng);
+        let gf = (&z * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&zr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut checked = vec![
+            ("dw1", &l1.0),
+            ("dgamma1", &l1.2),
+            ("dbeta1", &l1.3),
+            ("dw2", &l2.0),
+            ("dgamma2", &l2.2),
+            ("dbeta2", &l2.3),
+        ];
+        if input_grad {
+            checked.push(("dx", &x));
+        } else {
+            assert!(
+                gf.get(&x).is_none(),
+                "{case}: no gradient for a detached input"
+            );
+        }
+        for (name, v) in checked {
+            assert_close(
+                &format!("{case} {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
 fn max_pool_matches_candle_values_and_gradients() {
     let mut rng = Rng::new(5);
     for (shape, k) in [([2, 3, 8, 8], 2), ([1, 2, 7, 9], 2), ([2, 2, 9, 6], 3)] {
@@ -345,6 +417,11 @@ fn train_step_matches_reference_engine() {
         ModelKind::SimpleCnn,
         ModelKind::Resnet {
             n: 1,
+            dropout: false,
+        },
+        // Identity blocks at 16, 32 and 64 channels (one fused op each).
+        ModelKind::Resnet {
+            n: 2,
             dropout: false,
         },
     ] {
