@@ -1,8 +1,11 @@
 //! 2-D convolution (NCHW, kernel `(out, in, kh, kw)`, explicit asymmetric
 //! zero padding), forward and backward: by the direct kernels of
-//! [`super::direct`] on AVX-512 CPUs for stride-1 kernels over 8+ input
-//! channels, by nine (kh·kw) shifted gemms for the same shapes elsewhere,
-//! and by im2col + gemm for the rest.
+//! [`super::direct`] on AVX-512 CPUs for stride-1 and stride-2 kernels over
+//! 8+ input channels (stride 2 through phase planes, its input gradient in
+//! [`phases`]), by nine (kh·kw) shifted gemms for the stride-1 shapes
+//! elsewhere, and by im2col + gemm for the rest.
+
+mod phases;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -93,6 +96,9 @@ impl Geom {
     /// channels for the copies to matter and maps wide enough.
     fn direct(&self) -> bool {
         let avx = direct::available();
+        if self.stride == 2 {
+            return avx && self.strided_direct();
+        }
         let bottom = (self.oh + self.kh - 1).checked_sub(self.h + self.top);
         let right = (self.ow + self.kw - 1).checked_sub(self.w + self.left);
         self.stride == 1
@@ -105,6 +111,18 @@ impl Geom {
             && bottom.is_some_and(|b| b < self.kh)
             && right.is_some_and(|r| r < self.kw)
             && (avx || 8 * self.wide_len() <= 9 * self.p())
+    }
+
+    /// Whether a stride-2 convolution fits the direct path's phase planes
+    /// (see [`Plan`]): enough input channels, and every input position
+    /// inside the planes, which are as tall and wide as the output plus
+    /// half the kernel. (1×1 kernels too: ResNet's projection shortcuts.)
+    fn strided_direct(&self) -> bool {
+        let (mh, mw) = ((self.kh - 1) / 2, (self.kw - 1) / 2);
+        self.stride == 2
+            && self.cin >= DIRECT_MIN_CHANNELS
+            && (self.h + self.top - 1) / 2 < self.oh + mh
+            && (self.w + self.left - 1) / 2 < self.ow + mw
     }
 
     /// Output length per channel of the direct path (see [`Plan`]): rows of
@@ -259,6 +277,10 @@ fn col2im(cols: &[f32], g: &Geom, x: &mut [f32]) {
 /// xp[:, shift..shift + l]`: one gemm per tap, each operand read in place
 /// (the gemm crate packs neither at these shapes). The columns past `ow` in
 /// each output row are wrapped-around garbage and dropped.
+///
+/// With stride 2 each channel is copied into four phase planes instead (the
+/// image's even and odd rows and columns, `sp` apart, of row width `wp = ow +
+/// ⌊(kw − 1)/2⌋`): see [`direct`]'s module documentation.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     c: usize,
@@ -275,8 +297,13 @@ struct Plan {
     /// Output length per channel, rounded up to a multiple of 16 (the gemm
     /// crate reads an unpacked operand only in whole vectors).
     l: usize,
-    /// Stride between the padded input planes.
+    /// Stride between the padded input planes (of one channel's four phase
+    /// planes with stride 2).
     s: usize,
+    /// 1 or 2.
+    stride: usize,
+    /// Stride between phase planes (stride 2).
+    sp: usize,
 }
 
 impl Plan {
@@ -285,11 +312,23 @@ impl Plan {
         (top, left): (usize, usize),
         (kh, kw): (usize, usize),
         (cout, oh, ow): (usize, usize, usize),
+        stride: usize,
     ) -> Self {
-        let wp = ow + kw - 1;
-        // (As `Geom::wide_len`.)
+        // Stride 2: taps reach ⌊(k − 1)/2⌋ rows and columns into a phase plane.
+        let (reach_h, reach_w) = if stride == 2 {
+            ((kh - 1) / 2, (kw - 1) / 2)
+        } else {
+            (kh - 1, kw - 1)
+        };
+        let wp = ow + reach_w;
+        // (As `Geom::wide_len`, for stride 1.)
         let l = ((oh - 1) * wp + ow).next_multiple_of(16);
-        let s = ((oh + kh - 1) * wp).max((kh - 1) * wp + kw - 1 + l);
+        let plane = ((oh + reach_h) * wp).max(reach_h * wp + reach_w + l);
+        let (s, sp) = if stride == 2 {
+            (4 * plane, plane)
+        } else {
+            (plane, 0)
+        };
         Self {
             c,
             h,
@@ -304,6 +343,8 @@ impl Plan {
             wp,
             l,
             s,
+            stride,
+            sp,
         }
     }
 
@@ -317,6 +358,8 @@ impl Plan {
             kh: self.kh,
             kw: self.kw,
             l: self.l,
+            stride: self.stride,
+            sp: self.sp,
         }
     }
 
@@ -329,10 +372,34 @@ impl Plan {
     /// Copies image `x` into the interior of the padded planes `xp`.
     fn load(&self, x: &[f32], xp: &mut [f32]) {
         let hw = self.h * self.w;
+        if self.stride == 2 {
+            return self.load_phases(x, xp);
+        }
         for ci in 0..self.c {
             let plane = &mut xp[ci * self.s..][..self.s];
             for (iy, row) in x[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
                 plane[(iy + self.top) * self.wp + self.left..][..self.w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// [`Plan::load`] into phase planes: padded row `r` and column `c` go to
+    /// phase `(r mod 2, c mod 2)` at row `⌊r/2⌋`, column `⌊c/2⌋`.
+    fn load_phases(&self, x: &[f32], xp: &mut [f32]) {
+        let hw = self.h * self.w;
+        for ci in 0..self.c {
+            let planes = &mut xp[ci * self.s..][..self.s];
+            for (iy, row) in x[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
+                let r = iy + self.top;
+                let at = (r % 2) * 2 * self.sp + (r / 2) * self.wp;
+                // Even padded columns to phase 0, odd ones to phase 1.
+                for px in 0..2 {
+                    let first = (px + 2 - self.left % 2) % 2;
+                    let dst = &mut planes[at + px * self.sp + (first + self.left) / 2..];
+                    for (d, &v) in dst.iter_mut().zip(row.iter().skip(first).step_by(2)) {
+                        *d = v;
+                    }
+                }
             }
         }
     }
@@ -575,6 +642,7 @@ pub(super) fn forward_values(
             (g.top, g.left),
             (g.kh, g.kw),
             (cout, g.oh, g.ow),
+            g.stride,
         );
         let xp_len = plan.xp_len();
         let taps = g.kh * g.kw;
@@ -760,6 +828,7 @@ pub(super) fn backward_values(
                     (g.top, g.left),
                     (g.kh, g.kw),
                     (cout, g.oh, g.ow),
+                    g.stride,
                 );
                 // The input gradient is the direct convolution of dy with the
                 // kernel flipped (taps reversed), in/out channels swapped, as
@@ -772,17 +841,22 @@ pub(super) fn backward_values(
                     ),
                     (g.kh, g.kw),
                     (g.cin, g.h, g.w),
+                    1,
                 );
+                // With stride 2, the input gradient's four phases instead.
+                let strided =
+                    (direct && input_grad && g.stride == 2).then(|| phases::InputGrad::new(&g, w));
+                let flipped = direct && input_grad && strided.is_none();
                 let mut wf = vec![
                     0f32;
-                    match (direct && input_grad, avx) {
+                    match (flipped, avx) {
                         (false, _) => 0,
                         (true, false) => k * cout,
                         (true, true) => direct::packed_len(cout, taps, g.cin),
                     }
                 ];
                 // (Packed with cout as the input channels for the AVX-512 kernel.)
-                if direct && input_grad {
+                if flipped {
                     for co in 0..cout {
                         for ci in 0..g.cin {
                             for tap in 0..taps {
@@ -837,6 +911,7 @@ pub(super) fn backward_values(
                         // past each row): one copy of dy serves both.
                         let (ttop, tleft) = (tplan.top, tplan.left);
                         let shared = avx
+                            && strided.is_none()
                             && dxc.is_some()
                             && tplan.wp == plan.wp
                             && ttop * tplan.wp + tleft + plan.l <= tplan.s;
@@ -853,7 +928,9 @@ pub(super) fn backward_values(
                         // dy in rows of the padded width, zero past each row
                         // (or dy's padded planes, when shared).
                         let mut dyw = vec![0f32; group * ds];
-                        let (mut dyp, mut out) = if dxc.is_some() {
+                        let (mut dyp, mut out) = if let (Some(ph), Some(_)) = (&strided, &dxc) {
+                            (vec![0f32; ph.planes_len()], vec![0f32; ph.out_len()])
+                        } else if dxc.is_some() {
                             let planes = if shared { 0 } else { tplan.xp_len() };
                             (vec![0f32; planes], vec![0f32; g.cin * tplan.l])
                         } else {
@@ -932,7 +1009,10 @@ pub(super) fn backward_values(
                             }
                             if let Some(dxc) = dxc.as_deref_mut() {
                                 let dxi = &mut dxc[(i - first) * g.image()..][..g.image()];
-                                if shared {
+                                if let Some(ph) = &strided {
+                                    ph.load(dyi, &mut dyp);
+                                    ph.run(&dyp, &mut out, dxi);
+                                } else if shared {
                                     let dyp = &dyw[slot * ds..][..tplan.xp_len()];
                                     direct::forward(&tplan.wide(), dyp, wf, &mut out);
                                     tplan.store(&out, None, false, dxi);

@@ -7,6 +7,12 @@
 //! position `q + ky·wp + kx`: every tap is a contiguous, shifted run of the
 //! plane, so the convolution needs no im2col copies.
 //!
+//! A stride-2 convolution reads its input from four *phase planes* per
+//! channel instead (even rows and even columns, even rows and odd columns,
+//! …, `sp` values apart, each `wp` wide): tap `(ky, kx)` of output position
+//! `q = oy·wp + ox` reads phase `(ky mod 2, kx mod 2)` at `q + ⌊ky/2⌋·wp +
+//! ⌊kx/2⌋`, again a contiguous run ([`Wide::offset`]).
+//!
 //! These kernels keep a block of outputs in registers over the whole
 //! reduction (all input channels and taps), where a gemm per tap would load
 //! and store its output once per tap with only `cin` products in between.
@@ -58,11 +64,49 @@ pub(crate) struct Wide {
     pub kw: usize,
     /// Wide output positions per channel (a multiple of 16).
     pub l: usize,
+    /// 1, or 2 for an input laid out in phase planes.
+    pub stride: usize,
+    /// Distance between the phase planes of one channel (stride 2).
+    pub sp: usize,
 }
 
 impl Wide {
     fn taps(&self) -> usize {
         self.kh * self.kw
+    }
+
+    /// Where tap `(ky, kx)` reads in a channel's planes, relative to the
+    /// wide output position.
+    #[inline(always)]
+    pub(crate) fn offset(&self, ky: usize, kx: usize) -> usize {
+        self.row_offset(ky) + self.col_offset(kx)
+    }
+
+    /// The part of [`Wide::offset`] that depends on the kernel row.
+    #[inline(always)]
+    fn row_offset(&self, ky: usize) -> usize {
+        if self.stride == 1 {
+            ky * self.wp
+        } else {
+            (ky % 2) * 2 * self.sp + (ky / 2) * self.wp
+        }
+    }
+
+    /// The part of [`Wide::offset`] that depends on the kernel column.
+    #[inline(always)]
+    fn col_offset(&self, kx: usize) -> usize {
+        if self.stride == 1 {
+            kx
+        } else {
+            (kx % 2) * self.sp + kx / 2
+        }
+    }
+
+    /// [`Wide::offset`] of every tap, row by row.
+    fn offsets(&self) -> Vec<usize> {
+        (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| self.offset(ky, kx)))
+            .collect()
     }
 
     /// Panics unless the shapes are consistent and one image's padded input
@@ -73,12 +117,14 @@ impl Wide {
             self.l.is_multiple_of(16),
             "wide length must be whole vectors"
         );
-        assert!(self.s >= (self.kh - 1) * self.wp + self.kw - 1 + self.l);
+        assert!(self.stride == 1 || self.stride == 2, "stride 1 or 2");
+        let reach = self.offsets().into_iter().max().unwrap_or(0);
+        assert!(self.s >= reach + self.l, "planes too short for the taps");
         assert!(xp >= self.cin * self.s, "padded input too short");
     }
 }
 
-/// `out[co][q] = Σ_ci Σ_tap w[ci][tap][co] · xp[ci·s + ky·wp + kx + q]` for
+/// `out[co][q] = Σ_ci Σ_tap w[ci][tap][co] · xp[ci·s + offset(ky, kx) + q]` for
 /// every output channel `co` and wide position `q < l`.
 ///
 /// `w` is the kernel packed by [`packed_index`]. Call only when [`available`].
@@ -97,7 +143,7 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + ky·wp + kx + q]`: the
+/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + offset(ky, kx) + q]`: the
 /// weight gradient of [`forward`], with `dy` in wide rows whose wrapped
 /// columns are zero.
 ///
@@ -165,7 +211,7 @@ pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32])
     }
 }
 
-/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + ky·wp + kx + q]` as a
+/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + offset(ky, kx) + q]` as a
 /// gemm: output channels along the vector lanes (from the transposed
 /// gradient `t`, see [`transpose_gradient`]), one broadcast input value
 /// per kernel tap, and the positions as the reduction, so that nothing is
@@ -215,9 +261,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
         let (xp, w, out) = (xp.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-        let offs: Vec<usize> = (0..g.kh)
-            .flat_map(|ky| (0..g.kw).map(move |kx| ky * g.wp + kx))
-            .collect();
+        let offs = g.offsets();
         let mut co = 0;
         while co < g.cout {
             let cb = (g.cout - co).min(CB);
@@ -314,18 +358,23 @@ mod avx512 {
                 let mut step = 1;
                 for ci in ci0..(ci0 + ci_block).min(g.cin) {
                     for ky in 0..g.kh {
-                        let x = xp.add(ci * g.s + ky * g.wp);
+                        let x = xp.add(ci * g.s + g.row_offset(ky));
                         // dw[ci][ky·kw + kx][co][lane]
                         let d = (dw.add((ci * g.kh + ky) * g.kw * g.cout * lanes), lanes);
-                        step = match (cb, g.kw) {
-                            (GB.., 3) => grad_row::<GB, 3>(g, n, x, dy, d, co),
-                            (4.., 3) => grad_row::<4, 3>(g, n, x, dy, d, co),
-                            (_, 3) => grad_row::<1, 3>(g, n, x, dy, d, co),
-                            (12.., 2) => grad_row::<12, 2>(g, n, x, dy, d, co),
-                            (GB.., 2) => grad_row::<GB, 2>(g, n, x, dy, d, co),
-                            (4.., 2) => grad_row::<4, 2>(g, n, x, dy, d, co),
-                            (_, 2) => grad_row::<1, 2>(g, n, x, dy, d, co),
-                            (4.., 1) => grad_row::<4, 1>(g, n, x, dy, d, co),
+                        step = match (g.stride, cb, g.kw) {
+                            (1, GB.., 3) => grad_row::<GB, 3, 1>(g, n, x, dy, d, co),
+                            (1, 4.., 3) => grad_row::<4, 3, 1>(g, n, x, dy, d, co),
+                            (1, _, 3) => grad_row::<1, 3, 1>(g, n, x, dy, d, co),
+                            (1, 12.., 2) => grad_row::<12, 2, 1>(g, n, x, dy, d, co),
+                            (1, GB.., 2) => grad_row::<GB, 2, 1>(g, n, x, dy, d, co),
+                            (1, 4.., 2) => grad_row::<4, 2, 1>(g, n, x, dy, d, co),
+                            (1, _, 2) => grad_row::<1, 2, 1>(g, n, x, dy, d, co),
+                            (1, 4.., 1) => grad_row::<4, 1, 1>(g, n, x, dy, d, co),
+                            (2, GB.., 3) => grad_row::<GB, 3, 2>(g, n, x, dy, d, co),
+                            (2, 4.., 3) => grad_row::<4, 3, 2>(g, n, x, dy, d, co),
+                            (2, 4.., 2) => grad_row::<4, 2, 2>(g, n, x, dy, d, co),
+                            (2, GB.., 1) => grad_row::<GB, 1, 2>(g, n, x, dy, d, co),
+                            (2, 4.., 1) => grad_row::<4, 1, 2>(g, n, x, dy, d, co),
                             _ => grad_row_any(g, n, x, dy, d, co),
                         };
                     }
@@ -336,10 +385,11 @@ mod avx512 {
     }
 
     /// One kernel row (`K = kw` taps) of one input channel, output channels
-    /// `co .. co + C`, summed over all `l` positions. Returns `C`.
+    /// `co .. co + C`, summed over all `l` positions, for stride `S` (`x`
+    /// points at the row's planes: [`Wide::col_offset`] from there). Returns `C`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn grad_row<const C: usize, const K: usize>(
+    unsafe fn grad_row<const C: usize, const K: usize, const S: usize>(
         g: &Wide,
         (images, xs, ds, dc): (usize, usize, usize, usize),
         x: *const f32,
@@ -347,6 +397,9 @@ mod avx512 {
         (d, lanes): (*mut f32, usize),
         co: usize,
     ) -> usize {
+        debug_assert_eq!(S, g.stride);
+        // (With `S` a constant, stride 1's offsets are the constants `kx`.)
+        let col = |kx: usize| if S == 1 { kx } else { g.col_offset(kx) };
         let mut acc = [[_mm512_setzero_ps(); K]; C];
         for i in 0..images {
             let x = x.add(i * xs);
@@ -355,7 +408,7 @@ mod avx512 {
             while q < g.l {
                 let mut xv = [_mm512_setzero_ps(); K];
                 for (kx, v) in xv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(x.add(q + kx));
+                    *v = _mm512_loadu_ps(x.add(q + col(kx)));
                 }
                 for (c, row) in acc.iter_mut().enumerate() {
                     let dv = _mm512_loadu_ps(dy.add((co + c) * dc + q));
@@ -391,14 +444,18 @@ mod avx512 {
             while ci < g.cin {
                 let left = g.cin - ci;
                 let a = (g, n, xp, t, np, dw, ci, co);
-                ci += match (g.kh, nv, left) {
-                    (3, 2, _) => gemm_block::<3, 3, 1, 9, 2>(a),
-                    (3, 1, 2..) => gemm_block::<3, 3, 2, 18, 1>(a),
-                    (3, 1, _) => gemm_block::<3, 3, 1, 9, 1>(a),
-                    (_, 2, 3..) => gemm_block::<2, 2, 3, 12, 2>(a),
-                    (_, 2, _) => gemm_block::<2, 2, 1, 4, 2>(a),
-                    (_, _, 6..) => gemm_block::<2, 2, 6, 24, 1>(a),
-                    (_, _, _) => gemm_block::<2, 2, 1, 4, 1>(a),
+                ci += match (g.stride, g.kh, nv, left) {
+                    (1, 3, 2, _) => gemm_block::<3, 3, 1, 9, 2, 1>(a),
+                    (1, 3, 1, 2..) => gemm_block::<3, 3, 2, 18, 1, 1>(a),
+                    (1, 3, 1, _) => gemm_block::<3, 3, 1, 9, 1, 1>(a),
+                    (1, _, 2, 3..) => gemm_block::<2, 2, 3, 12, 2, 1>(a),
+                    (1, _, 2, _) => gemm_block::<2, 2, 1, 4, 2, 1>(a),
+                    (1, _, _, 6..) => gemm_block::<2, 2, 6, 24, 1, 1>(a),
+                    (1, _, _, _) => gemm_block::<2, 2, 1, 4, 1, 1>(a),
+                    (_, 3, 2, _) => gemm_block::<3, 3, 1, 9, 2, 2>(a),
+                    (_, 3, 1, _) => gemm_block::<3, 3, 1, 9, 1, 2>(a),
+                    (_, _, 2, _) => gemm_block::<2, 2, 1, 4, 2, 2>(a),
+                    (_, _, _, _) => gemm_block::<2, 2, 1, 4, 1, 2>(a),
                 };
             }
             co += 16 * nv;
@@ -406,7 +463,7 @@ mod avx512 {
     }
 
     /// Input channels `ci .. ci + CI` (`M = CI·KH·KW` rows of taps) against
-    /// output channels `co .. co + 16·NV`; returns `CI`.
+    /// output channels `co .. co + 16·NV`, for stride `S`; returns `CI`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::type_complexity)]
@@ -416,6 +473,7 @@ mod avx512 {
         const CI: usize,
         const M: usize,
         const NV: usize,
+        const S: usize,
     >(
         (g, (images, xs, ts), xp, t, np, dw, ci, co): (
             &Wide,
@@ -429,6 +487,10 @@ mod avx512 {
         ),
     ) -> usize {
         debug_assert_eq!(M, CI * KH * KW);
+        debug_assert_eq!(S, g.stride);
+        // (With `S` a constant, stride 1's offsets are `ky·wp` and the constants `kx`.)
+        let row_off = |ky: usize| if S == 1 { ky * g.wp } else { g.row_offset(ky) };
+        let col_off = |kx: usize| if S == 1 { kx } else { g.col_offset(kx) };
         let mut acc = [[_mm512_setzero_ps(); NV]; M];
         for i in 0..images {
             let x = xp.add(i * xs + ci * g.s);
@@ -440,9 +502,9 @@ mod avx512 {
                 }
                 for c in 0..CI {
                     for ky in 0..KH {
-                        let row = x.add(c * g.s + ky * g.wp + q);
+                        let row = x.add(c * g.s + row_off(ky) + q);
                         for kx in 0..KW {
-                            let sv = _mm512_set1_ps(*row.add(kx));
+                            let sv = _mm512_set1_ps(*row.add(col_off(kx)));
                             for (a, d) in acc[(c * KH + ky) * KW + kx].iter_mut().zip(&dv) {
                                 *a = _mm512_fmadd_ps(sv, *d, *a);
                             }
@@ -497,7 +559,7 @@ mod avx512 {
                 while q < g.l {
                     acc = _mm512_fmadd_ps(
                         _mm512_loadu_ps(dyc.add(q)),
-                        _mm512_loadu_ps(x.add(q + kx)),
+                        _mm512_loadu_ps(x.add(q + g.col_offset(kx))),
                         acc,
                     );
                     q += 16;

@@ -72,6 +72,23 @@ fn conv2d_matches_candle_values_and_gradients() {
         // with AVX-512 (small map).
         (2, 8, 4, 4, 3, 3, 1, [3, 0, 1, 1]),
         (2, 8, 8, 8, 5, 3, 1, [1, 1, 1, 1]),
+        // Stride 2 over eight or more input channels: phase planes. Keras
+        // "same" (padding after), ResNet's shapes, odd sizes, padding before,
+        // 2×2 and 4×4 kernels, few output channels and masked tails.
+        (2, 8, 8, 8, 12, 3, 2, [0, 1, 0, 1]),
+        (3, 9, 9, 7, 5, 3, 2, [1, 1, 1, 1]),
+        (2, 16, 32, 32, 32, 3, 2, [0, 1, 0, 1]),
+        (2, 32, 16, 16, 64, 3, 2, [0, 1, 0, 1]),
+        (2, 8, 7, 9, 16, 2, 2, [0, 1, 0, 1]),
+        (2, 10, 10, 10, 20, 4, 2, [1, 2, 1, 2]),
+        (2, 12, 6, 7, 40, 3, 2, [2, 0, 2, 1]),
+        (2, 8, 9, 9, 50, 3, 2, [1, 1, 1, 1]),
+        (2, 8, 8, 8, 3, 3, 2, [0, 1, 0, 1]),
+        (2, 8, 5, 5, 6, 2, 2, [0, 1, 1, 0]),
+        // 1×1 at stride 2 (ResNet's projection shortcuts): the odd phases get no gradient.
+        (2, 16, 32, 32, 32, 1, 2, [0, 0, 0, 0]),
+        (2, 8, 7, 9, 12, 1, 2, [0, 0, 0, 0]),
+        (2, 8, 6, 6, 3, 1, 2, [0, 0, 0, 0]),
     ];
     for (n, cin, h, w, cout, k, stride, pad) in cases {
         let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
@@ -175,6 +192,8 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
         (2, 3, 9, 7, 5, 3, 1, [1, 1, 1, 1], false),
         (2, 6, 9, 9, 4, 3, 2, [1, 1, 1, 1], true),
         (3, 5, 6, 6, 7, 2, 1, [0, 1, 0, 1], true),
+        (2, 16, 12, 12, 32, 3, 2, [0, 1, 0, 1], true),
+        (3, 8, 9, 7, 12, 3, 2, [1, 1, 1, 1], false),
     ];
     for (i, (n, cin, h, w, cout, k, stride, pad, input_grad)) in cases.into_iter().enumerate() {
         let relu = i % 2 == 0;
