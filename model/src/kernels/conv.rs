@@ -392,13 +392,14 @@ impl Plan {
             for (iy, row) in x[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
                 let r = iy + self.top;
                 let at = (r % 2) * 2 * self.sp + (r / 2) * self.wp;
-                // Even padded columns to phase 0, odd ones to phase 1.
-                for px in 0..2 {
-                    let first = (px + 2 - self.left % 2) % 2;
-                    let dst = &mut planes[at + px * self.sp + (first + self.left) / 2..];
-                    for (d, &v) in dst.iter_mut().zip(row.iter().skip(first).step_by(2)) {
-                        *d = v;
-                    }
+                // Even padded columns to phase 0, odd ones to phase 1: the
+                // row's even values are the even columns when `left` is even.
+                let (p0, p1) = planes[at..].split_at_mut(self.sp);
+                let half = self.left / 2;
+                if self.left % 2 == 0 {
+                    direct::split_row(row, &mut p0[half..], &mut p1[half..]);
+                } else {
+                    direct::split_row(row, &mut p1[half..], &mut p0[half + 1..]);
                 }
             }
         }

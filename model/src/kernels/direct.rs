@@ -249,11 +249,66 @@ pub(crate) fn lane_sums(lanes: &[f32], dw: &mut [f32]) {
     }
 }
 
+/// `even[i] = src[2i]` and `odd[i] = src[2i + 1]`: a row split into its
+/// even and odd columns (phase planes).
+#[inline]
+pub(crate) fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let (even, odd) = (
+        &mut even[..src.len().div_ceil(2)],
+        &mut odd[..src.len() / 2],
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F is present; `even` and `odd` hold the halves of `src`.
+        unsafe { avx512::split_row(src, even, odd) };
+        return;
+    }
+    for (i, pair) in src.chunks(2).enumerate() {
+        even[i] = pair[0];
+        if let Some(&v) = pair.get(1) {
+            odd[i] = v;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
     use super::Wide;
+
+    /// The mask of the first `n` (≤ 16) lanes.
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+        let n = src.len();
+        let (s, e, o) = (src.as_ptr(), even.as_mut_ptr(), odd.as_mut_ptr());
+        let idx_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let idx_odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let mut i = 0;
+        while i + 32 <= n {
+            let (a, b) = (_mm512_loadu_ps(s.add(i)), _mm512_loadu_ps(s.add(i + 16)));
+            _mm512_storeu_ps(e.add(i / 2), _mm512_permutex2var_ps(a, idx_even, b));
+            _mm512_storeu_ps(o.add(i / 2), _mm512_permutex2var_ps(a, idx_odd, b));
+            i += 32;
+        }
+        while i < n {
+            // 32 values (fewer at the end) in two registers, then their even
+            // and odd lanes gathered into one register each.
+            let left = n - i;
+            let a = _mm512_maskz_loadu_ps(lanes(left), s.add(i));
+            let b = _mm512_maskz_loadu_ps(lanes(left.saturating_sub(16)), s.add(i + 16));
+            let at = i / 2;
+            let (ne, no) = (left.div_ceil(2).min(16), (left / 2).min(16));
+            _mm512_mask_storeu_ps(e.add(at), lanes(ne), _mm512_permutex2var_ps(a, idx_even, b));
+            _mm512_mask_storeu_ps(o.add(at), lanes(no), _mm512_permutex2var_ps(a, idx_odd, b));
+            i += 32;
+        }
+    }
 
     /// Output channels per register block of the forward kernel.
     const CB: usize = 8;
