@@ -396,7 +396,7 @@ impl Plan {
                 // row's even values are the even columns when `left` is even.
                 let (p0, p1) = planes[at..].split_at_mut(self.sp);
                 let half = self.left / 2;
-                if self.left % 2 == 0 {
+                if self.left.is_multiple_of(2) {
                     direct::split_row(row, &mut p0[half..], &mut p1[half..]);
                 } else {
                     direct::split_row(row, &mut p1[half..], &mut p0[half + 1..]);
