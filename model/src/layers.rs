@@ -187,15 +187,20 @@ impl Conv2d {
 impl Conv2d {
     /// Zero padding `[top, bottom, left, right]` for input `x`.
     fn pad(&self, x: &Tensor) -> candle_core::Result<[usize; 4]> {
-        Ok(match self.padding {
+        let (_, _, h, w) = x.dims4()?;
+        Ok(self.pad_for(h, w))
+    }
+
+    /// The zero padding `[top, bottom, left, right]` of an `h × w` input.
+    fn pad_for(&self, h: usize, w: usize) -> [usize; 4] {
+        match self.padding {
             Padding::Valid => [0; 4],
             Padding::Same => {
-                let (_, _, h, w) = x.dims4()?;
                 let (top, bottom) = same_padding(h, self.k, self.stride);
                 let (left, right) = same_padding(w, self.k, self.stride);
                 [top, bottom, left, right]
             }
-        })
+        }
     }
 
     /// The convolution, followed by a ReLU when `relu` (one fused op on the fast path).
@@ -361,42 +366,72 @@ impl BatchNorm {
     }
 }
 
-/// A ResNet v1 identity block while training, `ReLU(x + BN₂(conv₂(ReLU(
-/// BN₁(conv₁ x)))))`, as one fused op on the fast path; `None` where that
-/// does not apply (reference engine, inference, strided convolutions, not on
+/// One residual block's layers: `(conv₁, BN₁)`, `(conv₂, BN₂)` and the
+/// projection shortcut, if any.
+pub(crate) type ResidualLayers<'a> = (
+    (&'a Conv2d, &'a BatchNorm),
+    (&'a Conv2d, &'a BatchNorm),
+    Option<&'a Conv2d>,
+);
+
+/// A convolution and its BatchNorm as the fused kernels take them, for an
+/// `h × w` input, and the output's size.
+fn conv_bn_layer<'a>(
+    conv: &'a Conv2d,
+    bn: &'a BatchNorm,
+    (h, w): (usize, usize),
+) -> (kernels::ConvBnLayer<'a>, (usize, usize)) {
+    let pad = conv.pad_for(h, w);
+    let layer = kernels::ConvBnLayer {
+        w: &conv.weight,
+        bias: &conv.bias,
+        gamma: &bn.gamma,
+        beta: &bn.beta,
+        stride: conv.stride,
+        pad,
+    };
+    let out = (
+        (h + pad[0] + pad[1]).saturating_sub(conv.k) / conv.stride + 1,
+        (w + pad[2] + pad[3]).saturating_sub(conv.k) / conv.stride + 1,
+    );
+    (layer, out)
+}
+
+/// A run of ResNet v1 residual blocks while training, each `ReLU(s(x) +
+/// BN₂(conv₂(ReLU(BN₁(conv₁ x)))))`, as one fused op on the fast path;
+/// `None` where that does not apply (reference engine, inference, not on
 /// the CPU), and the caller composes the layers instead.
-pub(crate) fn residual_block(
+pub(crate) fn residual_blocks(
     x: &Tensor,
-    (conv1, bn1): (&Conv2d, &BatchNorm),
-    (conv2, bn2): (&Conv2d, &BatchNorm),
+    blocks: &[ResidualLayers],
     pass: &mut Pass,
 ) -> Result<Option<Tensor>> {
-    let fast = [conv1.fast, bn1.fast, conv2.fast, bn2.fast]
-        .iter()
-        .all(|&f| f);
-    if !(pass.train && fast && conv1.stride == 1 && conv2.stride == 1) {
+    let fast = blocks.iter().all(|((c1, b1), (c2, b2), s)| {
+        c1.fast && b1.fast && c2.fast && b2.fast && s.is_none_or(|s| s.fast)
+    });
+    if !(pass.train && fast) {
         return Ok(None);
     }
-    // Both convolutions keep the map's size, so `x`'s padding serves both.
-    let first = (
-        &conv1.weight,
-        &conv1.bias,
-        &bn1.gamma,
-        &bn1.beta,
-        conv1.pad(x)?,
-    );
-    let second = (
-        &conv2.weight,
-        &conv2.bias,
-        &bn2.gamma,
-        &bn2.beta,
-        conv2.pad(x)?,
-    );
-    let Some((z, [s1, s2])) = kernels::residual_block_train(x, first, second, BN_EPSILON)? else {
+    let (_, _, mut h, mut w) = x.dims4()?;
+    let mut layers = Vec::with_capacity(blocks.len());
+    for &((conv1, bn1), (conv2, bn2), shortcut) in blocks {
+        let (first, mid) = conv_bn_layer(conv1, bn1, (h, w));
+        let (second, out) = conv_bn_layer(conv2, bn2, mid);
+        let shortcut = shortcut.map(|s| (&s.weight, &s.bias, s.stride, s.pad_for(h, w)));
+        layers.push(kernels::BlockLayers {
+            first,
+            second,
+            shortcut,
+        });
+        (h, w) = out;
+    }
+    let Some((z, stats)) = kernels::residual_blocks_train(x, &layers, BN_EPSILON)? else {
         return Ok(None);
     };
-    pass.bn_stats.push((bn1.mean_index, s1.0, s1.1));
-    pass.bn_stats.push((bn2.mean_index, s2.0, s2.1));
+    let bns = blocks.iter().flat_map(|((_, b1), (_, b2), _)| [b1, b2]);
+    for (bn, (mean, var)) in bns.zip(stats) {
+        pass.bn_stats.push((bn.mean_index, mean, var));
+    }
     Ok(Some(z))
 }
 

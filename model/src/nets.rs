@@ -3,8 +3,8 @@
 use candle_core::{Module, Tensor};
 
 use crate::layers::{
-    add_relu, dropout, relu, residual_block, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d,
-    Padding, Pass, Registry,
+    add_relu, dropout, relu, residual_blocks, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d,
+    Padding, Pass, Registry, ResidualLayers,
 };
 use crate::{ModelError, ModelKind};
 
@@ -266,15 +266,25 @@ impl Resnet {
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let mut x = self.stem.forward(x, pass)?;
-        for b in &self.blocks {
-            if b.shortcut.is_none() && !self.dropout {
+        // Without dropout, all the blocks as one op where the fast path trains.
+        let layers: Vec<ResidualLayers> = self
+            .blocks
+            .iter()
+            .map(|b| {
                 let (first, second) = (&b.first, &b.second);
-                let layers = ((&first.conv, &first.bn), (&second.conv, &second.bn));
-                if let Some(z) = residual_block(&x, layers.0, layers.1, pass)? {
-                    x = z;
-                    continue;
-                }
-            }
+                (
+                    (&first.conv, &first.bn),
+                    (&second.conv, &second.bn),
+                    b.shortcut.as_ref(),
+                )
+            })
+            .collect();
+        let fused = if self.dropout {
+            None
+        } else {
+            residual_blocks(&x, &layers, pass)?
+        };
+        for b in self.blocks.iter().filter(|_| fused.is_none()) {
             let y = b.first.forward(&x, pass)?;
             let y = if self.dropout {
                 dropout(&y, 0.3, pass)?
@@ -287,6 +297,9 @@ impl Resnet {
                 None => x,
             };
             x = add_relu(&shortcut, &y, pass)?;
+        }
+        if let Some(z) = fused {
+            x = z;
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
         let x = if self.dropout {

@@ -18,22 +18,22 @@ use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Geom};
 use super::{batch_norm_train, conv2d_act, cpu_slice, with_values};
 
 /// What the forward pass keeps for the backward pass.
-struct Saved {
+pub(super) struct Saved {
     /// The convolution's output, before normalisation.
     y: Vec<f32>,
-    mean: Vec<f32>,
-    var: Vec<f32>,
+    pub(super) mean: Vec<f32>,
+    pub(super) var: Vec<f32>,
     invstd: Vec<f32>,
 }
 
 /// The fused op of `(x, kernel, [bias; gamma; beta])`.
-struct ConvBnOp {
-    stride: usize,
-    pad: [usize; 4],
-    input_grad: bool,
-    eps: f64,
-    relu: bool,
-    saved: Arc<Mutex<Option<Saved>>>,
+pub(super) struct ConvBnOp {
+    pub(super) stride: usize,
+    pub(super) pad: [usize; 4],
+    pub(super) input_grad: bool,
+    pub(super) eps: f64,
+    pub(super) relu: bool,
+    pub(super) saved: Arc<Mutex<Option<Saved>>>,
 }
 
 /// Per-channel mean and biased variance over all images, from each image's
@@ -144,7 +144,7 @@ impl ConvBnOp {
     /// output, `grad`, zeroed where `mask` (when given) is not positive: the
     /// op's own output behind its fused ReLU, or a later ReLU's output.
     #[allow(clippy::type_complexity)]
-    fn gradients(
+    pub(super) fn gradients(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -325,221 +325,4 @@ pub(crate) fn conv_bn_train(
         Tensor::from_vec(mean, c, dev)?,
         Tensor::from_vec(var, c, dev)?,
     ))
-}
-
-/// What a residual block keeps for its backward pass: the inner ops' tensors.
-struct Inner {
-    /// The first layer's output (after its ReLU).
-    h: Tensor,
-    w1: Tensor,
-    p1: Tensor,
-    w2: Tensor,
-    p2: Tensor,
-}
-
-/// A ResNet v1 identity block, `ReLU(x + BN₂(conv₂(ReLU(BN₁(conv₁ x)))))`,
-/// as one op of `(x, [w₁; w₂], [params₁; params₂])` (kernels flattened,
-/// params as in [`conv_bn_train`]).
-///
-/// With the two conv-BN ops and the residual sum as separate candle ops,
-/// candle's autograd starts the gradients of `h`, `y` and `x` each as
-/// `zeros_like` and adds into it: three passes over activation-sized tensors
-/// for nothing. Here they are handed from one backward to the next.
-struct ResidualOp {
-    first: ConvBnOp,
-    second: ConvBnOp,
-    /// Shapes of the two kernels.
-    kernels: (Shape, Shape),
-    inner: Mutex<Option<Inner>>,
-}
-
-impl ResidualOp {
-    fn poisoned() -> candle_core::Error {
-        candle_core::Error::Msg("residual block: poisoned".into())
-    }
-}
-
-/// A tensor of a kernel's output storage (no copy).
-fn storage_tensor(s: CpuStorage, shape: Shape) -> Result<Tensor> {
-    match s {
-        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu),
-        _ => bail!("residual block: expected f32 values"),
-    }
-}
-
-impl CustomOp3 for ResidualOp {
-    fn name(&self) -> &'static str {
-        "gradcast-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, params) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        let (k1, k2) = (&self.kernels.0, &self.kernels.1);
-        let (n1, n2) = (k1.elem_count(), k2.elem_count());
-        let c = k1.dims()[0];
-        if w.len() != n1 + n2 || params.len() != 6 * c {
-            bail!("residual block: expected two kernels of {k1:?} and {k2:?} and 6×{c} params");
-        }
-        let cpu = &candle_core::Device::Cpu;
-        let w1 = Tensor::from_slice(&w[..n1], k1, cpu)?;
-        let w2 = Tensor::from_slice(&w[n1..], k2, cpu)?;
-        let p1 = Tensor::from_slice(&params[..3 * c], 3 * c, cpu)?;
-        let p2 = Tensor::from_slice(&params[3 * c..], 3 * c, cpu)?;
-        let run = |op: &ConvBnOp, x: (&CpuStorage, &Layout), w: &Tensor, p: &Tensor| {
-            let (ws, wl) = w.storage_and_layout();
-            let (ps, pl) = p.storage_and_layout();
-            match (&*ws, &*ps) {
-                (candle_core::Storage::Cpu(ws), candle_core::Storage::Cpu(ps)) => {
-                    op.cpu_fwd(x.0, x.1, ws, wl, ps, pl)
-                }
-                _ => bail!("residual block: CPU tensors expected"),
-            }
-        };
-        let (hs, hshape) = run(&self.first, (s1, l1), &w1, &p1)?;
-        let hl = Layout::contiguous(&hshape);
-        let (ys, yshape) = run(&self.second, (&hs, &hl), &w2, &p2)?;
-        // z = ReLU(x + y), in the second layer's output buffer.
-        let CpuStorage::F32(mut z) = ys else {
-            bail!("residual block: expected f32 values")
-        };
-        if z.len() != x.len() {
-            bail!("residual block: the shortcut needs the output's shape");
-        }
-        z.par_chunks_mut(1 << 16)
-            .zip(x.par_chunks(1 << 16))
-            .for_each(|(z, x)| {
-                for (z, x) in z.iter_mut().zip(x) {
-                    *z = (*z + x).max(0.0);
-                }
-            });
-        *self.inner.lock().map_err(|_| Self::poisoned())? = Some(Inner {
-            h: storage_tensor(hs, hshape)?,
-            w1,
-            p1,
-            w2,
-            p2,
-        });
-        Ok((CpuStorage::F32(z), yshape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        params: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let inner = self.inner.lock().map_err(|_| Self::poisoned())?;
-        let Some(s) = inner.as_ref() else {
-            bail!("residual block: backward before forward")
-        };
-        // The sum's gradient `grad · [z > 0]` goes into the second layer
-        // (whose backward applies that mask as it reads `grad`) and into the
-        // shortcut, added to the first layer's input gradient below.
-        let (dh, dw2, dp2) = self.second.gradients(&s.h, &s.w2, &s.p2, Some(res), grad)?;
-        let Some(dh) = dh else {
-            bail!("residual block: no gradient for the inner activation")
-        };
-        let dh = Tensor::from_vec(dh, s.h.shape(), x.device())?;
-        let (dx, mut dw, mut dp) = self.first.gradients(x, &s.w1, &s.p1, Some(&s.h), &dh)?;
-        let dx = match dx {
-            Some(mut dx) => {
-                with_values(res, |z| {
-                    with_values(grad, |g| {
-                        if z.len() != dx.len() || g.len() != dx.len() {
-                            bail!("residual block: the shortcut needs the output's shape");
-                        }
-                        dx.par_chunks_mut(1 << 16)
-                            .zip(z.par_chunks(1 << 16).zip(g.par_chunks(1 << 16)))
-                            .for_each(|(dx, (z, g))| {
-                                for ((d, &z), &g) in dx.iter_mut().zip(z).zip(g) {
-                                    // (A select, not a branch: the mask is random.)
-                                    *d += if z > 0.0 { g } else { 0.0 };
-                                }
-                            });
-                        Ok(())
-                    })
-                })?;
-                Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-            }
-            None => None,
-        };
-        dw.extend_from_slice(&dw2);
-        dp.extend_from_slice(&dp2);
-        let dw = Tensor::from_vec(dw, w.shape(), x.device())?;
-        let dp = Tensor::from_vec(dp, params.shape(), x.device())?;
-        Ok((dx, Some(dw), Some(dp)))
-    }
-}
-
-/// A BatchNorm layer's batch mean and biased batch variance, `(C)` each.
-pub(crate) type BatchStats = (Tensor, Tensor);
-
-/// One conv + BN layer's tensors for [`residual_block_train`]: kernel, bias,
-/// gamma, beta and the zero padding.
-pub(crate) type ConvBnParams<'a> = (&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor, [usize; 4]);
-
-/// A ResNet v1 identity block in training mode, `ReLU(x + BN₂(conv₂(ReLU(
-/// BN₁(conv₁ x)))))` (stride 1, 3×3 "same" convolutions), as one op on the
-/// CPU. Returns the output and each layer's batch mean and biased variance.
-/// `None` where the fused op does not apply (not on the CPU, not f32).
-pub(crate) fn residual_block_train(
-    x: &Tensor,
-    first: ConvBnParams,
-    second: ConvBnParams,
-    eps: f64,
-) -> Result<Option<(Tensor, [BatchStats; 2])>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let op = |pad, relu, input_grad| ConvBnOp {
-        stride: 1,
-        pad,
-        input_grad,
-        eps,
-        relu,
-        saved: Arc::new(Mutex::new(None)),
-    };
-    let (first_op, second_op) = (op(first.4, true, x.track_op()), op(second.4, false, true));
-    let (s1, s2) = (first_op.saved.clone(), second_op.saved.clone());
-    let block = ResidualOp {
-        first: first_op,
-        second: second_op,
-        kernels: (first.0.shape().clone(), second.0.shape().clone()),
-        inner: Mutex::new(None),
-    };
-    let w = Tensor::cat(&[first.0.flatten_all()?, second.0.flatten_all()?], 0)?;
-    let params = Tensor::cat(
-        &[
-            first.1.flatten_all()?,
-            first.2.flatten_all()?,
-            first.3.flatten_all()?,
-            second.1.flatten_all()?,
-            second.2.flatten_all()?,
-            second.3.flatten_all()?,
-        ],
-        0,
-    )?;
-    let z = x.contiguous()?.apply_op3(&w, &params, block)?;
-    let stats = |saved: &Arc<Mutex<Option<Saved>>>| -> Result<(Tensor, Tensor)> {
-        let s = saved.lock().map_err(|_| ResidualOp::poisoned())?;
-        let Some(s) = s.as_ref() else {
-            bail!("residual block: the forward pass kept no statistics")
-        };
-        let c = s.mean.len();
-        Ok((
-            Tensor::from_slice(&s.mean, c, x.device())?,
-            Tensor::from_slice(&s.var, c, x.device())?,
-        ))
-    };
-    Ok(Some((z, [stats(&s1)?, stats(&s2)?])))
 }

@@ -13,6 +13,7 @@ mod direct;
 mod dropout;
 mod pool;
 mod relu;
+mod residual;
 
 #[cfg(test)]
 mod tests;
@@ -23,10 +24,11 @@ pub(crate) use bn::{
 #[cfg(test)]
 pub(crate) use conv::conv2d;
 pub(crate) use conv::{conv2d_act, conv2d_reference};
-pub(crate) use conv_bn::{conv_bn_train, residual_block_train};
+pub(crate) use conv_bn::conv_bn_train;
 pub(crate) use dropout::{dropout, dropout_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
 pub(crate) use relu::{add_relu, relu};
+pub(crate) use residual::{residual_blocks_train, BlockLayers, ConvBnLayer};
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 

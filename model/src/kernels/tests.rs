@@ -252,62 +252,126 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
     }
 }
 
+/// One conv + BN layer's variables: kernel, bias, gamma, beta.
+type LayerVars = (Var, Var, Var, Var);
+
+fn layer_vars(cin: usize, cout: usize, k: usize, rng: &mut Rng) -> LayerVars {
+    let mut v = |shape: &[usize]| Var::from_tensor(&random(shape, rng)).unwrap();
+    (v(&[cout, cin, k, k]), v(&[cout]), v(&[cout]), v(&[cout]))
+}
+
+/// `(n, cin, h, w, [(channels, stride)] per block, input_grad)`.
+type BlockCase = (usize, usize, usize, usize, &'static [(usize, usize)], bool);
+
 #[test]
-fn residual_block_matches_its_layers_composed_from_candle_ops() {
+fn residual_blocks_match_their_layers_composed_from_candle_ops() {
     let mut rng = Rng::new(29);
-    // (n, c, h, w, input_grad): odd sizes, and a block whose input needs no gradient.
-    for (n, c, h, w, input_grad) in [(3, 8, 7, 9, true), (2, 16, 8, 8, true), (2, 8, 5, 6, false)] {
-        let x = Var::from_tensor(&random(&[n, c, h, w], &mut rng)).unwrap();
-        let layer = |rng: &mut Rng| {
-            let v = |shape: &[usize], rng: &mut Rng| Var::from_tensor(&random(shape, rng)).unwrap();
-            (
-                v(&[c, c, 3, 3], rng),
-                v(&[c], rng),
-                v(&[c], rng),
-                v(&[c], rng),
-            )
-        };
-        let (l1, l2) = (layer(&mut rng), layer(&mut rng));
+    // Identity blocks at odd sizes, projection blocks (stride 2, 1×1 shortcut) as in
+    // ResNet's stacks, and an input that needs no gradient.
+    let cases: [BlockCase; 4] = [
+        (3, 8, 7, 9, &[(8, 1)], true),
+        (2, 16, 8, 8, &[(16, 1), (16, 1), (32, 2), (32, 1)], true),
+        (2, 8, 9, 7, &[(12, 2)], true),
+        (2, 8, 5, 6, &[(8, 1), (8, 1)], false),
+    ];
+    for (n, cin, h, w, shape, input_grad) in cases {
+        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
+        let mut vars = Vec::new();
+        let mut c = cin;
+        for &(cout, stride) in shape {
+            let shortcut = (stride != 1).then(|| {
+                let mut v = |shape: &[usize]| Var::from_tensor(&random(shape, &mut rng)).unwrap();
+                (v(&[cout, c, 1, 1]), v(&[cout]))
+            });
+            vars.push((
+                layer_vars(c, cout, 3, &mut rng),
+                layer_vars(cout, cout, 3, &mut rng),
+                stride,
+                shortcut,
+            ));
+            c = cout;
+        }
         let xin = if input_grad {
             x.as_tensor().clone()
         } else {
             x.as_tensor().detach()
         };
-        let pad = [1, 1, 1, 1];
-        let (z, [s1, s2]) = residual_block_train(
-            &xin,
-            (&l1.0, &l1.1, &l1.2, &l1.3, pad),
-            (&l2.0, &l2.1, &l2.2, &l2.3, pad),
-            1e-3,
-        )
-        .unwrap()
-        .expect("the fused block runs on the CPU");
-        let y = conv2d_reference(&xin, &l1.0, Some(&l1.1), 1, pad).unwrap();
-        let (hr, m1, v1) = batch_norm_train_reference(&y, &l1.2, &l1.3, 1e-3, true).unwrap();
-        let y = conv2d_reference(&hr, &l2.0, Some(&l2.1), 1, pad).unwrap();
-        let (yr, m2, v2) = batch_norm_train_reference(&y, &l2.2, &l2.3, 1e-3, false).unwrap();
-        let zr = (&xin + &yr).unwrap().relu().unwrap();
-        let case = format!("block {n}x{c}x{h}x{w}");
-        assert_close(&format!("{case} z"), &z, &zr);
-        for (what, got, want) in [("mean1", &s1.0, &m1), ("var1", &s1.1, &v1)] {
-            assert_close(&format!("{case} {what}"), got, want);
+        // Keras "same" padding of a 3×3 kernel: 1 each side at stride 1,
+        // after only at stride 2 on even sizes.
+        let pad = |len: usize, stride: usize| -> (usize, usize) {
+            crate::layers::same_padding(len, 3, stride)
+        };
+        let mut blocks = Vec::new();
+        let (mut hh, mut ww) = (h, w);
+        for (l1, l2, stride, sc) in &vars {
+            let ((t, b), (l, r)) = (pad(hh, *stride), pad(ww, *stride));
+            let (h2, w2) = (hh.div_ceil(*stride), ww.div_ceil(*stride));
+            blocks.push(BlockLayers {
+                first: ConvBnLayer {
+                    w: &l1.0,
+                    bias: &l1.1,
+                    gamma: &l1.2,
+                    beta: &l1.3,
+                    stride: *stride,
+                    pad: [t, b, l, r],
+                },
+                second: ConvBnLayer {
+                    w: &l2.0,
+                    bias: &l2.1,
+                    gamma: &l2.2,
+                    beta: &l2.3,
+                    stride: 1,
+                    pad: [1, 1, 1, 1],
+                },
+                shortcut: sc
+                    .as_ref()
+                    .map(|(w, b)| (w.as_tensor(), b.as_tensor(), *stride, [0; 4])),
+            });
+            (hh, ww) = (h2, w2);
         }
-        for (what, got, want) in [("mean2", &s2.0, &m2), ("var2", &s2.1, &v2)] {
-            assert_close(&format!("{case} {what}"), got, want);
+        let (z, stats) = residual_blocks_train(&xin, &blocks, 1e-3)
+            .unwrap()
+            .expect("the fused blocks run on the CPU");
+        // The same with candle's own ops.
+        let mut zr = xin.clone();
+        let mut stats_r = Vec::new();
+        for (blk, (l1, l2, stride, sc)) in blocks.iter().zip(&vars) {
+            let y = conv2d_reference(&zr, &l1.0, Some(&l1.1), *stride, blk.first.pad).unwrap();
+            let (hr, m1, v1) = batch_norm_train_reference(&y, &l1.2, &l1.3, 1e-3, true).unwrap();
+            let y = conv2d_reference(&hr, &l2.0, Some(&l2.1), 1, [1; 4]).unwrap();
+            let (yr, m2, v2) = batch_norm_train_reference(&y, &l2.2, &l2.3, 1e-3, false).unwrap();
+            let s = match sc {
+                Some((w, b)) => conv2d_reference(&zr, w, Some(b), *stride, [0; 4]).unwrap(),
+                None => zr.clone(),
+            };
+            zr = (&s + &yr).unwrap().relu().unwrap();
+            stats_r.extend([(m1, v1), (m2, v2)]);
+        }
+        let case = format!("blocks {n}x{cin}x{h}x{w} {shape:?}");
+        assert_close(&format!("{case} z"), &z, &zr);
+        assert_eq!(stats.len(), stats_r.len());
+        for (i, ((m, v), (mr, vr))) in stats.iter().zip(&stats_r).enumerate() {
+            assert_close(&format!("{case} mean {i}"), m, mr);
+            assert_close(&format!("{case} var {i}"), v, vr);
         }
         let r = random(z.dims(), &mut rng);
         let gf = (&z * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (&zr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let mut checked = vec![
-            ("dw1", &l1.0),
-            ("dgamma1", &l1.2),
-            ("dbeta1", &l1.3),
-            ("dw2", &l2.0),
-            ("dgamma2", &l2.2),
-            ("dbeta2", &l2.3),
-        ];
+        let mut checked: Vec<(String, &Var)> = Vec::new();
+        for (k, (l1, l2, _, sc)) in vars.iter().enumerate() {
+            for (name, v) in [("dw1", &l1.0), ("dgamma1", &l1.2), ("dbeta1", &l1.3)] {
+                checked.push((format!("block {k} {name}"), v));
+            }
+            for (name, v) in [("dw2", &l2.0), ("dgamma2", &l2.2), ("dbeta2", &l2.3)] {
+                checked.push((format!("block {k} {name}"), v));
+            }
+            if let Some((w, b)) = sc {
+                checked.push((format!("block {k} shortcut dw"), w));
+                checked.push((format!("block {k} shortcut db"), b));
+            }
+        }
         if input_grad {
-            checked.push(("dx", &x));
+            checked.push(("dx".into(), &x));
         } else {
             assert!(
                 gf.get(&x).is_none(),

@@ -1,0 +1,444 @@
+//! A run of ResNet v1 residual blocks in training mode as one op.
+//!
+//! Block `k` computes `z = ReLU(s(x) + BN₂(conv₂(ReLU(BN₁(conv₁ x)))))`
+//! with `s` the identity, or a 1×1 strided convolution where the block
+//! changes the map's size (a projection shortcut). As separate candle ops,
+//! every tensor between them gets its gradient the way candle's autograd
+//! accumulates gradients: a `zeros_like`, then an `add` of the contribution
+//! into it, three passes over an activation-sized tensor per input of every
+//! op. Inside one op the gradients pass from one layer's backward to the
+//! next as they are: per block, the second layer reads the block's output
+//! gradient through the sum's ReLU mask, the first layer's input gradient
+//! gets the shortcut's gradient added in place, and that is the gradient of
+//! the block before.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv::{backward_values, forward_values, Dy, Geom};
+use super::conv_bn::{ConvBnOp, Saved};
+use super::with_values;
+
+/// Values per parallel task of the elementwise loops.
+const CHUNK: usize = 1 << 16;
+
+/// A BatchNorm layer's batch mean and biased batch variance, `(C)` each.
+pub(crate) type BatchStats = (Tensor, Tensor);
+
+/// One conv + BN layer of a block: kernel, bias, gamma, beta, stride and
+/// zero padding `[top, bottom, left, right]`.
+pub(crate) struct ConvBnLayer<'a> {
+    pub w: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub stride: usize,
+    pub pad: [usize; 4],
+}
+
+/// One residual block's tensors: its two layers and, for a projection
+/// shortcut, that convolution's kernel, bias, stride and padding.
+pub(crate) struct BlockLayers<'a> {
+    pub first: ConvBnLayer<'a>,
+    pub second: ConvBnLayer<'a>,
+    pub shortcut: Option<(&'a Tensor, &'a Tensor, usize, [usize; 4])>,
+}
+
+/// A projection shortcut's convolution.
+struct Shortcut {
+    stride: usize,
+    pad: [usize; 4],
+    kernel: Shape,
+}
+
+/// One block of the op: where its tensors sit in the op's flat kernel and
+/// parameter inputs, and its layers.
+struct Block {
+    first: ConvBnOp,
+    second: ConvBnOp,
+    shortcut: Option<Shortcut>,
+    /// Kernel shapes of the two layers.
+    kernels: [Shape; 2],
+    /// Output channels.
+    c: usize,
+}
+
+impl Block {
+    /// Values of this block in the flat kernel input.
+    fn kernel_len(&self) -> usize {
+        self.kernels[0].elem_count()
+            + self.kernels[1].elem_count()
+            + self.shortcut.as_ref().map_or(0, |s| s.kernel.elem_count())
+    }
+
+    /// Values of this block in the flat parameter input: the two layers'
+    /// bias, gamma and beta, then the shortcut's bias.
+    fn params_len(&self) -> usize {
+        6 * self.c + self.shortcut.as_ref().map_or(0, |_| self.c)
+    }
+}
+
+/// What one block keeps from its forward pass for its backward pass.
+struct Kept {
+    /// The first layer's output, and the block's (but the last block's,
+    /// which is the op's output).
+    h: Tensor,
+    z: Option<Tensor>,
+    /// The layers' kernels and parameters, and the shortcut's kernel and bias.
+    w: [Tensor; 2],
+    p: [Tensor; 2],
+    shortcut: Option<(Tensor, Tensor)>,
+}
+
+/// The op of `(x, kernels, params)`: every block's kernels flattened one
+/// after the other (first, second, shortcut), and their parameters likewise.
+struct StackOp {
+    blocks: Vec<Block>,
+    kept: Mutex<Vec<Kept>>,
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("residual blocks: poisoned".into())
+}
+
+/// A tensor of a kernel's output storage (no copy).
+fn storage_tensor(s: CpuStorage, shape: Shape) -> Result<Tensor> {
+    match s {
+        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+        _ => bail!("residual blocks: expected f32 values"),
+    }
+}
+
+/// Runs `f` on a CPU tensor's storage.
+fn with_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(s) => f(s, l),
+        _ => bail!("residual blocks: CPU tensors expected"),
+    }
+}
+
+/// Runs a conv + BN op's forward on `x`'s storage.
+fn conv_bn_forward(
+    op: &ConvBnOp,
+    x: (&CpuStorage, &Layout),
+    w: &Tensor,
+    p: &Tensor,
+) -> Result<Tensor> {
+    let (s, shape) = with_storage(w, |ws, wl| {
+        with_storage(p, |ps, pl| op.cpu_fwd(x.0, x.1, ws, wl, ps, pl))
+    })?;
+    storage_tensor(s, shape)
+}
+
+/// `d += g` where `z > 0`, in parallel.
+fn add_masked(d: &mut [f32], z: &[f32], g: &[f32]) -> Result<()> {
+    if z.len() != d.len() || g.len() != d.len() {
+        bail!("residual blocks: the shortcut needs the output's shape");
+    }
+    d.par_chunks_mut(CHUNK)
+        .zip(z.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(d, (z, g))| {
+            for ((d, &z), &g) in d.iter_mut().zip(z).zip(g) {
+                // (A select, not a branch: the mask is random.)
+                *d += if z > 0.0 { g } else { 0.0 };
+            }
+        });
+    Ok(())
+}
+
+impl CustomOp3 for StackOp {
+    fn name(&self) -> &'static str {
+        "gradcast-residual-blocks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (w, params) = (super::cpu_slice(s2, l2)?, super::cpu_slice(s3, l3)?);
+        let want: (usize, usize) = self
+            .blocks
+            .iter()
+            .fold((0, 0), |(a, b), k| (a + k.kernel_len(), b + k.params_len()));
+        if (w.len(), params.len()) != want {
+            bail!(
+                "residual blocks: expected {} kernel values and {} parameters, got {} and {}",
+                want.0,
+                want.1,
+                w.len(),
+                params.len()
+            );
+        }
+        let cpu = &Device::Cpu;
+        let mut kept: Vec<Kept> = Vec::with_capacity(self.blocks.len());
+        let (mut wo, mut po) = (0, 0);
+        let mut take = |len: usize, from_params: bool, shape: Shape| -> Result<Tensor> {
+            let (src, at) = if from_params {
+                (params, &mut po)
+            } else {
+                (w, &mut wo)
+            };
+            let t = Tensor::from_slice(&src[*at..*at + len], shape, cpu)?;
+            *at += len;
+            Ok(t)
+        };
+        let mut out = None;
+        for (k, b) in self.blocks.iter().enumerate() {
+            let w1 = take(b.kernels[0].elem_count(), false, b.kernels[0].clone())?;
+            let w2 = take(b.kernels[1].elem_count(), false, b.kernels[1].clone())?;
+            let ws = match &b.shortcut {
+                Some(s) => Some(take(s.kernel.elem_count(), false, s.kernel.clone())?),
+                None => None,
+            };
+            let p1 = take(3 * b.c, true, (3 * b.c).into())?;
+            let p2 = take(3 * b.c, true, (3 * b.c).into())?;
+            let bs = match &b.shortcut {
+                Some(_) => Some(take(b.c, true, b.c.into())?),
+                None => None,
+            };
+            let shortcut = match (&b.shortcut, ws, bs) {
+                (Some(sc), Some(ws), Some(bs)) => Some((sc, ws, bs)),
+                _ => None,
+            };
+            // The block's input: the op's, or the previous block's output.
+            let run = |xs: &CpuStorage, xl: &Layout| -> Result<(Tensor, Vec<f32>, Shape)> {
+                let h = conv_bn_forward(&b.first, (xs, xl), &w1, &p1)?;
+                let y = with_storage(&h, |hs, hl| {
+                    with_storage(&w2, |ws, wl| {
+                        with_storage(&p2, |ps, pl| b.second.cpu_fwd(hs, hl, ws, wl, ps, pl))
+                    })
+                })?;
+                let (CpuStorage::F32(mut z), shape) = y else {
+                    bail!("residual blocks: expected f32 values")
+                };
+                let x = super::cpu_slice(xs, xl)?;
+                // z = ReLU(y + s(x)), in the second layer's output buffer.
+                let s;
+                let s: &[f32] = match &shortcut {
+                    Some((sc, ws, bs)) => {
+                        let g = Geom::new(xl.dims(), ws.dims(), sc.stride, sc.pad)?;
+                        s = with_values(ws, |wv| {
+                            with_values(bs, |bv| forward_values(&g, x, wv, bv, false, false))
+                        })?
+                        .0;
+                        &s
+                    }
+                    None => x,
+                };
+                if s.len() != z.len() {
+                    bail!("residual blocks: the shortcut needs the output's shape");
+                }
+                z.par_chunks_mut(CHUNK)
+                    .zip(s.par_chunks(CHUNK))
+                    .for_each(|(z, s)| {
+                        for (z, s) in z.iter_mut().zip(s) {
+                            *z = (*z + s).max(0.0);
+                        }
+                    });
+                Ok((h, z, shape))
+            };
+            let (h, z, shape) = match kept.last() {
+                Some(prev) => {
+                    let Some(x) = &prev.z else {
+                        bail!("residual blocks: the previous output is missing")
+                    };
+                    with_storage(x, run)?
+                }
+                None => run(s1, l1)?,
+            };
+            let last = k + 1 == self.blocks.len();
+            // The last output is the op's: candle keeps it (and hands it to `bwd`).
+            let z = if last {
+                out = Some((z, shape));
+                None
+            } else {
+                Some(Tensor::from_vec(z, shape, cpu)?)
+            };
+            kept.push(Kept {
+                h,
+                z,
+                w: [w1, w2],
+                p: [p1, p2],
+                shortcut: shortcut.map(|(_, ws, bs)| (ws, bs)),
+            });
+        }
+        *self.kept.lock().map_err(|_| poisoned())? = kept;
+        let Some((z, shape)) = out else {
+            bail!("residual blocks: no blocks")
+        };
+        Ok((CpuStorage::F32(z), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let kept = self.kept.lock().map_err(|_| poisoned())?;
+        if kept.len() != self.blocks.len() {
+            bail!("residual blocks: backward before forward");
+        }
+        let dev = x.device();
+        // Per block, its kernel and parameter gradients (in forward order once reversed).
+        let mut dws: Vec<Vec<f32>> = Vec::with_capacity(self.blocks.len());
+        let mut dps: Vec<Vec<f32>> = Vec::with_capacity(self.blocks.len());
+        let mut g = grad.clone();
+        let mut dx_out = None;
+        for (k, b) in self.blocks.iter().enumerate().rev() {
+            let s = &kept[k];
+            let missing =
+                || candle_core::Error::Msg("residual blocks: an output is missing".into());
+            let xk = if k == 0 {
+                x
+            } else {
+                kept[k - 1].z.as_ref().ok_or_else(missing)?
+            };
+            let zk = s.z.as_ref().unwrap_or(res);
+            let (dh, dw2, dp2) = b.second.gradients(&s.h, &s.w[1], &s.p[1], Some(zk), &g)?;
+            let Some(dh) = dh else {
+                bail!("residual blocks: no gradient for the inner activation")
+            };
+            let dh = Tensor::from_vec(dh, s.h.shape(), dev)?;
+            let (dx, mut dw, mut dp) = b.first.gradients(xk, &s.w[0], &s.p[0], Some(&s.h), &dh)?;
+            dw.extend_from_slice(&dw2);
+            dp.extend_from_slice(&dp2);
+            let mut dx = dx;
+            match (&b.shortcut, &s.shortcut) {
+                (Some(sc), Some((ws, _))) => {
+                    let geom = Geom::new(xk.dims(), ws.dims(), sc.stride, sc.pad)?;
+                    let (dxs, dwsc, dbs) = with_values(xk, |xv| {
+                        with_values(ws, |wv| {
+                            with_values(zk, |z| {
+                                with_values(&g, |gv| {
+                                    let len = z.len() / geom.n.max(1);
+                                    // The sum's gradient, through its ReLU mask.
+                                    let masked = |i: usize, out: &mut [f32]| {
+                                        let (z, gv) = (&z[i * len..][..len], &gv[i * len..][..len]);
+                                        for ((o, &z), &g) in out.iter_mut().zip(z).zip(gv) {
+                                            *o = if z > 0.0 { g } else { 0.0 };
+                                        }
+                                    };
+                                    backward_values(&geom, xv, wv, Dy::Make(&masked), dx.is_some())
+                                })
+                            })
+                        })
+                    })?;
+                    dw.extend_from_slice(&dwsc);
+                    dp.extend_from_slice(&dbs);
+                    if let (Some(dx), Some(dxs)) = (dx.as_mut(), dxs) {
+                        dx.par_chunks_mut(CHUNK)
+                            .zip(dxs.par_chunks(CHUNK))
+                            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+                    }
+                }
+                _ => {
+                    if let Some(dx) = dx.as_mut() {
+                        with_values(zk, |z| with_values(&g, |gv| add_masked(dx, z, gv)))?;
+                    }
+                }
+            }
+            dws.push(dw);
+            dps.push(dp);
+            match dx {
+                Some(dx) if k > 0 => g = Tensor::from_vec(dx, xk.shape(), dev)?,
+                Some(dx) => dx_out = Some(Tensor::from_vec(dx, x.shape(), dev)?),
+                None if k > 0 => bail!("residual blocks: no gradient between blocks"),
+                None => {}
+            }
+        }
+        let dw: Vec<f32> = dws.into_iter().rev().flatten().collect();
+        let dp: Vec<f32> = dps.into_iter().rev().flatten().collect();
+        Ok((
+            dx_out,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(dp, params.shape(), dev)?),
+        ))
+    }
+}
+
+/// A run of ResNet v1 residual blocks in training mode, as one op on the
+/// CPU. Returns the last block's output and every BatchNorm layer's batch
+/// statistics, two per block in order. `None` where the fused op does not
+/// apply (not on the CPU, not f32), for the caller to compose the layers.
+pub(crate) fn residual_blocks_train(
+    x: &Tensor,
+    blocks: &[BlockLayers],
+    eps: f64,
+) -> Result<Option<(Tensor, Vec<BatchStats>)>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || blocks.is_empty() {
+        return Ok(None);
+    }
+    let op = |l: &ConvBnLayer, relu: bool, input_grad: bool| ConvBnOp {
+        stride: l.stride,
+        pad: l.pad,
+        input_grad,
+        eps,
+        relu,
+        saved: Arc::new(Mutex::new(None)),
+    };
+    let mut ops = Vec::with_capacity(blocks.len());
+    let (mut kernels, mut params) = (Vec::new(), Vec::new());
+    for (k, b) in blocks.iter().enumerate() {
+        let input_grad = k > 0 || x.track_op();
+        ops.push(Block {
+            first: op(&b.first, true, input_grad),
+            second: op(&b.second, false, true),
+            shortcut: b.shortcut.map(|(w, _, stride, pad)| Shortcut {
+                stride,
+                pad,
+                kernel: w.shape().clone(),
+            }),
+            kernels: [b.first.w.shape().clone(), b.second.w.shape().clone()],
+            c: b.second.gamma.elem_count(),
+        });
+        kernels.extend([b.first.w.flatten_all()?, b.second.w.flatten_all()?]);
+        for l in [&b.first, &b.second] {
+            params.extend([
+                l.bias.flatten_all()?,
+                l.gamma.flatten_all()?,
+                l.beta.flatten_all()?,
+            ]);
+        }
+        if let Some((w, bias, _, _)) = b.shortcut {
+            kernels.push(w.flatten_all()?);
+            params.push(bias.flatten_all()?);
+        }
+    }
+    let saved: Vec<Arc<Mutex<Option<Saved>>>> = ops
+        .iter()
+        .flat_map(|b| [b.first.saved.clone(), b.second.saved.clone()])
+        .collect();
+    let op = StackOp {
+        blocks: ops,
+        kept: Mutex::new(Vec::new()),
+    };
+    let z = x
+        .contiguous()?
+        .apply_op3(&Tensor::cat(&kernels, 0)?, &Tensor::cat(&params, 0)?, op)?;
+    let stats = saved
+        .iter()
+        .map(|s| {
+            let s = s.lock().map_err(|_| poisoned())?;
+            let Some(s) = s.as_ref() else {
+                bail!("residual blocks: the forward pass kept no statistics")
+            };
+            let c = s.mean.len();
+            Ok((
+                Tensor::from_slice(&s.mean, c, x.device())?,
+                Tensor::from_slice(&s.var, c, x.device())?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some((z, stats)))
+}
