@@ -2,7 +2,7 @@
 //! `bench` binary and `gradcast bench`).
 //!
 //! ```text
-//! bench --model resnet20 [--batch-size 128] [--threads 2] [--steps 10] [--warmup 2] [--reference]
+//! bench --model resnet20 [--batch-size 128] [--threads 2] [--steps 10] [--warmup 2] [--mode train|eval|both] [--reference]
 //! ```
 //!
 //! Prints one JSON line per measurement (median over the steps):
@@ -22,10 +22,13 @@ struct Args {
     warmup: usize,
     reference: bool,
     device: String,
+    /// Measure training, inference or both (profiling one of them).
+    train: bool,
+    eval: bool,
 }
 
 const USAGE: &str =
-    "usage: bench --model NAME [--batch-size N] [--threads N] [--steps N] [--warmup N] [--reference] [--device cpu|cuda[:N]]";
+    "usage: bench --model NAME [--batch-size N] [--threads N] [--steps N] [--warmup N] [--mode train|eval|both] [--reference] [--device cpu|cuda[:N]]";
 
 fn parse(argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut args = Args {
@@ -36,6 +39,8 @@ fn parse(argv: impl Iterator<Item = String>) -> Result<Args, String> {
         warmup: 2,
         reference: false,
         device: "cpu".into(),
+        train: true,
+        eval: true,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -57,6 +62,14 @@ fn parse(argv: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--model" => args.model = value.clone(),
             "--device" => args.device = value.clone(),
+            "--mode" => {
+                (args.train, args.eval) = match value.as_str() {
+                    "train" => (true, false),
+                    "eval" => (false, true),
+                    "both" => (true, true),
+                    _ => return Err(format!("--mode: train, eval or both, not {value}")),
+                }
+            }
             "--batch-size" => args.batch = number()?,
             "--threads" => args.threads = number()?,
             "--steps" => args.steps = number()?,
@@ -119,7 +132,7 @@ fn run(args: &Args) -> Result<(), String> {
         )
     };
     let (mut total, mut fwd, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
-    for step in 0..args.warmup + args.steps {
+    for step in (0..args.warmup + args.steps).filter(|_| args.train) {
         let start = Instant::now();
         let (_, f, b) = m
             .train_step_timed(&images, &labels, step as u64)
@@ -130,21 +143,25 @@ fn run(args: &Args) -> Result<(), String> {
             bwd.push(b);
         }
     }
-    let (f, b) = (median(fwd), median(bwd));
-    line(
-        "train",
-        median(total),
-        format!(",\"forward_s\":{f:.4},\"backward_s\":{b:.4}"),
-    );
+    if args.train {
+        let (f, b) = (median(fwd), median(bwd));
+        line(
+            "train",
+            median(total),
+            format!(",\"forward_s\":{f:.4},\"backward_s\":{b:.4}"),
+        );
+    }
     let mut total = Vec::new();
-    for step in 0..args.warmup + args.steps {
+    for step in (0..args.warmup + args.steps).filter(|_| args.eval) {
         let start = Instant::now();
         m.evaluate(&images, &labels).map_err(|e| e.to_string())?;
         if step >= args.warmup {
             total.push(start.elapsed());
         }
     }
-    line("eval", median(total), String::new());
+    if args.eval {
+        line("eval", median(total), String::new());
+    }
     Ok(())
 }
 
