@@ -369,27 +369,48 @@ impl Plan {
         self.c * self.s
     }
 
-    /// Copies image `x` into the interior of the padded planes `xp`.
-    fn load(&self, x: &[f32], xp: &mut [f32]) {
-        let hw = self.h * self.w;
+    /// Copies image `x` into the interior of the padded planes `xp`
+    /// (normalising it on the way if it is [`Input::Normalized`]).
+    fn load(&self, x: Input, xp: &mut [f32]) {
         if self.stride == 2 {
             return self.load_phases(x, xp);
         }
+        let hw = self.h * self.w;
         for ci in 0..self.c {
             let plane = &mut xp[ci * self.s..][..self.s];
-            for (iy, row) in x[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
-                plane[(iy + self.top) * self.wp + self.left..][..self.w].copy_from_slice(row);
+            let rows = x.values()[ci * hw..][..hw].chunks_exact(self.w);
+            for (iy, row) in rows.enumerate() {
+                let dst = &mut plane[(iy + self.top) * self.wp + self.left..][..self.w];
+                match x {
+                    Input::Plain(_) => dst.copy_from_slice(row),
+                    Input::Normalized { scale, shift, .. } => {
+                        let (s, t) = (scale[ci], shift[ci]);
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = (v * s + t).max(0.0);
+                        }
+                    }
+                }
             }
         }
     }
 
     /// [`Plan::load`] into phase planes: padded row `r` and column `c` go to
     /// phase `(r mod 2, c mod 2)` at row `⌊r/2⌋`, column `⌊c/2⌋`.
-    fn load_phases(&self, x: &[f32], xp: &mut [f32]) {
+    fn load_phases(&self, x: Input, xp: &mut [f32]) {
         let hw = self.h * self.w;
+        let mut normalized = Vec::new();
         for ci in 0..self.c {
             let planes = &mut xp[ci * self.s..][..self.s];
-            for (iy, row) in x[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
+            for (iy, row) in x.values()[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
+                let row = match x {
+                    Input::Plain(_) => row,
+                    Input::Normalized { scale, shift, .. } => {
+                        let (s, t) = (scale[ci], shift[ci]);
+                        normalized.clear();
+                        normalized.extend(row.iter().map(|&v| (v * s + t).max(0.0)));
+                        &normalized
+                    }
+                };
                 let r = iy + self.top;
                 let at = (r % 2) * 2 * self.sp + (r / 2) * self.wp;
                 // Even padded columns to phase 0, odd ones to phase 1: the
@@ -514,7 +535,7 @@ impl CustomOp3 for Conv2dOp {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let _t = super::Prof::new("conv-fwd", &g);
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        let (y, _) = forward_values(&g, x, w, b, self.relu, false)?;
+        let (y, _) = forward_values(&g, Input::Plain(x), w, b, self.relu, false)?;
         Ok((
             CpuStorage::F32(y),
             Shape::from_dims(&[g.n, g.cout, g.oh, g.ow]),
@@ -542,7 +563,7 @@ impl CustomOp3 for Conv2dOp {
         let (dx, dw, db) = with_values(x, |xv| {
             with_values(w, |wv| {
                 with_values(grad, |dy| {
-                    backward_values(&g, xv, wv, Dy::Slice(dy), self.input_grad)
+                    backward_values(&g, Input::Plain(xv), wv, Dy::Slice(dy), self.input_grad)
                 })
             })
         })?;
@@ -591,13 +612,68 @@ impl Dy<'_> {
     }
 }
 
+/// A convolution's input: its values, or values that a BatchNorm and ReLU
+/// still have to be applied to, `max(v · scale[c] + shift[c], 0)` in channel
+/// `c`. The second form lets a layer consume the previous layer's
+/// un-normalised output as it loads it, so that the normalised tensor is
+/// never written to memory and read back.
+#[derive(Clone, Copy)]
+pub(super) enum Input<'a> {
+    Plain(&'a [f32]),
+    Normalized {
+        v: &'a [f32],
+        scale: &'a [f32],
+        shift: &'a [f32],
+    },
+}
+
+impl<'a> Input<'a> {
+    /// All the values, before normalisation.
+    pub(super) fn values(&self) -> &'a [f32] {
+        match *self {
+            Input::Plain(v) | Input::Normalized { v, .. } => v,
+        }
+    }
+
+    /// Image `i` of `len` values.
+    fn image(&self, i: usize, len: usize) -> Input<'a> {
+        match *self {
+            Input::Plain(v) => Input::Plain(&v[i * len..][..len]),
+            Input::Normalized { v, scale, shift } => Input::Normalized {
+                v: &v[i * len..][..len],
+                scale,
+                shift,
+            },
+        }
+    }
+
+    /// The (normalised) values, in `scratch` if they need making.
+    fn materialize<'s>(&self, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match *self {
+            Input::Plain(v) => v,
+            Input::Normalized { v, scale, shift } => {
+                let plane = v.len() / scale.len().max(1);
+                scratch.clear();
+                for (c, row) in v.chunks(plane.max(1)).enumerate() {
+                    let (s, t) = (scale[c], shift[c]);
+                    scratch.extend(row.iter().map(|&v| (v * s + t).max(0.0)));
+                }
+                scratch
+            }
+        }
+    }
+}
+
 /// The convolution of `x` with `w` plus the bias `b`, then a ReLU when
 /// `relu`, as a `(n, cout, oh, ow)` buffer; with `moments`, also the
 /// `(mean, Σ (v − mean)²)` of every image's channel (`n · cout` pairs).
 #[allow(clippy::type_complexity)]
 pub(super) fn forward_values(
     g: &Geom,
-    x: &[f32],
+    x: Input,
     w: &[f32],
     b: &[f32],
     relu: bool,
@@ -680,7 +756,7 @@ pub(super) fn forward_values(
             k * p
         };
         let image = |cols: &mut Vec<f32>, (i, yi): (usize, &mut [f32])| {
-            let xi = &x[i * g.image()..][..g.image()];
+            let xi = x.image(i, g.image());
             if direct {
                 let (xp, out) = cols.split_at_mut(xp_len);
                 plan.load(xi, xp);
@@ -696,6 +772,8 @@ pub(super) fn forward_values(
                 }
                 return;
             }
+            let mut scratch = Vec::new();
+            let xi = xi.materialize(&mut scratch);
             let cols: &[f32] = if g.identity() {
                 xi
             } else {
@@ -787,7 +865,7 @@ fn row_moments(row: &[f32]) -> [f64; 2] {
 #[allow(clippy::type_complexity)]
 pub(super) fn backward_values(
     g: &Geom,
-    x: &[f32],
+    x: Input,
     w: &[f32],
     dy: Dy,
     input_grad: bool,
@@ -945,11 +1023,14 @@ pub(super) fn backward_values(
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
                                 *d += super::sum(row);
                             }
-                            let xi = &x[i * g.image()..][..g.image()];
+                            let xi = x.image(i, g.image());
                             let slot = (i - first) % group;
                             plan.load(xi, &mut xp[slot * xs..][..plan.xp_len()]);
                             if shared {
-                                tplan.load(dyi, &mut dyw[slot * ds..][..tplan.xp_len()]);
+                                tplan.load(
+                                    Input::Plain(dyi),
+                                    &mut dyw[slot * ds..][..tplan.xp_len()],
+                                );
                             } else {
                                 for (dst, src) in dyw[slot * ds..][..cout * plan.l]
                                     .chunks_exact_mut(plan.l)
@@ -1018,11 +1099,11 @@ pub(super) fn backward_values(
                                     direct::forward(&tplan.wide(), dyp, wf, &mut out);
                                     tplan.store(&out, None, false, dxi);
                                 } else if avx {
-                                    tplan.load(dyi, &mut dyp);
+                                    tplan.load(Input::Plain(dyi), &mut dyp);
                                     direct::forward(&tplan.wide(), &dyp, wf, &mut out);
                                     tplan.store(&out, None, false, dxi);
                                 } else {
-                                    tplan.load(dyi, &mut dyp);
+                                    tplan.load(Input::Plain(dyi), &mut dyp);
                                     tplan.run(wf, &dyp, &mut out, inner);
                                     tplan.add_to(&out, dxi);
                                 }
@@ -1056,6 +1137,7 @@ pub(super) fn backward_values(
                         let mut dyt = vec![0f32; p * cout];
                         let mut db = vec![0f32; cout];
                         let mut cols = vec![0f32; if g.identity() { 0 } else { k * p }];
+                        let mut xscratch = Vec::new();
                         let mut dcols = vec![
                             0f32;
                             if g.identity() || !input_grad {
@@ -1070,7 +1152,7 @@ pub(super) fn backward_values(
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
                                 *d += super::sum(row);
                             }
-                            let xi = &x[i * g.image()..][..g.image()];
+                            let xi = x.image(i, g.image()).materialize(&mut xscratch);
                             let colsref: &[f32] = if g.identity() {
                                 xi
                             } else {

@@ -14,16 +14,33 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Geom};
+use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Geom, Input};
 use super::{batch_norm_train, conv2d_act, cpu_slice, with_values};
 
 /// What the forward pass keeps for the backward pass.
 pub(super) struct Saved {
     /// The convolution's output, before normalisation.
-    y: Vec<f32>,
+    pub(super) y: Vec<f32>,
+    /// Its shape, `(n, c, oh, ow)`.
+    pub(super) shape: Shape,
     pub(super) mean: Vec<f32>,
     pub(super) var: Vec<f32>,
     invstd: Vec<f32>,
+    /// The normalisation as `y · scale + shift` per channel.
+    pub(super) scale: Vec<f32>,
+    pub(super) shift: Vec<f32>,
+}
+
+impl Saved {
+    /// The op's output (with its ReLU) as an input that still needs
+    /// normalising: for a next layer that normalises as it loads.
+    pub(super) fn as_input(&self) -> Input<'_> {
+        Input::Normalized {
+            v: &self.y,
+            scale: &self.scale,
+            shift: &self.shift,
+        }
+    }
 }
 
 /// The fused op of `(x, kernel, [bias; gamma; beta])`.
@@ -34,6 +51,27 @@ pub(super) struct ConvBnOp {
     pub(super) eps: f64,
     pub(super) relu: bool,
     pub(super) saved: Arc<Mutex<Option<Saved>>>,
+}
+
+/// What [`ConvBnOp::forward`] writes after the convolution and its statistics.
+pub(super) enum Output<'a> {
+    /// Nothing: a later layer normalises [`Saved::y`] itself ([`Saved::as_input`]).
+    None,
+    /// The normalised output (after the op's ReLU, if any).
+    Normalized,
+    /// `ReLU(normalised + r)`: a residual sum.
+    AddRelu(&'a [f32]),
+}
+
+/// Which of the output gradient's values pass back through a ReLU.
+#[derive(Clone, Copy)]
+pub(super) enum Mask<'a> {
+    /// All: no ReLU.
+    None,
+    /// Where these values (a later ReLU's output) are positive.
+    Values(&'a [f32]),
+    /// Where the op's own ReLU passed, recomputed from its saved `y`.
+    Own,
 }
 
 /// Per-channel mean and biased variance over all images, from each image's
@@ -53,15 +91,88 @@ fn combine(stats: &[[f64; 2]], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, V
         .unzip()
 }
 
-/// The gradient reaching the normalisation: `dz`, zero where a fused ReLU
-/// clipped (`z ≤ 0`).
-#[inline]
-fn passed(dz: f32, z: f32, relu: bool) -> f32 {
-    if relu && z <= 0.0 {
-        0.0
-    } else {
-        dz
+/// One row's mask, resolved: all, by values, or by `y · scale + shift > 0`.
+#[derive(Clone, Copy)]
+enum RowMask<'a> {
+    All,
+    Values(&'a [f32]),
+    Affine(f32, f32),
+}
+
+impl RowMask<'_> {
+    /// Runs `f` with the mask as a function of `(j, dz, y)`: `dz` where the
+    /// mask lets position `j` (pre-normalisation value `y`) through, else 0.
+    /// One monomorphic loop per kind of mask, so that each vectorises.
+    #[inline(always)]
+    fn with<R>(self, f: impl RowFn<R>) -> R {
+        match self {
+            RowMask::All => f.call(|_, dz, _| dz),
+            RowMask::Values(z) => f.call(move |j, dz, _| if z[j] > 0.0 { dz } else { 0.0 }),
+            RowMask::Affine(s, t) => f.call(move |_, dz, y| if y * s + t > 0.0 { dz } else { 0.0 }),
+        }
     }
+}
+
+/// A loop over one row, generic over its mask (see [`RowMask::with`]).
+trait RowFn<R> {
+    fn call(self, pass: impl Fn(usize, f32, f32) -> f32) -> R;
+}
+
+/// `(Σ d, Σ d·(y − mu))` over a row of the masked gradient `d`.
+struct Sums<'a> {
+    dz: &'a [f32],
+    y: &'a [f32],
+    mu: f32,
+}
+
+impl RowFn<(f64, f64)> for Sums<'_> {
+    #[inline(always)]
+    fn call(self, pass: impl Fn(usize, f32, f32) -> f32) -> (f64, f64) {
+        let (dz, y, mu, p) = (self.dz, self.y, self.mu, self.dz.len());
+        let mut acc = [[0f32; 16]; 2];
+        let mut j = 0;
+        while j + 16 <= p {
+            for l in 0..16 {
+                let d = pass(j + l, dz[j + l], y[j + l]);
+                acc[0][l] += d;
+                acc[1][l] += d * (y[j + l] - mu);
+            }
+            j += 16;
+        }
+        let (mut a, mut b) = (0f32, 0f32);
+        for j in j..p {
+            let d = pass(j, dz[j], y[j]);
+            a += d;
+            b += d * (y[j] - mu);
+        }
+        (
+            (acc[0].iter().sum::<f32>() + a) as f64,
+            (acc[1].iter().sum::<f32>() + b) as f64,
+        )
+    }
+}
+
+/// BatchNorm's input gradient of one row, `k1·d + k2·(y − mu) + k3`.
+struct InputGrad<'a> {
+    dz: &'a [f32],
+    y: &'a [f32],
+    mu: f32,
+    k: [f32; 3],
+    out: &'a mut [f32],
+}
+
+impl RowFn<()> for InputGrad<'_> {
+    #[inline(always)]
+    fn call(self, pass: impl Fn(usize, f32, f32) -> f32) {
+        let ([k1, k2, k3], mu) = (self.k, self.mu);
+        for (j, ((o, &dz), &y)) in self.out.iter_mut().zip(self.dz).zip(self.y).enumerate() {
+            *o = k1 * pass(j, dz, y) + k2 * (y - mu) + k3;
+        }
+    }
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("conv-bn: poisoned".into())
 }
 
 impl CustomOp3 for ConvBnOp {
@@ -78,9 +189,46 @@ impl CustomOp3 for ConvBnOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let _t = super::Prof::new("conv-bn-fwd", &g);
         let (x, w, params) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let x = (Input::Plain(x), l1.dims());
+        let (z, shape) = self.forward(x, (w, l2.dims()), params, Output::Normalized)?;
+        let Some(z) = z else {
+            bail!("conv-bn: no output")
+        };
+        Ok((CpuStorage::F32(z), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mask = if self.relu { Mask::Own } else { Mask::None };
+        let (dx, dw, dparams) = with_values(x, |xv| {
+            self.gradients((Input::Plain(xv), x.dims()), w, params, mask, grad)
+        })?;
+        gradient_tensors((x, dx), (w, dw), (dparams, params.shape().clone()))
+    }
+}
+
+impl ConvBnOp {
+    /// The convolution of `x` (values and dims) with the kernel `w` (values
+    /// and dims) and the bias in `params` (`[bias; gamma; beta]`), its batch
+    /// statistics kept for the backward pass and the batch mean and
+    /// variance, and then what `out` asks for. Returns that output (if any)
+    /// and the output's shape.
+    pub(super) fn forward(
+        &self,
+        (x, xdims): (Input, &[usize]),
+        (w, wdims): (&[f32], &[usize]),
+        params: &[f32],
+        out: Output,
+    ) -> Result<(Option<Vec<f32>>, Shape)> {
+        let g = Geom::new(xdims, wdims, self.stride, self.pad)?;
+        let _t = super::Prof::new("conv-bn-fwd", &g);
         let (c, p) = (g.cout, g.p());
         if params.len() != 3 * c {
             bail!("conv-bn: expected bias, gamma and beta of {c} channels");
@@ -95,174 +243,160 @@ impl CustomOp3 for ConvBnOp {
         let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
         let scale: Vec<f32> = gamma.iter().zip(&invstd).map(|(g, s)| g * s).collect();
         let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-        // SAFETY: the loop below writes every value (each image, each channel's row).
-        let mut z = unsafe { super::output_buffer(y.len()) };
-        if c * p > 0 {
-            z.par_chunks_mut(c * p)
-                .zip(y.par_chunks(c * p))
-                .for_each(|(zi, yi)| {
-                    for ch in 0..c {
-                        let (s, t) = (scale[ch], shift[ch]);
-                        let rows = zi[ch * p..][..p].iter_mut().zip(&yi[ch * p..][..p]);
-                        if self.relu {
-                            rows.for_each(|(z, y)| *z = (y * s + t).max(0.0));
-                        } else {
-                            rows.for_each(|(z, y)| *z = y * s + t);
-                        }
-                    }
-                });
+        if let Output::AddRelu(r) = out {
+            if r.len() != y.len() {
+                bail!("conv-bn: a residual of {} values for {}", r.len(), y.len());
+            }
         }
+        let z = match out {
+            Output::None => None,
+            Output::Normalized | Output::AddRelu(_) if c * p == 0 => Some(Vec::new()),
+            Output::Normalized | Output::AddRelu(_) => {
+                // SAFETY: the loop below writes every value (each image, each channel's row).
+                let mut z = unsafe { super::output_buffer(y.len()) };
+                z.par_chunks_mut(c * p)
+                    .zip(y.par_chunks(c * p))
+                    .enumerate()
+                    .for_each(|(i, (zi, yi))| {
+                        for ch in 0..c {
+                            let (s, t) = (scale[ch], shift[ch]);
+                            let rows = zi[ch * p..][..p].iter_mut().zip(&yi[ch * p..][..p]);
+                            match out {
+                                Output::AddRelu(r) => {
+                                    let r = &r[(i * c + ch) * p..][..p];
+                                    rows.zip(r)
+                                        .for_each(|((z, y), r)| *z = (y * s + t + r).max(0.0));
+                                }
+                                _ if self.relu => rows.for_each(|(z, y)| *z = (y * s + t).max(0.0)),
+                                _ => rows.for_each(|(z, y)| *z = y * s + t),
+                            }
+                        }
+                    });
+                Some(z)
+            }
+        };
         let var = var.iter().map(|&v| v as f32).collect();
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv-bn: poisoned".into()))? = Some(Saved {
+        let shape = Shape::from_dims(&[g.n, c, g.oh, g.ow]);
+        *self.saved.lock().map_err(|_| poisoned())? = Some(Saved {
             y,
+            shape: shape.clone(),
             mean,
             var,
             invstd,
+            scale,
+            shift,
         });
-        Ok((CpuStorage::F32(z), Shape::from_dims(&[g.n, c, g.oh, g.ow])))
+        Ok((z, shape))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        params: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mask = self.relu.then_some(res);
-        let (dx, dw, dparams) = self.gradients(x, w, params, mask, grad)?;
-        gradient_tensors((x, dx), (w, dw), (dparams, params.shape().clone()))
-    }
-}
-
-impl ConvBnOp {
     /// The gradients of `(x, kernel, params)` given the gradient of the
-    /// output, `grad`, zeroed where `mask` (when given) is not positive: the
-    /// op's own output behind its fused ReLU, or a later ReLU's output.
+    /// output, `grad`, through `mask`; `x` is the forward's input (values
+    /// and dims).
     #[allow(clippy::type_complexity)]
     pub(super) fn gradients(
         &self,
-        x: &Tensor,
+        (x, xdims): (Input, &[usize]),
         w: &Tensor,
         params: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Mask,
         grad: &Tensor,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
-        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let g = Geom::new(xdims, w.dims(), self.stride, self.pad)?;
         let _t = super::Prof::new("conv-bn-bwd", &g);
-        let saved = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv-bn: poisoned".into()))?;
+        let saved = self.saved.lock().map_err(|_| poisoned())?;
         let Some(saved) = saved.as_ref() else {
             bail!("conv-bn: backward before forward")
         };
         let (n, c, p) = (g.n, g.cout, g.p());
         let m = (n * p) as f64;
-        let relu = mask.is_some();
-        // (Without a mask, `grad` stands in for it: `passed` ignores it then.)
-        let mask = mask.unwrap_or(grad);
-        with_values(x, |xv| {
-            with_values(w, |wv| {
-                with_values(params, |pv| {
-                    with_values(mask, |z| {
-                        with_values(grad, |dz| {
-                            let (y, mean) = (&saved.y, &saved.mean);
-                            if dz.len() != y.len() || z.len() != y.len() {
-                                bail!(
-                                    "conv-bn backward: gradient of {} values for {}",
-                                    dz.len(),
-                                    y.len()
-                                );
-                            }
-                            // Σ dz and Σ dz·(y − mean) per channel (after the
-                            // ReLU's mask), image by image in memory order.
-                            let row = |off: usize, mu: f32| {
-                                let (dz, z, y) = (&dz[off..][..p], &z[off..][..p], &y[off..][..p]);
-                                let mut acc = [[0f32; 16]; 2];
-                                let mut j = 0;
-                                while j + 16 <= p {
-                                    for l in 0..16 {
-                                        let d = passed(dz[j + l], z[j + l], relu);
-                                        acc[0][l] += d;
-                                        acc[1][l] += d * (y[j + l] - mu);
-                                    }
-                                    j += 16;
-                                }
-                                let (mut a, mut b) = (0f32, 0f32);
-                                for j in j..p {
-                                    let d = passed(dz[j], z[j], relu);
-                                    a += d;
-                                    b += d * (y[j] - mu);
-                                }
-                                (
-                                    (acc[0].iter().sum::<f32>() + a) as f64,
-                                    (acc[1].iter().sum::<f32>() + b) as f64,
-                                )
-                            };
-                            let sums = (0..n)
-                                .into_par_iter()
-                                .fold(
-                                    || vec![[0f64; 2]; c],
-                                    |mut acc, i| {
-                                        for (ch, a) in acc.iter_mut().enumerate() {
-                                            let (s, t) = row((i * c + ch) * p, mean[ch]);
-                                            a[0] += s;
-                                            a[1] += t;
-                                        }
-                                        acc
-                                    },
-                                )
-                                .reduce(
-                                    || vec![[0f64; 2]; c],
-                                    |mut a, b| {
-                                        for (x, y) in a.iter_mut().zip(&b) {
-                                            x[0] += y[0];
-                                            x[1] += y[1];
-                                        }
-                                        a
-                                    },
-                                );
-                            let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
-                            let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
-                            let gamma = &pv[c..2 * c];
-                            let mut k = vec![[0f32; 3]; c];
-                            let mut dgamma = vec![0f32; c];
-                            for ch in 0..c {
-                                let s = saved.invstd[ch] as f64;
-                                let gm = gamma[ch] as f64;
-                                k[ch] = [
-                                    (gm * s) as f32,
-                                    (-gm * s * s * s * sdzy[ch] / m) as f32,
-                                    (-gm * s * sdz[ch] / m) as f32,
-                                ];
-                                dgamma[ch] = (sdzy[ch] * s) as f32;
-                            }
-                            // BatchNorm's input gradient of image i:
-                            // k1·dz + k2·(y − mean) + k3.
-                            let make = |i: usize, out: &mut [f32]| {
-                                for ch in 0..c {
-                                    let off = (i * c + ch) * p;
-                                    let (dz, z, y) =
-                                        (&dz[off..][..p], &z[off..][..p], &y[off..][..p]);
-                                    let ([k1, k2, k3], mu) = (k[ch], mean[ch]);
-                                    for (j, o) in out[ch * p..][..p].iter_mut().enumerate() {
-                                        *o = k1 * passed(dz[j], z[j], relu) + k2 * (y[j] - mu) + k3;
-                                    }
-                                }
-                            };
-                            let (dx, dw, db) =
-                                backward_values(&g, xv, wv, Dy::Make(&make), self.input_grad)?;
-                            let mut dparams = db;
-                            dparams.extend_from_slice(&dgamma);
-                            dparams.extend(sdz.iter().map(|&v| v as f32));
-                            Ok((dx, dw, dparams))
+        with_values(w, |wv| {
+            with_values(params, |pv| {
+                with_values(grad, |dz| {
+                    let (y, mean) = (&saved.y, &saved.mean);
+                    let masked_len = match mask {
+                        Mask::Values(z) => z.len(),
+                        _ => y.len(),
+                    };
+                    if dz.len() != y.len() || masked_len != y.len() {
+                        bail!(
+                            "conv-bn backward: gradient of {} values for {}",
+                            dz.len(),
+                            y.len()
+                        );
+                    }
+                    // The mask of the row at `off` in channel `ch`.
+                    let row_mask = |off: usize, ch: usize| match mask {
+                        Mask::None => RowMask::All,
+                        Mask::Values(z) => RowMask::Values(&z[off..][..p]),
+                        Mask::Own => RowMask::Affine(saved.scale[ch], saved.shift[ch]),
+                    };
+                    // Σ dz and Σ dz·(y − mean) per channel (after the
+                    // ReLU's mask), image by image in memory order.
+                    let row = |off: usize, ch: usize| {
+                        row_mask(off, ch).with(Sums {
+                            dz: &dz[off..][..p],
+                            y: &y[off..][..p],
+                            mu: mean[ch],
                         })
-                    })
+                    };
+                    let sums = (0..n)
+                        .into_par_iter()
+                        .fold(
+                            || vec![[0f64; 2]; c],
+                            |mut acc, i| {
+                                for (ch, a) in acc.iter_mut().enumerate() {
+                                    let (s, t) = row((i * c + ch) * p, ch);
+                                    a[0] += s;
+                                    a[1] += t;
+                                }
+                                acc
+                            },
+                        )
+                        .reduce(
+                            || vec![[0f64; 2]; c],
+                            |mut a, b| {
+                                for (x, y) in a.iter_mut().zip(&b) {
+                                    x[0] += y[0];
+                                    x[1] += y[1];
+                                }
+                                a
+                            },
+                        );
+                    let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
+                    let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
+                    let gamma = &pv[c..2 * c];
+                    let mut k = vec![[0f32; 3]; c];
+                    let mut dgamma = vec![0f32; c];
+                    for ch in 0..c {
+                        let s = saved.invstd[ch] as f64;
+                        let gm = gamma[ch] as f64;
+                        k[ch] = [
+                            (gm * s) as f32,
+                            (-gm * s * s * s * sdzy[ch] / m) as f32,
+                            (-gm * s * sdz[ch] / m) as f32,
+                        ];
+                        dgamma[ch] = (sdzy[ch] * s) as f32;
+                    }
+                    // BatchNorm's input gradient of image i:
+                    // k1·dz + k2·(y − mean) + k3.
+                    let make = |i: usize, out: &mut [f32]| {
+                        for ch in 0..c {
+                            let off = (i * c + ch) * p;
+                            row_mask(off, ch).with(InputGrad {
+                                dz: &dz[off..][..p],
+                                y: &y[off..][..p],
+                                mu: mean[ch],
+                                k: k[ch],
+                                out: &mut out[ch * p..][..p],
+                            });
+                        }
+                    };
+                    let (dx, dw, db) =
+                        backward_values(&g, x, wv, Dy::Make(&make), self.input_grad)?;
+                    let mut dparams = db;
+                    dparams.extend_from_slice(&dgamma);
+                    dparams.extend(sdz.iter().map(|&v| v as f32));
+                    Ok((dx, dw, dparams))
                 })
             })
         })

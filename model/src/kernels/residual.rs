@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{backward_values, forward_values, Dy, Geom};
-use super::conv_bn::{ConvBnOp, Saved};
+use super::conv::{backward_values, forward_values, Dy, Geom, Input};
+use super::conv_bn::{ConvBnOp, Mask, Output, Saved};
 use super::with_values;
 
 /// Values per parallel task of the elementwise loops.
@@ -80,11 +80,11 @@ impl Block {
     }
 }
 
-/// What one block keeps from its forward pass for its backward pass.
+/// What one block keeps from its forward pass for its backward pass (the
+/// first layer's output is not among it: the second layer normalises the
+/// first's saved convolution output as it loads it, forward and backward).
 struct Kept {
-    /// The first layer's output, and the block's (but the last block's,
-    /// which is the op's output).
-    h: Tensor,
+    /// The block's output (but the last block's, which is the op's output).
     z: Option<Tensor>,
     /// The layers' kernels and parameters, and the shortcut's kernel and bias.
     w: [Tensor; 2],
@@ -103,34 +103,9 @@ fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("residual blocks: poisoned".into())
 }
 
-/// A tensor of a kernel's output storage (no copy).
-fn storage_tensor(s: CpuStorage, shape: Shape) -> Result<Tensor> {
-    match s {
-        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
-        _ => bail!("residual blocks: expected f32 values"),
-    }
-}
-
-/// Runs `f` on a CPU tensor's storage.
-fn with_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        candle_core::Storage::Cpu(s) => f(s, l),
-        _ => bail!("residual blocks: CPU tensors expected"),
-    }
-}
-
-/// Runs a conv + BN op's forward on `x`'s storage.
-fn conv_bn_forward(
-    op: &ConvBnOp,
-    x: (&CpuStorage, &Layout),
-    w: &Tensor,
-    p: &Tensor,
-) -> Result<Tensor> {
-    let (s, shape) = with_storage(w, |ws, wl| {
-        with_storage(p, |ps, pl| op.cpu_fwd(x.0, x.1, ws, wl, ps, pl))
-    })?;
-    storage_tensor(s, shape)
+/// Locks a layer's saved forward state.
+fn lock(saved: &Mutex<Option<Saved>>) -> Result<std::sync::MutexGuard<'_, Option<Saved>>> {
+    saved.lock().map_err(|_| poisoned())
 }
 
 /// `d += g` where `z > 0`, in parallel.
@@ -209,50 +184,54 @@ impl CustomOp3 for StackOp {
                 _ => None,
             };
             // The block's input: the op's, or the previous block's output.
-            let run = |xs: &CpuStorage, xl: &Layout| -> Result<(Tensor, Vec<f32>, Shape)> {
-                let h = conv_bn_forward(&b.first, (xs, xl), &w1, &p1)?;
-                let y = with_storage(&h, |hs, hl| {
-                    with_storage(&w2, |ws, wl| {
-                        with_storage(&p2, |ps, pl| b.second.cpu_fwd(hs, hl, ws, wl, ps, pl))
+            let run = |x: &[f32], xdims: &[usize]| -> Result<(Vec<f32>, Shape)> {
+                let (wv, pv) = (w1.flatten_all()?, p1.flatten_all()?);
+                let (_, hshape) = with_values(&wv, |wv| {
+                    with_values(&pv, |pv| {
+                        let k = (wv, b.kernels[0].dims());
+                        b.first
+                            .forward((Input::Plain(x), xdims), k, pv, Output::None)
                     })
                 })?;
-                let (CpuStorage::F32(mut z), shape) = y else {
-                    bail!("residual blocks: expected f32 values")
-                };
-                let x = super::cpu_slice(xs, xl)?;
-                // z = ReLU(y + s(x)), in the second layer's output buffer.
-                let s;
-                let s: &[f32] = match &shortcut {
+                // s(x): the shortcut's convolution, or x itself.
+                let projected = match &shortcut {
                     Some((sc, ws, bs)) => {
-                        let g = Geom::new(xl.dims(), ws.dims(), sc.stride, sc.pad)?;
-                        s = with_values(ws, |wv| {
-                            with_values(bs, |bv| forward_values(&g, x, wv, bv, false, false))
-                        })?
-                        .0;
-                        &s
+                        let g = Geom::new(xdims, ws.dims(), sc.stride, sc.pad)?;
+                        let (s, _) = with_values(ws, |wv| {
+                            with_values(bs, |bv| {
+                                forward_values(&g, Input::Plain(x), wv, bv, false, false)
+                            })
+                        })?;
+                        Some(s)
                     }
-                    None => x,
+                    None => None,
                 };
-                if s.len() != z.len() {
-                    bail!("residual blocks: the shortcut needs the output's shape");
-                }
-                z.par_chunks_mut(CHUNK)
-                    .zip(s.par_chunks(CHUNK))
-                    .for_each(|(z, s)| {
-                        for (z, s) in z.iter_mut().zip(s) {
-                            *z = (*z + s).max(0.0);
-                        }
-                    });
-                Ok((h, z, shape))
+                let s = projected.as_deref().unwrap_or(x);
+                // z = ReLU(BN₂(conv₂ h) + s(x)), h normalised as it is loaded.
+                let first = lock(&b.first.saved)?;
+                let Some(h) = first.as_ref() else {
+                    bail!("residual blocks: the first layer kept nothing")
+                };
+                let (z, shape) = with_values(&w2, |wv| {
+                    with_values(&p2, |pv| {
+                        let k = (wv, b.kernels[1].dims());
+                        let h = (h.as_input(), hshape.dims());
+                        b.second.forward(h, k, pv, Output::AddRelu(s))
+                    })
+                })?;
+                let Some(z) = z else {
+                    bail!("residual blocks: no output")
+                };
+                Ok((z, shape))
             };
-            let (h, z, shape) = match kept.last() {
+            let (z, shape) = match kept.last() {
                 Some(prev) => {
                     let Some(x) = &prev.z else {
                         bail!("residual blocks: the previous output is missing")
                     };
-                    with_storage(x, run)?
+                    with_values(x, |v| run(v, x.dims()))?
                 }
-                None => run(s1, l1)?,
+                None => run(super::cpu_slice(s1, l1)?, l1.dims())?,
             };
             let last = k + 1 == self.blocks.len();
             // The last output is the op's: candle keeps it (and hands it to `bwd`).
@@ -263,7 +242,6 @@ impl CustomOp3 for StackOp {
                 Some(Tensor::from_vec(z, shape, cpu)?)
             };
             kept.push(Kept {
-                h,
                 z,
                 w: [w1, w2],
                 p: [p1, p2],
@@ -305,12 +283,28 @@ impl CustomOp3 for StackOp {
                 kept[k - 1].z.as_ref().ok_or_else(missing)?
             };
             let zk = s.z.as_ref().unwrap_or(res);
-            let (dh, dw2, dp2) = b.second.gradients(&s.h, &s.w[1], &s.p[1], Some(zk), &g)?;
+            // The second layer: its input is the first layer's output,
+            // normalised from the first's saved state as it is loaded.
+            let (dh, dw2, dp2, hshape) = {
+                let first = lock(&b.first.saved)?;
+                let Some(h) = first.as_ref() else {
+                    bail!("residual blocks: backward before forward")
+                };
+                let hin = (h.as_input(), h.shape.dims());
+                let (dh, dw2, dp2) = with_values(zk, |z| {
+                    b.second
+                        .gradients(hin, &s.w[1], &s.p[1], Mask::Values(z), &g)
+                })?;
+                (dh, dw2, dp2, h.shape.clone())
+            };
             let Some(dh) = dh else {
                 bail!("residual blocks: no gradient for the inner activation")
             };
-            let dh = Tensor::from_vec(dh, s.h.shape(), dev)?;
-            let (dx, mut dw, mut dp) = b.first.gradients(xk, &s.w[0], &s.p[0], Some(&s.h), &dh)?;
+            let dh = Tensor::from_vec(dh, hshape, dev)?;
+            let (dx, mut dw, mut dp) = with_values(xk, |xv| {
+                let xin = (Input::Plain(xv), xk.dims());
+                b.first.gradients(xin, &s.w[0], &s.p[0], Mask::Own, &dh)
+            })?;
             dw.extend_from_slice(&dw2);
             dp.extend_from_slice(&dp2);
             let mut dx = dx;
@@ -329,6 +323,7 @@ impl CustomOp3 for StackOp {
                                             *o = if z > 0.0 { g } else { 0.0 };
                                         }
                                     };
+                                    let xv = Input::Plain(xv);
                                     backward_values(&geom, xv, wv, Dy::Make(&masked), dx.is_some())
                                 })
                             })

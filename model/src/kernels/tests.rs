@@ -252,6 +252,53 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
     }
 }
 
+#[test]
+fn convolution_of_an_input_normalised_as_it_loads_matches_the_normalised_values() {
+    use conv::{backward_values, forward_values, Dy, Geom, Input};
+    let mut rng = Rng::new(31);
+    let values = |n: usize, rng: &mut Rng| -> Vec<f32> {
+        (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+    };
+    // (n, cin, h, w, cout, k, stride, pad): direct at strides 1 and 2, im2col, 1×1.
+    for (n, cin, h, w, cout, k, stride, pad) in [
+        (2, 8, 7, 9, 5, 3, 1, [1, 1, 1, 1]),
+        (2, 8, 8, 7, 6, 3, 2, [0, 1, 1, 1]),
+        (2, 3, 6, 6, 4, 3, 1, [1, 1, 1, 1]),
+        (2, 4, 5, 5, 3, 1, 1, [0, 0, 0, 0]),
+    ] {
+        let g = Geom::new(&[n, cin, h, w], &[cout, cin, k, k], stride, pad).unwrap();
+        let (v, wt, b) = (
+            values(n * cin * h * w, &mut rng),
+            values(cout * cin * k * k, &mut rng),
+            values(cout, &mut rng),
+        );
+        let (scale, shift) = (values(cin, &mut rng), values(cin, &mut rng));
+        let plane = h * w;
+        let normalised: Vec<f32> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (x * scale[i / plane % cin] + shift[i / plane % cin]).max(0.0))
+            .collect();
+        let lazy = Input::Normalized {
+            v: &v,
+            scale: &scale,
+            shift: &shift,
+        };
+        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride}");
+        let (y, _) = forward_values(&g, lazy, &wt, &b, false, false).unwrap();
+        let (yr, _) = forward_values(&g, Input::Plain(&normalised), &wt, &b, false, false).unwrap();
+        let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
+        assert_close(&format!("{case} forward"), &t(y.clone()), &t(yr));
+        let dy = values(y.len(), &mut rng);
+        let (dx, dw, db) = backward_values(&g, lazy, &wt, Dy::Slice(&dy), true).unwrap();
+        let (dxr, dwr, dbr) =
+            backward_values(&g, Input::Plain(&normalised), &wt, Dy::Slice(&dy), true).unwrap();
+        assert_close(&format!("{case} dx"), &t(dx.unwrap()), &t(dxr.unwrap()));
+        assert_close(&format!("{case} dw"), &t(dw), &t(dwr));
+        assert_close(&format!("{case} db"), &t(db), &t(dbr));
+    }
+}
+
 /// One conv + BN layer's variables: kernel, bias, gamma, beta.
 type LayerVars = (Var, Var, Var, Var);
 
@@ -268,8 +315,10 @@ fn residual_blocks_match_their_layers_composed_from_candle_ops() {
     let mut rng = Rng::new(29);
     // Identity blocks at odd sizes, projection blocks (stride 2, 1×1 shortcut) as in
     // ResNet's stacks, and an input that needs no gradient.
-    let cases: [BlockCase; 4] = [
+    let cases: [BlockCase; 5] = [
         (3, 8, 7, 9, &[(8, 1)], true),
+        // Too few channels for the direct kernels: im2col + gemm inside.
+        (2, 4, 6, 5, &[(4, 1), (6, 2)], true),
         (2, 16, 8, 8, &[(16, 1), (16, 1), (32, 2), (32, 1)], true),
         (2, 8, 9, 7, &[(12, 2)], true),
         (2, 8, 5, 6, &[(8, 1), (8, 1)], false),
