@@ -321,6 +321,25 @@ impl BatchNorm {
         pass: &mut Pass,
         relu: bool,
     ) -> Result<Tensor> {
+        if !pass.train && self.fast && conv.fast {
+            // Inference: the BatchNorm folded into the convolution's kernel
+            // and bias, `w·s` and `(b − mean)·s + beta` with `s = gamma /
+            // √(var + ε)`, so that its output is written once.
+            let scale = (&self.gamma / (&self.running_var + BN_EPSILON)?.sqrt()?)?;
+            let c = scale.elem_count();
+            let w = conv.weight.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+            let b = ((&conv.bias - &self.running_mean)? * &scale)?.add(&self.beta)?;
+            let pad = conv.pad(x)?;
+            return Ok(kernels::conv2d_act(
+                x,
+                &w,
+                Some(&b),
+                conv.stride,
+                pad,
+                false,
+                relu,
+            )?);
+        }
         if !(pass.train && self.fast && conv.fast) {
             return self.forward_act(&conv.forward(x)?, pass, relu);
         }
