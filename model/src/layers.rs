@@ -238,6 +238,18 @@ impl MaxPool2d {
     }
 }
 
+impl MaxPool2d {
+    /// `conv`, its ReLU, then this pooling: one fused op on the fast path
+    /// for 2×2 windows (see `kernels::conv2d_relu_pool`).
+    pub fn after_conv_relu(&self, conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fast && conv.fast && self.k == 2 {
+            let (w, b, pad) = (&conv.weight, &conv.bias, conv.pad(x)?);
+            return kernels::conv2d_relu_pool(x, w, b, conv.stride, pad, x.track_op());
+        }
+        self.forward(&conv.forward_act(x, true)?)
+    }
+}
+
 impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.fast {

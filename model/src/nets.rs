@@ -71,8 +71,7 @@ impl SimpleCnn {
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let x = self.conv1.forward_act(x, true)?;
-        let x = self.conv2.forward_act(&x, true)?;
-        let x = self.pool.forward(&x)?;
+        let x = self.pool.after_conv_relu(&self.conv2, &x)?;
         let x = dropout(&x, 0.25, pass)?.flatten_from(1)?;
         let x = relu(&self.dense1.forward(&x)?, pass)?;
         let x = dropout(&x, 0.5, pass)?;

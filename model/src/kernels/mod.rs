@@ -9,6 +9,7 @@
 mod bn;
 mod conv;
 mod conv_bn;
+mod conv_pool;
 mod direct;
 mod dropout;
 mod pool;
@@ -25,6 +26,7 @@ pub(crate) use bn::{
 pub(crate) use conv::conv2d;
 pub(crate) use conv::{conv2d_act, conv2d_reference};
 pub(crate) use conv_bn::conv_bn_train;
+pub(crate) use conv_pool::conv2d_relu_pool;
 pub(crate) use dropout::{dropout, dropout_reference};
 pub(crate) use pool::{max_pool2d, max_pool2d_reference};
 pub(crate) use relu::{add_relu, relu};

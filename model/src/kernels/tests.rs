@@ -438,6 +438,58 @@ fn residual_blocks_match_their_layers_composed_from_candle_ops() {
 }
 
 #[test]
+fn conv_relu_pool_matches_candle_values_and_gradients() {
+    let mut rng = Rng::new(37);
+    // (n, cin, h, w, cout, k, pad, input_grad): simple-cnn's shape (direct
+    // kernels), odd sizes (the pool drops the last row and column), few
+    // channels (im2col), no input gradient.
+    for (n, cin, h, w, cout, k, pad, input_grad) in [
+        (2, 32, 10, 10, 16, 3, [0, 0, 0, 0], true),
+        (3, 8, 9, 7, 5, 3, [1, 1, 1, 1], true),
+        (2, 3, 8, 8, 4, 3, [0, 0, 0, 0], false),
+        (2, 4, 7, 6, 3, 2, [0, 1, 0, 1], true),
+    ] {
+        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
+        let wt = Var::from_tensor(&random(&[cout, cin, k, k], &mut rng)).unwrap();
+        let b = Var::from_tensor(&random(&[cout], &mut rng)).unwrap();
+        let xin = if input_grad {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
+        let fast = conv2d_relu_pool(&xin, &wt, &b, 1, pad, input_grad).unwrap();
+        let y = conv2d_reference(&xin, &wt, Some(&b), 1, pad).unwrap();
+        let reference = max_pool2d_reference(&y.relu().unwrap(), 2).unwrap();
+        let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k}");
+        assert_close(&format!("{case} forward"), &fast, &reference);
+        let r = random(reference.dims(), &mut rng);
+        let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut checked = vec![("dw", &wt), ("db", &b)];
+        if input_grad {
+            checked.push(("dx", &x));
+        } else {
+            assert!(
+                gf.get(&x).is_none(),
+                "{case}: no gradient for a detached input"
+            );
+        }
+        for (name, v) in checked {
+            assert_close(
+                &format!("{case} {name}"),
+                gf.get(v).unwrap(),
+                gr.get(v).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
 fn max_pool_matches_candle_values_and_gradients() {
     let mut rng = Rng::new(5);
     for (shape, k) in [([2, 3, 8, 8], 2), ([1, 2, 7, 9], 2), ([2, 2, 9, 6], 3)] {
