@@ -563,7 +563,8 @@ impl CustomOp3 for Conv2dOp {
         let (dx, dw, db) = with_values(x, |xv| {
             with_values(w, |wv| {
                 with_values(grad, |dy| {
-                    backward_values(&g, Input::Plain(xv), wv, Dy::Slice(dy), self.input_grad)
+                    let x = Input::Plain(xv);
+                    backward_values(&g, x, wv, Dy::Slice(dy), self.input_grad, None)
                 })
             })
         })?;
@@ -859,9 +860,13 @@ fn row_moments(row: &[f32]) -> [f64; 2] {
     ]
 }
 
+/// Work on one image's input gradient `(i, dx_i)` as soon as it is made,
+/// while it is in cache (a fused op adding a residual gradient to it).
+pub(super) type Epilogue<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
 /// The gradients of [`forward_values`] (without its ReLU: `dy` is the
 /// gradient of the convolution's own output): `(dx, dw, db)`, `dx` only when
-/// `input_grad`.
+/// `input_grad`, each image of it passed through `after` once made.
 #[allow(clippy::type_complexity)]
 pub(super) fn backward_values(
     g: &Geom,
@@ -869,6 +874,7 @@ pub(super) fn backward_values(
     w: &[f32],
     dy: Dy,
     input_grad: bool,
+    after: Option<Epilogue>,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
     let g = *g;
     {
@@ -1107,6 +1113,9 @@ pub(super) fn backward_values(
                                     tplan.run(wf, &dyp, &mut out, inner);
                                     tplan.add_to(&out, dxi);
                                 }
+                                if let Some(after) = after {
+                                    after(i, dxi);
+                                }
                             }
                         }
                         // Into the im2col path's `[cin·kh·kw][cout]`.
@@ -1200,6 +1209,9 @@ pub(super) fn backward_values(
                                 } else {
                                     gemm(k, p, cout, &mut dcols, false, wt, lhs, inner);
                                     col2im(&dcols, &g, dxi);
+                                }
+                                if let Some(after) = after {
+                                    after(i, dxi);
                                 }
                             }
                         }

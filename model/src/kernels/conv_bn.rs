@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Geom, Input};
+use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Epilogue, Geom, Input};
 use super::{batch_norm_train, conv2d_act, cpu_slice, with_values};
 
 /// What the forward pass keeps for the backward pass.
@@ -208,7 +208,7 @@ impl CustomOp3 for ConvBnOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mask = if self.relu { Mask::Own } else { Mask::None };
         let (dx, dw, dparams) = with_values(x, |xv| {
-            self.gradients((Input::Plain(xv), x.dims()), w, params, mask, grad)
+            self.gradients((Input::Plain(xv), x.dims()), w, params, mask, grad, None)
         })?;
         gradient_tensors((x, dx), (w, dw), (dparams, params.shape().clone()))
     }
@@ -291,7 +291,8 @@ impl ConvBnOp {
 
     /// The gradients of `(x, kernel, params)` given the gradient of the
     /// output, `grad`, through `mask`; `x` is the forward's input (values
-    /// and dims).
+    /// and dims). Each image of the input gradient goes through `after`
+    /// as it is made.
     #[allow(clippy::type_complexity)]
     pub(super) fn gradients(
         &self,
@@ -300,6 +301,7 @@ impl ConvBnOp {
         params: &Tensor,
         mask: Mask,
         grad: &Tensor,
+        after: Option<Epilogue>,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
         let g = Geom::new(xdims, w.dims(), self.stride, self.pad)?;
         let _t = super::Prof::new("conv-bn-bwd", &g);
@@ -392,7 +394,7 @@ impl ConvBnOp {
                         }
                     };
                     let (dx, dw, db) =
-                        backward_values(&g, x, wv, Dy::Make(&make), self.input_grad)?;
+                        backward_values(&g, x, wv, Dy::Make(&make), self.input_grad, after)?;
                     let mut dparams = db;
                     dparams.extend_from_slice(&dgamma);
                     dparams.extend(sdz.iter().map(|&v| v as f32));

@@ -138,7 +138,8 @@ impl CustomOp3 for ConvReluPoolOp {
                             }
                         }
                     };
-                    backward_values(&g, Input::Plain(xv), wv, Dy::Make(&make), self.input_grad)
+                    let x = Input::Plain(xv);
+                    backward_values(&g, x, wv, Dy::Make(&make), self.input_grad, None)
                 })
             })
         })?;

@@ -15,14 +15,10 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::conv::{backward_values, forward_values, Dy, Geom, Input};
 use super::conv_bn::{ConvBnOp, Mask, Output, Saved};
 use super::with_values;
-
-/// Values per parallel task of the elementwise loops.
-const CHUNK: usize = 1 << 16;
 
 /// A BatchNorm layer's batch mean and biased batch variance, `(C)` each.
 pub(crate) type BatchStats = (Tensor, Tensor);
@@ -106,22 +102,6 @@ fn poisoned() -> candle_core::Error {
 /// Locks a layer's saved forward state.
 fn lock(saved: &Mutex<Option<Saved>>) -> Result<std::sync::MutexGuard<'_, Option<Saved>>> {
     saved.lock().map_err(|_| poisoned())
-}
-
-/// `d += g` where `z > 0`, in parallel.
-fn add_masked(d: &mut [f32], z: &[f32], g: &[f32]) -> Result<()> {
-    if z.len() != d.len() || g.len() != d.len() {
-        bail!("residual blocks: the shortcut needs the output's shape");
-    }
-    d.par_chunks_mut(CHUNK)
-        .zip(z.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(d, (z, g))| {
-            for ((d, &z), &g) in d.iter_mut().zip(z).zip(g) {
-                // (A select, not a branch: the mask is random.)
-                *d += if z > 0.0 { g } else { 0.0 };
-            }
-        });
-    Ok(())
 }
 
 impl CustomOp3 for StackOp {
@@ -293,7 +273,7 @@ impl CustomOp3 for StackOp {
                 let hin = (h.as_input(), h.shape.dims());
                 let (dh, dw2, dp2) = with_values(zk, |z| {
                     b.second
-                        .gradients(hin, &s.w[1], &s.p[1], Mask::Values(z), &g)
+                        .gradients(hin, &s.w[1], &s.p[1], Mask::Values(z), &g, None)
                 })?;
                 (dh, dw2, dp2, h.shape.clone())
             };
@@ -301,14 +281,11 @@ impl CustomOp3 for StackOp {
                 bail!("residual blocks: no gradient for the inner activation")
             };
             let dh = Tensor::from_vec(dh, hshape, dev)?;
-            let (dx, mut dw, mut dp) = with_values(xk, |xv| {
-                let xin = (Input::Plain(xv), xk.dims());
-                b.first.gradients(xin, &s.w[0], &s.p[0], Mask::Own, &dh)
-            })?;
-            dw.extend_from_slice(&dw2);
-            dp.extend_from_slice(&dp2);
-            let mut dx = dx;
-            match (&b.shortcut, &s.shortcut) {
+            let input_grad = k > 0 || b.first.input_grad;
+            // The shortcut's gradients first (a projection's backward), so
+            // that the first layer adds the shortcut's share of the input
+            // gradient to each image of its own as it makes it.
+            let (dxs, shortcut_grads) = match (&b.shortcut, &s.shortcut) {
                 (Some(sc), Some((ws, _))) => {
                     let geom = Geom::new(xk.dims(), ws.dims(), sc.stride, sc.pad)?;
                     let (dxs, dwsc, dbs) = with_values(xk, |xv| {
@@ -323,25 +300,51 @@ impl CustomOp3 for StackOp {
                                             *o = if z > 0.0 { g } else { 0.0 };
                                         }
                                     };
-                                    let xv = Input::Plain(xv);
-                                    backward_values(&geom, xv, wv, Dy::Make(&masked), dx.is_some())
+                                    let (xv, dy) = (Input::Plain(xv), Dy::Make(&masked));
+                                    backward_values(&geom, xv, wv, dy, input_grad, None)
                                 })
                             })
                         })
                     })?;
-                    dw.extend_from_slice(&dwsc);
-                    dp.extend_from_slice(&dbs);
-                    if let (Some(dx), Some(dxs)) = (dx.as_mut(), dxs) {
-                        dx.par_chunks_mut(CHUNK)
-                            .zip(dxs.par_chunks(CHUNK))
-                            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
-                    }
+                    (dxs, Some((dwsc, dbs)))
                 }
-                _ => {
-                    if let Some(dx) = dx.as_mut() {
-                        with_values(zk, |z| with_values(&g, |gv| add_masked(dx, z, gv)))?;
-                    }
-                }
+                _ => (None, None),
+            };
+            let (dx, mut dw, mut dp) = with_values(xk, |xv| {
+                with_values(zk, |z| {
+                    with_values(&g, |gv| {
+                        let len = xv.len() / xk.dims()[0].max(1);
+                        // dx_i += s's gradient: the projection's, or the
+                        // sum's gradient through its ReLU mask.
+                        let add = |i: usize, dxi: &mut [f32]| {
+                            let at = i * len..(i + 1) * len;
+                            match &dxs {
+                                Some(dxs) => {
+                                    dxi.iter_mut().zip(&dxs[at]).for_each(|(d, s)| *d += s)
+                                }
+                                None => {
+                                    let (z, g) = (&z[at.clone()], &gv[at]);
+                                    for ((d, &z), &g) in dxi.iter_mut().zip(z).zip(g) {
+                                        // (A select, not a branch: the mask is random.)
+                                        *d += if z > 0.0 { g } else { 0.0 };
+                                    }
+                                }
+                            }
+                        };
+                        if z.len() != xv.len() && dxs.is_none() {
+                            bail!("residual blocks: the shortcut needs the output's shape");
+                        }
+                        let xin = (Input::Plain(xv), xk.dims());
+                        b.first
+                            .gradients(xin, &s.w[0], &s.p[0], Mask::Own, &dh, Some(&add))
+                    })
+                })
+            })?;
+            dw.extend_from_slice(&dw2);
+            dp.extend_from_slice(&dp2);
+            if let Some((dwsc, dbs)) = shortcut_grads {
+                dw.extend_from_slice(&dwsc);
+                dp.extend_from_slice(&dbs);
             }
             dws.push(dw);
             dps.push(dp);

@@ -290,9 +290,16 @@ fn convolution_of_an_input_normalised_as_it_loads_matches_the_normalised_values(
         let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
         assert_close(&format!("{case} forward"), &t(y.clone()), &t(yr));
         let dy = values(y.len(), &mut rng);
-        let (dx, dw, db) = backward_values(&g, lazy, &wt, Dy::Slice(&dy), true).unwrap();
-        let (dxr, dwr, dbr) =
-            backward_values(&g, Input::Plain(&normalised), &wt, Dy::Slice(&dy), true).unwrap();
+        let (dx, dw, db) = backward_values(&g, lazy, &wt, Dy::Slice(&dy), true, None).unwrap();
+        let (dxr, dwr, dbr) = backward_values(
+            &g,
+            Input::Plain(&normalised),
+            &wt,
+            Dy::Slice(&dy),
+            true,
+            None,
+        )
+        .unwrap();
         assert_close(&format!("{case} dx"), &t(dx.unwrap()), &t(dxr.unwrap()));
         assert_close(&format!("{case} dw"), &t(dw), &t(dwr));
         assert_close(&format!("{case} db"), &t(db), &t(dbr));
