@@ -429,18 +429,22 @@ fn conv_bn_layer<'a>(
 }
 
 /// A run of ResNet v1 residual blocks while training, each `ReLU(s(x) +
-/// BN₂(conv₂(ReLU(BN₁(conv₁ x)))))`, as one fused op on the fast path;
-/// `None` where that does not apply (reference engine, inference, not on
-/// the CPU), and the caller composes the layers instead.
+/// BN₂(conv₂(Dropout(ReLU(BN₁(conv₁ x))))))` with dropout at rate
+/// `dropout` (if any), as one fused op on the fast path; `None` where that
+/// does not apply (reference engine, inference, not on the CPU), and the
+/// caller composes the layers instead. Draws the dropout seeds from the pass
+/// in the same order as [`dropout`] would, block by block.
 pub(crate) fn residual_blocks(
     x: &Tensor,
     blocks: &[ResidualLayers],
+    dropout: Option<f32>,
     pass: &mut Pass,
 ) -> Result<Option<Tensor>> {
     let fast = blocks.iter().all(|((c1, b1), (c2, b2), s)| {
         c1.fast && b1.fast && c2.fast && b2.fast && s.is_none_or(|s| s.fast)
     });
-    if !(pass.train && fast) {
+    // (The fused op runs on the CPU in f32; checked before any seed is drawn.)
+    if !(pass.train && fast && x.device().is_cpu() && x.dtype() == DType::F32) {
         return Ok(None);
     }
     let (_, _, mut h, mut w) = x.dims4()?;
@@ -449,10 +453,14 @@ pub(crate) fn residual_blocks(
         let (first, mid) = conv_bn_layer(conv1, bn1, (h, w));
         let (second, out) = conv_bn_layer(conv2, bn2, mid);
         let shortcut = shortcut.map(|s| (&s.weight, &s.bias, s.stride, s.pad_for(h, w)));
+        let dropout = dropout
+            .filter(|&p| pass.dropout && p > 0.0)
+            .map(|p| (p, pass.rng.next_u64()));
         layers.push(kernels::BlockLayers {
             first,
             second,
             shortcut,
+            dropout,
         });
         (h, w) = out;
     }

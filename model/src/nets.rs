@@ -265,7 +265,7 @@ impl Resnet {
 
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let mut x = self.stem.forward(x, pass)?;
-        // Without dropout, all the blocks as one op where the fast path trains.
+        // All the blocks as one op where the fast path trains.
         let layers: Vec<ResidualLayers> = self
             .blocks
             .iter()
@@ -278,11 +278,8 @@ impl Resnet {
                 )
             })
             .collect();
-        let fused = if self.dropout {
-            None
-        } else {
-            residual_blocks(&x, &layers, pass)?
-        };
+        let rate = self.dropout.then_some(0.3);
+        let fused = residual_blocks(&x, &layers, rate, pass)?;
         for b in self.blocks.iter().filter(|_| fused.is_none()) {
             let y = b.first.forward(&x, pass)?;
             let y = if self.dropout {

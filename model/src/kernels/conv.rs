@@ -381,15 +381,7 @@ impl Plan {
             let rows = x.values()[ci * hw..][..hw].chunks_exact(self.w);
             for (iy, row) in rows.enumerate() {
                 let dst = &mut plane[(iy + self.top) * self.wp + self.left..][..self.w];
-                match x {
-                    Input::Plain(_) => dst.copy_from_slice(row),
-                    Input::Normalized { scale, shift, .. } => {
-                        let (s, t) = (scale[ci], shift[ci]);
-                        for (d, &v) in dst.iter_mut().zip(row) {
-                            *d = (v * s + t).max(0.0);
-                        }
-                    }
-                }
+                x.row_into(ci, ci * hw + iy * self.w, row, dst);
             }
         }
     }
@@ -404,10 +396,9 @@ impl Plan {
             for (iy, row) in x.values()[ci * hw..][..hw].chunks_exact(self.w).enumerate() {
                 let row = match x {
                     Input::Plain(_) => row,
-                    Input::Normalized { scale, shift, .. } => {
-                        let (s, t) = (scale[ci], shift[ci]);
-                        normalized.clear();
-                        normalized.extend(row.iter().map(|&v| (v * s + t).max(0.0)));
+                    Input::Normalized { .. } => {
+                        normalized.resize(row.len(), 0.0);
+                        x.row_into(ci, ci * hw + iy * self.w, row, &mut normalized);
                         &normalized
                     }
                 };
@@ -614,10 +605,10 @@ impl Dy<'_> {
 }
 
 /// A convolution's input: its values, or values that a BatchNorm and ReLU
-/// still have to be applied to, `max(v · scale[c] + shift[c], 0)` in channel
-/// `c`. The second form lets a layer consume the previous layer's
-/// un-normalised output as it loads it, so that the normalised tensor is
-/// never written to memory and read back.
+/// (and a dropout mask) still have to be applied to, `max(v · scale[c] +
+/// shift[c], 0) · mask` in channel `c`. The second form lets a layer consume
+/// the previous layer's un-normalised output as it loads it, so that the
+/// normalised tensor is never written to memory and read back.
 #[derive(Clone, Copy)]
 pub(super) enum Input<'a> {
     Plain(&'a [f32]),
@@ -625,6 +616,8 @@ pub(super) enum Input<'a> {
         v: &'a [f32],
         scale: &'a [f32],
         shift: &'a [f32],
+        /// Factors of each value after the ReLU (inverted dropout), if any.
+        mask: Option<&'a [f32]>,
     },
 }
 
@@ -640,11 +633,44 @@ impl<'a> Input<'a> {
     fn image(&self, i: usize, len: usize) -> Input<'a> {
         match *self {
             Input::Plain(v) => Input::Plain(&v[i * len..][..len]),
-            Input::Normalized { v, scale, shift } => Input::Normalized {
+            Input::Normalized {
+                v,
+                scale,
+                shift,
+                mask,
+            } => Input::Normalized {
                 v: &v[i * len..][..len],
                 scale,
                 shift,
+                mask: mask.map(|m| &m[i * len..][..len]),
             },
+        }
+    }
+
+    /// `dst` = the input's values of channel `c` at `row` (which starts at
+    /// value `at`), normalised if need be.
+    #[inline]
+    fn row_into(&self, c: usize, at: usize, row: &[f32], dst: &mut [f32]) {
+        match *self {
+            Input::Plain(_) => dst.copy_from_slice(row),
+            Input::Normalized {
+                scale, shift, mask, ..
+            } => {
+                let (s, t) = (scale[c], shift[c]);
+                match mask {
+                    None => {
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = (v * s + t).max(0.0);
+                        }
+                    }
+                    Some(m) => {
+                        let m = &m[at..][..row.len()];
+                        for ((d, &v), &m) in dst.iter_mut().zip(row).zip(m) {
+                            *d = (v * s + t).max(0.0) * m;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -655,12 +681,15 @@ impl<'a> Input<'a> {
     {
         match *self {
             Input::Plain(v) => v,
-            Input::Normalized { v, scale, shift } => {
+            Input::Normalized { v, scale, .. } => {
                 let plane = v.len() / scale.len().max(1);
-                scratch.clear();
-                for (c, row) in v.chunks(plane.max(1)).enumerate() {
-                    let (s, t) = (scale[c], shift[c]);
-                    scratch.extend(row.iter().map(|&v| (v * s + t).max(0.0)));
+                scratch.resize(v.len(), 0.0);
+                for (c, (row, dst)) in v
+                    .chunks(plane.max(1))
+                    .zip(scratch.chunks_mut(plane.max(1)))
+                    .enumerate()
+                {
+                    self.row_into(c, c * plane, row, dst);
                 }
                 scratch
             }

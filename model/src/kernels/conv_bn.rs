@@ -32,13 +32,15 @@ pub(super) struct Saved {
 }
 
 impl Saved {
-    /// The op's output (with its ReLU) as an input that still needs
-    /// normalising: for a next layer that normalises as it loads.
-    pub(super) fn as_input(&self) -> Input<'_> {
+    /// The op's output (with its ReLU, then times the `dropout` mask if
+    /// any) as an input that still needs normalising: for a next layer that
+    /// normalises as it loads.
+    pub(super) fn as_input<'a>(&'a self, dropout: Option<&'a [f32]>) -> Input<'a> {
         Input::Normalized {
             v: &self.y,
             scale: &self.scale,
             shift: &self.shift,
+            mask: dropout,
         }
     }
 }

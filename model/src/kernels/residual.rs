@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use super::conv::{backward_values, forward_values, Dy, Geom, Input};
+use super::conv::{backward_values, forward_values, Dy, Epilogue, Geom, Input};
 use super::conv_bn::{ConvBnOp, Mask, Output, Saved};
 use super::with_values;
 
@@ -34,12 +34,15 @@ pub(crate) struct ConvBnLayer<'a> {
     pub pad: [usize; 4],
 }
 
-/// One residual block's tensors: its two layers and, for a projection
-/// shortcut, that convolution's kernel, bias, stride and padding.
+/// One residual block's tensors: its two layers, for a projection shortcut
+/// that convolution's kernel, bias, stride and padding, and the dropout
+/// between the two layers as `(rate, seed)` (the mask of
+/// [`super::dropout::dropout_mask`]).
 pub(crate) struct BlockLayers<'a> {
     pub first: ConvBnLayer<'a>,
     pub second: ConvBnLayer<'a>,
     pub shortcut: Option<(&'a Tensor, &'a Tensor, usize, [usize; 4])>,
+    pub dropout: Option<(f32, u64)>,
 }
 
 /// A projection shortcut's convolution.
@@ -57,6 +60,8 @@ struct Block {
     shortcut: Option<Shortcut>,
     /// Kernel shapes of the two layers.
     kernels: [Shape; 2],
+    /// Dropout between the layers: rate and seed.
+    dropout: Option<(f32, u64)>,
     /// Output channels.
     c: usize,
 }
@@ -82,6 +87,8 @@ impl Block {
 struct Kept {
     /// The block's output (but the last block's, which is the op's output).
     z: Option<Tensor>,
+    /// The dropout mask between the layers.
+    mask: Option<Vec<f32>>,
     /// The layers' kernels and parameters, and the shortcut's kernel and bias.
     w: [Tensor; 2],
     p: [Tensor; 2],
@@ -164,7 +171,7 @@ impl CustomOp3 for StackOp {
                 _ => None,
             };
             // The block's input: the op's, or the previous block's output.
-            let run = |x: &[f32], xdims: &[usize]| -> Result<(Vec<f32>, Shape)> {
+            let run = |x: &[f32], xdims: &[usize]| -> Result<(Vec<f32>, Shape, Option<Vec<f32>>)> {
                 let (wv, pv) = (w1.flatten_all()?, p1.flatten_all()?);
                 let (_, hshape) = with_values(&wv, |wv| {
                     with_values(&pv, |pv| {
@@ -173,6 +180,9 @@ impl CustomOp3 for StackOp {
                             .forward((Input::Plain(x), xdims), k, pv, Output::None)
                     })
                 })?;
+                let mask = b
+                    .dropout
+                    .map(|(p, seed)| super::dropout::dropout_mask(hshape.elem_count(), p, seed));
                 // s(x): the shortcut's convolution, or x itself.
                 let projected = match &shortcut {
                     Some((sc, ws, bs)) => {
@@ -195,16 +205,16 @@ impl CustomOp3 for StackOp {
                 let (z, shape) = with_values(&w2, |wv| {
                     with_values(&p2, |pv| {
                         let k = (wv, b.kernels[1].dims());
-                        let h = (h.as_input(), hshape.dims());
+                        let h = (h.as_input(mask.as_deref()), hshape.dims());
                         b.second.forward(h, k, pv, Output::AddRelu(s))
                     })
                 })?;
                 let Some(z) = z else {
                     bail!("residual blocks: no output")
                 };
-                Ok((z, shape))
+                Ok((z, shape, mask))
             };
-            let (z, shape) = match kept.last() {
+            let (z, shape, mask) = match kept.last() {
                 Some(prev) => {
                     let Some(x) = &prev.z else {
                         bail!("residual blocks: the previous output is missing")
@@ -223,6 +233,7 @@ impl CustomOp3 for StackOp {
             };
             kept.push(Kept {
                 z,
+                mask,
                 w: [w1, w2],
                 p: [p1, p2],
                 shortcut: shortcut.map(|(_, ws, bs)| (ws, bs)),
@@ -270,10 +281,21 @@ impl CustomOp3 for StackOp {
                 let Some(h) = first.as_ref() else {
                     bail!("residual blocks: backward before forward")
                 };
-                let hin = (h.as_input(), h.shape.dims());
+                let hin = (h.as_input(s.mask.as_deref()), h.shape.dims());
+                // The dropout's backward on each image of the second layer's
+                // input gradient, as it is made.
+                let len = h.shape.elem_count() / h.shape.dims()[0].max(1);
+                let dropout = |i: usize, dhi: &mut [f32]| {
+                    if let Some(m) = &s.mask {
+                        dhi.iter_mut()
+                            .zip(&m[i * len..][..len])
+                            .for_each(|(d, m)| *d *= m);
+                    }
+                };
+                let after = s.mask.as_ref().map(|_| &dropout as Epilogue);
                 let (dh, dw2, dp2) = with_values(zk, |z| {
                     b.second
-                        .gradients(hin, &s.w[1], &s.p[1], Mask::Values(z), &g, None)
+                        .gradients(hin, &s.w[1], &s.p[1], Mask::Values(z), &g, after)
                 })?;
                 (dh, dw2, dp2, h.shape.clone())
             };
@@ -398,6 +420,7 @@ pub(crate) fn residual_blocks_train(
                 kernel: w.shape().clone(),
             }),
             kernels: [b.first.w.shape().clone(), b.second.w.shape().clone()],
+            dropout: b.dropout,
             c: b.second.gamma.elem_count(),
         });
         kernels.extend([b.first.w.flatten_all()?, b.second.w.flatten_all()?]);

@@ -283,6 +283,7 @@ fn convolution_of_an_input_normalised_as_it_loads_matches_the_normalised_values(
             v: &v,
             scale: &scale,
             shift: &shift,
+            mask: None,
         };
         let case = format!("n{n} c{cin} {h}x{w} o{cout} k{k} s{stride}");
         let (y, _) = forward_values(&g, lazy, &wt, &b, false, false).unwrap();
@@ -314,23 +315,42 @@ fn layer_vars(cin: usize, cout: usize, k: usize, rng: &mut Rng) -> LayerVars {
     (v(&[cout, cin, k, k]), v(&[cout]), v(&[cout]), v(&[cout]))
 }
 
-/// `(n, cin, h, w, [(channels, stride)] per block, input_grad)`.
-type BlockCase = (usize, usize, usize, usize, &'static [(usize, usize)], bool);
+/// `(n, cin, h, w, [(channels, stride)] per block, input_grad, dropout)`.
+type BlockCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    &'static [(usize, usize)],
+    bool,
+    Option<f32>,
+);
 
 #[test]
 fn residual_blocks_match_their_layers_composed_from_candle_ops() {
     let mut rng = Rng::new(29);
     // Identity blocks at odd sizes, projection blocks (stride 2, 1×1 shortcut) as in
     // ResNet's stacks, and an input that needs no gradient.
-    let cases: [BlockCase; 5] = [
-        (3, 8, 7, 9, &[(8, 1)], true),
+    let cases: [BlockCase; 7] = [
+        (3, 8, 7, 9, &[(8, 1)], true, None),
         // Too few channels for the direct kernels: im2col + gemm inside.
-        (2, 4, 6, 5, &[(4, 1), (6, 2)], true),
-        (2, 16, 8, 8, &[(16, 1), (16, 1), (32, 2), (32, 1)], true),
-        (2, 8, 9, 7, &[(12, 2)], true),
-        (2, 8, 5, 6, &[(8, 1), (8, 1)], false),
+        (2, 4, 6, 5, &[(4, 1), (6, 2)], true, None),
+        (
+            2,
+            16,
+            8,
+            8,
+            &[(16, 1), (16, 1), (32, 2), (32, 1)],
+            true,
+            None,
+        ),
+        (2, 8, 9, 7, &[(12, 2)], true, None),
+        (2, 8, 5, 6, &[(8, 1), (8, 1)], false, None),
+        // Dropout between the layers (ResNet's `-dropout` models).
+        (2, 16, 8, 8, &[(16, 1), (32, 2)], true, Some(0.3)),
+        (2, 4, 6, 6, &[(4, 1)], true, Some(0.5)),
     ];
-    for (n, cin, h, w, shape, input_grad) in cases {
+    for (case_no, (n, cin, h, w, shape, input_grad, rate)) in cases.into_iter().enumerate() {
         let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng)).unwrap();
         let mut vars = Vec::new();
         let mut c = cin;
@@ -382,6 +402,7 @@ fn residual_blocks_match_their_layers_composed_from_candle_ops() {
                 shortcut: sc
                     .as_ref()
                     .map(|(w, b)| (w.as_tensor(), b.as_tensor(), *stride, [0; 4])),
+                dropout: rate.map(|p| (p, 1000 * case_no as u64 + blocks.len() as u64)),
             });
             (hh, ww) = (h2, w2);
         }
@@ -394,6 +415,10 @@ fn residual_blocks_match_their_layers_composed_from_candle_ops() {
         for (blk, (l1, l2, stride, sc)) in blocks.iter().zip(&vars) {
             let y = conv2d_reference(&zr, &l1.0, Some(&l1.1), *stride, blk.first.pad).unwrap();
             let (hr, m1, v1) = batch_norm_train_reference(&y, &l1.2, &l1.3, 1e-3, true).unwrap();
+            let hr = match blk.dropout {
+                Some((p, seed)) => dropout_reference(&hr, p, seed).unwrap(),
+                None => hr,
+            };
             let y = conv2d_reference(&hr, &l2.0, Some(&l2.1), 1, [1; 4]).unwrap();
             let (yr, m2, v2) = batch_norm_train_reference(&y, &l2.2, &l2.3, 1e-3, false).unwrap();
             let s = match sc {
@@ -615,10 +640,15 @@ fn train_step_matches_reference_engine() {
             n: 2,
             dropout: false,
         },
+        // With dropout, the same masks on both engines (same seeds).
+        ModelKind::Resnet {
+            n: 1,
+            dropout: true,
+        },
     ] {
         let spec = ModelSpec {
             kind,
-            dropout: false,
+            dropout: matches!(kind, ModelKind::Resnet { dropout: true, .. }),
         };
         let fast = Model::with_engine(spec, 3, &Device::Cpu, Engine::Fast).unwrap();
         let reference = Model::with_engine(spec, 3, &Device::Cpu, Engine::Reference).unwrap();
@@ -646,7 +676,12 @@ fn train_step_matches_reference_engine() {
             let floor = if before_bn { global } else { 1e-6 };
             let scale = r.iter().fold(floor, |m, v| m.max(v.abs()));
             let e = g.iter().zip(r).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
-            assert!(e < 1e-4, "{kind:?} {}: relative error {e}", info.name);
+            // With dropout the engines agree to ~7e-4 (measured; the
+            // unfused fast path differs from the reference by exactly as
+            // much, so it is not the fused residual op). A wrong mask or
+            // seed would be off by O(1).
+            let tolerance = if spec.dropout { 2e-3 } else { 1e-4 };
+            assert!(e < tolerance, "{kind:?} {}: relative error {e}", info.name);
             worst = worst.max(e);
             off += n;
         }
