@@ -629,6 +629,12 @@ fn max_rel(got: &[f32], want: &[f32]) -> f32 {
 
 #[test]
 fn train_step_matches_reference_engine() {
+    // (complex-cnn is left out: there the engines differ by up to ~7 % on a
+    // few channels of some layers, already before the current kernels. The
+    // likely cause is ties in its max-pools — patches of all-zero inputs give
+    // equal outputs — where candle's max backward hands every tied maximum
+    // the whole gradient and the fast pool only the first, as Keras and
+    // PyTorch do; its layers are covered by the kernel tests above.)
     for kind in [
         ModelKind::SimpleCnn,
         ModelKind::Resnet {
