@@ -29,6 +29,35 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     assert!(e < 1e-4, "{what}: relative error {e}");
 }
 
+/// Asserts that the fast and the reference gradient stores agree on each
+/// named variable, and that `x` has a gradient exactly when `input_grad`.
+fn assert_gradients<N: std::fmt::Display>(
+    case: &str,
+    (gf, gr): (
+        &candle_core::backprop::GradStore,
+        &candle_core::backprop::GradStore,
+    ),
+    checked: Vec<(N, &Var)>,
+    (x, input_grad): (&Var, bool),
+) {
+    for (name, v) in checked {
+        let what = format!("{case} {name}");
+        assert_close(&what, gf.get(v).unwrap(), gr.get(v).unwrap());
+    }
+    if input_grad {
+        assert_close(
+            &format!("{case} dx"),
+            gf.get(x).unwrap(),
+            gr.get(x).unwrap(),
+        );
+    } else {
+        assert!(
+            gf.get(x).is_none(),
+            "{case}: no gradient for a detached input"
+        );
+    }
+}
+
 #[test]
 fn conv2d_matches_candle_values_and_gradients() {
     let mut rng = Rng::new(7);
@@ -230,21 +259,7 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
         let gf = (&z * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (&zr * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let mut checked = vec![("dw", &wt), ("dgamma", &gamma), ("dbeta", &beta)];
-        if input_grad {
-            checked.push(("dx", &x));
-        } else {
-            assert!(
-                gf.get(&x).is_none(),
-                "{case}: no gradient for a detached input"
-            );
-        }
-        for (name, v) in checked {
-            assert_close(
-                &format!("{case} {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
-        }
+        assert_gradients(&case, (&gf, &gr), checked, (&x, input_grad));
         // The bias before a BatchNorm has no effect: its gradient is zero up
         // to rounding on both paths.
         let db = gf.get(&b).unwrap().abs().unwrap().max_all().unwrap();
@@ -451,21 +466,7 @@ fn residual_blocks_match_their_layers_composed_from_candle_ops() {
                 checked.push((format!("block {k} shortcut db"), b));
             }
         }
-        if input_grad {
-            checked.push(("dx".into(), &x));
-        } else {
-            assert!(
-                gf.get(&x).is_none(),
-                "{case}: no gradient for a detached input"
-            );
-        }
-        for (name, v) in checked {
-            assert_close(
-                &format!("{case} {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
-        }
+        assert_gradients(&case, (&gf, &gr), checked, (&x, input_grad));
     }
 }
 
@@ -503,21 +504,7 @@ fn conv_relu_pool_matches_candle_values_and_gradients() {
             .backward()
             .unwrap();
         let mut checked = vec![("dw", &wt), ("db", &b)];
-        if input_grad {
-            checked.push(("dx", &x));
-        } else {
-            assert!(
-                gf.get(&x).is_none(),
-                "{case}: no gradient for a detached input"
-            );
-        }
-        for (name, v) in checked {
-            assert_close(
-                &format!("{case} {name}"),
-                gf.get(v).unwrap(),
-                gr.get(v).unwrap(),
-            );
-        }
+        assert_gradients(&case, (&gf, &gr), checked, (&x, input_grad));
     }
 }
 
