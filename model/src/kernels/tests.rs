@@ -258,7 +258,7 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
         let r = random(z.dims(), &mut rng);
         let gf = (&z * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (&zr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let mut checked = vec![("dw", &wt), ("dgamma", &gamma), ("dbeta", &beta)];
+        let checked = vec![("dw", &wt), ("dgamma", &gamma), ("dbeta", &beta)];
         assert_gradients(&case, (&gf, &gr), checked, (&x, input_grad));
         // The bias before a BatchNorm has no effect: its gradient is zero up
         // to rounding on both paths.
@@ -503,7 +503,7 @@ fn conv_relu_pool_matches_candle_values_and_gradients() {
             .unwrap()
             .backward()
             .unwrap();
-        let mut checked = vec![("dw", &wt), ("db", &b)];
+        let checked = vec![("dw", &wt), ("db", &b)];
         assert_gradients(&case, (&gf, &gr), checked, (&x, input_grad));
     }
 }
