@@ -334,13 +334,7 @@ impl BatchNorm {
         relu: bool,
     ) -> Result<Tensor> {
         if !pass.train && self.fast && conv.fast {
-            // Inference: the BatchNorm folded into the convolution's kernel
-            // and bias, `w·s` and `(b − mean)·s + beta` with `s = gamma /
-            // √(var + ε)`, so that its output is written once.
-            let scale = (&self.gamma / (&self.running_var + BN_EPSILON)?.sqrt()?)?;
-            let c = scale.elem_count();
-            let w = conv.weight.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
-            let b = ((&conv.bias - &self.running_mean)? * &scale)?.add(&self.beta)?;
+            let (w, b) = self.folded(conv)?;
             let pad = conv.pad(x)?;
             return Ok(kernels::conv2d_act(
                 x,
@@ -368,6 +362,38 @@ impl BatchNorm {
         )?;
         pass.bn_stats.push((self.mean_index, mean, var));
         Ok(y)
+    }
+
+    /// Inference: this BatchNorm folded into `conv`'s kernel and bias, `w·s`
+    /// and `(b − mean)·s + beta` with `s = gamma / √(var + ε)`, so that the
+    /// convolution's output is written once.
+    fn folded(&self, conv: &Conv2d) -> Result<(Tensor, Tensor)> {
+        let scale = (&self.gamma / (&self.running_var + BN_EPSILON)?.sqrt()?)?;
+        let c = scale.elem_count();
+        let w = conv.weight.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+        let b = ((&conv.bias - &self.running_mean)? * &scale)?.add(&self.beta)?;
+        Ok((w, b))
+    }
+
+    /// `ReLU(residual + BN(conv(x)))`, a residual block's end: in inference
+    /// on the fast path one convolution with the BatchNorm folded in and the
+    /// sum in its epilogue.
+    pub fn after_conv_add_relu(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        residual: &Tensor,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        if !pass.train && self.fast && conv.fast {
+            let (w, b) = self.folded(conv)?;
+            let geometry = (conv.stride, conv.pad(x)?);
+            return Ok(kernels::conv2d_add_relu_inference(
+                x, &w, &b, geometry, residual,
+            )?);
+        }
+        let y = self.after_conv(conv, x, pass, false)?;
+        add_relu(residual, &y, pass)
     }
 
     /// BatchNorm followed by a ReLU when `relu`: one fused op on the fast path.

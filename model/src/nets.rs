@@ -3,8 +3,8 @@
 use candle_core::{Module, Tensor};
 
 use crate::layers::{
-    add_relu, dropout, relu, residual_blocks, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d,
-    Padding, Pass, Registry, ResidualLayers,
+    dropout, relu, residual_blocks, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding,
+    Pass, Registry, ResidualLayers,
 };
 use crate::{ModelError, ModelKind};
 
@@ -196,6 +196,11 @@ impl ResnetLayer {
     fn forward(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         self.bn.after_conv(&self.conv, x, pass, self.relu)
     }
+
+    /// `ReLU(shortcut + layer(x))` (a layer without its own ReLU).
+    fn forward_add_relu(&self, x: &Tensor, shortcut: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        self.bn.after_conv_add_relu(&self.conv, x, shortcut, pass)
+    }
 }
 
 /// y = layer(x) → [Dropout .3] → layer(y, no ReLU); x = ReLU(shortcut(x) + y).
@@ -287,12 +292,11 @@ impl Resnet {
             } else {
                 y
             };
-            let y = b.second.forward(&y, pass)?;
             let shortcut = match &b.shortcut {
                 Some(conv) => conv.forward(&x)?,
                 None => x,
             };
-            x = add_relu(&shortcut, &y, pass)?;
+            x = b.second.forward_add_relu(&y, &shortcut, pass)?;
         }
         if let Some(z) = fused {
             x = z;

@@ -460,13 +460,30 @@ impl Plan {
 
     /// `y (cout, oh, ow) = act(out + bias)` over the valid part of `out (cout × l)`.
     fn store(&self, out: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32]) {
+        self.store_with(out, bias, (relu, None), y);
+    }
+
+    /// [`Plan::store`], with `residual` (an image like `y`) added before the
+    /// ReLU when given (then the ReLU applies regardless of `relu`).
+    fn store_with(
+        &self,
+        out: &[f32],
+        bias: Option<&[f32]>,
+        (relu, residual): (bool, Option<&[f32]>),
+        y: &mut [f32],
+    ) {
         let p = self.oh * self.ow;
         for (co, plane) in y[..self.cout * p].chunks_exact_mut(p).enumerate() {
             let src = &out[co * self.l..];
             let b = bias.map_or(0.0, |b| b[co]);
             for (oy, row) in plane.chunks_exact_mut(self.ow).enumerate() {
                 let from = &src[oy * self.wp..][..self.ow];
-                if relu {
+                if let Some(r) = residual {
+                    let r = &r[co * p + oy * self.ow..][..self.ow];
+                    for ((v, s), r) in row.iter_mut().zip(from).zip(r) {
+                        *v = (s + b + r).max(0.0);
+                    }
+                } else if relu {
                     for (v, s) in row.iter_mut().zip(from) {
                         *v = (s + b).max(0.0);
                     }
@@ -718,6 +735,21 @@ pub(super) fn forward_values(
     relu: bool,
     moments: bool,
 ) -> Result<(Vec<f32>, Vec<[f64; 2]>)> {
+    forward_residual(g, x, w, b, (relu, None), moments)
+}
+
+/// [`forward_values`], with `residual` (shaped like the output) added
+/// before the ReLU when given (the ReLU then applies regardless of `relu`):
+/// `max(conv(x) + b + residual, 0)`, a residual block's sum in the
+/// convolution's epilogue.
+pub(super) fn forward_residual(
+    g: &Geom,
+    x: Input,
+    w: &[f32],
+    b: &[f32],
+    (relu, residual): (bool, Option<&[f32]>),
+    moments: bool,
+) -> Result<(Vec<f32>, Vec<[f64; 2]>)> {
     let g = *g;
     {
         if b.len() != g.cout {
@@ -794,6 +826,20 @@ pub(super) fn forward_values(
         } else {
             k * p
         };
+        if residual.is_some_and(|r| r.len() != g.n * cout * p) {
+            bail!("conv2d: a residual of the wrong size");
+        }
+        // The epilogue of the paths that add into `y`.
+        let finish = |i: usize, yi: &mut [f32]| {
+            if let Some(r) = residual {
+                let r = &r[i * cout * p..][..cout * p];
+                yi.iter_mut()
+                    .zip(r)
+                    .for_each(|(v, r)| *v = (*v + r).max(0.0));
+            } else if relu {
+                yi.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        };
         let image = |cols: &mut Vec<f32>, (i, yi): (usize, &mut [f32])| {
             let xi = x.image(i, g.image());
             if direct {
@@ -801,14 +847,13 @@ pub(super) fn forward_values(
                 plan.load(xi, xp);
                 if avx {
                     direct::forward(&plan.wide(), xp, wr, out);
-                    plan.store(out, Some(b), relu, yi);
+                    let r = residual.map(|r| &r[i * cout * p..][..cout * p]);
+                    plan.store_with(out, Some(b), (relu, r), yi);
                     return;
                 }
                 plan.run(wr, xp, out, inner);
                 plan.add_to(out, yi);
-                if relu {
-                    yi.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
+                finish(i, yi);
                 return;
             }
             let mut scratch = Vec::new();
@@ -837,9 +882,7 @@ pub(super) fn forward_values(
                 },
                 inner,
             );
-            if relu {
-                yi.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
+            finish(i, yi);
         };
         // Per image and channel `(mean, Σ (v − mean)²)` of the output, taken
         // while the image is in cache, when asked for.
@@ -1280,6 +1323,33 @@ pub(super) fn backward_values(
         }
         Ok((input_grad.then_some(dx), dw, db))
     }
+}
+
+/// `max(conv(x, w) + bias + residual, 0)` for inference: on the CPU the
+/// residual sum and ReLU in the convolution's epilogue, computed outside
+/// autograd (the result has no gradient); elsewhere candle's ops.
+pub(crate) fn conv2d_add_relu_inference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    (stride, pad): (usize, [usize; 4]),
+    residual: &Tensor,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        let y = conv2d_reference(x, w, Some(bias), stride, pad)?;
+        return (y + residual)?.relu();
+    }
+    let g = Geom::new(x.dims(), w.dims(), stride, pad)?;
+    let (y, _) = with_values(x, |xv| {
+        with_values(w, |wv| {
+            with_values(bias, |bv| {
+                with_values(residual, |r| {
+                    forward_residual(&g, Input::Plain(xv), wv, bv, (true, Some(r)), false)
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(y, (g.n, g.cout, g.oh, g.ow), x.device())
 }
 
 /// Convolution of `x (N, Cin, H, W)` with `w (Cout, Cin, kh, kw)` plus an

@@ -24,7 +24,7 @@ pub(crate) use bn::{
 };
 #[cfg(test)]
 pub(crate) use conv::conv2d;
-pub(crate) use conv::{conv2d_act, conv2d_reference};
+pub(crate) use conv::{conv2d_act, conv2d_add_relu_inference, conv2d_reference};
 pub(crate) use conv_bn::conv_bn_train;
 pub(crate) use conv_pool::conv2d_relu_pool;
 pub(crate) use dropout::{dropout, dropout_reference};

@@ -153,6 +153,31 @@ fn conv2d_matches_candle_values_and_gradients() {
 }
 
 #[test]
+fn inference_convolution_with_a_residual_matches_candle() {
+    let mut rng = Rng::new(41);
+    // Direct at strides 1 and 2, im2col (few channels), 1×1.
+    for (n, cin, h, w, cout, k, stride, pad) in [
+        (2, 16, 8, 8, 16, 3, 1, [1, 1, 1, 1]),
+        (2, 8, 9, 7, 12, 3, 2, [1, 1, 1, 1]),
+        (2, 2, 6, 6, 3, 3, 1, [1, 1, 1, 1]),
+        (2, 4, 5, 5, 6, 1, 1, [0, 0, 0, 0]),
+    ] {
+        let x = random(&[n, cin, h, w], &mut rng);
+        let wt = random(&[cout, cin, k, k], &mut rng);
+        let b = random(&[cout], &mut rng);
+        let y = conv2d_reference(&x, &wt, Some(&b), stride, pad).unwrap();
+        let r = random(y.dims(), &mut rng);
+        let fast = conv2d_add_relu_inference(&x, &wt, &b, (stride, pad), &r).unwrap();
+        let reference = (&y + &r).unwrap().relu().unwrap();
+        assert_close(
+            &format!("n{n} c{cin} {h}x{w} k{k} s{stride}"),
+            &fast,
+            &reference,
+        );
+    }
+}
+
+#[test]
 fn conv2d_without_input_grad_and_with_strided_input() {
     let mut rng = Rng::new(3);
     let x = random(&[3, 4, 6, 5], &mut rng);
