@@ -1,8 +1,15 @@
 //! A run of ResNet v1 residual blocks in training mode as one op.
 //!
-//! Block `k` computes `z = ReLU(s(x) + BN₂(conv₂(ReLU(BN₁(conv₁ x)))))`
-//! with `s` the identity, or a 1×1 strided convolution where the block
-//! changes the map's size (a projection shortcut). As separate candle ops,
+//! Block `k` computes `z = ReLU(s(x) + BN₂(conv₂(Dropout(ReLU(BN₁(conv₁
+//! x))))))` with `s` the identity, or a 1×1 strided convolution where the
+//! block changes the map's size (a projection shortcut), and the dropout
+//! only in the `-dropout` models.
+//!
+//! The first layer's normalised output is never written: the second
+//! convolution loads the first's raw output and applies its BatchNorm, ReLU
+//! and dropout mask on the way in, forward and backward (`Input::Normalized`),
+//! and the first layer's ReLU mask is recomputed from that raw output. As
+//! separate candle ops,
 //! every tensor between them gets its gradient the way candle's autograd
 //! accumulates gradients: a `zeros_like`, then an `add` of the contribution
 //! into it, three passes over an activation-sized tensor per input of every
