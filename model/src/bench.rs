@@ -48,9 +48,6 @@ fn parse(argv: impl Iterator<Item = String>) -> Result<Args, String> {
             args.reference = true;
             continue;
         }
-        if flag == "--help" || flag == "-h" {
-            return Err(USAGE.into());
-        }
         let value = it
             .next()
             .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
@@ -170,7 +167,12 @@ fn run(args: &Args) -> Result<(), String> {
 /// allocator first ([`crate::use_threads`]), so call it before any other
 /// candle work.
 pub fn main_with_args(argv: impl Iterator<Item = String>) -> Result<(), String> {
-    let args = parse(argv)?;
+    let argv: Vec<String> = argv.collect();
+    if argv.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let args = parse(argv.into_iter())?;
     // Before any candle or rayon work: both size their pools from this.
     crate::use_threads(args.threads);
     run(&args)
