@@ -203,6 +203,13 @@ impl Conv2d {
         }
     }
 
+    /// The output's height and width for an `h × w` input.
+    fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let [top, bottom, left, right] = self.pad_for(h, w);
+        let out = |n: usize| n.saturating_sub(self.k) / self.stride + 1;
+        (out(h + top + bottom), out(w + left + right))
+    }
+
     /// The convolution, followed by a ReLU when `relu` (one fused op on the fast path).
     pub fn forward_act(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
         let pad = self.pad(x)?;
@@ -236,9 +243,7 @@ impl MaxPool2d {
     pub fn new(reg: &Registry, k: usize) -> Self {
         Self { k, fast: reg.fast }
     }
-}
 
-impl MaxPool2d {
     /// `conv`, its ReLU, then this pooling: one fused op on the fast path
     /// for 2×2 windows (see `kernels::conv2d_relu_pool`).
     pub fn after_conv_relu(&self, conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -438,20 +443,15 @@ fn conv_bn_layer<'a>(
     bn: &'a BatchNorm,
     (h, w): (usize, usize),
 ) -> (kernels::ConvBnLayer<'a>, (usize, usize)) {
-    let pad = conv.pad_for(h, w);
     let layer = kernels::ConvBnLayer {
         w: &conv.weight,
         bias: &conv.bias,
         gamma: &bn.gamma,
         beta: &bn.beta,
         stride: conv.stride,
-        pad,
+        pad: conv.pad_for(h, w),
     };
-    let out = (
-        (h + pad[0] + pad[1]).saturating_sub(conv.k) / conv.stride + 1,
-        (w + pad[2] + pad[3]).saturating_sub(conv.k) / conv.stride + 1,
-    );
-    (layer, out)
+    (layer, conv.output_size(h, w))
 }
 
 /// A run of ResNet v1 residual blocks while training, each `ReLU(s(x) +

@@ -284,22 +284,22 @@ impl Resnet {
             })
             .collect();
         let rate = self.dropout.then_some(0.3);
-        let fused = residual_blocks(&x, &layers, rate, pass)?;
-        for b in self.blocks.iter().filter(|_| fused.is_none()) {
-            let y = b.first.forward(&x, pass)?;
-            let y = if self.dropout {
-                dropout(&y, 0.3, pass)?
-            } else {
-                y
-            };
-            let shortcut = match &b.shortcut {
-                Some(conv) => conv.forward(&x)?,
-                None => x,
-            };
-            x = b.second.forward_add_relu(&y, &shortcut, pass)?;
-        }
-        if let Some(z) = fused {
+        if let Some(z) = residual_blocks(&x, &layers, rate, pass)? {
             x = z;
+        } else {
+            for b in &self.blocks {
+                let y = b.first.forward(&x, pass)?;
+                let y = if self.dropout {
+                    dropout(&y, 0.3, pass)?
+                } else {
+                    y
+                };
+                let shortcut = match &b.shortcut {
+                    Some(conv) => conv.forward(&x)?,
+                    None => x,
+                };
+                x = b.second.forward_add_relu(&y, &shortcut, pass)?;
+            }
         }
         let x = x.avg_pool2d(8)?.flatten_from(1)?;
         let x = if self.dropout {

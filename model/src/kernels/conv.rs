@@ -840,7 +840,9 @@ pub(super) fn forward_residual(
                 yi.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         };
-        let image = |cols: &mut Vec<f32>, (i, yi): (usize, &mut [f32])| {
+        // Per run of images: the column (or planes) buffer, and one for an
+        // input that the im2col path must normalise first.
+        let image = |(cols, xs): (&mut Vec<f32>, &mut Vec<f32>), (i, yi): (usize, &mut [f32])| {
             let xi = x.image(i, g.image());
             if direct {
                 let (xp, out) = cols.split_at_mut(xp_len);
@@ -856,8 +858,7 @@ pub(super) fn forward_residual(
                 finish(i, yi);
                 return;
             }
-            let mut scratch = Vec::new();
-            let xi = xi.materialize(&mut scratch);
+            let xi = xi.materialize(xs);
             let cols: &[f32] = if g.identity() {
                 xi
             } else {
@@ -893,9 +894,9 @@ pub(super) fn forward_residual(
             }
         };
         if g.n < t {
-            let mut cols = vec![0f32; cols_len];
+            let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
             for (i, yi) in y.chunks_mut(cout * p).enumerate() {
-                image(&mut cols, (i, yi));
+                image((&mut cols, &mut xs), (i, yi));
                 if moments {
                     measure(yi, &mut stats[i * cout..][..cout]);
                 }
@@ -915,9 +916,9 @@ pub(super) fn forward_residual(
                 .zip(stat_chunks)
                 .enumerate()
                 .for_each(|(c, (yc, sc))| {
-                    let mut cols = vec![0f32; cols_len];
+                    let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
                     for (j, yi) in yc.chunks_mut(cout * p).enumerate() {
-                        image(&mut cols, (c * per_chunk + j, yi));
+                        image((&mut cols, &mut xs), (c * per_chunk + j, yi));
                         if moments {
                             measure(yi, &mut sc[j * cout..][..cout]);
                         }

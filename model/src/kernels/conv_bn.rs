@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Epilogue, Geom, Input};
@@ -155,7 +155,7 @@ impl RowFn<(f64, f64)> for Sums<'_> {
 }
 
 /// BatchNorm's input gradient of one row, `k1·d + k2·(y − mu) + k3`.
-struct InputGrad<'a> {
+struct BnInputGrad<'a> {
     dz: &'a [f32],
     y: &'a [f32],
     mu: f32,
@@ -163,7 +163,7 @@ struct InputGrad<'a> {
     out: &'a mut [f32],
 }
 
-impl RowFn<()> for InputGrad<'_> {
+impl RowFn<()> for BnInputGrad<'_> {
     #[inline(always)]
     fn call(self, pass: impl Fn(usize, f32, f32) -> f32) {
         let ([k1, k2, k3], mu) = (self.k, self.mu);
@@ -210,7 +210,12 @@ impl CustomOp3 for ConvBnOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mask = if self.relu { Mask::Own } else { Mask::None };
         let (dx, dw, dparams) = with_values(x, |xv| {
-            self.gradients((Input::Plain(xv), x.dims()), w, params, mask, grad, None)
+            with_values(w, |wv| {
+                with_values(params, |pv| {
+                    let (x, w) = ((Input::Plain(xv), x.dims()), (wv, w.dims()));
+                    self.gradients(x, w, pv, mask, grad, None)
+                })
+            })
         })?;
         gradient_tensors((x, dx), (w, dw), (dparams, params.shape().clone()))
     }
@@ -299,13 +304,13 @@ impl ConvBnOp {
     pub(super) fn gradients(
         &self,
         (x, xdims): (Input, &[usize]),
-        w: &Tensor,
-        params: &Tensor,
+        (wv, wdims): (&[f32], &[usize]),
+        pv: &[f32],
         mask: Mask,
         grad: &Tensor,
         after: Option<Epilogue>,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
-        let g = Geom::new(xdims, w.dims(), self.stride, self.pad)?;
+        let g = Geom::new(xdims, wdims, self.stride, self.pad)?;
         let _t = super::Prof::new("conv-bn-bwd", &g);
         let saved = self.saved.lock().map_err(|_| poisoned())?;
         let Some(saved) = saved.as_ref() else {
@@ -313,98 +318,113 @@ impl ConvBnOp {
         };
         let (n, c, p) = (g.n, g.cout, g.p());
         let m = (n * p) as f64;
-        with_values(w, |wv| {
-            with_values(params, |pv| {
-                with_values(grad, |dz| {
-                    let (y, mean) = (&saved.y, &saved.mean);
-                    let masked_len = match mask {
-                        Mask::Values(z) => z.len(),
-                        _ => y.len(),
-                    };
-                    if dz.len() != y.len() || masked_len != y.len() {
-                        bail!(
-                            "conv-bn backward: gradient of {} values for {}",
-                            dz.len(),
-                            y.len()
-                        );
-                    }
-                    // The mask of the row at `off` in channel `ch`.
-                    let row_mask = |off: usize, ch: usize| match mask {
-                        Mask::None => RowMask::All,
-                        Mask::Values(z) => RowMask::Values(&z[off..][..p]),
-                        Mask::Own => RowMask::Affine(saved.scale[ch], saved.shift[ch]),
-                    };
-                    // Σ dz and Σ dz·(y − mean) per channel (after the
-                    // ReLU's mask), image by image in memory order.
-                    let row = |off: usize, ch: usize| {
-                        row_mask(off, ch).with(Sums {
-                            dz: &dz[off..][..p],
-                            y: &y[off..][..p],
-                            mu: mean[ch],
-                        })
-                    };
-                    let sums = (0..n)
-                        .into_par_iter()
-                        .fold(
-                            || vec![[0f64; 2]; c],
-                            |mut acc, i| {
-                                for (ch, a) in acc.iter_mut().enumerate() {
-                                    let (s, t) = row((i * c + ch) * p, ch);
-                                    a[0] += s;
-                                    a[1] += t;
-                                }
-                                acc
-                            },
-                        )
-                        .reduce(
-                            || vec![[0f64; 2]; c],
-                            |mut a, b| {
-                                for (x, y) in a.iter_mut().zip(&b) {
-                                    x[0] += y[0];
-                                    x[1] += y[1];
-                                }
-                                a
-                            },
-                        );
-                    let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
-                    let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
-                    let gamma = &pv[c..2 * c];
-                    let mut k = vec![[0f32; 3]; c];
-                    let mut dgamma = vec![0f32; c];
-                    for ch in 0..c {
-                        let s = saved.invstd[ch] as f64;
-                        let gm = gamma[ch] as f64;
-                        k[ch] = [
-                            (gm * s) as f32,
-                            (-gm * s * s * s * sdzy[ch] / m) as f32,
-                            (-gm * s * sdz[ch] / m) as f32,
-                        ];
-                        dgamma[ch] = (sdzy[ch] * s) as f32;
-                    }
-                    // BatchNorm's input gradient of image i:
-                    // k1·dz + k2·(y − mean) + k3.
-                    let make = |i: usize, out: &mut [f32]| {
-                        for ch in 0..c {
-                            let off = (i * c + ch) * p;
-                            row_mask(off, ch).with(InputGrad {
-                                dz: &dz[off..][..p],
-                                y: &y[off..][..p],
-                                mu: mean[ch],
-                                k: k[ch],
-                                out: &mut out[ch * p..][..p],
-                            });
-                        }
-                    };
-                    let (dx, dw, db) =
-                        backward_values(&g, x, wv, Dy::Make(&make), self.input_grad, after)?;
-                    let mut dparams = db;
-                    dparams.extend_from_slice(&dgamma);
-                    dparams.extend(sdz.iter().map(|&v| v as f32));
-                    Ok((dx, dw, dparams))
+        if pv.len() != 3 * g.cout {
+            bail!(
+                "conv-bn: expected bias, gamma and beta of {} channels",
+                g.cout
+            );
+        }
+        with_values(grad, |dz| {
+            let (y, mean) = (&saved.y, &saved.mean);
+            let masked_len = match mask {
+                Mask::Values(z) => z.len(),
+                _ => y.len(),
+            };
+            if dz.len() != y.len() || masked_len != y.len() {
+                bail!(
+                    "conv-bn backward: gradient of {} values for {}",
+                    dz.len(),
+                    y.len()
+                );
+            }
+            // The mask of the row at `off` in channel `ch`.
+            let row_mask = |off: usize, ch: usize| match mask {
+                Mask::None => RowMask::All,
+                Mask::Values(z) => RowMask::Values(&z[off..][..p]),
+                Mask::Own => RowMask::Affine(saved.scale[ch], saved.shift[ch]),
+            };
+            // Σ dz and Σ dz·(y − mean) per channel (after the
+            // ReLU's mask), image by image in memory order.
+            let row = |off: usize, ch: usize| {
+                row_mask(off, ch).with(Sums {
+                    dz: &dz[off..][..p],
+                    y: &y[off..][..p],
+                    mu: mean[ch],
                 })
-            })
+            };
+            let sums = (0..n)
+                .into_par_iter()
+                .fold(
+                    || vec![[0f64; 2]; c],
+                    |mut acc, i| {
+                        for (ch, a) in acc.iter_mut().enumerate() {
+                            let (s, t) = row((i * c + ch) * p, ch);
+                            a[0] += s;
+                            a[1] += t;
+                        }
+                        acc
+                    },
+                )
+                .reduce(
+                    || vec![[0f64; 2]; c],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(&b) {
+                            x[0] += y[0];
+                            x[1] += y[1];
+                        }
+                        a
+                    },
+                );
+            let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
+            let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
+            let gamma = &pv[c..2 * c];
+            let mut k = vec![[0f32; 3]; c];
+            let mut dgamma = vec![0f32; c];
+            for ch in 0..c {
+                let s = saved.invstd[ch] as f64;
+                let gm = gamma[ch] as f64;
+                k[ch] = [
+                    (gm * s) as f32,
+                    (-gm * s * s * s * sdzy[ch] / m) as f32,
+                    (-gm * s * sdz[ch] / m) as f32,
+                ];
+                dgamma[ch] = (sdzy[ch] * s) as f32;
+            }
+            // BatchNorm's input gradient of image i:
+            // k1·dz + k2·(y − mean) + k3.
+            let make = |i: usize, out: &mut [f32]| {
+                for ch in 0..c {
+                    let off = (i * c + ch) * p;
+                    row_mask(off, ch).with(BnInputGrad {
+                        dz: &dz[off..][..p],
+                        y: &y[off..][..p],
+                        mu: mean[ch],
+                        k: k[ch],
+                        out: &mut out[ch * p..][..p],
+                    });
+                }
+            };
+            let (dx, dw, db) = backward_values(&g, x, wv, Dy::Make(&make), self.input_grad, after)?;
+            let mut dparams = db;
+            dparams.extend_from_slice(&dgamma);
+            dparams.extend(sdz.iter().map(|&v| v as f32));
+            Ok((dx, dw, dparams))
         })
     }
+}
+
+/// The batch mean and biased batch variance a conv + BN op's forward kept,
+/// as `(C)` tensors on `dev`.
+pub(super) fn batch_stats(saved: &Mutex<Option<Saved>>, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let s = saved.lock().map_err(|_| poisoned())?;
+    let Some(s) = s.as_ref() else {
+        bail!("conv-bn: the forward pass kept no statistics")
+    };
+    let c = s.mean.len();
+    Ok((
+        Tensor::from_slice(&s.mean, c, dev)?,
+        Tensor::from_slice(&s.var, c, dev)?,
+    ))
 }
 
 /// Convolution of `x` with `w` plus `bias`, then training-mode batch
@@ -448,19 +468,6 @@ pub(crate) fn conv_bn_train(
         saved: saved.clone(),
     };
     let z = x.contiguous()?.apply_op3(&w.contiguous()?, &params, op)?;
-    let (mean, var) = {
-        let s = saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv-bn: poisoned".into()))?;
-        let Some(s) = s.as_ref() else {
-            bail!("conv-bn: the forward pass kept no statistics")
-        };
-        (s.mean.clone(), s.var.clone())
-    };
-    let (c, dev) = (mean.len(), x.device());
-    Ok((
-        z,
-        Tensor::from_vec(mean, c, dev)?,
-        Tensor::from_vec(var, c, dev)?,
-    ))
+    let (mean, var) = batch_stats(&saved, x.device())?;
+    Ok((z, mean, var))
 }

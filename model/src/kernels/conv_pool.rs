@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Geom, Input};
+use super::pool::first_max_2x2;
 use super::{conv2d_act, cpu_slice, max_pool2d, with_values};
 
 /// The code of a window whose gradient goes nowhere.
@@ -34,8 +35,8 @@ fn poisoned() -> candle_core::Error {
 }
 
 /// 2×2 max-pool (floor) of one `h × w` plane of ReLU outputs into `out`
-/// (`⌊h/2⌋ × ⌊w/2⌋`), with each window's code (the same first-maximum
-/// choice as [`super::max_pool2d`]).
+/// (`⌊h/2⌋ × ⌊w/2⌋`), with each window's code: the position of the maximum
+/// that [`super::max_pool2d`] routes the gradient to ([`first_max_2x2`]).
 fn pool_plane(y: &[f32], w: usize, out: &mut [f32], codes: &mut [u8]) {
     let pw = w / 2;
     if pw == 0 {
@@ -48,16 +49,10 @@ fn pool_plane(y: &[f32], w: usize, out: &mut [f32], codes: &mut [u8]) {
     {
         let (r0, r1) = (&y[2 * py * w..][..2 * pw], &y[(2 * py + 1) * w..][..2 * pw]);
         for px in 0..pw {
-            let (a, b, c, d) = (r0[2 * px], r0[2 * px + 1], r1[2 * px], r1[2 * px + 1]);
-            let (mut best, mut code) = (a, 0u8);
-            for (i, v) in [b, c, d].into_iter().enumerate() {
-                if v > best {
-                    best = v;
-                    code = i as u8 + 1;
-                }
-            }
+            let window = [r0[2 * px], r0[2 * px + 1], r1[2 * px], r1[2 * px + 1]];
+            let (best, at) = first_max_2x2(window);
             orow[px] = best;
-            crow[px] = if best > 0.0 { code } else { NONE };
+            crow[px] = if best > 0.0 { at as u8 } else { NONE };
         }
     }
 }

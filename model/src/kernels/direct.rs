@@ -78,7 +78,7 @@ impl Wide {
     /// Where tap `(ky, kx)` reads in a channel's planes, relative to the
     /// wide output position.
     #[inline(always)]
-    pub(crate) fn offset(&self, ky: usize, kx: usize) -> usize {
+    fn offset(&self, ky: usize, kx: usize) -> usize {
         self.row_offset(ky) + self.col_offset(kx)
     }
 
@@ -118,7 +118,10 @@ impl Wide {
             "wide length must be whole vectors"
         );
         assert!(self.stride == 1 || self.stride == 2, "stride 1 or 2");
-        let reach = self.offsets().into_iter().max().unwrap_or(0);
+        let reach = (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| self.offset(ky, kx)))
+            .max()
+            .unwrap_or(0);
         assert!(self.s >= reach + self.l, "planes too short for the taps");
         assert!(xp >= self.cin * self.s, "padded input too short");
     }
@@ -296,17 +299,18 @@ mod avx512 {
             _mm512_storeu_ps(o.add(i / 2), _mm512_permutex2var_ps(a, idx_odd, b));
             i += 32;
         }
-        while i < n {
-            // 32 values (fewer at the end) in two registers, then their even
-            // and odd lanes gathered into one register each.
+        if i < n {
+            // The last (fewer than 32) values in two registers, then their
+            // even and odd lanes gathered into one register each.
             let left = n - i;
             let a = _mm512_maskz_loadu_ps(lanes(left), s.add(i));
-            let b = _mm512_maskz_loadu_ps(lanes(left.saturating_sub(16)), s.add(i + 16));
+            // (`wrapping_add`: with 16 or fewer left this points past the
+            // row, and the all-zero mask reads nothing there.)
+            let b = _mm512_maskz_loadu_ps(lanes(left.saturating_sub(16)), s.wrapping_add(i + 16));
             let at = i / 2;
             let (ne, no) = (left.div_ceil(2).min(16), (left / 2).min(16));
             _mm512_mask_storeu_ps(e.add(at), lanes(ne), _mm512_permutex2var_ps(a, idx_even, b));
             _mm512_mask_storeu_ps(o.add(at), lanes(no), _mm512_permutex2var_ps(a, idx_odd, b));
-            i += 32;
         }
     }
 

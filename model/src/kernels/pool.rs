@@ -33,8 +33,21 @@ fn argmax(plane: &[f32], w: usize, k: usize, oy: usize, ox: usize) -> usize {
     best
 }
 
+/// The maximum of a 2×2 window `[a, b, c, d]` (row-major) and the position
+/// of its first occurrence (the same choice as [`argmax`]).
+#[inline(always)]
+pub(super) fn first_max_2x2(v: [f32; 4]) -> (f32, usize) {
+    let (mut best, mut at) = (v[0], 0);
+    for (i, &x) in v.iter().enumerate().skip(1) {
+        if x > best {
+            (best, at) = (x, i);
+        }
+    }
+    (best, at)
+}
+
 /// Backward of 2×2 pooling on one plane: each window's gradient goes to its
-/// first maximum (the same choice as [`argmax`]), written without branches.
+/// first maximum ([`first_max_2x2`]).
 fn pool2_backward(xp: &[f32], dyp: &[f32], dxp: &mut [f32], w: usize, oh: usize, ow: usize) {
     for oy in 0..oh {
         let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
@@ -43,17 +56,13 @@ fn pool2_backward(xp: &[f32], dyp: &[f32], dxp: &mut [f32], w: usize, oh: usize,
         let (top, rest) = dxp[r0..].split_at_mut(w);
         let (d0, d1) = (&mut top[..2 * ow], &mut rest[..2 * ow]);
         for ox in 0..ow {
-            let (a, b, c, d) = (x0[2 * ox], x0[2 * ox + 1], x1[2 * ox], x1[2 * ox + 1]);
+            let window = [x0[2 * ox], x0[2 * ox + 1], x1[2 * ox], x1[2 * ox + 1]];
+            let (_, at) = first_max_2x2(window);
             let gv = g[ox];
-            // First maximum in row-major order: a, b, c, d.
-            let ta = a >= b && a >= c && a >= d;
-            let tb = !ta && b >= c && b >= d;
-            let tc = !ta && !tb && c >= d;
-            let td = !ta && !tb && !tc;
-            d0[2 * ox] = if ta { gv } else { 0.0 };
-            d0[2 * ox + 1] = if tb { gv } else { 0.0 };
-            d1[2 * ox] = if tc { gv } else { 0.0 };
-            d1[2 * ox + 1] = if td { gv } else { 0.0 };
+            d0[2 * ox] = if at == 0 { gv } else { 0.0 };
+            d0[2 * ox + 1] = if at == 1 { gv } else { 0.0 };
+            d1[2 * ox] = if at == 2 { gv } else { 0.0 };
+            d1[2 * ox + 1] = if at == 3 { gv } else { 0.0 };
         }
     }
 }

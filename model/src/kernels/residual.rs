@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::conv::{backward_values, forward_values, Dy, Epilogue, Geom, Input};
-use super::conv_bn::{ConvBnOp, Mask, Output, Saved};
+use super::conv_bn::{batch_stats, ConvBnOp, Mask, Output, Saved};
 use super::with_values;
 
 /// A BatchNorm layer's batch mean and biased batch variance, `(C)` each.
@@ -59,8 +59,8 @@ struct Shortcut {
     kernel: Shape,
 }
 
-/// One block of the op: where its tensors sit in the op's flat kernel and
-/// parameter inputs, and its layers.
+/// One block of the op: its layers, and where its tensors sit in the op's
+/// flat kernel and parameter inputs.
 struct Block {
     first: ConvBnOp,
     second: ConvBnOp,
@@ -71,10 +71,21 @@ struct Block {
     dropout: Option<(f32, u64)>,
     /// Output channels.
     c: usize,
+    /// Offsets of the block's first kernel value and first parameter.
+    at: (usize, usize),
+}
+
+/// One block's kernels and parameters, slices of the op's flat inputs.
+struct Parts<'a> {
+    w: [&'a [f32]; 2],
+    p: [&'a [f32]; 2],
+    /// The shortcut's kernel and bias.
+    shortcut: Option<(&'a [f32], &'a [f32])>,
 }
 
 impl Block {
-    /// Values of this block in the flat kernel input.
+    /// Values of this block in the flat kernel input: the two layers'
+    /// kernels, then the shortcut's.
     fn kernel_len(&self) -> usize {
         self.kernels[0].elem_count()
             + self.kernels[1].elem_count()
@@ -86,6 +97,21 @@ impl Block {
     fn params_len(&self) -> usize {
         6 * self.c + self.shortcut.as_ref().map_or(0, |_| self.c)
     }
+
+    /// This block's slices of the op's inputs (whose lengths the op checks).
+    fn parts<'a>(&self, w: &'a [f32], p: &'a [f32]) -> Parts<'a> {
+        let (w, p) = (&w[self.at.0..], &p[self.at.1..]);
+        let (n1, n2) = (self.kernels[0].elem_count(), self.kernels[1].elem_count());
+        let c3 = 3 * self.c;
+        Parts {
+            w: [&w[..n1], &w[n1..n1 + n2]],
+            p: [&p[..c3], &p[c3..2 * c3]],
+            shortcut: self.shortcut.as_ref().map(|s| {
+                let ns = s.kernel.elem_count();
+                (&w[n1 + n2..n1 + n2 + ns], &p[2 * c3..2 * c3 + self.c])
+            }),
+        }
+    }
 }
 
 /// What one block keeps from its forward pass for its backward pass (the
@@ -96,10 +122,6 @@ struct Kept {
     z: Option<Tensor>,
     /// The dropout mask between the layers.
     mask: Option<Vec<f32>>,
-    /// The layers' kernels and parameters, and the shortcut's kernel and bias.
-    w: [Tensor; 2],
-    p: [Tensor; 2],
-    shortcut: Option<(Tensor, Tensor)>,
 }
 
 /// The op of `(x, kernels, params)`: every block's kernels flattened one
@@ -107,6 +129,26 @@ struct Kept {
 struct StackOp {
     blocks: Vec<Block>,
     kept: Mutex<Vec<Kept>>,
+}
+
+impl StackOp {
+    /// Refuses flat inputs of other lengths than the blocks' (so that
+    /// [`Block::parts`] stays in bounds).
+    fn check_lengths(&self, w: &[f32], params: &[f32]) -> Result<()> {
+        let want = self.blocks.last().map_or((0, 0), |b| {
+            (b.at.0 + b.kernel_len(), b.at.1 + b.params_len())
+        });
+        if (w.len(), params.len()) != want {
+            bail!(
+                "residual blocks: expected {} kernel values and {} parameters, got {} and {}",
+                want.0,
+                want.1,
+                w.len(),
+                params.len()
+            );
+        }
+        Ok(())
+    }
 }
 
 fn poisoned() -> candle_core::Error {
@@ -133,75 +175,27 @@ impl CustomOp3 for StackOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (w, params) = (super::cpu_slice(s2, l2)?, super::cpu_slice(s3, l3)?);
-        let want: (usize, usize) = self
-            .blocks
-            .iter()
-            .fold((0, 0), |(a, b), k| (a + k.kernel_len(), b + k.params_len()));
-        if (w.len(), params.len()) != want {
-            bail!(
-                "residual blocks: expected {} kernel values and {} parameters, got {} and {}",
-                want.0,
-                want.1,
-                w.len(),
-                params.len()
-            );
-        }
+        self.check_lengths(w, params)?;
         let cpu = &Device::Cpu;
         let mut kept: Vec<Kept> = Vec::with_capacity(self.blocks.len());
-        let (mut wo, mut po) = (0, 0);
-        let mut take = |len: usize, from_params: bool, shape: Shape| -> Result<Tensor> {
-            let (src, at) = if from_params {
-                (params, &mut po)
-            } else {
-                (w, &mut wo)
-            };
-            let t = Tensor::from_slice(&src[*at..*at + len], shape, cpu)?;
-            *at += len;
-            Ok(t)
-        };
         let mut out = None;
         for (k, b) in self.blocks.iter().enumerate() {
-            let w1 = take(b.kernels[0].elem_count(), false, b.kernels[0].clone())?;
-            let w2 = take(b.kernels[1].elem_count(), false, b.kernels[1].clone())?;
-            let ws = match &b.shortcut {
-                Some(s) => Some(take(s.kernel.elem_count(), false, s.kernel.clone())?),
-                None => None,
-            };
-            let p1 = take(3 * b.c, true, (3 * b.c).into())?;
-            let p2 = take(3 * b.c, true, (3 * b.c).into())?;
-            let bs = match &b.shortcut {
-                Some(_) => Some(take(b.c, true, b.c.into())?),
-                None => None,
-            };
-            let shortcut = match (&b.shortcut, ws, bs) {
-                (Some(sc), Some(ws), Some(bs)) => Some((sc, ws, bs)),
-                _ => None,
-            };
+            let parts = b.parts(w, params);
             // The block's input: the op's, or the previous block's output.
             let run = |x: &[f32], xdims: &[usize]| -> Result<(Vec<f32>, Shape, Option<Vec<f32>>)> {
-                let (wv, pv) = (w1.flatten_all()?, p1.flatten_all()?);
-                let (_, hshape) = with_values(&wv, |wv| {
-                    with_values(&pv, |pv| {
-                        let k = (wv, b.kernels[0].dims());
-                        b.first
-                            .forward((Input::Plain(x), xdims), k, pv, Output::None)
-                    })
-                })?;
+                let k = (parts.w[0], b.kernels[0].dims());
+                let x_in = (Input::Plain(x), xdims);
+                let (_, hshape) = b.first.forward(x_in, k, parts.p[0], Output::None)?;
                 let mask = b
                     .dropout
                     .map(|(p, seed)| super::dropout::dropout_mask(hshape.elem_count(), p, seed));
                 // s(x): the shortcut's convolution, or x itself.
-                let projected = match &shortcut {
-                    Some((sc, ws, bs)) => {
-                        let g = Geom::new(xdims, ws.dims(), sc.stride, sc.pad)?;
-                        let (s, _) = with_values(ws, |wv| {
-                            with_values(bs, |bv| {
-                                forward_values(&g, Input::Plain(x), wv, bv, false, false)
-                            })
-                        })?;
-                        Some(s)
+                let projected = match (&b.shortcut, parts.shortcut) {
+                    (Some(sc), Some((ws, bs))) => {
+                        let g = Geom::new(xdims, sc.kernel.dims(), sc.stride, sc.pad)?;
+                        Some(forward_values(&g, Input::Plain(x), ws, bs, false, false)?.0)
                     }
-                    None => None,
+                    _ => None,
                 };
                 let s = projected.as_deref().unwrap_or(x);
                 // z = ReLU(BN₂(conv₂ h) + s(x)), h normalised as it is loaded.
@@ -209,13 +203,9 @@ impl CustomOp3 for StackOp {
                 let Some(h) = first.as_ref() else {
                     bail!("residual blocks: the first layer kept nothing")
                 };
-                let (z, shape) = with_values(&w2, |wv| {
-                    with_values(&p2, |pv| {
-                        let k = (wv, b.kernels[1].dims());
-                        let h = (h.as_input(mask.as_deref()), hshape.dims());
-                        b.second.forward(h, k, pv, Output::AddRelu(s))
-                    })
-                })?;
+                let k = (parts.w[1], b.kernels[1].dims());
+                let h = (h.as_input(mask.as_deref()), hshape.dims());
+                let (z, shape) = b.second.forward(h, k, parts.p[1], Output::AddRelu(s))?;
                 let Some(z) = z else {
                     bail!("residual blocks: no output")
                 };
@@ -238,13 +228,7 @@ impl CustomOp3 for StackOp {
             } else {
                 Some(Tensor::from_vec(z, shape, cpu)?)
             };
-            kept.push(Kept {
-                z,
-                mask,
-                w: [w1, w2],
-                p: [p1, p2],
-                shortcut: shortcut.map(|(_, ws, bs)| (ws, bs)),
-            });
+            kept.push(Kept { z, mask });
         }
         *self.kept.lock().map_err(|_| poisoned())? = kept;
         let Some((z, shape)) = out else {
@@ -271,119 +255,127 @@ impl CustomOp3 for StackOp {
         let mut dps: Vec<Vec<f32>> = Vec::with_capacity(self.blocks.len());
         let mut g = grad.clone();
         let mut dx_out = None;
-        for (k, b) in self.blocks.iter().enumerate().rev() {
-            let s = &kept[k];
-            let missing =
-                || candle_core::Error::Msg("residual blocks: an output is missing".into());
-            let xk = if k == 0 {
-                x
-            } else {
-                kept[k - 1].z.as_ref().ok_or_else(missing)?
-            };
-            let zk = s.z.as_ref().unwrap_or(res);
-            // The second layer: its input is the first layer's output,
-            // normalised from the first's saved state as it is loaded.
-            let (dh, dw2, dp2, hshape) = {
-                let first = lock(&b.first.saved)?;
-                let Some(h) = first.as_ref() else {
-                    bail!("residual blocks: backward before forward")
-                };
-                let hin = (h.as_input(s.mask.as_deref()), h.shape.dims());
-                // The dropout's backward on each image of the second layer's
-                // input gradient, as it is made.
-                let len = h.shape.elem_count() / h.shape.dims()[0].max(1);
-                let dropout = |i: usize, dhi: &mut [f32]| {
-                    if let Some(m) = &s.mask {
-                        dhi.iter_mut()
-                            .zip(&m[i * len..][..len])
-                            .for_each(|(d, m)| *d *= m);
-                    }
-                };
-                let after = s.mask.as_ref().map(|_| &dropout as Epilogue);
-                let (dh, dw2, dp2) = with_values(zk, |z| {
-                    b.second
-                        .gradients(hin, &s.w[1], &s.p[1], Mask::Values(z), &g, after)
-                })?;
-                (dh, dw2, dp2, h.shape.clone())
-            };
-            let Some(dh) = dh else {
-                bail!("residual blocks: no gradient for the inner activation")
-            };
-            let dh = Tensor::from_vec(dh, hshape, dev)?;
-            let input_grad = k > 0 || b.first.input_grad;
-            // The shortcut's gradients first (a projection's backward), so
-            // that the first layer adds the shortcut's share of the input
-            // gradient to each image of its own as it makes it.
-            let (dxs, shortcut_grads) = match (&b.shortcut, &s.shortcut) {
-                (Some(sc), Some((ws, _))) => {
-                    let geom = Geom::new(xk.dims(), ws.dims(), sc.stride, sc.pad)?;
-                    let (dxs, dwsc, dbs) = with_values(xk, |xv| {
-                        with_values(ws, |wv| {
-                            with_values(zk, |z| {
-                                with_values(&g, |gv| {
-                                    let len = z.len() / geom.n.max(1);
-                                    // The sum's gradient, through its ReLU mask.
-                                    let masked = |i: usize, out: &mut [f32]| {
-                                        let (z, gv) = (&z[i * len..][..len], &gv[i * len..][..len]);
-                                        for ((o, &z), &g) in out.iter_mut().zip(z).zip(gv) {
-                                            *o = if z > 0.0 { g } else { 0.0 };
-                                        }
-                                    };
-                                    let (xv, dy) = (Input::Plain(xv), Dy::Make(&masked));
-                                    backward_values(&geom, xv, wv, dy, input_grad, None)
+        let (wt, pt) = (w, params);
+        with_values(wt, |w| {
+            with_values(pt, |params| {
+                self.check_lengths(w, params)?;
+                for (k, b) in self.blocks.iter().enumerate().rev() {
+                    let s = &kept[k];
+                    let parts = b.parts(w, params);
+                    let missing =
+                        || candle_core::Error::Msg("residual blocks: an output is missing".into());
+                    let xk = if k == 0 {
+                        x
+                    } else {
+                        kept[k - 1].z.as_ref().ok_or_else(missing)?
+                    };
+                    let zk = s.z.as_ref().unwrap_or(res);
+                    // The second layer: its input is the first layer's output,
+                    // normalised from the first's saved state as it is loaded.
+                    let (dh, dw2, dp2, hshape) = {
+                        let first = lock(&b.first.saved)?;
+                        let Some(h) = first.as_ref() else {
+                            bail!("residual blocks: backward before forward")
+                        };
+                        let hin = (h.as_input(s.mask.as_deref()), h.shape.dims());
+                        // The dropout's backward on each image of the second layer's
+                        // input gradient, as it is made.
+                        let len = h.shape.elem_count() / h.shape.dims()[0].max(1);
+                        let dropout = s.mask.as_deref().map(|m| {
+                            move |i: usize, dhi: &mut [f32]| {
+                                let m = &m[i * len..][..len];
+                                dhi.iter_mut().zip(m).for_each(|(d, m)| *d *= m);
+                            }
+                        });
+                        let after = dropout.as_ref().map(|f| f as Epilogue);
+                        let (dh, dw2, dp2) = with_values(zk, |z| {
+                            let k2 = (parts.w[1], b.kernels[1].dims());
+                            b.second
+                                .gradients(hin, k2, parts.p[1], Mask::Values(z), &g, after)
+                        })?;
+                        (dh, dw2, dp2, h.shape.clone())
+                    };
+                    let Some(dh) = dh else {
+                        bail!("residual blocks: no gradient for the inner activation")
+                    };
+                    let dh = Tensor::from_vec(dh, hshape, dev)?;
+                    let input_grad = k > 0 || b.first.input_grad;
+                    // The shortcut's gradients first (a projection's backward), so
+                    // that the first layer adds the shortcut's share of the input
+                    // gradient to each image of its own as it makes it.
+                    let (dxs, shortcut_grads) = match (&b.shortcut, parts.shortcut) {
+                        (Some(sc), Some((wv, _))) => {
+                            let geom = Geom::new(xk.dims(), sc.kernel.dims(), sc.stride, sc.pad)?;
+                            let (dxs, dwsc, dbs) = with_values(xk, |xv| {
+                                with_values(zk, |z| {
+                                    with_values(&g, |gv| {
+                                        let len = z.len() / geom.n.max(1);
+                                        // The sum's gradient, through its ReLU mask.
+                                        let masked = |i: usize, out: &mut [f32]| {
+                                            let (z, gv) =
+                                                (&z[i * len..][..len], &gv[i * len..][..len]);
+                                            for ((o, &z), &g) in out.iter_mut().zip(z).zip(gv) {
+                                                *o = if z > 0.0 { g } else { 0.0 };
+                                            }
+                                        };
+                                        let (xv, dy) = (Input::Plain(xv), Dy::Make(&masked));
+                                        backward_values(&geom, xv, wv, dy, input_grad, None)
+                                    })
                                 })
+                            })?;
+                            (dxs, Some((dwsc, dbs)))
+                        }
+                        _ => (None, None),
+                    };
+                    let (dx, mut dw, mut dp) = with_values(xk, |xv| {
+                        with_values(zk, |z| {
+                            with_values(&g, |gv| {
+                                let len = xv.len() / xk.dims()[0].max(1);
+                                // dx_i += s's gradient: the projection's, or the
+                                // sum's gradient through its ReLU mask.
+                                let add = |i: usize, dxi: &mut [f32]| {
+                                    let at = i * len..(i + 1) * len;
+                                    match &dxs {
+                                        Some(dxs) => {
+                                            dxi.iter_mut().zip(&dxs[at]).for_each(|(d, s)| *d += s)
+                                        }
+                                        None => {
+                                            let (z, g) = (&z[at.clone()], &gv[at]);
+                                            for ((d, &z), &g) in dxi.iter_mut().zip(z).zip(g) {
+                                                // (A select, not a branch: the mask is random.)
+                                                *d += if z > 0.0 { g } else { 0.0 };
+                                            }
+                                        }
+                                    }
+                                };
+                                if z.len() != xv.len() && dxs.is_none() {
+                                    bail!("residual blocks: the shortcut needs the output's shape");
+                                }
+                                let xin = (Input::Plain(xv), xk.dims());
+                                let k1 = (parts.w[0], b.kernels[0].dims());
+                                b.first
+                                    .gradients(xin, k1, parts.p[0], Mask::Own, &dh, Some(&add))
                             })
                         })
                     })?;
-                    (dxs, Some((dwsc, dbs)))
+                    dw.extend_from_slice(&dw2);
+                    dp.extend_from_slice(&dp2);
+                    if let Some((dwsc, dbs)) = shortcut_grads {
+                        dw.extend_from_slice(&dwsc);
+                        dp.extend_from_slice(&dbs);
+                    }
+                    dws.push(dw);
+                    dps.push(dp);
+                    match dx {
+                        Some(dx) if k > 0 => g = Tensor::from_vec(dx, xk.shape(), dev)?,
+                        Some(dx) => dx_out = Some(Tensor::from_vec(dx, x.shape(), dev)?),
+                        None if k > 0 => bail!("residual blocks: no gradient between blocks"),
+                        None => {}
+                    }
                 }
-                _ => (None, None),
-            };
-            let (dx, mut dw, mut dp) = with_values(xk, |xv| {
-                with_values(zk, |z| {
-                    with_values(&g, |gv| {
-                        let len = xv.len() / xk.dims()[0].max(1);
-                        // dx_i += s's gradient: the projection's, or the
-                        // sum's gradient through its ReLU mask.
-                        let add = |i: usize, dxi: &mut [f32]| {
-                            let at = i * len..(i + 1) * len;
-                            match &dxs {
-                                Some(dxs) => {
-                                    dxi.iter_mut().zip(&dxs[at]).for_each(|(d, s)| *d += s)
-                                }
-                                None => {
-                                    let (z, g) = (&z[at.clone()], &gv[at]);
-                                    for ((d, &z), &g) in dxi.iter_mut().zip(z).zip(g) {
-                                        // (A select, not a branch: the mask is random.)
-                                        *d += if z > 0.0 { g } else { 0.0 };
-                                    }
-                                }
-                            }
-                        };
-                        if z.len() != xv.len() && dxs.is_none() {
-                            bail!("residual blocks: the shortcut needs the output's shape");
-                        }
-                        let xin = (Input::Plain(xv), xk.dims());
-                        b.first
-                            .gradients(xin, &s.w[0], &s.p[0], Mask::Own, &dh, Some(&add))
-                    })
-                })
-            })?;
-            dw.extend_from_slice(&dw2);
-            dp.extend_from_slice(&dp2);
-            if let Some((dwsc, dbs)) = shortcut_grads {
-                dw.extend_from_slice(&dwsc);
-                dp.extend_from_slice(&dbs);
-            }
-            dws.push(dw);
-            dps.push(dp);
-            match dx {
-                Some(dx) if k > 0 => g = Tensor::from_vec(dx, xk.shape(), dev)?,
-                Some(dx) => dx_out = Some(Tensor::from_vec(dx, x.shape(), dev)?),
-                None if k > 0 => bail!("residual blocks: no gradient between blocks"),
-                None => {}
-            }
-        }
+                Ok(())
+            })
+        })?;
         let dw: Vec<f32> = dws.into_iter().rev().flatten().collect();
         let dp: Vec<f32> = dps.into_iter().rev().flatten().collect();
         Ok((
@@ -414,10 +406,14 @@ pub(crate) fn residual_blocks_train(
         relu,
         saved: Arc::new(Mutex::new(None)),
     };
-    let mut ops = Vec::with_capacity(blocks.len());
+    let mut ops: Vec<Block> = Vec::with_capacity(blocks.len());
     let (mut kernels, mut params) = (Vec::new(), Vec::new());
     for (k, b) in blocks.iter().enumerate() {
         let input_grad = k > 0 || x.track_op();
+        // (In the flat inputs, this block follows the previous one.)
+        let at = ops.last().map_or((0, 0), |p: &Block| {
+            (p.at.0 + p.kernel_len(), p.at.1 + p.params_len())
+        });
         ops.push(Block {
             first: op(&b.first, true, input_grad),
             second: op(&b.second, false, true),
@@ -429,6 +425,7 @@ pub(crate) fn residual_blocks_train(
             kernels: [b.first.w.shape().clone(), b.second.w.shape().clone()],
             dropout: b.dropout,
             c: b.second.gamma.elem_count(),
+            at,
         });
         kernels.extend([b.first.w.flatten_all()?, b.second.w.flatten_all()?]);
         for l in [&b.first, &b.second] {
@@ -456,17 +453,7 @@ pub(crate) fn residual_blocks_train(
         .apply_op3(&Tensor::cat(&kernels, 0)?, &Tensor::cat(&params, 0)?, op)?;
     let stats = saved
         .iter()
-        .map(|s| {
-            let s = s.lock().map_err(|_| poisoned())?;
-            let Some(s) = s.as_ref() else {
-                bail!("residual blocks: the forward pass kept no statistics")
-            };
-            let c = s.mean.len();
-            Ok((
-                Tensor::from_slice(&s.mean, c, x.device())?,
-                Tensor::from_slice(&s.var, c, x.device())?,
-            ))
-        })
+        .map(|s| batch_stats(s, x.device()))
         .collect::<Result<Vec<_>>>()?;
     Ok(Some((z, stats)))
 }
