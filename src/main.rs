@@ -177,6 +177,13 @@ pub struct TrainArgs {
     /// Cluster token nodes must present to join (also read from GRADCAST_TOKEN).
     #[arg(long, env = "GRADCAST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Scale the averaged gradient down to this L2 norm when it is larger.
+    #[arg(long, env = "GRADCAST_CLIP_NORM")]
+    pub clip_norm: Option<f64>,
+    /// Folder on a tmpfs for the shared-memory data plane with nodes on this
+    /// host (weights and gradients bypass gRPC); `off` sends everything over gRPC.
+    #[arg(long, env = "GRADCAST_SHM_DIR", default_value = "/dev/shm")]
+    pub shm_dir: String,
     /// Disable dropout layers (for equivalence tests).
     #[arg(long, hide = true)]
     pub no_dropout: bool,
@@ -209,6 +216,7 @@ impl TrainArgs {
             ("--lr-schedule", self.lr_schedule.map(|s| s.to_string())),
             ("--train-limit", self.train_limit.map(|k| k.to_string())),
             ("--test-limit", self.test_limit.map(|k| k.to_string())),
+            ("--clip-norm", self.clip_norm.map(|k| k.to_string())),
             (
                 "--history",
                 self.history.as_ref().map(|p| p.display().to_string()),
@@ -231,6 +239,8 @@ impl TrainArgs {
             }
         }
         a.extend([
+            "--shm-dir".into(),
+            self.shm_dir.clone(),
             "--min-nodes".into(),
             self.min_nodes.to_string(),
             "--rejoin-timeout".into(),
@@ -314,6 +324,9 @@ struct NodeArgs {
     /// Misbehave on purpose, to test the coordinator: nan-gradients or slow=MILLISECONDS.
     #[arg(long, hide = true)]
     fault: Option<node::Fault>,
+    /// Never use the coordinator's shared memory, even on its host (everything over gRPC).
+    #[arg(long, env = "GRADCAST_NO_SHARED_MEMORY")]
+    no_shared_memory: bool,
 }
 
 #[derive(Args)]
@@ -440,6 +453,8 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.balance = t.balance;
     config.checkpoint_every = t.checkpoint_every;
     config.resume = t.resume;
+    config.clip_norm = t.clip_norm.filter(|c| *c > 0.0);
+    config.shared_memory = (t.shm_dir != "off").then(|| PathBuf::from(&t.shm_dir));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if t.progress == "bar" || (t.progress == "auto" && terminal) {
         config.progress = Some(std::sync::Arc::new(progress_bar::EpochBar::default()));
@@ -517,6 +532,7 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
         token: args.token.clone().filter(|t| !t.is_empty()),
         tls: client_tls(&args)?,
         fault: args.fault,
+        shared_memory: !args.no_shared_memory,
     };
     runtime(1)?.block_on(async {
         if let Some(addr) = &args.metrics_listen {

@@ -1,5 +1,82 @@
 //! Weighted averaging of node results in a fixed order.
 
+use rayon::prelude::*;
+
+/// Values per block of the parallel passes. Blocks are fixed, so results do
+/// not depend on the number of threads.
+pub(crate) const BLOCK: usize = 1 << 14;
+
+/// L2 regularisation of one run of parameters: `Σ l2·w²` is added to the loss.
+#[derive(Debug, Clone)]
+pub(crate) struct L2Range {
+    pub range: std::ops::Range<usize>,
+    pub l2: f32,
+}
+
+/// What [`average_gradients`] found besides the average.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct GradientSums {
+    /// `Σ l2·w²` (what Keras adds to the reported loss).
+    pub penalty: f64,
+    /// `Σ g²` of the result (not finite if any value is not).
+    pub squares: f64,
+}
+
+/// Writes into `out` the weighted mean of `parts` (`(weight, values)`,
+/// summed in the given order for every value), plus the gradient `2·l2·w`
+/// of the L2 penalty of `weights` over the `l2` runs; one pass over memory,
+/// in fixed blocks on all threads (the bits never depend on the threads).
+pub(crate) fn average_gradients(
+    out: &mut [f32],
+    parts: &[(f64, &[f32])],
+    weights: &[f32],
+    l2: &[L2Range],
+) -> GradientSums {
+    let total: f64 = parts.iter().map(|(w, _)| w).sum();
+    let factors: Vec<(f32, &[f32])> = parts
+        .iter()
+        .map(|(w, v)| {
+            (
+                if total > 0.0 {
+                    (*w / total) as f32
+                } else {
+                    0.0
+                },
+                *v,
+            )
+        })
+        .collect();
+    let sums: Vec<(f64, f64)> = out
+        .par_chunks_mut(BLOCK)
+        .enumerate()
+        .map(|(b, out)| {
+            let start = b * BLOCK;
+            let end = start + out.len();
+            out.fill(0.0);
+            for (f, values) in &factors {
+                for (s, v) in out.iter_mut().zip(&values[start..end]) {
+                    *s += f * v;
+                }
+            }
+            let mut penalty = 0.0f64;
+            for run in l2 {
+                let (lo, hi) = (run.range.start.max(start), run.range.end.min(end));
+                for i in lo..hi {
+                    let w = weights[i];
+                    penalty += (run.l2 * w * w) as f64;
+                    out[i - start] += 2.0 * run.l2 * w;
+                }
+            }
+            let squares = out.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+            (penalty, squares)
+        })
+        .collect();
+    GradientSums {
+        penalty: sums.iter().map(|s| s.0).sum(),
+        squares: sums.iter().map(|s| s.1).sum(),
+    }
+}
+
 /// Accumulates `Σ w_i x_i / Σ w_i` over flat buffers. Adding the same inputs
 /// in the same order always gives bit-identical results; the coordinator adds
 /// them in node order, never in arrival order.
@@ -36,15 +113,27 @@ impl WeightedSum {
         self.weight
     }
 
-    /// The weighted mean (zeros if nothing was added).
+    /// The weighted mean (zeros if nothing was added). Each value is summed
+    /// over the parts in the order they were added, whatever the threads.
     pub fn mean(mut self) -> Vec<f32> {
         if self.weight > 0.0 {
-            for (w, values) in &self.parts {
-                let f = (*w / self.weight) as f32;
-                for (s, v) in self.sum.iter_mut().zip(values) {
-                    *s += f * v;
-                }
-            }
+            let parts: Vec<(f32, &[f32])> = self
+                .parts
+                .iter()
+                .map(|(w, v)| ((*w / self.weight) as f32, v.as_slice()))
+                .collect();
+            self.sum
+                .par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(b, out)| {
+                    let start = b * BLOCK;
+                    for (f, values) in &parts {
+                        let values = &values[start..start + out.len()];
+                        for (s, v) in out.iter_mut().zip(values) {
+                            *s += f * v;
+                        }
+                    }
+                });
         }
         self.sum
     }
@@ -77,5 +166,63 @@ mod tests {
             s.mean()
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn average_gradients_matches_the_plain_sum_with_l2() {
+        let n = 2 * BLOCK + 5;
+        let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let w: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        // One L2 run that crosses a block boundary.
+        let l2 = [L2Range {
+            range: BLOCK - 3..BLOCK + 4,
+            l2: 1e-2,
+        }];
+        let mut out = vec![f32::NAN; n];
+        let sums = average_gradients(&mut out, &[(3.0, &a), (1.0, &b)], &w, &l2);
+        let mut plain = WeightedSum::new(n);
+        plain.add(3.0, a.clone());
+        plain.add(1.0, b.clone());
+        let mut expected = plain.mean();
+        let mut penalty = 0.0f64;
+        for i in l2[0].range.clone() {
+            penalty += (1e-2f32 * w[i] * w[i]) as f64;
+            expected[i] += 2.0 * 1e-2 * w[i];
+        }
+        assert_eq!(out, expected);
+        assert!((sums.penalty - penalty).abs() < 1e-9);
+        let squares: f64 = expected.iter().map(|&g| (g as f64).powi(2)).sum();
+        assert!((sums.squares - squares).abs() < 1e-9 * squares);
+        let mut bad = b.clone();
+        bad[BLOCK + 1] = f32::INFINITY;
+        let sums = average_gradients(&mut out, &[(1.0, &a), (1.0, &bad)], &w, &[]);
+        assert!(!sums.squares.is_finite());
+    }
+
+    #[test]
+    fn parallel_blocks_sum_like_one_loop() {
+        let n = 3 * BLOCK + 17;
+        let parts: Vec<(f64, Vec<f32>)> = (0..3)
+            .map(|p| {
+                let v = (0..n)
+                    .map(|i| ((i * (p + 3)) as f32 * 0.013).sin())
+                    .collect();
+                (p as f64 + 1.5, v)
+            })
+            .collect();
+        let mut s = WeightedSum::new(n);
+        for (w, v) in &parts {
+            s.add(*w, v.clone());
+        }
+        let total: f64 = parts.iter().map(|(w, _)| w).sum();
+        let mut expected = vec![0.0f32; n];
+        for (w, v) in &parts {
+            let f = (*w / total) as f32;
+            for (e, x) in expected.iter_mut().zip(v) {
+                *e += f * x;
+            }
+        }
+        assert_eq!(s.mean(), expected);
     }
 }

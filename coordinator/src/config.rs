@@ -133,6 +133,11 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Where to report progress (None: a log line every 10 seconds).
     pub progress: Option<Arc<dyn Progress>>,
+    /// Folder on a tmpfs for the shared-memory data plane with nodes on this
+    /// host (None: every node uses gRPC).
+    pub shared_memory: Option<PathBuf>,
+    /// Scale the averaged gradient down to this norm when it is larger.
+    pub clip_norm: Option<f64>,
 }
 
 impl fmt::Debug for TrainConfig {
@@ -168,6 +173,8 @@ impl TrainConfig {
             balance: false,
             checkpoint_every: 0,
             resume: false,
+            shared_memory: Some(PathBuf::from("/dev/shm")),
+            clip_norm: None,
         }
     }
 }

@@ -15,6 +15,9 @@ use proto::v1::{
 use proto::Chunker;
 use tracing::{debug, info, warn};
 
+use proto::shm::Segment;
+use std::sync::Arc;
+
 use crate::service::{Event, NodeInfo, Outbox};
 use crate::telemetry;
 use crate::trainer::Trainer;
@@ -30,6 +33,9 @@ pub(crate) struct Member {
     pub held: Option<u64>,
     /// Measured speed (samples per compute second), smoothed.
     pub speed: Option<f64>,
+    /// Its gradients segment, when it is on this host and uses the
+    /// shared-memory plane (weights then come from the shared segment too).
+    pub shared: Option<Arc<Segment>>,
 }
 
 /// One part of a step or of an evaluation.
@@ -53,19 +59,51 @@ impl Task {
 pub(crate) enum Answer {
     Train {
         result: TrainResult,
-        gradients: Vec<f32>,
+        gradients: Gradients,
         state: Vec<f32>,
     },
     Eval(EvalResult),
 }
 
+/// Where a node's gradients are.
+pub(crate) enum Gradients {
+    /// Received as chunks.
+    Owned(Vec<f32>),
+    /// In the node's shared-memory segment, as `version` (read in place by
+    /// the averaging, and checked again after it).
+    Shared { slot: Arc<Segment>, version: u64 },
+}
+
+impl Gradients {
+    /// Whether every value is finite.
+    fn all_finite(&self) -> bool {
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        match self {
+            Gradients::Owned(v) => finite(v),
+            Gradients::Shared { slot, version } => match slot.view(*version) {
+                Ok(view) => finite(view.values()) && view.finish().is_ok(),
+                Err(_) => false,
+            },
+        }
+    }
+}
+
 impl Trainer {
-    pub(crate) fn admit(&mut self, node: u64, outbox: Outbox, info: NodeInfo) {
+    pub(crate) fn admit(
+        &mut self,
+        node: u64,
+        outbox: Outbox,
+        info: NodeInfo,
+        shared: Option<Arc<Segment>>,
+    ) {
+        let shared = shared.filter(|_| self.plane.is_some());
+        self.shared_memory_nodes += usize::from(shared.is_some());
         info!(
             node,
             host = %info.hostname,
             device = %info.device,
             threads = info.threads,
+            data = if shared.is_some() { "shared memory" } else { "grpc" },
             "node joined ({} connected)",
             self.members.len() + 1
         );
@@ -75,6 +113,7 @@ impl Trainer {
             info,
             held: None,
             speed: None,
+            shared,
         };
         self.members.insert(node, member);
         telemetry::membership(self.members.len(), true);
@@ -90,7 +129,7 @@ impl Trainer {
     }
 
     /// Removes a misbehaving node and tells it not to come back.
-    fn evict(&mut self, node: u64, reason: &str) {
+    pub(crate) fn evict(&mut self, node: u64, reason: &str) {
         if let Some(m) = self.members.get(&node) {
             let finish = Finish {
                 reason: format!("evicted: {reason}"),
@@ -133,7 +172,12 @@ impl Trainer {
                 None => self.events.recv().await,
             };
             match event {
-                Some(Event::Joined { node, outbox, info }) => self.admit(node, outbox, info),
+                Some(Event::Joined {
+                    node,
+                    outbox,
+                    info,
+                    shared,
+                }) => self.admit(node, outbox, info, shared),
                 Some(Event::Left { node, reason }) | Some(Event::Invalid { node, reason }) => {
                     self.remove(node, &reason)
                 }
@@ -177,30 +221,63 @@ impl Trainer {
             .collect()
     }
 
+    /// Queues a message for a node. False if the node is gone, or did not
+    /// take its messages within `--step-timeout` (then it is evicted: a node
+    /// that stops reading must not hold up the step).
     async fn send(&mut self, node: u64, kind: Out) -> bool {
         let Some(member) = self.members.get(&node) else {
             return false;
         };
-        member
-            .outbox
-            .send(Ok(CoordinatorMessage { kind: Some(kind) }))
-            .await
-            .is_ok()
+        let msg = Ok(CoordinatorMessage { kind: Some(kind) });
+        match tokio::time::timeout(self.config.step_timeout, member.outbox.send(msg)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                let reason = format!(
+                    "did not take its messages within {:?}",
+                    self.config.step_timeout
+                );
+                self.evict(node, &reason);
+                false
+            }
+        }
     }
 
-    /// Sends the current weights (unless held) and the task. False if the
-    /// node is gone.
+    /// Makes the current weights available to the node (in the shared
+    /// segment for a node on this host, else as chunks, encoded at most once
+    /// per step into `chunks`) and sends it the task. False if the node is
+    /// gone.
     async fn assign(
         &mut self,
         node: u64,
         part: usize,
         task: &Task,
-        weights: &Chunker,
+        chunks: &mut Option<Chunker>,
         round: u64,
     ) -> bool {
-        if self.members.get(&node).and_then(|m| m.held) != Some(self.step) {
-            telemetry::bytes(weights.byte_len(), 0);
-            for chunk in weights.chunks() {
+        let shared = match (&self.plane, self.members.get(&node)) {
+            (Some(plane), Some(m)) if m.shared.is_some() => {
+                match plane.publish(self.step, &self.weights) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(node, "cannot publish the weights in shared memory: {e}");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if !shared && self.members.get(&node).and_then(|m| m.held) != Some(self.step) {
+            let chunker = chunks.get_or_insert_with(|| {
+                Chunker::new(
+                    BufferKind::Weights,
+                    self.step,
+                    &self.weights,
+                    proto::DEFAULT_CHUNK_BYTES,
+                )
+            });
+            telemetry::bytes(chunker.byte_len(), 0);
+            let all: Vec<_> = chunker.chunks().collect();
+            for chunk in all {
                 if !self.send(node, Out::Chunk(chunk)).await {
                     return false;
                 }
@@ -223,6 +300,7 @@ impl Trainer {
                     }),
                     seed: *seed,
                     part: part as u32,
+                    shared_memory: shared,
                 })
             }
             Task::Eval { range } => {
@@ -237,6 +315,7 @@ impl Trainer {
                         images: images.into(),
                         labels: labels.into(),
                     }),
+                    shared_memory: shared,
                 })
             }
         };
@@ -265,12 +344,7 @@ impl Trainer {
         tasks: &[Task],
         initial: &[u64],
     ) -> Result<(Vec<(u64, Answer)>, Instant)> {
-        let weights = Chunker::new(
-            BufferKind::Weights,
-            self.step,
-            &self.weights,
-            proto::DEFAULT_CHUNK_BYTES,
-        );
+        let mut weights: Option<Chunker> = None;
         let n = tasks.len();
         let mut owner: Vec<Option<u64>> = vec![None; n];
         let mut since: Vec<Instant> = vec![Instant::now(); n];
@@ -278,7 +352,7 @@ impl Trainer {
         let mut done = vec![false; n];
         for (part, task) in tasks.iter().enumerate() {
             let node = initial[part];
-            if self.assign(node, part, task, &weights, round).await {
+            if self.assign(node, part, task, &mut weights, round).await {
                 owner[part] = Some(node);
                 since[part] = Instant::now();
             } else {
@@ -311,7 +385,10 @@ impl Trainer {
                 };
                 info!(part, node, "{phase}: giving part {part} to node {node}");
                 telemetry::reassigned();
-                if self.assign(node, part, &tasks[part], &weights, round).await {
+                if self
+                    .assign(node, part, &tasks[part], &mut weights, round)
+                    .await
+                {
                     owner[part] = Some(node);
                     since[part] = Instant::now();
                 } else {
@@ -341,8 +418,13 @@ impl Trainer {
                 }
             };
             let (node, part, answer) = match event {
-                Event::Joined { node, outbox, info } => {
-                    self.admit(node, outbox, info);
+                Event::Joined {
+                    node,
+                    outbox,
+                    info,
+                    shared,
+                } => {
+                    self.admit(node, outbox, info, shared);
                     continue;
                 }
                 Event::Left { node, reason } | Event::Invalid { node, reason } => {
@@ -419,7 +501,7 @@ fn check(task: &Task, answer: &Answer) -> std::result::Result<(), String> {
             gradients,
             state,
         } => {
-            if gradients.iter().chain(state).any(|v| !v.is_finite()) {
+            if !state.iter().all(|v| v.is_finite()) || !gradients.all_finite() {
                 return Err("non-finite gradient or state".into());
             }
             (result.samples, result.loss_sum)

@@ -14,6 +14,7 @@ mod dispatch;
 mod error;
 mod history;
 mod optimizer;
+mod plane;
 mod progress;
 mod resume;
 mod service;

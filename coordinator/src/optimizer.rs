@@ -5,6 +5,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use model::TensorInfo;
+use rayon::prelude::*;
+
+use crate::aggregate::BLOCK;
 
 /// Which optimizer the coordinator applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,9 +92,14 @@ impl Optimizer {
             Optimizer::Adam(adam) => adam.step(weights, grads, lr),
             Optimizer::Sgd => {
                 let lr = lr as f32;
-                for (w, g) in weights.iter_mut().zip(grads) {
-                    *w -= lr * g;
-                }
+                weights
+                    .par_chunks_mut(BLOCK)
+                    .zip(grads.par_chunks(BLOCK))
+                    .for_each(|(w, g)| {
+                        for (w, g) in w.iter_mut().zip(g) {
+                            *w -= lr * g;
+                        }
+                    });
             }
         }
     }
@@ -146,12 +154,38 @@ impl Adam {
         let t = self.iterations as i32;
         let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
         let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
-        for i in 0..weights.len() {
-            let g = grads[i];
-            self.m[i] += (g - self.m[i]) * b1;
-            self.v[i] += (g * g - self.v[i]) * b2;
-            weights[i] -= self.m[i] * alpha / (self.v[i].sqrt() + self.epsilon);
-        }
+        let epsilon = self.epsilon;
+        // Element-wise, so the blocks (and threads) cannot change a bit.
+        weights
+            .par_chunks_mut(BLOCK)
+            .zip(self.m.par_chunks_mut(BLOCK))
+            .zip(self.v.par_chunks_mut(BLOCK))
+            .zip(grads.par_chunks(BLOCK))
+            .for_each(|(((w, m), v), g)| {
+                for i in 0..w.len() {
+                    let g = g[i];
+                    m[i] += (g - m[i]) * b1;
+                    v[i] += (g * g - v[i]) * b2;
+                    w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
+                }
+            });
+    }
+}
+
+/// Largest gradient norm the coordinator applies. Far beyond anything that
+/// trains, and small enough that Adam's `g²` stays finite in f32 (every
+/// element is at most the norm).
+pub const GRADIENT_NORM_LIMIT: f64 = 1e15;
+
+/// Scales `values` down to norm `max` if their norm `current` is above it.
+pub fn clip_to_norm(values: &mut [f32], current: f64, max: f64) {
+    if current > max {
+        let f = (max / current) as f32;
+        values.par_chunks_mut(BLOCK).for_each(|c| {
+            for x in c {
+                *x *= f;
+            }
+        });
     }
 }
 
@@ -248,5 +282,33 @@ mod tests {
         assert!((p - 1e-4 * 10.0).abs() < 1e-9);
         assert!((g[0] - 6e-4).abs() < 1e-9 && (g[1] + 2e-4).abs() < 1e-9);
         assert_eq!(g[2], 0.0);
+    }
+
+    #[test]
+    fn adam_stays_finite_at_the_norm_limit() {
+        let n = 2 * BLOCK + 3;
+        let mut adam = Adam::new(n);
+        let mut w = vec![0.5f32; n];
+        let mut g = vec![0.0f32; n];
+        g[7] = GRADIENT_NORM_LIMIT as f32;
+        for _ in 0..3 {
+            adam.step(&mut w, &g, 1e-3);
+        }
+        assert!(w.iter().all(|x| x.is_finite()));
+        let (m, v) = Optimizer::Adam(adam)
+            .moments()
+            .map(|(m, v)| (m.to_vec(), v.to_vec()))
+            .unwrap();
+        assert!(m.iter().chain(&v).all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn clipping_scales_down_only() {
+        let norm = |g: &[f32]| g.iter().map(|&x| x * x).sum::<f32>().sqrt();
+        let mut g = vec![3.0f32, 4.0];
+        clip_to_norm(&mut g, 5.0, 1.0);
+        assert!((norm(&g) - 1.0).abs() < 1e-6);
+        clip_to_norm(&mut g, 1.0, 2.0);
+        assert!((norm(&g) - 1.0).abs() < 1e-6, "never scaled up");
     }
 }

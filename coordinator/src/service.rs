@@ -4,21 +4,34 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use proto::shm::Segment;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::node_message::Kind;
+use proto::v1::SharedMemory;
 use proto::v1::{
     BufferKind, CoordinatorMessage, EvalResult, JoinReply, JoinRequest, NodeMessage, TrainResult,
 };
 use proto::ChunkReceiver;
+use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::dispatch::Gradients;
+use crate::plane::SharedPlane;
+
 /// Messages queued to one node before its stream applies back-pressure.
 const OUTBOX: usize = 64;
+/// Joins that have not opened their session yet, at most.
+const MAX_PENDING: usize = 1024;
+/// How long a join may wait for its session before it is forgotten.
+const PENDING_TTL: Duration = Duration::from_secs(120);
+/// Longest host or device name kept from a node (longer ones are cut).
+const MAX_NAME: usize = 128;
 
 /// Where the training loop sends messages for one node.
 pub(crate) type Outbox = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -33,17 +46,19 @@ pub(crate) struct NodeInfo {
 
 /// What the service reports to the training loop.
 pub(crate) enum Event {
-    /// A node opened its session and can be given work.
+    /// A node opened its session and can be given work. `shared` is its
+    /// gradients segment when it proved it maps the shared-memory plane.
     Joined {
         node: u64,
         outbox: Outbox,
         info: NodeInfo,
+        shared: Option<Arc<Segment>>,
     },
     /// A node's complete answer to a training step.
     Train {
         node: u64,
         result: TrainResult,
-        gradients: Vec<f32>,
+        gradients: Gradients,
         state: Vec<f32>,
     },
     /// A node's answer to one evaluation part.
@@ -54,15 +69,23 @@ pub(crate) enum Event {
     Left { node: u64, reason: String },
 }
 
+/// A node that joined and has not opened its session yet.
+struct Pending {
+    info: NodeInfo,
+    secret: [u8; 16],
+    /// Its gradients segment, when it asked for shared memory.
+    slot: Option<Segment>,
+    since: Instant,
+}
+
 pub(crate) struct Service {
     events: mpsc::UnboundedSender<Event>,
-    /// Expected `authorization` metadata value, if a token is required.
-    expected: Option<Vec<u8>>,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, NodeInfo>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     reply: JoinReply,
     num_trainable: usize,
     num_state: usize,
+    plane: Option<Arc<SharedPlane>>,
 }
 
 impl Service {
@@ -71,59 +94,79 @@ impl Service {
         reply: JoinReply,
         num_trainable: usize,
         num_state: usize,
-        token: Option<String>,
+        plane: Option<Arc<SharedPlane>>,
     ) -> Self {
         Self {
             events,
-            expected: token.map(|t| format!("Bearer {t}").into_bytes()),
             next_id: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             reply,
             num_trainable,
             num_state,
+            plane,
         }
     }
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Checks the cluster token from a request's headers, before its body is
+/// read: installed as the server's interceptor, so an unauthenticated
+/// request costs no decoding and no memory.
+#[derive(Clone)]
+pub(crate) struct TokenCheck {
+    /// Expected `authorization` metadata value, if a token is required.
+    expected: Option<Arc<[u8]>>,
 }
 
-impl Service {
-    /// Checks the cluster token of a request, if one is required.
-    #[allow(clippy::result_large_err)]
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+impl TokenCheck {
+    pub fn new(token: Option<&str>) -> Self {
+        Self {
+            expected: token.map(|t| Arc::from(format!("Bearer {t}").into_bytes())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.expected else {
-            return Ok(());
+            return Ok(request);
         };
         let given = request
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if constant_time_eq(given, expected) {
-            return Ok(());
+        if bool::from(given.ct_eq(expected)) {
+            return Ok(request);
         }
         crate::telemetry::refused();
         let from = request
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
-        warn!(%from, "refused a node with a missing or wrong cluster token");
+        warn!(%from, "refused a request with a missing or wrong cluster token");
         Err(Status::unauthenticated(
             "missing or wrong cluster token (--token / GRADCAST_TOKEN)",
         ))
     }
 }
 
+/// A name from the network made safe for logs: control characters escaped,
+/// at most [`MAX_NAME`] characters.
+pub(crate) fn printable(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .take(MAX_NAME)
+        .flat_map(char::escape_debug)
+        .collect();
+    if name.chars().count() > MAX_NAME {
+        out.push('…');
+    }
+    out
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
-        self.authorize(&request)?;
         let req = request.into_inner();
         if req.protocol_version != proto::PROTOCOL_VERSION {
             crate::telemetry::refused();
@@ -133,18 +176,53 @@ impl Coordinator for Service {
                 proto::PROTOCOL_VERSION
             )));
         }
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| Status::internal("membership lock poisoned"))?;
+        pending.retain(|_, p| p.since.elapsed() < PENDING_TTL);
+        if pending.len() >= MAX_PENDING {
+            crate::telemetry::refused();
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_PENDING} joins are waiting for their sessions; try again later"
+            )));
+        }
         let node = self.next_id.fetch_add(1, Ordering::Relaxed);
         let info = NodeInfo {
-            hostname: req.hostname,
-            device: req.device,
+            hostname: printable(&req.hostname),
+            device: printable(&req.device),
             threads: req.threads,
         };
-        self.pending
-            .lock()
-            .map_err(|_| Status::internal("membership lock poisoned"))?
-            .insert(node, info);
+        let secret = proto::shm::random_bytes()
+            .map_err(|e| Status::internal(format!("no random source: {e}")))?;
         let mut reply = self.reply.clone();
         reply.node_id = node;
+        reply.session_secret = secret.to_vec().into();
+        let slot = match (&self.plane, req.shared_memory) {
+            (Some(plane), true) => match plane.new_slot(node) {
+                Ok(slot) => {
+                    reply.shared_memory = Some(SharedMemory {
+                        weights_path: plane.weights_path().display().to_string(),
+                        gradients_path: slot.path().display().to_string(),
+                    });
+                    Some(slot)
+                }
+                Err(e) => {
+                    debug!(node, "no shared-memory segment for this node: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        pending.insert(
+            node,
+            Pending {
+                info,
+                secret,
+                slot,
+                since: Instant::now(),
+            },
+        );
         Ok(Response::new(reply))
     }
 
@@ -154,113 +232,189 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        self.authorize(&request)?;
         let mut inbound = request.into_inner();
-        let node = match inbound.message().await? {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
+        let hello = match first {
             Some(NodeMessage {
                 kind: Some(Kind::Hello(h)),
-            }) => h.node_id,
+            }) => h,
             _ => {
                 return Err(Status::invalid_argument(
                     "the first message of a session must be Hello",
                 ))
             }
         };
-        let info = self
-            .pending
-            .lock()
-            .map_err(|_| Status::internal("membership lock poisoned"))?
-            .remove(&node)
-            .ok_or_else(|| {
-                crate::telemetry::refused();
-                Status::not_found(format!(
-                    "unknown node id {node}: call Join first (ids are single-use)"
-                ))
-            })?;
+        let node = hello.node_id;
+        let unknown = || {
+            crate::telemetry::refused();
+            Status::not_found(format!(
+                "unknown node id {node} or wrong session secret: call Join first (ids are single-use)"
+            ))
+        };
+        let pending = {
+            let mut all = self
+                .pending
+                .lock()
+                .map_err(|_| Status::internal("membership lock poisoned"))?;
+            // A wrong secret leaves the join in place for its rightful node.
+            match all.get(&node) {
+                Some(p) if bool::from(p.secret.ct_eq(&hello.session_secret[..])) => {
+                    all.remove(&node)
+                }
+                _ => None,
+            }
+        }
+        .ok_or_else(unknown)?;
+        let shared = pending.slot.and_then(|slot| {
+            let proved = bool::from(slot.proof().ct_eq(&hello.shared_memory_proof[..]));
+            if !proved && !hello.shared_memory_proof.is_empty() {
+                warn!(node, "wrong shared-memory proof; using gRPC for this node");
+            }
+            proved.then(|| Arc::new(slot))
+        });
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let events = self.events.clone();
-        if events.send(Event::Joined { node, outbox, info }).is_err() {
+        let joined = Event::Joined {
+            node,
+            outbox,
+            info: pending.info,
+            shared: shared.clone(),
+        };
+        if events.send(joined).is_err() {
             return Err(Status::unavailable("training has ended"));
         }
         let limit = self.num_trainable.max(self.num_state) as u64;
-        let (num_trainable, num_state) = (self.num_trainable, self.num_state);
+        let reader = Reader {
+            node,
+            events: events.clone(),
+            limit,
+            num_trainable: self.num_trainable,
+            num_state: self.num_state,
+            shared,
+        };
         tokio::spawn(async move {
-            let reason =
-                read_session(node, &mut inbound, &events, limit, num_trainable, num_state).await;
+            let reason = reader.read(&mut inbound).await;
             let _ = events.send(Event::Left { node, reason });
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// Reads one node's stream until it ends; returns why it ended.
-async fn read_session(
+/// How long a new session may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads one node's stream.
+struct Reader {
     node: u64,
-    inbound: &mut Streaming<NodeMessage>,
-    events: &mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Event>,
     limit: u64,
     num_trainable: usize,
     num_state: usize,
-) -> String {
-    let mut rx = ChunkReceiver::new(limit);
-    let mut gradients: Option<(u64, Vec<f32>)> = None;
-    let mut state: Option<(u64, Vec<f32>)> = None;
-    let invalid = |reason: String| {
-        warn!(node, %reason, "invalid message from node");
-        let _ = events.send(Event::Invalid {
-            node,
-            reason: reason.clone(),
-        });
-        reason
-    };
-    loop {
-        let msg = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return "closed its stream".into(),
-            Err(status) => return format!("stream error: {}", status.message()),
+    /// The node's gradients segment, if it uses shared memory.
+    shared: Option<Arc<Segment>>,
+}
+
+impl Reader {
+    /// Reads the stream until it ends; returns why it ended.
+    async fn read(&self, inbound: &mut Streaming<NodeMessage>) -> String {
+        let (node, events, limit) = (self.node, &self.events, self.limit);
+        let (num_trainable, num_state) = (self.num_trainable, self.num_state);
+        let mut rx = ChunkReceiver::new(limit);
+        let mut gradients: Option<(u64, Vec<f32>)> = None;
+        let mut state: Option<(u64, Vec<f32>)> = None;
+        let invalid = |reason: String| {
+            warn!(node, %reason, "invalid message from node");
+            let _ = events.send(Event::Invalid {
+                node,
+                reason: reason.clone(),
+            });
+            reason
         };
-        match msg.kind {
-            Some(Kind::Chunk(chunk)) => match rx.push(&chunk) {
-                Ok(Some((BufferKind::Gradients, version, values))) => {
-                    gradients = Some((version, values))
-                }
-                Ok(Some((BufferKind::State, version, values))) => state = Some((version, values)),
-                Ok(Some((kind, ..))) => return invalid(format!("unexpected buffer kind {kind:?}")),
-                Ok(None) => {}
-                Err(e) => return invalid(format!("bad chunk: {e}")),
-            },
-            Some(Kind::Train(result)) => {
-                let step = result.step;
-                let (g, s) = match (gradients.take(), state.take()) {
-                    (Some((gv, g)), Some((sv, s))) if gv == step && sv == step => (g, s),
-                    _ => {
-                        return invalid(format!(
-                            "result for step {step} without its gradient and state buffers"
-                        ))
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return "closed its stream".into(),
+                Err(status) => return format!("stream error: {}", status.message()),
+            };
+            match msg.kind {
+                Some(Kind::Chunk(chunk)) => match rx.push(&chunk) {
+                    Ok(Some((BufferKind::Gradients, version, values))) => {
+                        gradients = Some((version, values))
                     }
-                };
-                if g.len() != num_trainable || s.len() != num_state {
-                    return invalid(format!(
-                        "step {step}: {} gradients and {} state values, expected {num_trainable} and {num_state}",
-                        g.len(),
-                        s.len()
-                    ));
+                    Ok(Some((BufferKind::State, version, values))) => {
+                        state = Some((version, values))
+                    }
+                    Ok(Some((kind, ..))) => {
+                        return invalid(format!("unexpected buffer kind {kind:?}"))
+                    }
+                    Ok(None) => {}
+                    Err(e) => return invalid(format!("bad chunk: {e}")),
+                },
+                Some(Kind::Train(result)) => {
+                    let step = result.step;
+                    let (gradients, state) = if result.shared_memory {
+                        let Some(slot) = &self.shared else {
+                            return invalid(format!(
+                                "step {step}: result in shared memory, but this node has none"
+                            ));
+                        };
+                        // The gradients stay in place for the averaging; the
+                        // (small) state is copied out now.
+                        let state = slot.view(step).and_then(|v| {
+                            let s = v.values()[num_trainable..num_trainable + num_state].to_vec();
+                            v.finish().map(|()| s)
+                        });
+                        match state {
+                            Ok(s) => (
+                                Gradients::Shared {
+                                    slot: slot.clone(),
+                                    version: step,
+                                },
+                                s,
+                            ),
+                            Err(e) => return invalid(format!("step {step}: {e}")),
+                        }
+                    } else {
+                        match (gradients.take(), state.take()) {
+                            (Some((gv, g)), Some((sv, s))) if gv == step && sv == step => {
+                                if g.len() != num_trainable || s.len() != num_state {
+                                    return invalid(format!(
+                                    "step {step}: {} gradients and {} state values, expected {num_trainable} and {num_state}",
+                                    g.len(),
+                                    s.len()
+                                ));
+                                }
+                                (Gradients::Owned(g), s)
+                            }
+                            _ => {
+                                return invalid(format!(
+                                    "result for step {step} without its gradient and state buffers"
+                                ))
+                            }
+                        }
+                    };
+                    let _ = events.send(Event::Train {
+                        node,
+                        result,
+                        gradients,
+                        state,
+                    });
                 }
-                let _ = events.send(Event::Train {
-                    node,
-                    result,
-                    gradients: g,
-                    state: s,
-                });
-            }
-            Some(Kind::Eval(result)) => {
-                let _ = events.send(Event::Eval { node, result });
-            }
-            Some(Kind::Error(e)) => {
-                return format!("reported an error at step {}: {}", e.step, e.message)
-            }
-            Some(Kind::Hello(_)) | None => {
-                debug!(node, "ignoring a repeated Hello or empty message");
+                Some(Kind::Eval(result)) => {
+                    let _ = events.send(Event::Eval { node, result });
+                }
+                Some(Kind::Error(e)) => {
+                    return format!(
+                        "reported an error at step {}: {}",
+                        e.step,
+                        printable(&e.message)
+                    )
+                }
+                Some(Kind::Hello(_)) | None => {
+                    debug!(node, "ignoring a repeated Hello or empty message");
+                }
             }
         }
     }
@@ -268,11 +422,33 @@ async fn read_session(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    fn with_auth(value: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(v) = value {
+            r.metadata_mut().insert("authorization", v.parse().unwrap());
+        }
+        r
+    }
+
     #[test]
-    fn constant_time_eq_compares_bytes() {
-        assert!(super::constant_time_eq(b"Bearer abc", b"Bearer abc"));
-        assert!(!super::constant_time_eq(b"Bearer abd", b"Bearer abc"));
-        assert!(!super::constant_time_eq(b"Bearer ab", b"Bearer abc"));
-        assert!(!super::constant_time_eq(b"", b"Bearer abc"));
+    fn token_check_compares_the_whole_header() {
+        let mut check = TokenCheck::new(Some("abc"));
+        assert!(check.call(with_auth(Some("Bearer abc"))).is_ok());
+        for wrong in [Some("Bearer abd"), Some("Bearer ab"), Some("abc"), None] {
+            let err = check.call(with_auth(wrong)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        }
+        assert!(TokenCheck::new(None).call(with_auth(None)).is_ok());
+    }
+
+    #[test]
+    fn names_from_the_network_are_escaped_and_cut() {
+        assert_eq!(printable("node-1"), "node-1");
+        assert_eq!(printable("a\nINFO forged"), "a\\nINFO forged");
+        let long = "x".repeat(1000);
+        assert_eq!(printable(&long).chars().count(), MAX_NAME + 1);
     }
 }

@@ -13,6 +13,10 @@ use metrics::{
 pub fn describe_metrics() {
     describe_counter!("gradcast_steps_total", "Optimizer steps completed");
     describe_counter!(
+        "gradcast_steps_skipped_total",
+        "Steps whose averaged gradient was not finite or beyond the norm limit, so no update was applied"
+    );
+    describe_counter!(
         "gradcast_samples_total",
         Unit::Count,
         "Training samples processed"
@@ -20,7 +24,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         "gradcast_step_duration_seconds",
         Unit::Seconds,
-        "Time of one step by phase: broadcast (weights and samples out), compute (slowest node's compute), gather (rest of the wait for results), aggregate (averaging and optimizer)"
+        "Time of one step by phase, adding up to the step: send (weights published, tasks queued), compute (slowest node's own compute), transfer (rest of the wait: weight loading on the node, results back), update (averaging and optimizer)"
     );
     describe_counter!(
         "gradcast_sent_bytes_total",
@@ -84,14 +88,72 @@ pub fn describe_metrics() {
 }
 
 /// Records the phases of one step.
-pub(crate) fn step_phases(broadcast: Duration, compute: f64, wait: Duration, aggregate: Duration) {
-    let h = |phase: &'static str, secs: f64| {
-        histogram!("gradcast_step_duration_seconds", "phase" => phase).record(secs)
-    };
-    h("broadcast", broadcast.as_secs_f64());
-    h("compute", compute);
-    h("gather", (wait.as_secs_f64() - compute).max(0.0));
-    h("aggregate", aggregate.as_secs_f64());
+/// Where one step's wall time went, named by what the coordinator waited
+/// for; the four phases add up to the step. Also sums them over many steps.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct StepPhases {
+    /// Publishing the weights and queueing every node's task.
+    send: f64,
+    /// The slowest node's own compute time (its forward and backward).
+    compute: f64,
+    /// The rest of the wait for the last answer: loading weights on the
+    /// node, moving the gradients back, and the time between the two.
+    transfer: f64,
+    /// Averaging the gradients and applying the optimizer.
+    update: f64,
+    steps: u64,
+}
+
+impl StepPhases {
+    pub fn new(send: Duration, compute: f64, wait: Duration, update: Duration) -> Self {
+        let wait = wait.as_secs_f64();
+        Self {
+            send: send.as_secs_f64(),
+            compute: compute.min(wait),
+            transfer: (wait - compute).max(0.0),
+            update: update.as_secs_f64(),
+            steps: 1,
+        }
+    }
+
+    /// Records one step in `gradcast_step_duration_seconds{phase}`.
+    pub fn record(&self) {
+        let h = |phase: &'static str, secs: f64| {
+            histogram!("gradcast_step_duration_seconds", "phase" => phase).record(secs)
+        };
+        h("send", self.send);
+        h("compute", self.compute);
+        h("transfer", self.transfer);
+        h("update", self.update);
+    }
+
+    pub fn add(&mut self, other: &StepPhases) {
+        self.send += other.send;
+        self.compute += other.compute;
+        self.transfer += other.transfer;
+        self.update += other.update;
+        self.steps += other.steps;
+    }
+}
+
+impl std::fmt::Display for StepPhases {
+    /// Mean milliseconds per step.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |s: f64| 1e3 * s / self.steps.max(1) as f64;
+        write!(
+            f,
+            "{:.1} ms per step = send {:.1} + compute {:.1} + transfer {:.1} + update {:.1}",
+            ms(self.send + self.compute + self.transfer + self.update),
+            ms(self.send),
+            ms(self.compute),
+            ms(self.transfer),
+            ms(self.update)
+        )
+    }
+}
+
+pub(crate) fn step_skipped() {
+    counter!("gradcast_steps_skipped_total").increment(1);
 }
 
 pub(crate) fn step_done(samples: u64, loss: f64, accuracy: f64) {

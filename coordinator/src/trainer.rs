@@ -15,13 +15,16 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{dismiss, Answer, Member, Task};
+use std::sync::Arc;
+
+use crate::aggregate::{average_gradients, L2Range};
+use crate::dispatch::{dismiss, Answer, Gradients, Member, Task};
+use crate::optimizer::GRADIENT_NORM_LIMIT;
+use crate::plane::SharedPlane;
 use crate::resume::{self, Position};
-use crate::service::{Event, Service};
+use crate::service::{Event, Service, TokenCheck};
 use crate::telemetry;
-use crate::{
-    l2_penalty, l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum,
-};
+use crate::{l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -40,6 +43,8 @@ pub struct TrainReport {
     pub weights: Vec<f32>,
     /// Optimizer steps taken.
     pub steps: u64,
+    /// Nodes (by id) that used the shared-memory data plane.
+    pub shared_memory_nodes: usize,
 }
 
 impl TrainReport {
@@ -114,10 +119,24 @@ pub async fn serve(
         buffers: specs(model.buffers().cloned()),
         max_message_bytes: proto::MAX_MESSAGE_BYTES as u64,
         dropout: config.model.dropout,
+        ..JoinReply::default()
+    };
+    let weights = model.weights()?;
+    let plane = match &config.shared_memory {
+        Some(dir) => match SharedPlane::new(dir, weights.len(), num_trainable + num_state) {
+            Ok(plane) => Some(Arc::new(plane)),
+            Err(e) => {
+                warn!("no shared-memory data plane ({e}); every node will use gRPC");
+                None
+            }
+        },
+        None => None,
     };
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut trainer = Trainer {
-        weights: model.weights()?,
+        weights,
+        plane: plane.clone(),
+        shared_memory_nodes: 0,
         optimizer: Optimizer::new(config.optimizer, num_trainable),
         num_trainable,
         params,
@@ -130,10 +149,24 @@ pub async fn serve(
         step: 0,
         history: History::default(),
         epoch_work: BTreeMap::new(),
+        epoch_phases: telemetry::StepPhases::default(),
+        grads: vec![0.0; num_trainable],
+        l2: Vec::new(),
     };
+    let mut at = 0;
+    for p in &trainer.params {
+        if p.l2 > 0.0 {
+            trainer.l2.push(L2Range {
+                range: at..at + p.numel(),
+                l2: p.l2,
+            });
+        }
+        at += p.numel();
+    }
     drop(model);
     let position = trainer.restore()?;
-    let service = Service::new(events_tx, reply, num_trainable, num_state, security.token);
+    let token = TokenCheck::new(security.token.as_deref());
+    let service = Service::new(events_tx, reply, num_trainable, num_state, plane);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key));
@@ -150,13 +183,17 @@ pub async fn serve(
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_nodelay(true)
-            .add_service(
+            .add_service(tonic::service::interceptor::InterceptedService::new(
                 CoordinatorServer::new(service)
                     .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-            )
+                token,
+            ))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                // The builder's `tcp_nodelay` only reaches sockets it accepts
+                // itself: without it here, Nagle's algorithm holds back the
+                // tail of each task until the node's delayed ACK (~40 ms).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
                     let _ = server_stopped.await;
                 },
@@ -182,6 +219,7 @@ pub async fn serve(
         history: trainer.history,
         weights: trainer.weights,
         steps: trainer.step,
+        shared_memory_nodes: trainer.shared_memory_nodes,
     })
 }
 
@@ -193,6 +231,10 @@ pub(crate) struct Trainer {
     num_trainable: usize,
     /// Trainable parameters, then BatchNorm running statistics.
     pub(crate) weights: Vec<f32>,
+    /// The shared-memory data plane for nodes on this host, if there is one.
+    pub(crate) plane: Option<Arc<SharedPlane>>,
+    /// Nodes admitted on the shared-memory plane so far.
+    pub(crate) shared_memory_nodes: usize,
     optimizer: Optimizer,
     pub(crate) train: Dataset,
     pub(crate) test: Dataset,
@@ -203,6 +245,12 @@ pub(crate) struct Trainer {
     history: History,
     /// Samples and compute seconds of each node in the current epoch.
     epoch_work: BTreeMap<u64, (u64, f64)>,
+    /// Where the current epoch's step time went.
+    epoch_phases: telemetry::StepPhases,
+    /// The averaged gradient of the current step.
+    grads: Vec<f32>,
+    /// The runs of trainable parameters with L2 regularisation.
+    l2: Vec<L2Range>,
 }
 
 impl Trainer {
@@ -291,6 +339,7 @@ impl Trainer {
             }
             let first = if epoch == start.epoch { start.batch } else { 0 };
             self.epoch_work.clear();
+            self.epoch_phases = telemetry::StepPhases::default();
             let mut tally = Tally::default();
             let mut penalty = 0.0;
             if first > 0 {
@@ -366,6 +415,12 @@ impl Trainer {
                 tally.samples,
                 train_secs,
                 tally.samples as f64 / train_secs
+            );
+            info!(
+                "epoch {}/{} step time: {}",
+                epoch + 1,
+                self.config.epochs,
+                self.epoch_phases
             );
             for (node, (samples, secs)) in &self.epoch_work {
                 info!(
@@ -460,8 +515,8 @@ impl Trainer {
         let mut tally = Tally::default();
         let mut slowest = 0.0f64;
         let num_state = self.weights.len() - self.num_trainable;
-        let mut grads = WeightedSum::new(self.num_trainable);
         let mut state = WeightedSum::new(num_state);
+        let mut sources = Vec::with_capacity(answers.len());
         for (node, answer) in answers {
             let Answer::Train {
                 result,
@@ -475,19 +530,85 @@ impl Trainer {
             let work = self.epoch_work.entry(node).or_default();
             work.0 += result.samples as u64;
             work.1 += result.compute_seconds;
-            telemetry::bytes(0, 4 * (gradients.len() + s.len()));
+            if let Gradients::Owned(_) = gradients {
+                telemetry::bytes(0, 4 * (self.num_trainable + s.len()));
+            }
             slowest = slowest.max(result.compute_seconds);
             tally.add(result.loss_sum, result.correct, result.samples);
-            grads.add(result.samples as f64, gradients);
             state.add(result.samples as f64, s);
+            sources.push((node, result.samples as f64, gradients));
         }
-        let mut grads = grads.mean();
+        // Shared gradients are read in place; a view that did not hold
+        // still (a node writing its segment while it should not) voids the
+        // step.
+        let mut views = Vec::with_capacity(sources.len());
+        let mut torn = None;
+        for (node, _, g) in &sources {
+            if let Gradients::Shared { slot, version } = g {
+                match slot.view(*version) {
+                    Ok(v) => views.push((*node, Some(v))),
+                    Err(_) => torn = Some(*node),
+                }
+            } else {
+                views.push((*node, None));
+            }
+        }
+        let parts: Vec<(f64, &[f32])> = sources
+            .iter()
+            .zip(&views)
+            .filter_map(|((_, w, g), (_, v))| match (g, v) {
+                (Gradients::Owned(g), _) => Some((*w, g.as_slice())),
+                (Gradients::Shared { .. }, Some(v)) => Some((*w, v.values())),
+                _ => None,
+            })
+            .collect();
         let (trainable, buffers) = self.weights.split_at_mut(self.num_trainable);
-        let penalty = l2_penalty(self.params.iter(), trainable, &mut grads);
-        self.optimizer.step(trainable, &grads, lr);
-        buffers.copy_from_slice(&state.mean());
+        let sums = average_gradients(&mut self.grads, &parts, trainable, &self.l2);
+        drop(parts);
+        for (node, view) in views {
+            if let Some(v) = view {
+                if v.finish().is_err() {
+                    torn = Some(node);
+                }
+            }
+        }
+        let penalty = sums.penalty;
+        let norm = sums.squares.sqrt();
+        if let Some(node) = torn {
+            warn!(
+                step = self.step,
+                node,
+                "skipping the update: a node changed its shared gradients while they were read"
+            );
+            telemetry::step_skipped();
+            self.evict(
+                node,
+                "changed its shared-memory gradients while they were read",
+            );
+        } else if norm <= GRADIENT_NORM_LIMIT {
+            if let Some(max) = self.config.clip_norm {
+                crate::optimizer::clip_to_norm(&mut self.grads, norm, max);
+            }
+            self.optimizer.step(trainable, &self.grads, lr);
+            buffers.copy_from_slice(&state.mean());
+        } else {
+            // Finite per node but not usable together (or huge): applying it
+            // would make the weights or Adam's state non-finite for good.
+            warn!(
+                step = self.step,
+                "skipping the update: the averaged gradient's norm is {norm:e} (limit {GRADIENT_NORM_LIMIT:e})"
+            );
+            telemetry::step_skipped();
+        }
         self.step += 1;
-        telemetry::step_phases(sent - started, slowest, gathered - sent, gathered.elapsed());
+        let phases = telemetry::StepPhases::new(
+            sent - started,
+            slowest,
+            gathered - sent,
+            gathered.elapsed(),
+        );
+        phases.record();
+        self.epoch_phases.add(&phases);
         Ok((tally, penalty))
     }
 

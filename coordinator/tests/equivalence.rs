@@ -19,12 +19,36 @@ fn datasets(dir: &std::path::Path) -> (Dataset, Dataset) {
     Dataset::load_train_test(&root).unwrap()
 }
 
+/// How coordinator and nodes move weights and gradients.
+#[derive(Clone, Copy)]
+enum Plane<'a> {
+    /// Everything over gRPC.
+    Grpc,
+    /// Shared-memory segments in this folder for every node that maps them;
+    /// `remote` nodes (the first ones) decline and use gRPC.
+    Shared {
+        dir: &'a std::path::Path,
+        remote: usize,
+    },
+}
+
 async fn train(
     nodes: usize,
     steps: usize,
     optimizer: OptimizerKind,
     train: Dataset,
     test: Dataset,
+) -> TrainReport {
+    train_on(nodes, steps, optimizer, train, test, Plane::Grpc).await
+}
+
+async fn train_on(
+    nodes: usize,
+    steps: usize,
+    optimizer: OptimizerKind,
+    train: Dataset,
+    test: Dataset,
+    plane: Plane<'_>,
 ) -> TrainReport {
     let mut config = TrainConfig::new(ModelSpec {
         kind: ModelKind::SimpleCnn,
@@ -39,10 +63,20 @@ async fn train(
     config.batch_size = train.len() / steps;
     config.seed = 17;
     config.join_timeout = Some(Duration::from_secs(60));
+    let remote = match plane {
+        Plane::Grpc => {
+            config.shared_memory = None;
+            nodes
+        }
+        Plane::Shared { dir, remote } => {
+            config.shared_memory = Some(dir.to_path_buf());
+            remote
+        }
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut workers = Vec::new();
-    for _ in 0..nodes {
+    for i in 0..nodes {
         let cfg = node::NodeConfig {
             coordinator: url.clone(),
             threads: 1,
@@ -51,6 +85,7 @@ async fn train(
             token: None,
             tls: None,
             fault: None,
+            shared_memory: i >= remote,
         };
         workers.push(tokio::spawn(node::run(cfg)));
     }
@@ -191,4 +226,38 @@ async fn same_seed_same_node_count_gives_bit_identical_weights() {
     let b = train(2, 4, OptimizerKind::Adam, train_set, test_set).await;
     assert_eq!(a.steps, 4);
     assert_eq!(a.weights, b.weights);
+}
+
+/// The shared-memory plane moves the same values as gRPC: 2 nodes on shared
+/// memory, on gRPC, and one of each give bit-identical weights over several
+/// Adam steps, and the segments are gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_and_grpc_give_bit_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir().unwrap();
+    let (train_set, test_set) = datasets(dir.path());
+    let adam = OptimizerKind::Adam;
+    let grpc = train(2, 4, adam, train_set.clone(), test_set.clone()).await;
+    assert_eq!(grpc.shared_memory_nodes, 0);
+    let shared = Plane::Shared {
+        dir: shm.path(),
+        remote: 0,
+    };
+    let local = train_on(2, 4, adam, train_set.clone(), test_set.clone(), shared).await;
+    assert_eq!(
+        local.shared_memory_nodes, 2,
+        "both nodes used shared memory"
+    );
+    let mixed = Plane::Shared {
+        dir: shm.path(),
+        remote: 1,
+    };
+    let mixed = train_on(2, 4, adam, train_set, test_set, mixed).await;
+    assert_eq!(mixed.shared_memory_nodes, 1);
+    assert_eq!(grpc.steps, 4);
+    assert_eq!(grpc.weights, local.weights);
+    assert_eq!(grpc.weights, mixed.weights);
+    assert_eq!(grpc.history.val_accuracy, local.history.val_accuracy);
+    let left: Vec<_> = std::fs::read_dir(shm.path()).unwrap().collect();
+    assert!(left.is_empty(), "segments left behind: {left:?}");
 }

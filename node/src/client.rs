@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use model::{Device, Model, ModelKind, ModelSpec, TensorInfo};
+use proto::shm::Segment;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::coordinator_message::Kind as In;
 use proto::v1::node_message::Kind as Out;
+use proto::v1::SharedMemory;
 use proto::v1::{
     BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError,
     NodeMessage, Samples, TensorSpec, TrainResult, TrainTask,
@@ -42,6 +44,9 @@ pub struct NodeConfig {
     pub tls: Option<ClientTls>,
     /// Deliberate misbehaviour, for tests of the coordinator's defences.
     pub fault: Option<Fault>,
+    /// Offer to use the coordinator's shared-memory segments (used only when
+    /// this node can map them, i.e. it runs on the coordinator's host).
+    pub shared_memory: bool,
 }
 
 /// PEM material for talking TLS to the coordinator.
@@ -238,6 +243,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
             device: device_name(&config.device),
             threads: config.threads as u32,
             protocol_version: proto::PROTOCOL_VERSION,
+            shared_memory: config.shared_memory,
         })
         .await?
         .into_inner();
@@ -251,11 +257,34 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
             .map_err(|e| NodeError::Compute(e.to_string()))??
     };
     let model = Arc::new(model);
-    info!(node_id, model = %reply.model, "joined the coordinator");
+    let len = model.num_trainable() + model.num_state();
+    let shared = reply
+        .shared_memory
+        .as_ref()
+        .and_then(|offer| match Shared::open(offer, len) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                debug!("cannot map the coordinator's shared memory ({e}); using gRPC");
+                None
+            }
+        });
+    info!(
+        node_id,
+        model = %reply.model,
+        data = if shared.is_some() { "shared memory" } else { "grpc" },
+        "joined the coordinator"
+    );
 
     let (tx, rx) = mpsc::channel::<NodeMessage>(64);
     tx.send(NodeMessage {
-        kind: Some(Out::Hello(Hello { node_id })),
+        kind: Some(Out::Hello(Hello {
+            node_id,
+            session_secret: reply.session_secret.clone(),
+            shared_memory_proof: shared
+                .as_ref()
+                .map(|s| s.gradients.proof().to_vec().into())
+                .unwrap_or_default(),
+        })),
     })
     .await
     .map_err(|_| NodeError::Disconnected)?;
@@ -269,6 +298,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         tx: tx.clone(),
         model: model.clone(),
         fault: config.fault,
+        shared,
     };
     loop {
         let msg = match inbound.message().await {
@@ -302,7 +332,10 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                 );
                 let step = task.step;
                 let outcome = async {
-                    session.load(task.version, &mut pending, &mut held).await?;
+                    let shared = task.shared_memory;
+                    session
+                        .load(task.version, shared, &mut pending, &mut held)
+                        .await?;
                     session.train(task).await
                 }
                 .await;
@@ -316,7 +349,10 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                 );
                 let round = task.round;
                 let outcome = async {
-                    session.load(task.version, &mut pending, &mut held).await?;
+                    let shared = task.shared_memory;
+                    session
+                        .load(task.version, shared, &mut pending, &mut held)
+                        .await?;
                     session.eval(task).await
                 }
                 .await;
@@ -332,10 +368,26 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
     }
 }
 
+/// The coordinator's segments, mapped by a node on its host.
+struct Shared {
+    weights: Segment,
+    gradients: Segment,
+}
+
+impl Shared {
+    fn open(offer: &SharedMemory, len: usize) -> std::result::Result<Self, proto::shm::ShmError> {
+        Ok(Self {
+            weights: Segment::open(std::path::Path::new(&offer.weights_path), len)?,
+            gradients: Segment::open(std::path::Path::new(&offer.gradients_path), len)?,
+        })
+    }
+}
+
 struct Session {
     tx: mpsc::Sender<NodeMessage>,
     model: Arc<Model>,
     fault: Option<Fault>,
+    shared: Option<Arc<Shared>>,
 }
 
 fn samples(s: Option<Samples>) -> Result<Samples> {
@@ -360,14 +412,39 @@ impl Session {
             .map_err(|_| NodeError::Disconnected)
     }
 
-    /// Makes sure the model holds weights `version`.
+    fn shared(&self) -> Result<&Arc<Shared>> {
+        self.shared.as_ref().ok_or_else(|| {
+            NodeError::Protocol("task names shared memory, but this node has none mapped".into())
+        })
+    }
+
+    /// Makes sure the model holds weights `version` (from the shared weights
+    /// segment if `shared`, else from the chunks received).
     async fn load(
         &self,
         version: u64,
+        shared: bool,
         pending: &mut Option<(u64, Vec<f32>)>,
         held: &mut Option<u64>,
     ) -> Result<()> {
         if *held == Some(version) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if shared {
+            let segments = self.shared()?.clone();
+            let model = self.model.clone();
+            tokio::task::spawn_blocking(move || {
+                segments
+                    .weights
+                    .with_values(version, |w| model.set_weights(w))
+                    .map_err(|e| NodeError::Protocol(format!("shared weights: {e}")))?
+                    .map_err(NodeError::from)
+            })
+            .await
+            .map_err(|e| NodeError::Compute(e.to_string()))??;
+            *held = Some(version);
+            debug!(version, "loaded shared weights in {:?}", started.elapsed());
             return Ok(());
         }
         match pending.take() {
@@ -402,10 +479,25 @@ impl Session {
         }
         let seconds = started.elapsed().as_secs_f64();
         telemetry::task("train", out.samples, seconds);
+        if task.shared_memory {
+            let t = Instant::now();
+            self.shared()?
+                .gradients
+                .write(task.step, &[&out.gradients, &out.state])
+                .map_err(|e| NodeError::Protocol(format!("shared gradients: {e}")))?;
+            debug!(
+                step = task.step,
+                "wrote shared gradients in {:?}",
+                t.elapsed()
+            );
+        }
         for (kind, values) in [
             (BufferKind::Gradients, &out.gradients),
             (BufferKind::State, &out.state),
         ] {
+            if task.shared_memory {
+                break;
+            }
             for chunk in Chunker::new(kind, task.step, values, proto::DEFAULT_CHUNK_BYTES).chunks()
             {
                 telemetry::sent(chunk.data.len());
@@ -419,6 +511,7 @@ impl Session {
             correct: out.correct,
             compute_seconds: seconds,
             part: task.part,
+            shared_memory: task.shared_memory,
         }))
         .await
     }

@@ -1,6 +1,7 @@
 //! The gradcast wire protocol: `gradcast.proto` and the tonic/prost code
 //! generated from it, plus the few helpers both ends need to move flat f32
-//! buffers as raw little-endian bytes in chunks.
+//! buffers as raw little-endian bytes in chunks, or through shared memory
+//! between processes on one host ([`shm`]).
 //!
 //! This crate knows nothing of candle, of CIFAR-10 or of training: it only
 //! says what travels on the wire.
@@ -8,6 +9,7 @@
 #![allow(clippy::doc_lazy_continuation)]
 
 mod chunking;
+pub mod shm;
 
 /// Generated protobuf messages and gRPC client/server stubs.
 pub mod v1 {
@@ -18,7 +20,7 @@ pub use chunking::{f32_from_le_bytes, f32_to_le_bytes, ChunkError, ChunkReceiver
 
 /// Version of the protocol spoken by this build; a node with another version
 /// is refused at `Join`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest gRPC message either side accepts or sends (16 MiB). Buffers are
 /// chunked well below it (see [`DEFAULT_CHUNK_BYTES`]).

@@ -35,7 +35,11 @@ fn samples() -> Vec<Vec<u8>> {
         .unwrap();
     vec![
         NodeMessage {
-            kind: Some(node_message::Kind::Hello(Hello { node_id: 7 })),
+            kind: Some(node_message::Kind::Hello(Hello {
+                node_id: 7,
+                session_secret: vec![1u8; 16].into(),
+                shared_memory_proof: vec![2u8; 16].into(),
+            })),
         }
         .encode_to_vec(),
         NodeMessage {
@@ -50,6 +54,7 @@ fn samples() -> Vec<Vec<u8>> {
                 correct: 2,
                 compute_seconds: 0.1,
                 part: 1,
+                shared_memory: true,
             })),
         }
         .encode_to_vec(),
@@ -66,12 +71,18 @@ fn samples() -> Vec<Vec<u8>> {
             hostname: "h".into(),
             device: "cpu".into(),
             threads: 2,
-            protocol_version: 1,
+            protocol_version: proto::PROTOCOL_VERSION,
+            shared_memory: true,
         }
         .encode_to_vec(),
         JoinReply {
             node_id: 1,
             model: "resnet20".into(),
+            shared_memory: Some(proto::v1::SharedMemory {
+                weights_path: "/dev/shm/w".into(),
+                gradients_path: "/dev/shm/g".into(),
+            }),
+            session_secret: vec![3u8; 16].into(),
             ..Default::default()
         }
         .encode_to_vec(),
