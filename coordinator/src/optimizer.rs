@@ -88,18 +88,39 @@ impl Optimizer {
 
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
+        self.step_mirrored(weights, grads, lr, None)
+    }
+
+    /// [`Optimizer::step`] that also writes the new weights into `mirror`
+    /// (e.g. a shared-memory segment) in the same pass.
+    pub fn step_mirrored(
+        &mut self,
+        weights: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        mirror: Option<&mut [f32]>,
+    ) {
         match self {
-            Optimizer::Adam(adam) => adam.step(weights, grads, lr),
+            Optimizer::Adam(adam) => adam.step_mirrored(weights, grads, lr, mirror),
             Optimizer::Sgd => {
                 let lr = lr as f32;
-                weights
-                    .par_chunks_mut(BLOCK)
-                    .zip(grads.par_chunks(BLOCK))
-                    .for_each(|(w, g)| {
-                        for (w, g) in w.iter_mut().zip(g) {
-                            *w -= lr * g;
-                        }
-                    });
+                let update = |w: &mut [f32], g: &[f32]| {
+                    for (w, g) in w.iter_mut().zip(g) {
+                        *w -= lr * g;
+                    }
+                };
+                let blocks = weights.par_chunks_mut(BLOCK).zip(grads.par_chunks(BLOCK));
+                match mirror {
+                    Some(mirror) => {
+                        blocks
+                            .zip(mirror.par_chunks_mut(BLOCK))
+                            .for_each(|((w, g), out)| {
+                                update(w, g);
+                                out.copy_from_slice(w);
+                            })
+                    }
+                    None => blocks.for_each(|(w, g)| update(w, g)),
+                }
             }
         }
     }
@@ -140,6 +161,17 @@ impl Adam {
 
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
+        self.step_mirrored(weights, grads, lr, None)
+    }
+
+    /// [`Adam::step`] that also writes the new weights into `mirror`.
+    pub fn step_mirrored(
+        &mut self,
+        weights: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        mirror: Option<&mut [f32]>,
+    ) {
         assert_eq!(
             weights.len(),
             self.m.len(),
@@ -156,19 +188,30 @@ impl Adam {
         let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
         let epsilon = self.epsilon;
         // Element-wise, so the blocks (and threads) cannot change a bit.
-        weights
+        let update = |w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+            for i in 0..w.len() {
+                let g = g[i];
+                m[i] += (g - m[i]) * b1;
+                v[i] += (g * g - v[i]) * b2;
+                w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
+            }
+        };
+        let blocks = weights
             .par_chunks_mut(BLOCK)
             .zip(self.m.par_chunks_mut(BLOCK))
             .zip(self.v.par_chunks_mut(BLOCK))
-            .zip(grads.par_chunks(BLOCK))
-            .for_each(|(((w, m), v), g)| {
-                for i in 0..w.len() {
-                    let g = g[i];
-                    m[i] += (g - m[i]) * b1;
-                    v[i] += (g * g - v[i]) * b2;
-                    w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
-                }
-            });
+            .zip(grads.par_chunks(BLOCK));
+        match mirror {
+            Some(mirror) => {
+                blocks
+                    .zip(mirror.par_chunks_mut(BLOCK))
+                    .for_each(|((((w, m), v), g), out)| {
+                        update(w, m, v, g);
+                        out.copy_from_slice(w);
+                    })
+            }
+            None => blocks.for_each(|(((w, m), v), g)| update(w, m, v, g)),
+        }
     }
 }
 
@@ -300,6 +343,23 @@ mod tests {
             .map(|(m, v)| (m.to_vec(), v.to_vec()))
             .unwrap();
         assert!(m.iter().chain(&v).all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn the_mirror_gets_the_same_weights() {
+        let n = BLOCK + 9;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.1).sin()).collect();
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let (mut a, mut b) = (Optimizer::new(kind, n), Optimizer::new(kind, n));
+            let (mut wa, mut wb) = (vec![0.25f32; n], vec![0.25f32; n]);
+            let mut mirror = vec![0.0f32; n];
+            for _ in 0..2 {
+                a.step(&mut wa, &g, 1e-2);
+                b.step_mirrored(&mut wb, &g, 1e-2, Some(&mut mirror));
+            }
+            assert_eq!(wa, wb);
+            assert_eq!(wb, mirror);
+        }
     }
 
     #[test]

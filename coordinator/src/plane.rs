@@ -68,6 +68,11 @@ impl SharedPlane {
         )
     }
 
+    /// Lets `f` write the weights of `version` straight into the segment.
+    pub fn publish_with<R>(&self, version: u64, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        self.weights.write_with(version, f)
+    }
+
     /// Makes the weights segment hold `weights` as `version` (writing only
     /// if it does not already).
     pub fn publish(&self, version: u64, weights: &[f32]) -> Result<(), ShmError> {

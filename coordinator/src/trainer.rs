@@ -589,8 +589,19 @@ impl Trainer {
             if let Some(max) = self.config.clip_norm {
                 crate::optimizer::clip_to_norm(&mut self.grads, norm, max);
             }
-            self.optimizer.step(trainable, &self.grads, lr);
             buffers.copy_from_slice(&state.mean());
+            let local = self.members.values().any(|m| m.shared.is_some());
+            match (&self.plane, local) {
+                // Nodes on this host read the new weights from the shared
+                // segment: write them there in the optimizer's own pass.
+                (Some(plane), true) => plane.publish_with(self.step + 1, |shared| {
+                    let (t, s) = shared.split_at_mut(trainable.len());
+                    self.optimizer
+                        .step_mirrored(trainable, &self.grads, lr, Some(t));
+                    s.copy_from_slice(buffers);
+                }),
+                _ => self.optimizer.step(trainable, &self.grads, lr),
+            }
         } else {
             // Finite per node but not usable together (or huge): applying it
             // would make the weights or Adam's state non-finite for good.

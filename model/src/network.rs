@@ -154,9 +154,17 @@ impl Model {
         let mut off = 0;
         for (info, v) in self.params.iter().chain(&self.buffers) {
             let n = info.numel();
-            let t =
-                Tensor::from_slice(&weights[off..off + n], info.shape.as_slice(), &self.device)?;
-            v.set(&t)?;
+            let values = &weights[off..off + n];
+            if self.device.is_cpu() {
+                // One copy, straight into the variable's storage.
+                v.as_tensor().inplace_op1(&CopyInto(values))?;
+            } else {
+                v.set(&Tensor::from_slice(
+                    values,
+                    info.shape.as_slice(),
+                    &self.device,
+                )?)?;
+            }
             off += n;
         }
         Ok(())
@@ -222,7 +230,7 @@ impl Model {
         let mut gradients = Vec::with_capacity(self.num_trainable());
         for (info, v) in &self.params {
             match grads.get(v.as_tensor()) {
-                Some(g) => gradients.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                Some(g) => append_values(g, &mut gradients)?,
                 None => gradients.extend(std::iter::repeat_n(0.0, info.numel())),
             }
         }
@@ -239,7 +247,7 @@ impl Model {
                 Some(b) => ((old * BN_MOMENTUM)? + (b * (1.0 - BN_MOMENTUM))?)?,
                 None => old.clone(),
             };
-            state.extend(new.flatten_all()?.to_vec1::<f32>()?);
+            append_values(&new, &mut state)?;
         }
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let out = StepOutput {
@@ -288,6 +296,49 @@ impl Model {
                 p
             })
             .collect())
+    }
+}
+
+/// Appends the values of an f32 tensor to `out`: straight from its storage
+/// when it is a contiguous CPU tensor (one copy), else through candle.
+fn append_values(t: &Tensor, out: &mut Vec<f32>) -> Result<()> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            out.extend_from_slice(&v[a..b]);
+            return Ok(());
+        }
+    }
+    out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
+}
+
+/// Copies values into a contiguous f32 CPU tensor in place (the one-copy
+/// path of [`Model::set_weights`]).
+struct CopyInto<'a>(&'a [f32]);
+
+impl candle_core::InplaceOp1 for CopyInto<'_> {
+    fn name(&self) -> &'static str {
+        "copy-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) if b - a == self.0.len() => {
+                v[a..b].copy_from_slice(self.0);
+                Ok(())
+            }
+            _ => candle_core::bail!(
+                "copy-into needs a contiguous f32 tensor of {} values",
+                self.0.len()
+            ),
+        }
     }
 }
 

@@ -271,6 +271,20 @@ impl Segment {
         Ok(())
     }
 
+    /// Lets `f` write the values in place and then marks them as `version`
+    /// (for a writer that produces them block by block, e.g. on several
+    /// threads, instead of copying them from one buffer).
+    pub fn write_with<R>(&self, version: u64, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        self.word().store(WRITING, Ordering::Relaxed);
+        fence(Ordering::Release);
+        // SAFETY: `len` f32s inside the mapping. This process is the
+        // segment's single writer and readers only read it, so no other
+        // reference to these values exists in this process.
+        let out = f(unsafe { std::slice::from_raw_parts_mut(self.values(), self.len) });
+        self.word().store(version, Ordering::Release);
+        out
+    }
+
     /// Copies the values into `outs` (one after the other from the start),
     /// provided the segment holds `version` before and after the copy.
     pub fn read(&self, version: u64, outs: &mut [&mut [f32]]) -> Result<(), ShmError> {
@@ -465,6 +479,9 @@ mod tests {
         b.read(3, &mut [&mut x, &mut y]).unwrap();
         assert_eq!((x, y), (vec![1.0, 2.0, 3.0, 4.0], vec![5.0, 6.0]));
         assert_eq!(b.with_values(3, |v| v.iter().sum::<f32>()).unwrap(), 21.0);
+        assert_eq!(a.write_with(8, |v| v.len()), 6);
+        assert_eq!(b.version(), 8);
+        a.write(3, &[&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]).unwrap();
         let view = b.view(3).unwrap();
         assert_eq!(view.values()[5], 6.0);
         assert!(view.finish().is_ok());
