@@ -321,7 +321,8 @@ struct NodeArgs {
     /// Name expected in the coordinator's certificate (default: the URL's host).
     #[arg(long, env = "GRADCAST_TLS_DOMAIN")]
     tls_domain: Option<String>,
-    /// Misbehave on purpose, to test the coordinator: nan-gradients or slow=MILLISECONDS.
+    /// Misbehave on purpose, to test the coordinator: nan-gradients, huge-gradient,
+    /// lie-about-counts, wrong-step or slow=MILLISECONDS.
     #[arg(long, hide = true)]
     fault: Option<node::Fault>,
     /// Never use the coordinator's shared memory, even on its host (everything over gRPC).

@@ -162,7 +162,13 @@ fn a_wrong_token_is_refused_and_the_right_one_admitted() {
         "node without a token"
     )
     .success());
-    assert!(lines.text().contains("refused a node"), "{}", lines.text());
+    assert!(
+        lines
+            .text()
+            .contains("refused a request with a missing or wrong cluster token"),
+        "{}",
+        lines.text()
+    );
     let (mut member, _) = node(&addr, &["--token", "open-sesame"]);
     assert!(
         wait(&mut coordinator, Duration::from_secs(120), "coordinator").success(),
@@ -475,5 +481,70 @@ fn tls_nodes_train_and_plaintext_nodes_are_refused() {
         wait(&mut secure, Duration::from_secs(30), "TLS node").success(),
         "{}",
         secure_lines.text()
+    );
+}
+
+fn segments(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Nodes on the coordinator's host move weights and gradients through shared
+/// memory, a node that declines uses gRPC in the same run, a node killed
+/// while it holds its segment loses nothing and its segment goes away, and
+/// segments left by a coordinator that died are cleaned up at the next start.
+#[test]
+fn shared_memory_plane_with_a_grpc_node_a_killed_node_and_a_stale_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 400, 50);
+    // Left by a coordinator that was SIGKILLed (a pid above the kernel's
+    // maximum, so never a live process).
+    std::fs::write(shm.path().join("gradcast-4999999-0badc0de-weights"), b"x").unwrap();
+    let shm_dir = shm.path().to_str().unwrap();
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "3", "2", &["--shm-dir", shm_dir]),
+        &[],
+    );
+    let addr = address(&lines);
+    lines.wait_for(
+        "removed 1 shared-memory segment(s)",
+        Duration::from_secs(10),
+    );
+    let (mut local, _) = node(&addr, &[]);
+    let (mut remote, remote_lines) = node(&addr, &["--no-shared-memory"]);
+    let (mut victim, _) = node(&addr, &[]);
+    lines.wait_for("training starts", Duration::from_secs(60));
+    let text = lines.text();
+    assert_eq!(text.matches("data=\"shared memory\"").count(), 2, "{text}");
+    assert_eq!(text.matches("data=\"grpc\"").count(), 1, "{text}");
+    assert!(remote_lines.text().contains("data=\"grpc\""));
+    // The weights segment and one per local node.
+    assert_eq!(segments(shm.path()).len(), 3, "{:?}", segments(shm.path()));
+    std::thread::sleep(Duration::from_millis(500));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    lines.wait_for("node removed", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while segments(shm.path()).len() > 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(segments(shm.path()).len(), 2, "{:?}", segments(shm.path()));
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert_eq!(epoch_samples(&lines), vec![2000, 2000], "{}", lines.text());
+    assert!(wait(&mut local, Duration::from_secs(30), "local node").success());
+    assert!(wait(&mut remote, Duration::from_secs(30), "remote node").success());
+    assert!(
+        segments(shm.path()).is_empty(),
+        "{:?}",
+        segments(shm.path())
     );
 }

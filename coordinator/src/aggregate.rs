@@ -22,6 +22,57 @@ pub(crate) struct GradientSums {
     pub squares: f64,
 }
 
+/// `Σ x²` in f64 (so finite f32 values never overflow it), over eight
+/// independent accumulators so that it vectorises; the order is fixed, so
+/// the bits are too.
+pub(crate) fn sum_of_squares(values: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let x = c[i] as f64;
+            acc[i] += x * x;
+        }
+    }
+    let mut sum: f64 = acc.iter().sum();
+    for &x in rest {
+        sum += (x as f64) * (x as f64);
+    }
+    sum
+}
+
+/// Each part's share of the total weight, as the factor its values are
+/// multiplied by.
+pub(crate) fn factors<'a>(parts: &[(f64, &'a [f32])]) -> Vec<(f32, &'a [f32])> {
+    let total: f64 = parts.iter().map(|(w, _)| w).sum();
+    parts
+        .iter()
+        .map(|(w, v)| {
+            (
+                if total > 0.0 {
+                    (*w / total) as f32
+                } else {
+                    0.0
+                },
+                *v,
+            )
+        })
+        .collect()
+}
+
+/// `out = Σ f·values[start..]` over `factors` in order: the arithmetic of
+/// every weighted mean of gradients, whoever computes it.
+pub(crate) fn average_block(out: &mut [f32], start: usize, factors: &[(f32, &[f32])]) {
+    let end = start + out.len();
+    out.fill(0.0);
+    for (f, values) in factors {
+        for (s, v) in out.iter_mut().zip(&values[start..end]) {
+            *s += f * v;
+        }
+    }
+}
+
 /// Writes into `out` the weighted mean of `parts` (`(weight, values)`,
 /// summed in the given order for every value), plus the gradient `2·l2·w`
 /// of the L2 penalty of `weights` over the `l2` runs; one pass over memory,
@@ -67,7 +118,7 @@ pub(crate) fn average_gradients(
                     out[i - start] += 2.0 * run.l2 * w;
                 }
             }
-            let squares = out.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+            let squares = sum_of_squares(out);
             (penalty, squares)
         })
         .collect();

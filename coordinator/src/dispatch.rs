@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use proto::shm::Segment;
 use std::sync::Arc;
 
+use crate::optimizer::GRADIENT_NORM_LIMIT;
 use crate::service::{Event, NodeInfo, Outbox};
 use crate::telemetry;
 use crate::trainer::Trainer;
@@ -36,6 +37,8 @@ pub(crate) struct Member {
     /// Its gradients segment, when it is on this host and uses the
     /// shared-memory plane (weights then come from the shared segment too).
     pub shared: Option<Arc<Segment>>,
+    /// Its latest answers in a row with a gradient beyond the norm limit.
+    pub huge: u32,
 }
 
 /// One part of a step or of an evaluation.
@@ -61,6 +64,8 @@ pub(crate) enum Answer {
         result: TrainResult,
         gradients: Gradients,
         state: Vec<f32>,
+        /// The gradient's norm, once checked.
+        norm: f64,
     },
     Eval(EvalResult),
 }
@@ -75,18 +80,30 @@ pub(crate) enum Gradients {
 }
 
 impl Gradients {
-    /// Whether every value is finite.
-    fn all_finite(&self) -> bool {
-        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+    /// The Euclidean norm (not finite if any value is not, or if shared
+    /// values changed while they were read).
+    fn norm(&self) -> f64 {
+        let norm = |v: &[f32]| crate::aggregate::sum_of_squares(v).sqrt();
         match self {
-            Gradients::Owned(v) => finite(v),
+            Gradients::Owned(v) => norm(v),
             Gradients::Shared { slot, version } => match slot.view(*version) {
-                Ok(view) => finite(view.values()) && view.finish().is_ok(),
-                Err(_) => false,
+                Ok(view) => {
+                    let n = norm(view.values());
+                    if view.finish().is_ok() {
+                        n
+                    } else {
+                        f64::NAN
+                    }
+                }
+                Err(_) => f64::NAN,
             },
         }
     }
 }
+
+/// Answers in a row whose gradient norm is beyond [`GRADIENT_NORM_LIMIT`]
+/// after which a node is evicted (each of those steps is skipped).
+const HUGE_STREAK: u32 = 3;
 
 impl Trainer {
     pub(crate) fn admit(
@@ -114,6 +131,7 @@ impl Trainer {
             held: None,
             speed: None,
             shared,
+            huge: 0,
         };
         self.members.insert(node, member);
         telemetry::membership(self.members.len(), true);
@@ -140,6 +158,18 @@ impl Trainer {
             }));
         }
         self.remove(node, reason);
+    }
+
+    /// An answer nobody asked for: from a member it is a broken or lying
+    /// node (evicted at once); from a node already removed, whose part went
+    /// to another node, it is a late answer and is ignored.
+    fn unexpected(&mut self, node: u64, reason: &str) {
+        if self.members.contains_key(&node) {
+            warn!(node, "{reason}");
+            self.evict(node, reason);
+        } else {
+            debug!(node, "ignoring an answer from a removed node: {reason}");
+        }
     }
 
     /// Waits until at least `wanted` nodes are connected, for at most `timeout`
@@ -427,8 +457,12 @@ impl Trainer {
                     self.admit(node, outbox, info, shared);
                     continue;
                 }
-                Event::Left { node, reason } | Event::Invalid { node, reason } => {
+                Event::Left { node, reason } => {
                     self.remove(node, &reason);
+                    continue;
+                }
+                Event::Invalid { node, reason } => {
+                    self.evict(node, &reason);
                     continue;
                 }
                 Event::Train {
@@ -440,11 +474,11 @@ impl Trainer {
                     if result.step != self.step
                         || !matches!(tasks.first(), Some(Task::Train { .. }))
                     {
-                        debug!(
-                            node,
-                            step = result.step,
-                            "dropping a training result for another step"
+                        let reason = format!(
+                            "sent a training result for step {} during {phase}",
+                            result.step
                         );
+                        self.unexpected(node, &reason);
                         continue;
                     }
                     (
@@ -454,29 +488,47 @@ impl Trainer {
                             result,
                             gradients,
                             state,
+                            norm: f64::NAN,
                         },
                     )
                 }
                 Event::Eval { node, result } => {
                     if result.round != round || !matches!(tasks.first(), Some(Task::Eval { .. })) {
-                        debug!(
-                            node,
-                            round = result.round,
-                            "dropping an evaluation result for another round"
+                        let reason = format!(
+                            "sent an evaluation result for round {} during {phase}",
+                            result.round
                         );
+                        self.unexpected(node, &reason);
                         continue;
                     }
                     (node, result.part as usize, Answer::Eval(result))
                 }
             };
             if part >= n || done[part] || owner[part] != Some(node) {
-                debug!(node, part, "dropping a late or duplicate answer");
+                let reason = format!("answered part {part} of {phase}, which it was not given");
+                self.unexpected(node, &reason);
                 continue;
             }
-            if let Err(reason) = check(&tasks[part], &answer) {
-                warn!(node, part, "{phase}: {reason}");
-                self.evict(node, &reason);
-                continue;
+            let norm = match check(&tasks[part], &answer) {
+                Ok(norm) => norm,
+                Err(reason) => {
+                    warn!(node, part, "{phase}: {reason}");
+                    self.evict(node, &reason);
+                    continue;
+                }
+            };
+            // A finite but huge gradient: its step will be skipped; a node
+            // that keeps sending them is broken.
+            let huge = norm > GRADIENT_NORM_LIMIT;
+            if let Some(m) = self.members.get_mut(&node) {
+                m.huge = if huge { m.huge + 1 } else { 0 };
+                if m.huge >= HUGE_STREAK {
+                    let reason = format!(
+                        "{HUGE_STREAK} gradients in a row with a norm beyond {GRADIENT_NORM_LIMIT:e} (last {norm:e})"
+                    );
+                    warn!(node, "{phase}: {reason}");
+                    self.evict(node, &reason);
+                }
             }
             if let Answer::Train { result, .. } = &answer {
                 if result.compute_seconds > 0.0 {
@@ -486,6 +538,10 @@ impl Trainer {
                     }
                 }
             }
+            let mut answer = answer;
+            if let Answer::Train { norm: n, .. } = &mut answer {
+                *n = norm;
+            }
             answers[part] = Some((node, answer));
             done[part] = true;
         }
@@ -493,20 +549,24 @@ impl Trainer {
     }
 }
 
-/// Whether an answer is usable for its task.
-fn check(task: &Task, answer: &Answer) -> std::result::Result<(), String> {
-    let (samples, loss) = match answer {
+/// Whether an answer is usable for its task; returns its gradient's norm
+/// (0 for an evaluation).
+fn check(task: &Task, answer: &Answer) -> std::result::Result<f64, String> {
+    let (samples, correct, loss, seconds, norm) = match answer {
         Answer::Train {
             result,
             gradients,
             state,
+            ..
         } => {
-            if !state.iter().all(|v| v.is_finite()) || !gradients.all_finite() {
+            let norm = gradients.norm();
+            if !state.iter().all(|v| v.is_finite()) || !norm.is_finite() {
                 return Err("non-finite gradient or state".into());
             }
-            (result.samples, result.loss_sum)
+            let r = result;
+            (r.samples, r.correct, r.loss_sum, r.compute_seconds, norm)
         }
-        Answer::Eval(r) => (r.samples, r.loss_sum),
+        Answer::Eval(r) => (r.samples, r.correct, r.loss_sum, r.compute_seconds, 0.0),
     };
     if samples != task.samples() {
         return Err(format!(
@@ -514,10 +574,17 @@ fn check(task: &Task, answer: &Answer) -> std::result::Result<(), String> {
             task.samples()
         ));
     }
-    if !loss.is_finite() {
-        return Err("non-finite loss".into());
+    if correct > samples {
+        return Err(format!("claims {correct} correct of {samples} samples"));
     }
-    Ok(())
+    // A sum of cross-entropies is never negative.
+    if !loss.is_finite() || loss < 0.0 {
+        return Err(format!("impossible loss sum {loss}"));
+    }
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("impossible compute time {seconds} s"));
+    }
+    Ok(norm)
 }
 
 /// Sends Finish to every member and forgets them.

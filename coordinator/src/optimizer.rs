@@ -7,7 +7,7 @@ use std::str::FromStr;
 use model::TensorInfo;
 use rayon::prelude::*;
 
-use crate::aggregate::BLOCK;
+use crate::aggregate::{average_block, BLOCK};
 
 /// Which optimizer the coordinator applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,50 @@ impl Optimizer {
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
         self.step_mirrored(weights, grads, lr, None)
+    }
+
+    /// One update with the weighted mean of `parts` (`(factor, values)`, see
+    /// `aggregate::factors`) as the gradient, made block by block inside the
+    /// update's own pass: the same bits as averaging into a buffer first and
+    /// then calling [`Optimizer::step_mirrored`], with two fewer passes over
+    /// memory. The caller must know the mean is usable (finite, within the
+    /// norm limit) beforehand.
+    pub fn step_averaged(
+        &mut self,
+        weights: &mut [f32],
+        parts: &[(f32, &[f32])],
+        lr: f64,
+        mirror: Option<&mut [f32]>,
+    ) {
+        match self {
+            Optimizer::Adam(adam) => adam.step_with(weights, lr, mirror, |start, g| {
+                average_block(g, start, parts)
+            }),
+            Optimizer::Sgd => {
+                let lr = lr as f32;
+                let update = |b: usize, w: &mut [f32]| {
+                    let mut g = vec![0.0f32; w.len()];
+                    average_block(&mut g, b * BLOCK, parts);
+                    for (w, g) in w.iter_mut().zip(&g) {
+                        *w -= lr * g;
+                    }
+                };
+                match mirror {
+                    Some(mirror) => weights
+                        .par_chunks_mut(BLOCK)
+                        .zip(mirror.par_chunks_mut(BLOCK))
+                        .enumerate()
+                        .for_each(|(b, (w, out))| {
+                            update(b, w);
+                            out.copy_from_slice(w);
+                        }),
+                    None => weights
+                        .par_chunks_mut(BLOCK)
+                        .enumerate()
+                        .for_each(|(b, w)| update(b, w)),
+                }
+            }
+        }
     }
 
     /// [`Optimizer::step`] that also writes the new weights into `mirror`
@@ -173,14 +217,29 @@ impl Adam {
         mirror: Option<&mut [f32]>,
     ) {
         assert_eq!(
-            weights.len(),
-            self.m.len(),
-            "Adam state and weights differ in length"
-        );
-        assert_eq!(
             grads.len(),
             self.m.len(),
             "Adam state and gradients differ in length"
+        );
+        self.step_with(weights, lr, mirror, |start, g| {
+            g.copy_from_slice(&grads[start..start + g.len()])
+        })
+    }
+
+    /// One update whose gradient for the block of values starting at
+    /// `start` is written by `gradient(start, block)`; optionally also
+    /// writes the new weights into `mirror`.
+    pub fn step_with(
+        &mut self,
+        weights: &mut [f32],
+        lr: f64,
+        mirror: Option<&mut [f32]>,
+        gradient: impl Fn(usize, &mut [f32]) + Sync,
+    ) {
+        assert_eq!(
+            weights.len(),
+            self.m.len(),
+            "Adam state and weights differ in length"
         );
         self.iterations += 1;
         let t = self.iterations as i32;
@@ -188,7 +247,9 @@ impl Adam {
         let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
         let epsilon = self.epsilon;
         // Element-wise, so the blocks (and threads) cannot change a bit.
-        let update = |w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+        let update = |b: usize, w: &mut [f32], m: &mut [f32], v: &mut [f32]| {
+            let mut g = vec![0.0f32; w.len()];
+            gradient(b * BLOCK, &mut g);
             for i in 0..w.len() {
                 let g = g[i];
                 m[i] += (g - m[i]) * b1;
@@ -200,17 +261,17 @@ impl Adam {
             .par_chunks_mut(BLOCK)
             .zip(self.m.par_chunks_mut(BLOCK))
             .zip(self.v.par_chunks_mut(BLOCK))
-            .zip(grads.par_chunks(BLOCK));
+            .enumerate();
         match mirror {
             Some(mirror) => {
                 blocks
                     .zip(mirror.par_chunks_mut(BLOCK))
-                    .for_each(|((((w, m), v), g), out)| {
-                        update(w, m, v, g);
+                    .for_each(|((b, ((w, m), v)), out)| {
+                        update(b, w, m, v);
                         out.copy_from_slice(w);
                     })
             }
-            None => blocks.for_each(|(((w, m), v), g)| update(w, m, v, g)),
+            None => blocks.for_each(|(b, ((w, m), v))| update(b, w, m, v)),
         }
     }
 }
@@ -359,6 +420,29 @@ mod tests {
             }
             assert_eq!(wa, wb);
             assert_eq!(wb, mirror);
+        }
+    }
+
+    #[test]
+    fn averaging_inside_the_update_gives_the_same_bits() {
+        use crate::aggregate::{average_gradients, factors};
+        let n = 2 * BLOCK + 11;
+        let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
+        let parts: Vec<(f64, &[f32])> = vec![(14.0, &a), (13.0, &b)];
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let (mut two, mut one) = (Optimizer::new(kind, n), Optimizer::new(kind, n));
+            let (mut w2, mut w1) = (vec![0.5f32; n], vec![0.5f32; n]);
+            let (mut m2, mut m1) = (vec![0.0f32; n], vec![0.0f32; n]);
+            let mut grads = vec![0.0f32; n];
+            for _ in 0..3 {
+                average_gradients(&mut grads, &parts, &w2, &[]);
+                two.step_mirrored(&mut w2, &grads, 1e-2, Some(&mut m2));
+                one.step_averaged(&mut w1, &factors(&parts), 1e-2, Some(&mut m1));
+            }
+            assert_eq!(w1, w2);
+            assert_eq!(m1, m2);
+            assert_eq!(m1, w1);
         }
     }
 

@@ -517,11 +517,13 @@ impl Trainer {
         let num_state = self.weights.len() - self.num_trainable;
         let mut state = WeightedSum::new(num_state);
         let mut sources = Vec::with_capacity(answers.len());
+        let mut norms = Vec::with_capacity(answers.len());
         for (node, answer) in answers {
             let Answer::Train {
                 result,
                 gradients,
                 state: s,
+                norm,
             } = answer
             else {
                 continue;
@@ -537,6 +539,7 @@ impl Trainer {
             tally.add(result.loss_sum, result.correct, result.samples);
             state.add(result.samples as f64, s);
             sources.push((node, result.samples as f64, gradients));
+            norms.push((result.samples as f64, norm));
         }
         // Shared gradients are read in place; a view that did not hold
         // still (a node writing its segment while it should not) voids the
@@ -563,46 +566,76 @@ impl Trainer {
             })
             .collect();
         let (trainable, buffers) = self.weights.split_at_mut(self.num_trainable);
-        let sums = average_gradients(&mut self.grads, &parts, trainable, &self.l2);
-        drop(parts);
-        for (node, view) in views {
-            if let Some(v) = view {
-                if v.finish().is_err() {
-                    torn = Some(node);
-                }
-            }
-        }
-        let penalty = sums.penalty;
-        let norm = sums.squares.sqrt();
-        if let Some(node) = torn {
-            warn!(
-                step = self.step,
-                node,
-                "skipping the update: a node changed its shared gradients while they were read"
-            );
-            telemetry::step_skipped();
-            self.evict(
-                node,
-                "changed its shared-memory gradients while they were read",
-            );
-        } else if norm <= GRADIENT_NORM_LIMIT {
-            if let Some(max) = self.config.clip_norm {
-                crate::optimizer::clip_to_norm(&mut self.grads, norm, max);
-            }
+        // Without L2 or clipping the mean is only needed inside Adam's pass,
+        // and the norm of a weighted mean is at most the weighted mean of the
+        // (checked) norms: average in that pass, two fewer passes over memory.
+        let total: f64 = norms.iter().map(|(w, _)| w).sum();
+        let bound: f64 = norms.iter().map(|(w, n)| w / total.max(1e-300) * n).sum();
+        let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
+        let local = self.members.values().any(|m| m.shared.is_some());
+        let (penalty, norm) = if fused {
+            (0.0, bound)
+        } else {
+            let sums = average_gradients(&mut self.grads, &parts, trainable, &self.l2);
+            (sums.penalty, sums.squares.sqrt())
+        };
+        let usable = torn.is_none() && norm <= GRADIENT_NORM_LIMIT;
+        if usable {
             buffers.copy_from_slice(&state.mean());
-            let local = self.members.values().any(|m| m.shared.is_some());
+            let optimizer = &mut self.optimizer;
+            let grads = &mut self.grads;
+            let clip = self.config.clip_norm;
+            let factors = crate::aggregate::factors(&parts);
+            let mut update = |trainable: &mut [f32], mirror: Option<&mut [f32]>| {
+                if fused {
+                    optimizer.step_averaged(trainable, &factors, lr, mirror);
+                } else {
+                    if let Some(max) = clip {
+                        crate::optimizer::clip_to_norm(grads, norm, max);
+                    }
+                    optimizer.step_mirrored(trainable, grads, lr, mirror);
+                }
+            };
             match (&self.plane, local) {
                 // Nodes on this host read the new weights from the shared
                 // segment: write them there in the optimizer's own pass.
                 (Some(plane), true) => plane.publish_with(self.step + 1, |shared| {
                     let (t, s) = shared.split_at_mut(trainable.len());
-                    self.optimizer
-                        .step_mirrored(trainable, &self.grads, lr, Some(t));
+                    update(trainable, Some(t));
                     s.copy_from_slice(buffers);
                 }),
-                _ => self.optimizer.step(trainable, &self.grads, lr),
+                _ => update(trainable, None),
             }
-        } else {
+        }
+        drop(parts);
+        let mut changed = None;
+        for (node, view) in views {
+            if let Some(v) = view {
+                if v.finish().is_err() {
+                    changed = Some(node);
+                }
+            }
+        }
+        if let Some(node) = changed {
+            // Only a broken local process does this (local processes of the
+            // coordinator's user are trusted, see ARCHITECTURE.md).
+            warn!(
+                step = self.step,
+                node, "a node changed its shared gradients while they were read"
+            );
+            self.evict(
+                node,
+                "changed its shared-memory gradients while they were read",
+            );
+        }
+        if let Some(node) = torn {
+            warn!(
+                step = self.step,
+                node, "skipping the update: a node's shared gradients were not of this step"
+            );
+            telemetry::step_skipped();
+            self.evict(node, "its shared-memory gradients were not of this step");
+        } else if !usable {
             // Finite per node but not usable together (or huge): applying it
             // would make the weights or Adam's state non-finite for good.
             warn!(

@@ -24,7 +24,7 @@ pub use block_cache::BlockCache;
 pub use checkpoint::{save_checkpoint, Checkpoint, MODEL_KEY};
 pub use error::ModelError;
 pub use layers::same_padding;
-pub use network::{Engine, EvalOutput, Model, StepOutput, TensorInfo};
+pub use network::{Engine, EvalOutput, Model, StepOutput, StepStats, TensorInfo};
 pub use spec::{ModelKind, ModelSpec};
 
 /// Tunes the C allocator for training (see [`use_threads`]): no trimming of

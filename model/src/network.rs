@@ -210,6 +210,49 @@ impl Model {
         labels: &[u8],
         seed: u64,
     ) -> Result<(StepOutput, Duration, Duration)> {
+        let mut gradients = Vec::with_capacity(self.num_trainable());
+        let mut state = Vec::with_capacity(self.num_state());
+        let (stats, forward, backward) =
+            self.step(images, labels, seed, &mut (&mut gradients, &mut state))?;
+        let out = StepOutput {
+            gradients,
+            state,
+            loss_sum: stats.loss_sum,
+            correct: stats.correct,
+            samples: stats.samples,
+        };
+        Ok((out, forward, backward))
+    }
+
+    /// [`Model::train_step`] that writes the gradients and then the state
+    /// into `out` (of `num_trainable() + num_state()` values, e.g. a
+    /// shared-memory segment) instead of new vectors.
+    pub fn train_step_into(
+        &self,
+        images: &[u8],
+        labels: &[u8],
+        seed: u64,
+        out: &mut [f32],
+    ) -> Result<StepStats> {
+        let expected = self.num_trainable() + self.num_state();
+        if out.len() != expected {
+            return Err(ModelError::BufferLength {
+                what: "gradients and state",
+                expected,
+                got: out.len(),
+            });
+        }
+        let mut sink = SliceSink { out, at: 0 };
+        Ok(self.step(images, labels, seed, &mut sink)?.0)
+    }
+
+    fn step(
+        &self,
+        images: &[u8],
+        labels: &[u8],
+        seed: u64,
+        sink: &mut dyn Sink,
+    ) -> Result<(StepStats, Duration, Duration)> {
         let start = Instant::now();
         let n = labels.len();
         if n == 0 {
@@ -227,15 +270,13 @@ impl Model {
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let forward = start.elapsed();
         let grads = loss.backward()?;
-        let mut gradients = Vec::with_capacity(self.num_trainable());
         for (info, v) in &self.params {
             match grads.get(v.as_tensor()) {
-                Some(g) => append_values(g, &mut gradients)?,
-                None => gradients.extend(std::iter::repeat_n(0.0, info.numel())),
+                Some(g) => sink.gradient(g)?,
+                None => sink.zeros(info.numel()),
             }
         }
         // Running statistics: r = momentum * r + (1 - momentum) * batch.
-        let mut state = Vec::with_capacity(self.num_state());
         let mut batch_stats = vec![None; self.buffers.len()];
         for (mean_index, mean, var) in pass.bn_stats {
             batch_stats[mean_index] = Some(mean);
@@ -247,17 +288,15 @@ impl Model {
                 Some(b) => ((old * BN_MOMENTUM)? + (b * (1.0 - BN_MOMENTUM))?)?,
                 None => old.clone(),
             };
-            append_values(&new, &mut state)?;
+            sink.state(&new)?;
         }
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let out = StepOutput {
-            gradients,
-            state,
+        let stats = StepStats {
             loss_sum: loss_value * n as f64,
             correct: correct(&logits, &y)?,
             samples: n as u32,
         };
-        Ok((out, forward, start.elapsed() - forward))
+        Ok((stats, forward, start.elapsed() - forward))
     }
 
     /// Loss and accuracy in inference mode (running statistics, no dropout).
@@ -296,6 +335,86 @@ impl Model {
                 p
             })
             .collect())
+    }
+}
+
+/// The sums of a training step (what [`Model::train_step_into`] returns
+/// besides the values it writes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Sum of the per-sample cross-entropy losses.
+    pub loss_sum: f64,
+    /// Correct predictions (training mode).
+    pub correct: u32,
+    /// Samples in the batch.
+    pub samples: u32,
+}
+
+/// Where a step's gradients (in parameter order), then its state, go.
+trait Sink {
+    fn gradient(&mut self, t: &Tensor) -> Result<()>;
+    fn zeros(&mut self, n: usize);
+    fn state(&mut self, t: &Tensor) -> Result<()>;
+}
+
+/// Two vectors: gradients and state.
+impl Sink for (&mut Vec<f32>, &mut Vec<f32>) {
+    fn gradient(&mut self, t: &Tensor) -> Result<()> {
+        append_values(t, self.0)
+    }
+    fn zeros(&mut self, n: usize) {
+        self.0.extend(std::iter::repeat_n(0.0, n));
+    }
+    fn state(&mut self, t: &Tensor) -> Result<()> {
+        append_values(t, self.1)
+    }
+}
+
+/// One slice, filled from the start.
+struct SliceSink<'a> {
+    out: &'a mut [f32],
+    at: usize,
+}
+
+impl SliceSink<'_> {
+    fn put(&mut self, t: &Tensor) -> Result<()> {
+        let n = t.elem_count();
+        let end = self.at + n;
+        if end > self.out.len() {
+            return Err(ModelError::BufferLength {
+                what: "gradients and state",
+                expected: self.out.len(),
+                got: end,
+            });
+        }
+        let dst = &mut self.out[self.at..end];
+        {
+            let (storage, layout) = t.storage_and_layout();
+            if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                dst.copy_from_slice(&v[a..b]);
+                self.at = end;
+                return Ok(());
+            }
+        }
+        dst.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        self.at = end;
+        Ok(())
+    }
+}
+
+impl Sink for SliceSink<'_> {
+    fn gradient(&mut self, t: &Tensor) -> Result<()> {
+        self.put(t)
+    }
+    fn zeros(&mut self, n: usize) {
+        let end = (self.at + n).min(self.out.len());
+        self.out[self.at..end].fill(0.0);
+        self.at = end;
+    }
+    fn state(&mut self, t: &Tensor) -> Result<()> {
+        self.put(t)
     }
 }
 
@@ -438,6 +557,18 @@ mod tests {
         assert_ne!(other.gradients, out.gradients);
         assert!(m.train_step(&images[1..], &labels, 1).is_err());
         assert!(m.train_step(&images, &[10, 0, 0, 0, 0, 0], 1).is_err());
+        // Into one caller's buffer: the same values and sums.
+        let mut buf = vec![f32::NAN; m.num_trainable() + m.num_state()];
+        let stats = m.train_step_into(&images, &labels, 11, &mut buf).unwrap();
+        assert_eq!(&buf[..m.num_trainable()], out.gradients.as_slice());
+        assert_eq!(&buf[m.num_trainable()..], out.state.as_slice());
+        assert_eq!(
+            (stats.loss_sum, stats.correct, stats.samples),
+            (out.loss_sum, out.correct, out.samples)
+        );
+        assert!(m
+            .train_step_into(&images, &labels, 11, &mut buf[1..])
+            .is_err());
     }
 
     #[test]

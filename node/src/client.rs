@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use model::{Device, Model, ModelKind, ModelSpec, TensorInfo};
+use model::{Device, Model, ModelKind, ModelSpec, StepStats, TensorInfo};
 use proto::shm::Segment;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::coordinator_message::Kind as In;
@@ -67,20 +67,31 @@ pub enum Fault {
     NanGradients,
     /// Sleeps this long before answering each training task.
     Slow(Duration),
+    /// One gradient element of every answer is 1e20: finite, but far beyond
+    /// anything that trains.
+    HugeGradient,
+    /// Claims more correct predictions than samples and a negative loss.
+    LieAboutCounts,
+    /// Answers every training task with the wrong step number.
+    WrongStep,
 }
 
 impl std::str::FromStr for Fault {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        if s == "nan-gradients" {
-            return Ok(Fault::NanGradients);
+        match s {
+            "nan-gradients" => return Ok(Fault::NanGradients),
+            "huge-gradient" => return Ok(Fault::HugeGradient),
+            "lie-about-counts" => return Ok(Fault::LieAboutCounts),
+            "wrong-step" => return Ok(Fault::WrongStep),
+            _ => {}
         }
         if let Some(ms) = s.strip_prefix("slow=").and_then(|ms| ms.parse().ok()) {
             return Ok(Fault::Slow(Duration::from_millis(ms)));
         }
         Err(format!(
-            "unknown fault {s:?}; use nan-gradients or slow=MILLISECONDS"
+            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step or slow=MILLISECONDS"
         ))
     }
 }
@@ -383,6 +394,15 @@ impl Shared {
     }
 }
 
+/// The faults that change the gradients a node sends.
+fn corrupt(fault: Option<Fault>, gradients: &mut [f32]) {
+    match (fault, gradients.first_mut()) {
+        (Some(Fault::NanGradients), Some(g)) => *g = f32::NAN,
+        (Some(Fault::HugeGradient), Some(g)) => *g = 1e20,
+        _ => {}
+    }
+}
+
 struct Session {
     tx: mpsc::Sender<NodeMessage>,
     model: Arc<Model>,
@@ -467,48 +487,70 @@ impl Session {
         let s = samples(task.samples)?;
         let model = self.model.clone();
         let started = Instant::now();
-        let out =
-            tokio::task::spawn_blocking(move || model.train_step(&s.images, &s.labels, task.seed))
-                .await
-                .map_err(|e| NodeError::Compute(e.to_string()))??;
-        let mut out = out;
-        match self.fault {
-            Some(Fault::NanGradients) => out.gradients[0] = f32::NAN,
+        let fault = self.fault;
+        let step = match fault {
+            Some(Fault::WrongStep) => task.step + 1000,
+            _ => task.step,
+        };
+        // Gradients and state go straight into the shared segment when the
+        // task says so, else into vectors sent as chunks.
+        let shared = if task.shared_memory {
+            Some(self.shared()?.clone())
+        } else {
+            None
+        };
+        let computed = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (images, labels, seed) = (&s.images[..], &s.labels[..], task.seed);
+            match shared {
+                Some(segments) => {
+                    let stats = segments.gradients.write_with(step, |out| {
+                        let stats = model.train_step_into(images, labels, seed, out)?;
+                        corrupt(fault, out);
+                        Ok::<_, NodeError>(stats)
+                    })?;
+                    Ok((stats, None))
+                }
+                None => {
+                    let mut out = model.train_step(images, labels, seed)?;
+                    corrupt(fault, &mut out.gradients);
+                    let stats = StepStats {
+                        loss_sum: out.loss_sum,
+                        correct: out.correct,
+                        samples: out.samples,
+                    };
+                    Ok((stats, Some((out.gradients, out.state))))
+                }
+            }
+        })
+        .await
+        .map_err(|e| NodeError::Compute(e.to_string()))??;
+        let (mut stats, buffers) = computed;
+        match fault {
             Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
-            None => {}
+            Some(Fault::LieAboutCounts) => {
+                stats.correct = 1000 * stats.samples;
+                stats.loss_sum = -1e6;
+            }
+            _ => {}
         }
         let seconds = started.elapsed().as_secs_f64();
-        telemetry::task("train", out.samples, seconds);
-        if task.shared_memory {
-            let t = Instant::now();
-            self.shared()?
-                .gradients
-                .write(task.step, &[&out.gradients, &out.state])
-                .map_err(|e| NodeError::Protocol(format!("shared gradients: {e}")))?;
-            debug!(
-                step = task.step,
-                "wrote shared gradients in {:?}",
-                t.elapsed()
-            );
-        }
-        for (kind, values) in [
-            (BufferKind::Gradients, &out.gradients),
-            (BufferKind::State, &out.state),
-        ] {
-            if task.shared_memory {
-                break;
-            }
-            for chunk in Chunker::new(kind, task.step, values, proto::DEFAULT_CHUNK_BYTES).chunks()
-            {
-                telemetry::sent(chunk.data.len());
-                self.send(Out::Chunk(chunk)).await?;
+        telemetry::task("train", stats.samples, seconds);
+        if let Some((gradients, state)) = buffers {
+            for (kind, values) in [
+                (BufferKind::Gradients, &gradients),
+                (BufferKind::State, &state),
+            ] {
+                for chunk in Chunker::new(kind, step, values, proto::DEFAULT_CHUNK_BYTES).chunks() {
+                    telemetry::sent(chunk.data.len());
+                    self.send(Out::Chunk(chunk)).await?;
+                }
             }
         }
         self.send(Out::Train(TrainResult {
-            step: task.step,
-            samples: out.samples,
-            loss_sum: out.loss_sum,
-            correct: out.correct,
+            step,
+            samples: stats.samples,
+            loss_sum: stats.loss_sum,
+            correct: stats.correct,
             compute_seconds: seconds,
             part: task.part,
             shared_memory: task.shared_memory,

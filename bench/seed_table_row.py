@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Writes one model's row of docs/seed-table/README.md from its history.
+
+usage: seed_table_row.py OUT_DIR MODEL STUDY_PERCENT PLANNED_EPOCHS WALL_SECONDS
+                         NODE_COMPUTE_SECONDS COMMIT
+
+The node compute share is the nodes' compute time over (2 nodes x wall time):
+the part of the cluster's time spent in forward and backward passes.
+"""
+import json
+import os
+import sys
+
+ORDER = ["simple-cnn", "complex-cnn", "resnet20", "resnet20-dropout", "resnet50-dropout"]
+STUDY = {
+    "simple-cnn": "71.6 %",
+    "complex-cnn": "90.5 %",
+    "resnet20": "66.2 % (train 96.2 %)",
+    "resnet20-dropout": "86.1 % (train 95.0 %)",
+    "resnet50-dropout": "87.4 % (train 99.2 %)",
+}
+HEADER = """# The study's table, trained on gradcast
+
+Each row is trained by `bench/seed-table.sh MODEL` on a 2-node cluster on one
+host (2 nodes x 1 thread, batch 32, Adam 1e-3, the model's schedule, no
+augmentation) on the CIFAR-10 binary archive whose pixels went through JPEG
+(q75): expect accuracies near, not equal to, the study's. A row whose epochs
+are below the plan is a run in progress; rerunning the same command continues
+it bit-exactly. Curves: `MODEL.png`; histories: `MODEL.json`.
+
+| model | study (test) | epochs | final test | best test (epoch) | final train | wall time | node compute share | commit |
+|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def row(model, history, planned, wall, compute, commit):
+    val = history.get("val_accuracy", [])
+    train = history.get("accuracy", [])
+    if not val:
+        return None
+    best = max(range(len(val)), key=lambda i: val[i])
+    hours = wall / 3600.0
+    share = compute / (2.0 * wall) if wall > 0 else 0.0
+    return (
+        f"| {model} | {STUDY[model]} | {len(val)} of {planned} | {val[-1]:.4f} | "
+        f"{val[best]:.4f} ({best + 1}) | {train[-1]:.4f} | {hours:.1f} h | {share:.2f} | {commit} |"
+    )
+
+
+def main():
+    out, model, _study, planned, wall, compute, commit = sys.argv[1:8]
+    with open(os.path.join(out, f"{model}.json")) as f:
+        history = json.load(f)
+    path = os.path.join(out, "README.md")
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                if len(cells) >= 9 and cells[0] in STUDY:
+                    rows[cells[0]] = line.rstrip("\n")
+    new = row(model, history, planned, float(wall), float(compute), commit)
+    if new:
+        rows[model] = new
+    with open(path + ".tmp", "w") as f:
+        f.write(HEADER)
+        for m in ORDER:
+            if m in rows:
+                f.write(rows[m] + "\n")
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
