@@ -216,3 +216,66 @@ fn refused_floods_cost_no_memory_and_node_ids_cannot_be_taken_over() {
     let _ = coordinator.kill();
     let _ = coordinator.wait();
 }
+
+/// A member that stops reading its stream (and never answers) holds up no
+/// step for longer than `--step-timeout`: it is evicted, its part goes to the
+/// honest node, and the run finishes with every sample.
+#[test]
+fn a_member_that_stops_reading_is_evicted_within_the_step_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let mut args = coordinator(data.to_str().unwrap(), "2", &["--shm-dir", "off"]);
+    let at = args.iter().position(|a| *a == "--step-timeout").unwrap();
+    args[at + 1] = "3";
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Joins, says Hello, then neither reads nor writes again.
+    let (_keep_open, stream) = rt.block_on(async {
+        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let joined = client
+            .join(join_request("stalled".into()))
+            .await
+            .unwrap()
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(NodeMessage {
+            kind: Some(Kind::Hello(Hello {
+                node_id: joined.node_id,
+                session_secret: joined.session_secret,
+                shared_memory_proof: Default::default(),
+            })),
+        })
+        .await
+        .unwrap();
+        let stream = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, stream)
+    });
+    lines.wait_for("node joined (1 connected)", Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    let (mut honest, _) = node(&addr, &[]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(120), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    let text = lines.text();
+    assert!(
+        text.contains("evicted") || text.contains("no answer"),
+        "{text}"
+    );
+    assert_eq!(epoch_samples(&lines), vec![200, 200]);
+    eprintln!("run with a stalled member took {:?}", started.elapsed());
+    assert!(wait(&mut honest, Duration::from_secs(30), "honest node").success());
+    drop(stream);
+}

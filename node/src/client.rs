@@ -1,5 +1,6 @@
 //! The node's life: connect (with retries), join, then serve the session.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -310,6 +311,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         model: model.clone(),
         fault: config.fault,
         shared,
+        slot_step: AtomicU64::new(0),
     };
     loop {
         let msg = match inbound.message().await {
@@ -408,6 +410,8 @@ struct Session {
     model: Arc<Model>,
     fault: Option<Fault>,
     shared: Option<Arc<Shared>>,
+    /// 1 + the step whose answer is in the gradients segment (0: none).
+    slot_step: AtomicU64,
 }
 
 fn samples(s: Option<Samples>) -> Result<Samples> {
@@ -493,12 +497,18 @@ impl Session {
             _ => task.step,
         };
         // Gradients and state go straight into the shared segment when the
-        // task says so, else into vectors sent as chunks.
-        let shared = if task.shared_memory {
+        // task says so, else into vectors sent as chunks. The segment holds
+        // one answer per step: the coordinator reads it in place until the
+        // step's update, so a second part of the same step (a lost node's,
+        // reassigned here) travels as chunks.
+        let slot_free = self.slot_step.load(Ordering::Relaxed) != step + 1;
+        let shared = if task.shared_memory && slot_free {
+            self.slot_step.store(step + 1, Ordering::Relaxed);
             Some(self.shared()?.clone())
         } else {
             None
         };
+        let in_segment = shared.is_some();
         let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let (images, labels, seed) = (&s.images[..], &s.labels[..], task.seed);
             match shared {
@@ -553,7 +563,7 @@ impl Session {
             correct: stats.correct,
             compute_seconds: seconds,
             part: task.part,
-            shared_memory: task.shared_memory,
+            shared_memory: in_segment,
         }))
         .await
     }
