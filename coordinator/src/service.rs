@@ -28,6 +28,9 @@ use crate::plane::SharedPlane;
 const OUTBOX: usize = 64;
 /// Joins that have not opened their session yet, at most.
 const MAX_PENDING: usize = 1024;
+/// Joins waiting for their sessions that hold a shared-memory segment, at
+/// most (each reserves a model's worth of tmpfs); later ones get gRPC.
+const MAX_PENDING_SEGMENTS: usize = 16;
 /// How long a join may wait for its session before it is forgotten.
 const PENDING_TTL: Duration = Duration::from_secs(120);
 /// Longest host or device name kept from a node (longer ones are cut).
@@ -86,6 +89,8 @@ pub(crate) struct Service {
     num_trainable: usize,
     num_state: usize,
     plane: Option<Arc<SharedPlane>>,
+    /// How long a join may wait for its session ([`PENDING_TTL`]).
+    pending_ttl: Duration,
 }
 
 impl Service {
@@ -104,6 +109,7 @@ impl Service {
             num_trainable,
             num_state,
             plane,
+            pending_ttl: PENDING_TTL,
         }
     }
 }
@@ -180,7 +186,7 @@ impl Coordinator for Service {
             .pending
             .lock()
             .map_err(|_| Status::internal("membership lock poisoned"))?;
-        pending.retain(|_, p| p.since.elapsed() < PENDING_TTL);
+        pending.retain(|_, p| p.since.elapsed() < self.pending_ttl);
         if pending.len() >= MAX_PENDING {
             crate::telemetry::refused();
             return Err(Status::resource_exhausted(format!(
@@ -198,7 +204,15 @@ impl Coordinator for Service {
         let mut reply = self.reply.clone();
         reply.node_id = node;
         reply.session_secret = secret.to_vec().into();
+        let segments = pending.values().filter(|p| p.slot.is_some()).count();
         let slot = match (&self.plane, req.shared_memory) {
+            (Some(_), true) if segments >= MAX_PENDING_SEGMENTS => {
+                debug!(
+                    node,
+                    "{segments} joins hold segments already; this one gets gRPC"
+                );
+                None
+            }
             (Some(plane), true) => match plane.new_slot(node) {
                 Ok(slot) => {
                     reply.shared_memory = Some(SharedMemory {
@@ -442,6 +456,65 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::Unauthenticated);
         }
         assert!(TokenCheck::new(None).call(with_auth(None)).is_ok());
+    }
+
+    fn service(plane: Option<Arc<SharedPlane>>) -> (Service, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Service::new(tx, JoinReply::default(), 4, 2, plane), rx)
+    }
+
+    fn join_request(shared_memory: bool, name_bytes: usize) -> Request<JoinRequest> {
+        Request::new(JoinRequest {
+            hostname: "h".repeat(name_bytes),
+            device: "cpu".into(),
+            threads: 1,
+            protocol_version: proto::PROTOCOL_VERSION,
+            shared_memory,
+        })
+    }
+
+    /// Joins that never open a session are bounded in number and forgotten
+    /// after `PENDING_TTL`, and only a few of them hold shared-memory
+    /// segments; their long host names are cut at once.
+    #[tokio::test]
+    async fn abandoned_joins_are_bounded_and_expire() {
+        let shm = tempfile::tempdir().unwrap();
+        let plane = Arc::new(SharedPlane::new(shm.path(), 6, 6).unwrap());
+        let (mut service, _events) = service(Some(plane));
+        service.pending_ttl = Duration::from_secs(3);
+        let files = || std::fs::read_dir(shm.path()).unwrap().count();
+        for _ in 0..MAX_PENDING_SEGMENTS + 4 {
+            let reply = service
+                .join(join_request(true, 1 << 20))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(reply.session_secret.len(), 16);
+        }
+        // The weights segment and one per join, up to the cap.
+        assert_eq!(files(), 1 + MAX_PENDING_SEGMENTS);
+        let held: usize = service
+            .pending
+            .lock()
+            .unwrap()
+            .values()
+            .map(|p| p.info.hostname.len())
+            .sum();
+        assert!(
+            held < 200 * (MAX_PENDING_SEGMENTS + 4),
+            "{held} bytes of names kept"
+        );
+        for _ in MAX_PENDING_SEGMENTS + 4..MAX_PENDING {
+            service.join(join_request(false, 64)).await.unwrap();
+        }
+        let err = service.join(join_request(false, 64)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // After the time to live, the next join finds them all forgotten,
+        // their segments removed.
+        tokio::time::sleep(service.pending_ttl).await;
+        service.join(join_request(true, 64)).await.unwrap();
+        assert_eq!(service.pending.lock().unwrap().len(), 1);
+        assert_eq!(files(), 2);
     }
 
     #[test]
