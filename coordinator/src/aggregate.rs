@@ -83,32 +83,14 @@ pub(crate) fn average_gradients(
     weights: &[f32],
     l2: &[L2Range],
 ) -> GradientSums {
-    let total: f64 = parts.iter().map(|(w, _)| w).sum();
-    let factors: Vec<(f32, &[f32])> = parts
-        .iter()
-        .map(|(w, v)| {
-            (
-                if total > 0.0 {
-                    (*w / total) as f32
-                } else {
-                    0.0
-                },
-                *v,
-            )
-        })
-        .collect();
+    let factors = factors(parts);
     let sums: Vec<(f64, f64)> = out
         .par_chunks_mut(BLOCK)
         .enumerate()
         .map(|(b, out)| {
             let start = b * BLOCK;
             let end = start + out.len();
-            out.fill(0.0);
-            for (f, values) in &factors {
-                for (s, v) in out.iter_mut().zip(&values[start..end]) {
-                    *s += f * v;
-                }
-            }
+            average_block(out, start, &factors);
             let mut penalty = 0.0f64;
             for run in l2 {
                 let (lo, hi) = (run.range.start.max(start), run.range.end.min(end));

@@ -285,63 +285,6 @@ impl Segment {
         out
     }
 
-    /// Copies the values into `outs` (one after the other from the start),
-    /// provided the segment holds `version` before and after the copy.
-    pub fn read(&self, version: u64, outs: &mut [&mut [f32]]) -> Result<(), ShmError> {
-        let total: usize = outs.iter().map(|p| p.len()).sum();
-        if total > self.len {
-            return Err(ShmError::Size {
-                got: total,
-                len: self.len,
-            });
-        }
-        self.expect(version)?;
-        let mut at = 0;
-        for out in outs.iter_mut() {
-            // SAFETY: as in `write`, the other way round.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.values().add(at), out.as_mut_ptr(), out.len())
-            };
-            at += out.len();
-        }
-        fence(Ordering::Acquire);
-        self.expect(version)
-    }
-
-    /// Copies the values into new vectors of the lengths `lens` (one after
-    /// the other from the start), provided the segment holds `version`
-    /// before and after the copy.
-    pub fn read_vecs(&self, version: u64, lens: &[usize]) -> Result<Vec<Vec<f32>>, ShmError> {
-        let total: usize = lens.iter().sum();
-        if total > self.len {
-            return Err(ShmError::Size {
-                got: total,
-                len: self.len,
-            });
-        }
-        self.expect(version)?;
-        let mut at = 0;
-        let mut out = Vec::with_capacity(lens.len());
-        for &len in lens {
-            let mut v = Vec::<f32>::with_capacity(len);
-            // SAFETY: `len` values are copied into the vector's spare
-            // capacity before its length is set to cover them.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.values().add(at),
-                    v.spare_capacity_mut().as_mut_ptr() as *mut f32,
-                    len,
-                );
-                v.set_len(len);
-            }
-            at += len;
-            out.push(v);
-        }
-        fence(Ordering::Acquire);
-        self.expect(version)?;
-        Ok(out)
-    }
-
     /// A view of the values in place, provided the segment holds `version`.
     /// Call [`View::finish`] after reading to learn whether the values held
     /// still: only then were they whole.
@@ -475,9 +418,8 @@ mod tests {
         let b = Segment::open(a.path(), 6).unwrap();
         assert_eq!(b.proof(), proof);
         a.write(3, &[&[1.0, 2.0], &[3.0, 4.0, 5.0, 6.0]]).unwrap();
-        let (mut x, mut y) = (vec![0.0; 4], vec![0.0; 2]);
-        b.read(3, &mut [&mut x, &mut y]).unwrap();
-        assert_eq!((x, y), (vec![1.0, 2.0, 3.0, 4.0], vec![5.0, 6.0]));
+        let got = b.with_values(3, |v| v.to_vec()).unwrap();
+        assert_eq!(got, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(b.with_values(3, |v| v.iter().sum::<f32>()).unwrap(), 21.0);
         assert_eq!(a.write_with(8, |v| v.len()), 6);
         assert_eq!(b.version(), 8);
@@ -495,10 +437,6 @@ mod tests {
             })
         ));
         a.write(3, &[&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]).unwrap();
-        let v = b.read_vecs(3, &[1, 5]).unwrap();
-        assert_eq!(v, vec![vec![1.0], vec![2.0, 3.0, 4.0, 5.0, 6.0]]);
-        assert!(b.read_vecs(2, &[1]).is_err());
-        assert!(b.read_vecs(3, &[7]).is_err());
         assert!(matches!(
             b.with_values(4, |_| ()),
             Err(ShmError::Version {
