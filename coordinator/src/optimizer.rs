@@ -7,7 +7,7 @@ use std::str::FromStr;
 use model::TensorInfo;
 use rayon::prelude::*;
 
-use crate::aggregate::{average_block, BLOCK};
+use crate::aggregate::BLOCK;
 
 /// Which optimizer the coordinator applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,85 +88,67 @@ impl Optimizer {
 
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
-        self.step_mirrored(weights, grads, lr, None)
+        assert_eq!(
+            grads.len(),
+            weights.len(),
+            "gradients and weights differ in length"
+        );
+        self.step_with(weights, lr, None, from_buffer(grads))
     }
 
-    /// One update with the weighted mean of `parts` (`(factor, values)`, see
-    /// `aggregate::factors`) as the gradient, made block by block inside the
-    /// update's own pass: the same bits as averaging into a buffer first and
-    /// then calling [`Optimizer::step_mirrored`], with two fewer passes over
-    /// memory. The caller must know the mean is usable (finite, within the
-    /// norm limit) beforehand.
-    pub fn step_averaged(
+    /// One update whose gradient for the block of values starting at `start`
+    /// is written by `gradient(start, block)` (copied from a buffer, or the
+    /// weighted mean of the nodes' parts made right there, which saves two
+    /// passes over memory); optionally also writes the new weights into
+    /// `mirror` (e.g. the shared-memory segment) in the same pass. Blocks are
+    /// fixed, so the bits do not depend on the threads. The caller must know
+    /// the gradient is usable (finite, within the norm limit).
+    pub fn step_with(
         &mut self,
         weights: &mut [f32],
-        parts: &[(f32, &[f32])],
         lr: f64,
         mirror: Option<&mut [f32]>,
+        gradient: impl Fn(usize, &mut [f32]) + Sync,
     ) {
         match self {
-            Optimizer::Adam(adam) => adam.step_with(weights, lr, mirror, |start, g| {
-                average_block(g, start, parts)
-            }),
+            Optimizer::Adam(adam) => adam.step_with(weights, lr, mirror, gradient),
             Optimizer::Sgd => {
                 let lr = lr as f32;
-                let update = |b: usize, w: &mut [f32]| {
+                let blocks = weights.par_chunks_mut(BLOCK).enumerate();
+                in_blocks(blocks, mirror, |(b, w)| {
                     let mut g = vec![0.0f32; w.len()];
-                    average_block(&mut g, b * BLOCK, parts);
+                    gradient(b * BLOCK, &mut g);
                     for (w, g) in w.iter_mut().zip(&g) {
                         *w -= lr * g;
                     }
-                };
-                match mirror {
-                    Some(mirror) => weights
-                        .par_chunks_mut(BLOCK)
-                        .zip(mirror.par_chunks_mut(BLOCK))
-                        .enumerate()
-                        .for_each(|(b, (w, out))| {
-                            update(b, w);
-                            out.copy_from_slice(w);
-                        }),
-                    None => weights
-                        .par_chunks_mut(BLOCK)
-                        .enumerate()
-                        .for_each(|(b, w)| update(b, w)),
-                }
+                    w
+                });
             }
         }
     }
+}
 
-    /// [`Optimizer::step`] that also writes the new weights into `mirror`
-    /// (e.g. a shared-memory segment) in the same pass.
-    pub fn step_mirrored(
-        &mut self,
-        weights: &mut [f32],
-        grads: &[f32],
-        lr: f64,
-        mirror: Option<&mut [f32]>,
-    ) {
-        match self {
-            Optimizer::Adam(adam) => adam.step_mirrored(weights, grads, lr, mirror),
-            Optimizer::Sgd => {
-                let lr = lr as f32;
-                let update = |w: &mut [f32], g: &[f32]| {
-                    for (w, g) in w.iter_mut().zip(g) {
-                        *w -= lr * g;
-                    }
-                };
-                let blocks = weights.par_chunks_mut(BLOCK).zip(grads.par_chunks(BLOCK));
-                match mirror {
-                    Some(mirror) => {
-                        blocks
-                            .zip(mirror.par_chunks_mut(BLOCK))
-                            .for_each(|((w, g), out)| {
-                                update(w, g);
-                                out.copy_from_slice(w);
-                            })
-                    }
-                    None => blocks.for_each(|(w, g)| update(w, g)),
-                }
-            }
-        }
+/// A gradient source for [`Optimizer::step_with`] that copies from `grads`.
+pub fn from_buffer(grads: &[f32]) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
+    move |start, g| g.copy_from_slice(&grads[start..start + g.len()])
+}
+
+/// Runs `update` on every block (in parallel); it returns the block's new
+/// weights, which are also copied into the same block of `mirror` if given.
+fn in_blocks<'a, I>(
+    blocks: I,
+    mirror: Option<&mut [f32]>,
+    update: impl Fn(I::Item) -> &'a mut [f32] + Sync + Send,
+) where
+    I: IndexedParallelIterator,
+{
+    match mirror {
+        Some(mirror) => blocks
+            .zip(mirror.par_chunks_mut(BLOCK))
+            .for_each(|(block, out)| out.copy_from_slice(update(block))),
+        None => blocks.for_each(|block| {
+            update(block);
+        }),
     }
 }
 
@@ -205,25 +187,12 @@ impl Adam {
 
     /// One update of `weights` with `grads` at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
-        self.step_mirrored(weights, grads, lr, None)
-    }
-
-    /// [`Adam::step`] that also writes the new weights into `mirror`.
-    pub fn step_mirrored(
-        &mut self,
-        weights: &mut [f32],
-        grads: &[f32],
-        lr: f64,
-        mirror: Option<&mut [f32]>,
-    ) {
         assert_eq!(
             grads.len(),
             self.m.len(),
             "Adam state and gradients differ in length"
         );
-        self.step_with(weights, lr, mirror, |start, g| {
-            g.copy_from_slice(&grads[start..start + g.len()])
-        })
+        self.step_with(weights, lr, None, from_buffer(grads))
     }
 
     /// One update whose gradient for the block of values starting at
@@ -262,17 +231,10 @@ impl Adam {
             .zip(self.m.par_chunks_mut(BLOCK))
             .zip(self.v.par_chunks_mut(BLOCK))
             .enumerate();
-        match mirror {
-            Some(mirror) => {
-                blocks
-                    .zip(mirror.par_chunks_mut(BLOCK))
-                    .for_each(|((b, ((w, m), v)), out)| {
-                        update(b, w, m, v);
-                        out.copy_from_slice(w);
-                    })
-            }
-            None => blocks.for_each(|(b, ((w, m), v))| update(b, w, m, v)),
-        }
+        in_blocks(blocks, mirror, |(b, ((w, m), v))| {
+            update(b, w, m, v);
+            w
+        });
     }
 }
 
@@ -416,7 +378,7 @@ mod tests {
             let mut mirror = vec![0.0f32; n];
             for _ in 0..2 {
                 a.step(&mut wa, &g, 1e-2);
-                b.step_mirrored(&mut wb, &g, 1e-2, Some(&mut mirror));
+                b.step_with(&mut wb, 1e-2, Some(&mut mirror), from_buffer(&g));
             }
             assert_eq!(wa, wb);
             assert_eq!(wb, mirror);
@@ -437,8 +399,11 @@ mod tests {
             let mut grads = vec![0.0f32; n];
             for _ in 0..3 {
                 average_gradients(&mut grads, &parts, &w2, &[]);
-                two.step_mirrored(&mut w2, &grads, 1e-2, Some(&mut m2));
-                one.step_averaged(&mut w1, &factors(&parts), 1e-2, Some(&mut m1));
+                two.step_with(&mut w2, 1e-2, Some(&mut m2), from_buffer(&grads));
+                let f = factors(&parts);
+                one.step_with(&mut w1, 1e-2, Some(&mut m1), |s, g| {
+                    crate::aggregate::average_block(g, s, &f)
+                });
             }
             assert_eq!(w1, w2);
             assert_eq!(m1, m2);

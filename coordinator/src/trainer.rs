@@ -17,8 +17,9 @@ use tracing::{debug, info, warn};
 
 use std::sync::Arc;
 
-use crate::aggregate::{average_gradients, L2Range};
+use crate::aggregate::{average_block, average_gradients, L2Range};
 use crate::dispatch::{dismiss, Answer, Gradients, Member, Task};
+use crate::optimizer::from_buffer;
 use crate::optimizer::GRADIENT_NORM_LIMIT;
 use crate::plane::SharedPlane;
 use crate::resume::{self, Position};
@@ -517,7 +518,6 @@ impl Trainer {
         let num_state = self.weights.len() - self.num_trainable;
         let mut state = WeightedSum::new(num_state);
         let mut sources = Vec::with_capacity(answers.len());
-        let mut norms = Vec::with_capacity(answers.len());
         for (node, answer) in answers {
             let Answer::Train {
                 result,
@@ -538,15 +538,14 @@ impl Trainer {
             slowest = slowest.max(result.compute_seconds);
             tally.add(result.loss_sum, result.correct, result.samples);
             state.add(result.samples as f64, s);
-            sources.push((node, result.samples as f64, gradients));
-            norms.push((result.samples as f64, norm));
+            sources.push((node, result.samples as f64, gradients, norm));
         }
         // Shared gradients are read in place; a view that did not hold
         // still (a node writing its segment while it should not) voids the
         // step.
         let mut views = Vec::with_capacity(sources.len());
         let mut torn = None;
-        for (node, _, g) in &sources {
+        for (node, _, g, _) in &sources {
             if let Gradients::Shared { slot, version } = g {
                 match slot.view(*version) {
                     Ok(v) => views.push((*node, Some(v))),
@@ -559,7 +558,7 @@ impl Trainer {
         let parts: Vec<(f64, &[f32])> = sources
             .iter()
             .zip(&views)
-            .filter_map(|((_, w, g), (_, v))| match (g, v) {
+            .filter_map(|((_, w, g, _), (_, v))| match (g, v) {
                 (Gradients::Owned(g), _) => Some((*w, g.as_slice())),
                 (Gradients::Shared { .. }, Some(v)) => Some((*w, v.values())),
                 _ => None,
@@ -569,8 +568,8 @@ impl Trainer {
         // Without L2 or clipping the mean is only needed inside Adam's pass,
         // and the norm of a weighted mean is at most the weighted mean of the
         // (checked) norms: average in that pass, two fewer passes over memory.
-        let total: f64 = norms.iter().map(|(w, _)| w).sum();
-        let bound: f64 = norms.iter().map(|(w, n)| w / total.max(1e-300) * n).sum();
+        let total: f64 = sources.iter().map(|s| s.1).sum();
+        let bound: f64 = sources.iter().map(|s| s.1 / total.max(1e-300) * s.3).sum();
         let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
         let local = self.members.values().any(|m| m.shared.is_some());
         let (penalty, norm) = if fused {
@@ -588,12 +587,14 @@ impl Trainer {
             let factors = crate::aggregate::factors(&parts);
             let mut update = |trainable: &mut [f32], mirror: Option<&mut [f32]>| {
                 if fused {
-                    optimizer.step_averaged(trainable, &factors, lr, mirror);
+                    optimizer.step_with(trainable, lr, mirror, |start, g| {
+                        average_block(g, start, &factors)
+                    });
                 } else {
                     if let Some(max) = clip {
                         crate::optimizer::clip_to_norm(grads, norm, max);
                     }
-                    optimizer.step_mirrored(trainable, grads, lr, mirror);
+                    optimizer.step_with(trainable, lr, mirror, from_buffer(grads));
                 }
             };
             match (&self.plane, local) {

@@ -378,8 +378,7 @@ struct SliceSink<'a> {
 
 impl SliceSink<'_> {
     fn put(&mut self, t: &Tensor) -> Result<()> {
-        let n = t.elem_count();
-        let end = self.at + n;
+        let end = self.at + t.elem_count();
         if end > self.out.len() {
             return Err(ModelError::BufferLength {
                 what: "gradients and state",
@@ -388,17 +387,7 @@ impl SliceSink<'_> {
             });
         }
         let dst = &mut self.out[self.at..end];
-        {
-            let (storage, layout) = t.storage_and_layout();
-            if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-                (&*storage, layout.contiguous_offsets())
-            {
-                dst.copy_from_slice(&v[a..b]);
-                self.at = end;
-                return Ok(());
-            }
-        }
-        dst.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        with_values(t, |v| dst.copy_from_slice(v))?;
         self.at = end;
         Ok(())
     }
@@ -418,20 +407,23 @@ impl Sink for SliceSink<'_> {
     }
 }
 
-/// Appends the values of an f32 tensor to `out`: straight from its storage
-/// when it is a contiguous CPU tensor (one copy), else through candle.
+/// Appends the values of an f32 tensor to `out`.
 fn append_values(t: &Tensor, out: &mut Vec<f32>) -> Result<()> {
+    with_values(t, |v| out.extend_from_slice(v))
+}
+
+/// Runs `f` on the values of an f32 tensor: straight from its storage when
+/// it is a contiguous CPU tensor (no copy), else on a copy made by candle.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            out.extend_from_slice(&v[a..b]);
-            return Ok(());
+            return Ok(f(&v[a..b]));
         }
     }
-    out.extend(t.flatten_all()?.to_vec1::<f32>()?);
-    Ok(())
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// Copies values into a contiguous f32 CPU tensor in place (the one-copy

@@ -300,14 +300,9 @@ impl Segment {
     /// before and after. `f` must copy what it keeps: the values are only
     /// known to be whole once this returns `Ok`.
     pub fn with_values<R>(&self, version: u64, f: impl FnOnce(&[f32]) -> R) -> Result<R, ShmError> {
-        self.expect(version)?;
-        // SAFETY: the values span `len` f32s inside the mapping. The single
-        // writer does not write while a reader of this version is at work
-        // (see the module docs); a writer that does anyway is caught by the
-        // second check, and `f` only copies.
-        let out = f(unsafe { std::slice::from_raw_parts(self.values(), self.len) });
-        fence(Ordering::Acquire);
-        self.expect(version)?;
+        let view = self.view(version)?;
+        let out = f(view.values());
+        view.finish()?;
         Ok(out)
     }
 
