@@ -95,6 +95,8 @@ pub fn run_cluster(
     let bar = train.progress == "bar"
         || (train.progress == "auto" && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let mut train = train.clone();
+    // Fetched once here, not by the coordinator behind a progress prefix.
+    train.data = Some(train.dataset()?);
     let token_env: Vec<(&str, String)> = train
         .token
         .iter()

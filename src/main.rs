@@ -2,6 +2,8 @@
 //! coordinator, a node, or a whole single-host cluster; the work is done by the
 //! `coordinator` and `node` crates.
 
+mod fetch;
+mod health;
 mod inspect;
 mod launch;
 mod metrics_http;
@@ -50,12 +52,53 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         options: Vec<String>,
     },
-    /// Exit 0 if the process serving metrics on ADDR answers /health (container health checks).
+    /// Get CIFAR-10 into the cache (`gradcast data fetch`).
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
+    /// Exit 0 if the process serving metrics on ADDR answers /health, or with
+    /// --grpc if the coordinator on ADDR reports SERVING (container and
+    /// Kubernetes health checks).
     Healthcheck {
-        /// Metrics address of the process to check.
+        /// Metrics address of the process to check (with --grpc: the
+        /// coordinator's gRPC address).
         #[arg(default_value = "127.0.0.1:9100")]
         addr: String,
+        /// Ask the coordinator's standard gRPC health service (grpc.health.v1).
+        #[arg(long)]
+        grpc: bool,
+        /// With --grpc: the service to ask about ("" for the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DataAction {
+    /// Download the official cifar-10-binary.tar.gz into the cache (resuming a
+    /// partial download, verifying its checksum) and print its path.
+    Fetch(SourceArgs),
+}
+
+/// Where CIFAR-10 comes from when no --data is given.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SourceArgs {
+    /// Download from this mirror instead of the official site.
+    #[arg(long, env = "GRADCAST_DATA_URL")]
+    pub data_url: Option<String>,
+    /// SHA-256 the mirror's archive must have (the official one is always checked).
+    #[arg(long, env = "GRADCAST_DATA_SHA256")]
+    pub data_sha256: Option<String>,
+}
+
+impl SourceArgs {
+    /// The archive in the cache (`GRADCAST_CACHE`, `$XDG_CACHE_HOME/gradcast`
+    /// or `~/.cache/gradcast`), downloaded first if it is not there.
+    fn fetch(&self) -> Result<PathBuf> {
+        let source = fetch::Source::new(self.data_url.clone(), self.data_sha256.clone());
+        fetch::ensure(&fetch::cache_dir()?, &source)
+    }
 }
 
 #[derive(Args)]
@@ -113,9 +156,13 @@ struct SyntheticArgs {
 /// What to train and how; shared by `coordinator` and `run`.
 #[derive(Args, Clone, Debug)]
 pub struct TrainArgs {
-    /// CIFAR-10: the cifar-10-binary.tar.gz archive or its extracted cifar-10-batches-bin folder.
+    /// CIFAR-10: the cifar-10-binary.tar.gz archive or its extracted
+    /// cifar-10-batches-bin folder [default: the cached official archive,
+    /// downloaded on first use].
     #[arg(long, env = "GRADCAST_DATA")]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Model: simple-cnn, complex-cnn, resnet20, resnet20-dropout, resnet50-dropout, resnet<6n+2>[-dropout].
     #[arg(long, env = "GRADCAST_MODEL", default_value = "simple-cnn")]
     pub model: String,
@@ -184,17 +231,29 @@ pub struct TrainArgs {
     /// host (weights and gradients bypass gRPC); `off` sends everything over gRPC.
     #[arg(long, env = "GRADCAST_SHM_DIR", default_value = "/dev/shm")]
     pub shm_dir: String,
+    /// How weights and gradients travel over gRPC: f32, or bf16 (half the
+    /// bytes; gradients rounded with error feedback, master weights and Adam
+    /// state stay f32). Nodes on shared memory always use f32.
+    #[arg(long, env = "GRADCAST_WIRE", default_value = "f32")]
+    pub wire: coordinator::Wire,
     /// Disable dropout layers (for equivalence tests).
     #[arg(long, hide = true)]
     pub no_dropout: bool,
 }
 
 impl TrainArgs {
+    /// The data set: `--data`, or the cached official archive (downloaded
+    /// first if needed).
+    pub fn dataset(&self) -> Result<PathBuf> {
+        match &self.data {
+            Some(path) => Ok(path.clone()),
+            None => self.source.fetch(),
+        }
+    }
+
     /// The same flags as command-line arguments, to hand to a child process.
     fn to_args(&self) -> Vec<String> {
         let mut a = vec![
-            "--data".into(),
-            self.data.display().to_string(),
             "--model".into(),
             self.model.clone(),
             "--epochs".into(),
@@ -213,6 +272,12 @@ impl TrainArgs {
             self.progress.clone(),
         ];
         let optional = [
+            (
+                "--data",
+                self.data.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("--data-url", self.source.data_url.clone()),
+            ("--data-sha256", self.source.data_sha256.clone()),
             ("--lr-schedule", self.lr_schedule.map(|s| s.to_string())),
             ("--train-limit", self.train_limit.map(|k| k.to_string())),
             ("--test-limit", self.test_limit.map(|k| k.to_string())),
@@ -241,6 +306,8 @@ impl TrainArgs {
         a.extend([
             "--shm-dir".into(),
             self.shm_dir.clone(),
+            "--wire".into(),
+            self.wire.to_string(),
             "--min-nodes".into(),
             self.min_nodes.to_string(),
             "--rejoin-timeout".into(),
@@ -456,6 +523,7 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.resume = t.resume;
     config.clip_norm = t.clip_norm.filter(|c| *c > 0.0);
     config.shared_memory = (t.shm_dir != "off").then(|| PathBuf::from(&t.shm_dir));
+    config.wire = t.wire;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if t.progress == "bar" || (t.progress == "auto" && terminal) {
         config.progress = Some(std::sync::Arc::new(progress_bar::EpochBar::default()));
@@ -465,7 +533,8 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     if t.batch_size == 0 || args.nodes == 0 {
         bail!("--batch-size and --nodes must be at least 1");
     }
-    let (mut train, mut test) = Dataset::load_train_test(&t.data)?;
+    let data = t.dataset()?;
+    let (mut train, mut test) = Dataset::load_train_test(&data)?;
     if let Some(k) = t.train_limit {
         train.truncate(k);
     }
@@ -480,7 +549,7 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
         test = test.len(),
         schedule = %config.lr_schedule,
         "loaded {}",
-        t.data.display()
+        data.display()
     );
     let rt = runtime(2)?;
     let report = rt.block_on(async {
@@ -597,7 +666,22 @@ fn main() -> ExitCode {
         Command::Bench { options } => model::bench::main_with_args(options.into_iter())
             .map(|_| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!(e)),
-        Command::Healthcheck { addr } => metrics_http::probe(&addr).map(|_| ExitCode::SUCCESS),
+        Command::Data {
+            action: DataAction::Fetch(source),
+        } => source.fetch().map(|path| {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }),
+        Command::Healthcheck {
+            addr,
+            grpc,
+            service,
+        } => if grpc {
+            health::probe(&addr, &service)
+        } else {
+            metrics_http::probe(&addr)
+        }
+        .map(|_| ExitCode::SUCCESS),
         Command::Synthetic(a) => {
             let spec = data::SyntheticSpec {
                 train_per_file: a.train_per_file,

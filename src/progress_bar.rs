@@ -48,3 +48,21 @@ impl Progress for EpochBar {
         }
     }
 }
+
+/// A bar for a download of `total` bytes (a spinner when the size is not
+/// known), starting at `done`; hidden when stderr is not a terminal.
+pub fn download(total: Option<u64>, done: u64) -> ProgressBar {
+    let bar = match total {
+        Some(t) => ProgressBar::new(t),
+        None => ProgressBar::new_spinner(),
+    };
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} (ETA {eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix("CIFAR-10");
+    bar.set_position(done);
+    bar
+}

@@ -103,6 +103,48 @@ fn a_node_started_mid_run_contributes_from_the_next_step() {
     assert!(wait(&mut late, Duration::from_secs(30), "late node").success());
 }
 
+/// The bf16 wire keeps every guarantee of the f32 one: a node killed
+/// mid-run loses no sample, and a node that joins late gets the weights whole
+/// (in f32) before it gets changes to them (in bf16).
+#[test]
+fn the_bf16_wire_survives_a_killed_node_and_a_late_joiner() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 300, 20);
+    let extra = ["--shm-dir", "off", "--wire", "bf16"];
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "2", "3", &extra),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut survivor, survivor_lines) = node(&addr, &[]);
+    let (mut victim, _) = node(&addr, &[]);
+    lines.wait_for("training starts", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    lines.wait_for("node removed", Duration::from_secs(10));
+    let (mut late, late_lines) = node(&addr, &[]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert_eq!(
+        epoch_samples(&lines),
+        vec![1500, 1500, 1500],
+        "{}",
+        lines.text()
+    );
+    let last = node_samples(&lines, 3);
+    assert_eq!(last.len(), 2, "{}", lines.text());
+    assert!(last.iter().all(|&(_, s)| s > 0));
+    assert!(wait(&mut survivor, Duration::from_secs(30), "survivor").success());
+    assert!(wait(&mut late, Duration::from_secs(30), "late node").success());
+    for l in [&survivor_lines, &late_lines] {
+        assert!(l.text().contains("wire=bf16"), "{}", l.text());
+    }
+}
+
 #[test]
 fn a_node_sending_nan_gradients_is_evicted_and_the_weights_stay_finite() {
     let dir = tempfile::tempdir().unwrap();

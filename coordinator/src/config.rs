@@ -138,6 +138,9 @@ pub struct TrainConfig {
     pub shared_memory: Option<PathBuf>,
     /// Scale the averaged gradient down to this norm when it is larger.
     pub clip_norm: Option<f64>,
+    /// How weights and gradients travel to and from nodes on gRPC (nodes on
+    /// shared memory always use f32).
+    pub wire: proto::Wire,
 }
 
 impl fmt::Debug for TrainConfig {
@@ -175,6 +178,7 @@ impl TrainConfig {
             resume: false,
             shared_memory: Some(PathBuf::from("/dev/shm")),
             clip_norm: None,
+            wire: proto::Wire::F32,
         }
     }
 }
@@ -193,6 +197,7 @@ impl TrainConfig {
             ("lr_schedule", self.lr_schedule.to_string()),
             ("seed", self.seed.to_string()),
             ("balance", self.balance.to_string()),
+            ("wire", self.wire.to_string()),
         ]
     }
 }

@@ -9,8 +9,8 @@
 //! buffer layout (to initialise weights and apply L2) — nothing of layers.
 
 mod aggregate;
+mod cluster;
 mod config;
-mod dispatch;
 mod error;
 mod history;
 mod optimizer;
@@ -18,6 +18,7 @@ mod plane;
 mod progress;
 mod resume;
 mod service;
+mod task;
 mod telemetry;
 mod trainer;
 
@@ -27,6 +28,7 @@ pub use error::CoordinatorError;
 pub use history::History;
 pub use optimizer::{l2_penalty, l2_value, Adam, Optimizer, OptimizerKind};
 pub use progress::Progress;
+pub use proto::Wire;
 pub use resume::RESUME_FILE;
 pub use telemetry::describe_metrics;
 pub use trainer::{serve, TrainReport};

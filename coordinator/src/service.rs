@@ -21,11 +21,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::dispatch::Gradients;
 use crate::plane::SharedPlane;
+use crate::task::Gradients;
 
 /// Messages queued to one node before its stream applies back-pressure.
-const OUTBOX: usize = 64;
+pub(crate) const OUTBOX: usize = 64;
+/// Events queued for the training loop, at most. When the queue is full a
+/// node's reader waits, and HTTP/2 flow control pushes back on that node's
+/// stream: a node that floods results costs queue slots, not memory.
+pub(crate) const EVENT_QUEUE: usize = 64;
 /// Joins that have not opened their session yet, at most.
 const MAX_PENDING: usize = 1024;
 /// Joins waiting for their sessions that hold a shared-memory segment, at
@@ -72,6 +76,19 @@ pub(crate) enum Event {
     Left { node: u64, reason: String },
 }
 
+impl Event {
+    /// The node the event is about.
+    pub(crate) fn node(&self) -> u64 {
+        match self {
+            Event::Joined { node, .. }
+            | Event::Train { node, .. }
+            | Event::Eval { node, .. }
+            | Event::Invalid { node, .. }
+            | Event::Left { node, .. } => *node,
+        }
+    }
+}
+
 /// A node that joined and has not opened its session yet.
 struct Pending {
     info: NodeInfo,
@@ -82,7 +99,7 @@ struct Pending {
 }
 
 pub(crate) struct Service {
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     reply: JoinReply,
@@ -95,7 +112,7 @@ pub(crate) struct Service {
 
 impl Service {
     pub fn new(
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::Sender<Event>,
         reply: JoinReply,
         num_trainable: usize,
         num_state: usize,
@@ -290,27 +307,35 @@ impl Coordinator for Service {
         });
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let events = self.events.clone();
+        let member = outbox.downgrade();
         let joined = Event::Joined {
             node,
             outbox,
             info: pending.info,
             shared: shared.clone(),
         };
-        if events.send(joined).is_err() {
+        if events.send(joined).await.is_err() {
             return Err(Status::unavailable("training has ended"));
         }
         let limit = self.num_trainable.max(self.num_state) as u64;
         let reader = Reader {
             node,
             events: events.clone(),
+            member,
             limit,
             num_trainable: self.num_trainable,
             num_state: self.num_state,
             shared,
         };
         tokio::spawn(async move {
-            let reason = reader.read(&mut inbound).await;
-            let _ = events.send(Event::Left { node, reason });
+            let ended = reader.read(&mut inbound).await;
+            if ended.invalid {
+                warn!(node, reason = %ended.reason, "invalid message from node");
+                let reason = ended.reason.clone();
+                let _ = events.send(Event::Invalid { node, reason }).await;
+            }
+            let reason = ended.reason;
+            let _ = events.send(Event::Left { node, reason }).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -319,10 +344,35 @@ impl Coordinator for Service {
 /// How long a new session may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a node's stream stopped being read.
+struct Ended {
+    reason: String,
+    /// The node broke the protocol.
+    invalid: bool,
+}
+
+impl Ended {
+    fn left(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            invalid: false,
+        }
+    }
+    fn invalid(reason: String) -> Self {
+        Self {
+            reason,
+            invalid: true,
+        }
+    }
+}
+
 /// Reads one node's stream.
 struct Reader {
     node: u64,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
+    /// The node's outbox: gone once the training loop has removed the node,
+    /// which ends the reading too.
+    member: mpsc::WeakSender<Result<CoordinatorMessage, Status>>,
     limit: u64,
     num_trainable: usize,
     num_state: usize,
@@ -331,41 +381,41 @@ struct Reader {
 }
 
 impl Reader {
-    /// Reads the stream until it ends; returns why it ended.
-    async fn read(&self, inbound: &mut Streaming<NodeMessage>) -> String {
+    /// Reads the stream until it ends, the node breaks the protocol or is
+    /// removed; says why it stopped.
+    async fn read(&self, inbound: &mut Streaming<NodeMessage>) -> Ended {
         let (node, events, limit) = (self.node, &self.events, self.limit);
         let (num_trainable, num_state) = (self.num_trainable, self.num_state);
         let mut rx = ChunkReceiver::new(limit);
         let mut gradients: Option<(u64, Vec<f32>)> = None;
         let mut state: Option<(u64, Vec<f32>)> = None;
-        let invalid = |reason: String| {
-            warn!(node, %reason, "invalid message from node");
-            let _ = events.send(Event::Invalid {
-                node,
-                reason: reason.clone(),
-            });
-            reason
-        };
+        let invalid = Ended::invalid;
         loop {
             let msg = match inbound.message().await {
                 Ok(Some(m)) => m,
-                Ok(None) => return "closed its stream".into(),
-                Err(status) => return format!("stream error: {}", status.message()),
+                Ok(None) => return Ended::left("closed its stream"),
+                Err(status) => return Ended::left(format!("stream error: {}", status.message())),
             };
+            if self.member.upgrade().is_none() {
+                return Ended::left("removed from the cluster");
+            }
             match msg.kind {
-                Some(Kind::Chunk(chunk)) => match rx.push(&chunk) {
-                    Ok(Some((BufferKind::Gradients, version, values))) => {
-                        gradients = Some((version, values))
+                Some(Kind::Chunk(chunk)) => {
+                    crate::telemetry::bytes(0, chunk.data.len());
+                    match rx.push(&chunk) {
+                        Ok(Some(b)) if b.kind == BufferKind::Gradients => {
+                            gradients = Some((b.version, b.values))
+                        }
+                        Ok(Some(b)) if b.kind == BufferKind::State => {
+                            state = Some((b.version, b.values))
+                        }
+                        Ok(Some(b)) => {
+                            return invalid(format!("unexpected buffer kind {:?}", b.kind))
+                        }
+                        Ok(None) => {}
+                        Err(e) => return invalid(format!("bad chunk: {e}")),
                     }
-                    Ok(Some((BufferKind::State, version, values))) => {
-                        state = Some((version, values))
-                    }
-                    Ok(Some((kind, ..))) => {
-                        return invalid(format!("unexpected buffer kind {kind:?}"))
-                    }
-                    Ok(None) => {}
-                    Err(e) => return invalid(format!("bad chunk: {e}")),
-                },
+                }
                 Some(Kind::Train(result)) => {
                     let step = result.step;
                     let (gradients, state) = if result.shared_memory {
@@ -409,22 +459,27 @@ impl Reader {
                             }
                         }
                     };
-                    let _ = events.send(Event::Train {
+                    let train = Event::Train {
                         node,
                         result,
                         gradients,
                         state,
-                    });
+                    };
+                    if events.send(train).await.is_err() {
+                        return Ended::left("training has ended");
+                    }
                 }
                 Some(Kind::Eval(result)) => {
-                    let _ = events.send(Event::Eval { node, result });
+                    if events.send(Event::Eval { node, result }).await.is_err() {
+                        return Ended::left("training has ended");
+                    }
                 }
                 Some(Kind::Error(e)) => {
-                    return format!(
+                    return Ended::left(format!(
                         "reported an error at step {}: {}",
                         e.step,
                         printable(&e.message)
-                    )
+                    ))
                 }
                 Some(Kind::Hello(_)) | None => {
                     debug!(node, "ignoring a repeated Hello or empty message");
@@ -458,8 +513,8 @@ mod tests {
         assert!(TokenCheck::new(None).call(with_auth(None)).is_ok());
     }
 
-    fn service(plane: Option<Arc<SharedPlane>>) -> (Service, mpsc::UnboundedReceiver<Event>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn service(plane: Option<Arc<SharedPlane>>) -> (Service, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         (Service::new(tx, JoinReply::default(), 4, 2, plane), rx)
     }
 

@@ -1,7 +1,7 @@
-//! The synchronous training loop: one task that owns the weights, the
-//! optimizer and the membership, and talks to nodes only through their
-//! outboxes and the event channel (see `dispatch.rs` for how work is handed
-//! out and recovered).
+//! The synchronous training loop: one task that owns the weights and the
+//! optimizer, cuts each step into parts and hands them to the [`Cluster`]
+//! (which owns the membership and gets the answers back), then averages
+//! and updates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -18,15 +18,17 @@ use tracing::{debug, info, warn};
 use std::sync::Arc;
 
 use crate::aggregate::{average_block, average_gradients, L2Range};
-use crate::dispatch::{dismiss, Answer, Gradients, Member, Task};
+use crate::cluster::{Cluster, Limits, Work};
 use crate::optimizer::from_buffer;
 use crate::optimizer::GRADIENT_NORM_LIMIT;
 use crate::plane::SharedPlane;
 use crate::resume::{self, Position};
-use crate::service::{Event, Service, TokenCheck};
+use crate::service::{Service, TokenCheck, EVENT_QUEUE};
+use crate::task::{samples, Answer, Gradients, Task};
 use crate::telemetry;
 use crate::{l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
 
@@ -120,6 +122,7 @@ pub async fn serve(
         buffers: specs(model.buffers().cloned()),
         max_message_bytes: proto::MAX_MESSAGE_BYTES as u64,
         dropout: config.model.dropout,
+        wire: config.wire.dtype() as i32,
         ..JoinReply::default()
     };
     let weights = model.weights()?;
@@ -133,11 +136,18 @@ pub async fn serve(
         },
         None => None,
     };
-    let (events_tx, events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let limits = Limits {
+        step_timeout: config.step_timeout,
+        min_nodes: config.min_nodes,
+        rejoin_timeout: config.rejoin_timeout,
+        balance: config.balance,
+        wire: config.wire,
+    };
     let mut trainer = Trainer {
         weights,
+        cluster: Cluster::new(limits, events, plane.clone()),
         plane: plane.clone(),
-        shared_memory_nodes: 0,
         optimizer: Optimizer::new(config.optimizer, num_trainable),
         num_trainable,
         params,
@@ -145,8 +155,6 @@ pub async fn serve(
         config,
         train,
         test,
-        events,
-        members: BTreeMap::new(),
         step: 0,
         history: History::default(),
         epoch_work: BTreeMap::new(),
@@ -176,6 +184,20 @@ pub async fn serve(
         }
         builder = builder.tls_config(cfg)?;
     }
+    // Standard gRPC health (`grpc.health.v1`, no token needed, for
+    // Kubernetes probes and `gradcast healthcheck --grpc`): SERVING while
+    // nodes can join and train, NOT_SERVING before and after.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let coordinator_name = <CoordinatorServer<Service> as tonic::server::NamedService>::NAME;
+    let set_health = |status| {
+        let health = health.clone();
+        async move {
+            for name in ["", coordinator_name] {
+                health.set_service_status(name, status).await;
+            }
+        }
+    };
+    set_health(ServingStatus::NotServing).await;
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(
         builder
@@ -184,6 +206,7 @@ pub async fn serve(
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_nodelay(true)
+            .add_service(health_service)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 CoordinatorServer::new(service)
                     .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
@@ -200,15 +223,17 @@ pub async fn serve(
                 },
             ),
     );
+    set_health(ServingStatus::Serving).await;
     let outcome = tokio::select! {
         r = trainer.run(position) => r,
         _ = shutdown => Err(CoordinatorError::Cancelled),
     };
+    set_health(ServingStatus::NotServing).await;
     let reason = match &outcome {
         Ok(_) => "training complete".to_string(),
         Err(e) => format!("training stopped: {e}"),
     };
-    dismiss(std::mem::take(&mut trainer.members), &reason).await;
+    trainer.cluster.dismiss(&reason).await;
     let _ = stop_server.send(());
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => warn!("gRPC server ended with an error: {e}"),
@@ -220,29 +245,27 @@ pub async fn serve(
         history: trainer.history,
         weights: trainer.weights,
         steps: trainer.step,
-        shared_memory_nodes: trainer.shared_memory_nodes,
+        shared_memory_nodes: trainer.cluster.shared_memory_nodes(),
     })
 }
 
-pub(crate) struct Trainer {
-    pub(crate) config: TrainConfig,
+struct Trainer {
+    config: TrainConfig,
     params: Vec<TensorInfo>,
     /// Names and shapes of the whole weights buffer (params, then state).
     layout: Vec<TensorInfo>,
     num_trainable: usize,
     /// Trainable parameters, then BatchNorm running statistics.
-    pub(crate) weights: Vec<f32>,
+    weights: Vec<f32>,
+    /// The nodes, and how work is run on them.
+    cluster: Cluster,
     /// The shared-memory data plane for nodes on this host, if there is one.
-    pub(crate) plane: Option<Arc<SharedPlane>>,
-    /// Nodes admitted on the shared-memory plane so far.
-    pub(crate) shared_memory_nodes: usize,
+    plane: Option<Arc<SharedPlane>>,
     optimizer: Optimizer,
-    pub(crate) train: Dataset,
-    pub(crate) test: Dataset,
-    pub(crate) events: mpsc::UnboundedReceiver<Event>,
-    pub(crate) members: BTreeMap<u64, Member>,
+    train: Dataset,
+    test: Dataset,
     /// Optimizer steps taken; also the version of `weights`.
-    pub(crate) step: u64,
+    step: u64,
     history: History,
     /// Samples and compute seconds of each node in the current epoch.
     epoch_work: BTreeMap<u64, (u64, f64)>,
@@ -315,8 +338,9 @@ impl Trainer {
         resume::save(dir, &position, &self.weights, self.optimizer.moments())
     }
 
-    pub(crate) async fn run(&mut self, start: Position) -> Result<()> {
-        self.wait_for_members(self.config.nodes, self.config.join_timeout)
+    async fn run(&mut self, start: Position) -> Result<()> {
+        self.cluster
+            .wait_for(self.config.nodes, self.config.join_timeout)
             .await?;
         let n = self.train.len();
         let bs = self.config.batch_size;
@@ -490,28 +514,30 @@ impl Trainer {
     /// tally and its L2 penalty.
     async fn train_step(&mut self, batch: &[u32], lr: f64) -> Result<(Tally, f64)> {
         let phase = format!("step {}", self.step);
-        if self.members.len() < self.config.min_nodes.max(1) {
-            self.wait_for_members(
-                self.config.min_nodes.max(1),
-                Some(self.config.rejoin_timeout),
-            )
-            .await?;
-        }
+        self.cluster.ensure_min(&phase).await?;
         let started = Instant::now();
-        let shares = self.shares(batch.len());
+        let shares = self.cluster.shares(batch.len());
         let mut tasks = Vec::with_capacity(shares.len());
         let mut owners = Vec::with_capacity(shares.len());
         let mut offset = 0;
         for (part, &(node, count)) in shares.iter().enumerate() {
             let seed = Rng::derive(self.config.seed, &[0xD0, self.step, part as u64]).next_u64();
+            let (images, labels) = self.train.gather(&batch[offset..offset + count]);
             tasks.push(Task::Train {
-                indices: batch[offset..offset + count].to_vec(),
+                samples: samples(images, labels),
                 seed,
             });
             owners.push(node);
             offset += count;
         }
-        let (answers, sent) = self.dispatch(&phase, 0, &tasks, &owners).await?;
+        let work = Work {
+            phase: &phase,
+            version: self.step,
+            round: 0,
+            weights: &self.weights,
+        };
+        let (answers, sent) = self.cluster.run(&work, &tasks, &owners).await?;
+        let sent = sent.into_std();
         let gathered = Instant::now();
         let mut tally = Tally::default();
         let mut slowest = 0.0f64;
@@ -532,9 +558,6 @@ impl Trainer {
             let work = self.epoch_work.entry(node).or_default();
             work.0 += result.samples as u64;
             work.1 += result.compute_seconds;
-            if let Gradients::Owned(_) = gradients {
-                telemetry::bytes(0, 4 * (self.num_trainable + s.len()));
-            }
             slowest = slowest.max(result.compute_seconds);
             tally.add(result.loss_sum, result.correct, result.samples);
             state.add(result.samples as f64, s);
@@ -571,7 +594,7 @@ impl Trainer {
         let total: f64 = sources.iter().map(|s| s.1).sum();
         let bound: f64 = sources.iter().map(|s| s.1 / total.max(1e-300) * s.3).sum();
         let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
-        let local = self.members.values().any(|m| m.shared.is_some());
+        let local = self.cluster.has_local();
         let (penalty, norm) = if fused {
             (0.0, bound)
         } else {
@@ -624,7 +647,7 @@ impl Trainer {
                 step = self.step,
                 node, "a node changed its shared gradients while they were read"
             );
-            self.evict(
+            self.cluster.evict(
                 node,
                 "changed its shared-memory gradients while they were read",
             );
@@ -635,7 +658,8 @@ impl Trainer {
                 node, "skipping the update: a node's shared gradients were not of this step"
             );
             telemetry::step_skipped();
-            self.evict(node, "its shared-memory gradients were not of this step");
+            self.cluster
+                .evict(node, "its shared-memory gradients were not of this step");
         } else if !usable {
             // Finite per node but not usable together (or huge): applying it
             // would make the weights or Adam's state non-finite for good.
@@ -660,28 +684,31 @@ impl Trainer {
     /// Evaluates the current weights on the test set, split across the nodes.
     async fn evaluate(&mut self, round: u64) -> Result<Tally> {
         let phase = format!("evaluation {round}");
-        if self.members.is_empty() {
-            self.wait_for_members(
-                self.config.min_nodes.max(1),
-                Some(self.config.rejoin_timeout),
-            )
-            .await?;
-        }
+        self.cluster.ensure_min(&phase).await?;
         let mut tasks = Vec::new();
         let mut owners = Vec::new();
         let mut start = 0;
-        for (node, count) in self.shares(self.test.len()) {
+        for (node, count) in self.cluster.shares(self.test.len()) {
             let end = start + count;
             for part_start in (start..end).step_by(EVAL_PART) {
+                let (images, labels) = self
+                    .test
+                    .slice(part_start..(part_start + EVAL_PART).min(end));
                 tasks.push(Task::Eval {
-                    range: part_start..(part_start + EVAL_PART).min(end),
+                    samples: samples(images, labels),
                 });
                 owners.push(node);
             }
             start = end;
         }
+        let work = Work {
+            phase: &phase,
+            version: self.step,
+            round,
+            weights: &self.weights,
+        };
         let mut tally = Tally::default();
-        for answer in self.dispatch(&phase, round, &tasks, &owners).await?.0 {
+        for answer in self.cluster.run(&work, &tasks, &owners).await?.0 {
             if let (_, Answer::Eval(r)) = answer {
                 tally.add(r.loss_sum, r.correct, r.samples);
             }

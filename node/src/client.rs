@@ -1,7 +1,7 @@
 //! The node's life: connect (with retries), join, then serve the session.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use model::{Device, Model, ModelKind, ModelSpec, StepStats, TensorInfo};
@@ -14,7 +14,7 @@ use proto::v1::{
     BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError,
     NodeMessage, Samples, TensorSpec, TrainResult, TrainTask,
 };
-use proto::{ChunkReceiver, Chunker};
+use proto::{apply_delta, Buffer, ChunkReceiver, Chunker, ErrorFeedback, Wire};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -261,6 +261,12 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         .into_inner();
     let node_id = reply.node_id;
     *joined_at = Instant::now();
+    let wire = Wire::from_dtype(reply.wire).ok_or_else(|| {
+        NodeError::Protocol(format!(
+            "the coordinator asks for gradients in dtype {}, which this node cannot write",
+            reply.wire
+        ))
+    })?;
     let device = config.device.clone();
     let model = {
         let reply = reply.clone();
@@ -284,6 +290,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         node_id,
         model = %reply.model,
         data = if shared.is_some() { "shared memory" } else { "grpc" },
+        %wire,
         "joined the coordinator"
     );
 
@@ -304,7 +311,9 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
 
     let limit = (model.num_trainable() + model.num_state()) as u64;
     let mut chunks = ChunkReceiver::new(limit);
-    let mut pending: Option<(u64, Vec<f32>)> = None;
+    // The weights received over gRPC (full, or rebuilt from changes), and
+    // the version loaded into the model.
+    let mut copy: Option<(u64, Vec<f32>)> = None;
     let mut held: Option<u64> = None;
     let session = Session {
         tx: tx.clone(),
@@ -312,6 +321,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         fault: config.fault,
         shared,
         slot_step: AtomicU64::new(0),
+        feedback: (wire == Wire::Bf16).then(|| Arc::new(Mutex::new(ErrorFeedback::default()))),
     };
     loop {
         let msg = match inbound.message().await {
@@ -325,16 +335,8 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                 let complete = chunks
                     .push(&chunk)
                     .map_err(|e| NodeError::Protocol(e.to_string()))?;
-                match complete {
-                    Some((BufferKind::Weights, version, values)) => {
-                        pending = Some((version, values))
-                    }
-                    Some((kind, ..)) => {
-                        return Err(NodeError::Protocol(format!(
-                            "unexpected buffer {kind:?} from the coordinator"
-                        )))
-                    }
-                    None => {}
+                if let Some(buffer) = complete {
+                    receive(buffer, &mut copy)?;
                 }
             }
             Some(In::Train(task)) => {
@@ -347,7 +349,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                 let outcome = async {
                     let shared = task.shared_memory;
                     session
-                        .load(task.version, shared, &mut pending, &mut held)
+                        .load(task.version, shared, &mut copy, &mut held)
                         .await?;
                     session.train(task).await
                 }
@@ -364,7 +366,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                 let outcome = async {
                     let shared = task.shared_memory;
                     session
-                        .load(task.version, shared, &mut pending, &mut held)
+                        .load(task.version, shared, &mut copy, &mut held)
                         .await?;
                     session.eval(task).await
                 }
@@ -379,6 +381,35 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
             None => debug!("ignoring an empty message"),
         }
     }
+}
+
+/// Takes a weights buffer from the coordinator: a whole version, or the
+/// change from the version held to the next.
+fn receive(buffer: Buffer, copy: &mut Option<(u64, Vec<f32>)>) -> Result<()> {
+    match buffer.kind {
+        BufferKind::Weights => *copy = Some((buffer.version, buffer.values)),
+        BufferKind::WeightsDelta => match copy {
+            Some((version, values))
+                if *version == buffer.base_version && values.len() == buffer.values.len() =>
+            {
+                apply_delta(values, &buffer.values);
+                *version = buffer.version;
+            }
+            _ => {
+                return Err(NodeError::Protocol(format!(
+                    "a change to weights version {} arrived, but this node holds {:?}",
+                    buffer.base_version,
+                    copy.as_ref().map(|c| c.0)
+                )))
+            }
+        },
+        kind => {
+            return Err(NodeError::Protocol(format!(
+                "unexpected buffer {kind:?} from the coordinator"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// The coordinator's segments, mapped by a node on its host.
@@ -412,6 +443,9 @@ struct Session {
     shared: Option<Arc<Shared>>,
     /// 1 + the step whose answer is in the gradients segment (0: none).
     slot_step: AtomicU64,
+    /// Rounds gradients sent over gRPC to bf16, carrying what rounding
+    /// drops to the next step (None: they go as f32).
+    feedback: Option<Arc<Mutex<ErrorFeedback>>>,
 }
 
 fn samples(s: Option<Samples>) -> Result<Samples> {
@@ -443,12 +477,12 @@ impl Session {
     }
 
     /// Makes sure the model holds weights `version` (from the shared weights
-    /// segment if `shared`, else from the chunks received).
+    /// segment if `shared`, else from the copy received over gRPC).
     async fn load(
         &self,
         version: u64,
         shared: bool,
-        pending: &mut Option<(u64, Vec<f32>)>,
+        copy: &mut Option<(u64, Vec<f32>)>,
         held: &mut Option<u64>,
     ) -> Result<()> {
         if *held == Some(version) {
@@ -471,12 +505,16 @@ impl Session {
             debug!(version, "loaded shared weights in {:?}", started.elapsed());
             return Ok(());
         }
-        match pending.take() {
+        match copy.take() {
             Some((v, weights)) if v == version => {
+                // The copy stays: the next version may come as a change to it.
                 let model = self.model.clone();
-                tokio::task::spawn_blocking(move || model.set_weights(&weights))
-                    .await
-                    .map_err(|e| NodeError::Compute(e.to_string()))??;
+                let weights = tokio::task::spawn_blocking(move || {
+                    model.set_weights(&weights).map(|()| weights)
+                })
+                .await
+                .map_err(|e| NodeError::Compute(e.to_string()))??;
+                *copy = Some((v, weights));
                 *held = Some(version);
                 Ok(())
             }
@@ -509,6 +547,7 @@ impl Session {
             None
         };
         let in_segment = shared.is_some();
+        let feedback = self.feedback.clone();
         let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let (images, labels, seed) = (&s.images[..], &s.labels[..], task.seed);
             match shared {
@@ -528,7 +567,19 @@ impl Session {
                         correct: out.correct,
                         samples: out.samples,
                     };
-                    Ok((stats, Some((out.gradients, out.state))))
+                    let kind = BufferKind::Gradients;
+                    let size = proto::DEFAULT_CHUNK_BYTES;
+                    let gradients = match feedback {
+                        Some(f) => {
+                            let mut f = f.lock().map_err(|_| {
+                                NodeError::Compute("error feedback poisoned".into())
+                            })?;
+                            Chunker::encoded(kind, step, Wire::Bf16, f.encode(&out.gradients), size)
+                        }
+                        None => Chunker::new(kind, step, &out.gradients, size),
+                    };
+                    let state = Chunker::new(BufferKind::State, step, &out.state, size);
+                    Ok((stats, Some([gradients, state])))
                 }
             }
         })
@@ -545,15 +596,10 @@ impl Session {
         }
         let seconds = started.elapsed().as_secs_f64();
         telemetry::task("train", stats.samples, seconds);
-        if let Some((gradients, state)) = buffers {
-            for (kind, values) in [
-                (BufferKind::Gradients, &gradients),
-                (BufferKind::State, &state),
-            ] {
-                for chunk in Chunker::new(kind, step, values, proto::DEFAULT_CHUNK_BYTES).chunks() {
-                    telemetry::sent(chunk.data.len());
-                    self.send(Out::Chunk(chunk)).await?;
-                }
+        for chunker in buffers.iter().flatten() {
+            for chunk in chunker.chunks() {
+                telemetry::sent(chunk.data.len());
+                self.send(Out::Chunk(chunk)).await?;
             }
         }
         self.send(Out::Train(TrainResult {

@@ -1,23 +1,26 @@
-//! Cutting flat f32 buffers into [`Chunk`]s and putting them back together.
+//! Cutting flat f32 buffers into [`Chunk`]s and putting them back together,
+//! in either [`Wire`] format.
 
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::v1::{BufferKind, Chunk, Dtype};
+use crate::v1::{BufferKind, Chunk};
+use crate::wire::Wire;
 
 /// Why a sequence of chunks could not be reassembled.
 #[derive(Debug, Error, PartialEq)]
 pub enum ChunkError {
-    /// A chunk's dtype is not f32.
-    #[error("chunk has dtype {0:?}, expected f32")]
+    /// A chunk's dtype is not a wire format (f32 or bf16).
+    #[error("chunk has dtype {0}, expected f32 or bf16")]
     WrongDType(i32),
-    /// Byte payload is not a whole number of f32 values.
-    #[error("chunk payload of {0} bytes is not a multiple of 4")]
-    Ragged(usize),
+    /// Byte payload is not a whole number of values.
+    #[error("chunk payload of {bytes} bytes is not a multiple of {element}")]
+    Ragged { bytes: usize, element: usize },
     /// A chunk does not continue where the previous one stopped.
     #[error("chunk at offset {got} does not follow the previous one (expected offset {expected})")]
     OutOfOrder { expected: u64, got: u64 },
-    /// A chunk belongs to a different buffer (version, kind or total changed).
+    /// A chunk belongs to a different buffer (version, kind, dtype or total
+    /// changed).
     #[error("chunk for {kind:?} version {version} (total {total}) mixed into buffer {expected_kind:?} version {expected_version} (total {expected_total})")]
     Mixed {
         kind: i32,
@@ -37,24 +40,12 @@ pub enum ChunkError {
 
 /// Encodes f32 values as little-endian bytes.
 pub fn f32_to_le_bytes(values: &[f32]) -> Bytes {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Bytes::from(out)
+    Wire::F32.encode(values)
 }
 
 /// Decodes little-endian bytes into f32 values, appending to `out`.
 pub fn f32_from_le_bytes(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ChunkError> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(ChunkError::Ragged(bytes.len()));
-    }
-    out.extend(
-        bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-    );
-    Ok(())
+    Wire::F32.decode(bytes, out)
 }
 
 /// Cuts one flat buffer into chunks. The bytes are encoded once and shared
@@ -63,22 +54,51 @@ pub fn f32_from_le_bytes(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ChunkEr
 pub struct Chunker {
     kind: BufferKind,
     version: u64,
+    base_version: u64,
+    wire: Wire,
     total: u64,
     bytes: Bytes,
     chunk_bytes: usize,
 }
 
 impl Chunker {
-    /// Prepares `values` to be sent as `kind`/`version` in pieces of at most
-    /// `chunk_bytes` bytes (rounded down to whole f32 values, at least one).
+    /// Prepares `values` to be sent as f32 `kind`/`version` in pieces of at
+    /// most `chunk_bytes` bytes (rounded down to whole values, at least one).
     pub fn new(kind: BufferKind, version: u64, values: &[f32], chunk_bytes: usize) -> Self {
+        Self::encoded(
+            kind,
+            version,
+            Wire::F32,
+            Wire::F32.encode(values),
+            chunk_bytes,
+        )
+    }
+
+    /// Prepares values already encoded in `wire` (e.g. by
+    /// [`crate::ErrorFeedback`]) to be sent as `kind`/`version`.
+    pub fn encoded(
+        kind: BufferKind,
+        version: u64,
+        wire: Wire,
+        bytes: Bytes,
+        chunk_bytes: usize,
+    ) -> Self {
+        let size = wire.element_bytes();
         Self {
             kind,
             version,
-            total: values.len() as u64,
-            bytes: f32_to_le_bytes(values),
-            chunk_bytes: (chunk_bytes / 4).max(1) * 4,
+            base_version: 0,
+            wire,
+            total: (bytes.len() / size) as u64,
+            bytes,
+            chunk_bytes: (chunk_bytes / size).max(1) * size,
         }
+    }
+
+    /// Marks the buffer as a change to the weights of `base_version`.
+    pub fn with_base(mut self, base_version: u64) -> Self {
+        self.base_version = base_version;
+        self
     }
 
     /// Bytes of payload the chunks carry in all.
@@ -90,27 +110,40 @@ impl Chunker {
     /// the receiver learns its version.
     pub fn chunks(&self) -> impl Iterator<Item = Chunk> + '_ {
         let n = self.bytes.len().div_ceil(self.chunk_bytes).max(1);
+        let size = self.wire.element_bytes();
         (0..n).map(move |i| {
             let start = i * self.chunk_bytes;
             let end = (start + self.chunk_bytes).min(self.bytes.len());
             Chunk {
                 kind: self.kind as i32,
                 version: self.version,
-                dtype: Dtype::F32 as i32,
+                dtype: self.wire.dtype() as i32,
                 total_elements: self.total,
-                offset: (start / 4) as u64,
+                offset: (start / size) as u64,
                 data: self.bytes.slice(start..end),
+                base_version: self.base_version,
             }
         })
     }
 }
 
-/// Reassembles chunks into a flat buffer, checking that they are in order,
-/// consistent and within bounds.
+/// A reassembled buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buffer {
+    pub kind: BufferKind,
+    pub version: u64,
+    /// For a weights delta: the version it applies to.
+    pub base_version: u64,
+    pub values: Vec<f32>,
+}
+
+/// Reassembles chunks into a flat f32 buffer, checking that they are in
+/// order, consistent (one kind, version, base, total and wire format per
+/// buffer) and within bounds.
 #[derive(Debug)]
 pub struct ChunkReceiver {
     limit: u64,
-    current: Option<(i32, u64, u64)>,
+    current: Option<(i32, u64, u64, i32, u64)>,
     values: Vec<f32>,
 }
 
@@ -127,20 +160,21 @@ impl ChunkReceiver {
     /// Adds one chunk. Returns the completed buffer, with its kind and version,
     /// when this chunk was the last one. A chunk at offset 0 starts a new buffer
     /// and discards an unfinished one.
-    pub fn push(
-        &mut self,
-        chunk: &Chunk,
-    ) -> Result<Option<(BufferKind, u64, Vec<f32>)>, ChunkError> {
-        if chunk.dtype != Dtype::F32 as i32 {
-            return Err(ChunkError::WrongDType(chunk.dtype));
-        }
+    pub fn push(&mut self, chunk: &Chunk) -> Result<Option<Buffer>, ChunkError> {
+        let wire = Wire::from_dtype(chunk.dtype).ok_or(ChunkError::WrongDType(chunk.dtype))?;
         if chunk.total_elements > self.limit {
             return Err(ChunkError::TooLarge {
                 total: chunk.total_elements,
                 limit: self.limit,
             });
         }
-        let key = (chunk.kind, chunk.version, chunk.total_elements);
+        let key = (
+            chunk.kind,
+            chunk.version,
+            chunk.total_elements,
+            wire.dtype() as i32,
+            chunk.base_version,
+        );
         if chunk.offset == 0 {
             self.current = Some(key);
             self.values.clear();
@@ -168,20 +202,21 @@ impl ChunkReceiver {
                 got: chunk.offset,
             });
         }
-        if chunk.data.len() as u64 / 4 + chunk.offset > chunk.total_elements {
+        if (chunk.data.len() / wire.element_bytes()) as u64 + chunk.offset > chunk.total_elements {
             return Err(ChunkError::Overflow {
                 total: chunk.total_elements,
             });
         }
-        f32_from_le_bytes(&chunk.data, &mut self.values)?;
+        wire.decode(&chunk.data, &mut self.values)?;
         if self.values.len() as u64 == chunk.total_elements {
             self.current = None;
             let kind = BufferKind::try_from(chunk.kind).unwrap_or(BufferKind::Unspecified);
-            return Ok(Some((
+            return Ok(Some(Buffer {
                 kind,
-                chunk.version,
-                std::mem::take(&mut self.values),
-            )));
+                version: chunk.version,
+                base_version: chunk.base_version,
+                values: std::mem::take(&mut self.values),
+            }));
         }
         Ok(None)
     }
@@ -203,10 +238,37 @@ mod tests {
             assert!(done.is_none(), "buffer completed before the last chunk");
             done = rx.push(c).unwrap();
         }
-        let (kind, version, got) = done.expect("buffer completes on the last chunk");
-        assert_eq!(kind, BufferKind::Weights);
-        assert_eq!(version, 7);
-        assert_eq!(got, values);
+        let got = done.expect("buffer completes on the last chunk");
+        assert_eq!(got.kind, BufferKind::Weights);
+        assert_eq!(got.version, 7);
+        assert_eq!(got.values, values);
+    }
+
+    #[test]
+    fn bf16_buffers_travel_in_half_the_bytes_and_do_not_mix_with_f32() {
+        let values: Vec<f32> = (0..1001).map(|i| (i % 200) as f32 * 0.25 - 3.0).collect();
+        let bytes = Wire::Bf16.encode(&values);
+        let chunker = Chunker::encoded(BufferKind::Gradients, 4, Wire::Bf16, bytes, 64);
+        assert_eq!(chunker.byte_len(), 2 * values.len());
+        let chunks: Vec<_> = chunker.chunks().collect();
+        assert_eq!(chunks.len(), 1001usize.div_ceil(32));
+        assert_eq!(chunks[1].offset, 32);
+        let mut rx = ChunkReceiver::new(10_000);
+        let mut done = None;
+        for c in &chunks {
+            done = rx.push(c).unwrap();
+        }
+        // Quarters below 64 have at most 8 significant bits: exact.
+        assert_eq!(done.unwrap().values, values);
+        let f32s: Vec<_> = Chunker::new(BufferKind::Gradients, 4, &values, 64)
+            .chunks()
+            .collect();
+        let mut rx = ChunkReceiver::new(10_000);
+        rx.push(&chunks[0]).unwrap();
+        assert!(matches!(rx.push(&f32s[1]), Err(ChunkError::Mixed { .. })));
+        let mut u8s = chunks[0].clone();
+        u8s.dtype = crate::v1::Dtype::U8 as i32;
+        assert_eq!(rx.push(&u8s), Err(ChunkError::WrongDType(u8s.dtype)));
     }
 
     #[test]
@@ -215,8 +277,8 @@ mod tests {
         let chunks: Vec<_> = chunker.chunks().collect();
         assert_eq!(chunks.len(), 1);
         let mut rx = ChunkReceiver::new(10);
-        let (_, v, got) = rx.push(&chunks[0]).unwrap().unwrap();
-        assert_eq!((v, got.len()), (3, 0));
+        let got = rx.push(&chunks[0]).unwrap().unwrap();
+        assert_eq!((got.version, got.values.len()), (3, 0));
     }
 
     #[test]
@@ -252,7 +314,13 @@ mod tests {
         let mut rx = ChunkReceiver::new(1000);
         let mut ragged = chunks[0].clone();
         ragged.data = ragged.data.slice(0..3);
-        assert_eq!(rx.push(&ragged), Err(ChunkError::Ragged(3)));
+        assert_eq!(
+            rx.push(&ragged),
+            Err(ChunkError::Ragged {
+                bytes: 3,
+                element: 4
+            })
+        );
 
         let mut rx = ChunkReceiver::new(1000);
         assert!(matches!(

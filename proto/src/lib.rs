@@ -10,17 +10,21 @@
 
 mod chunking;
 pub mod shm;
+mod wire;
 
 /// Generated protobuf messages and gRPC client/server stubs.
 pub mod v1 {
     tonic::include_proto!("gradcast.v1");
 }
 
-pub use chunking::{f32_from_le_bytes, f32_to_le_bytes, ChunkError, ChunkReceiver, Chunker};
+pub use chunking::{
+    f32_from_le_bytes, f32_to_le_bytes, Buffer, ChunkError, ChunkReceiver, Chunker,
+};
+pub use wire::{apply_delta, bf16_delta, ErrorFeedback, Wire};
 
 /// Version of the protocol spoken by this build; a node with another version
 /// is refused at `Join`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest gRPC message either side accepts or sends (16 MiB). Buffers are
 /// chunked well below it (see [`DEFAULT_CHUNK_BYTES`]).

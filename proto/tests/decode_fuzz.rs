@@ -142,16 +142,17 @@ fn chunk_receiver_survives_arbitrary_chunk_sequences() {
             let chunk = Chunk {
                 kind: g.below(5) as i32 - 1,
                 version: g.below(3) as u64,
-                dtype: if g.below(4) == 0 {
-                    Dtype::U8 as i32
-                } else {
-                    Dtype::F32 as i32
+                dtype: match g.below(4) {
+                    0 => Dtype::U8 as i32,
+                    1 => Dtype::Bf16 as i32,
+                    _ => Dtype::F32 as i32,
                 },
                 total_elements: g.below(100) as u64,
                 offset: g.below(12) as u64,
                 data: Bytes::from(data),
+                base_version: g.below(2) as u64,
             };
-            if let Ok(Some((_, _, values))) = rx.push(&chunk) {
+            if let Ok(Some(proto::Buffer { values, .. })) = rx.push(&chunk) {
                 assert!(values.len() as u64 <= limit);
                 assert_eq!(values.len() as u64, chunk.total_elements);
             }

@@ -1,0 +1,431 @@
+//! The cluster against fake nodes: tasks in, answers out, in virtual time
+//! (tokio's paused clock), so deadlines are exact and nothing depends on
+//! how busy the machine is.
+
+use super::*;
+use crate::task::{samples, Gradients};
+use proto::v1::{EvalResult, TrainResult};
+use tonic::Status;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Enough weights for three chunks.
+const WEIGHTS: usize = 3 * proto::DEFAULT_CHUNK_BYTES / 4;
+
+type Inbox = mpsc::Receiver<std::result::Result<CoordinatorMessage, Status>>;
+
+fn cluster(min_nodes: usize) -> (Cluster, mpsc::Sender<Event>) {
+    let (tx, rx) = mpsc::channel(crate::service::EVENT_QUEUE);
+    let limits = Limits {
+        step_timeout: TIMEOUT,
+        min_nodes,
+        rejoin_timeout: TIMEOUT,
+        balance: false,
+        wire: proto::Wire::F32,
+    };
+    (Cluster::new(limits, rx, None), tx)
+}
+
+/// A node's Joined event with an outbox of `capacity` messages.
+async fn join(events: &mpsc::Sender<Event>, node: u64, capacity: usize) -> Inbox {
+    let (outbox, inbox) = mpsc::channel(capacity);
+    let info = NodeInfo {
+        hostname: format!("fake-{node}"),
+        device: "cpu".into(),
+        threads: 1,
+    };
+    let joined = Event::Joined {
+        node,
+        outbox,
+        info,
+        shared: None,
+    };
+    events.send(joined).await.unwrap();
+    inbox
+}
+
+fn tasks(sizes: &[u32]) -> Vec<Task> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(part, &n)| Task::Train {
+            samples: samples(vec![part as u8; n as usize * 3072], vec![0; n as usize]),
+            seed: part as u64,
+        })
+        .collect()
+}
+
+/// A correct answer: the gradient says who computed which part.
+fn answer(node: u64, step: u64, part: u32, samples: u32) -> Event {
+    Event::Train {
+        node,
+        result: TrainResult {
+            step,
+            part,
+            samples,
+            correct: samples / 2,
+            loss_sum: 1.0,
+            compute_seconds: 0.25,
+            ..TrainResult::default()
+        },
+        gradients: Gradients::Owned(vec![node as f32, part as f32]),
+        state: vec![],
+    }
+}
+
+/// How a fake node behaves once it has a task.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Answers every task after `delay` (virtual time).
+    Honest(Duration),
+    /// Reads its tasks, never answers.
+    Silent,
+    /// Answers for another step.
+    WrongStep,
+    /// Leaves when it gets a task.
+    Leaves,
+}
+
+/// Runs a fake node on its inbox until the cluster drops it; returns the
+/// reason of the Finish it got, if any.
+fn spawn(
+    node: u64,
+    mut inbox: Inbox,
+    events: mpsc::Sender<Event>,
+    behaviour: Behaviour,
+) -> tokio::task::JoinHandle<Option<String>> {
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = inbox.recv().await {
+            let task = match msg.kind {
+                Some(Out::Train(t)) => t,
+                Some(Out::Finish(f)) => return Some(f.reason),
+                _ => continue,
+            };
+            let count = task.samples.map_or(0, |s| s.count);
+            let event = match behaviour {
+                Behaviour::Honest(delay) => {
+                    tokio::time::sleep(delay).await;
+                    answer(node, task.step, task.part, count)
+                }
+                Behaviour::Silent => continue,
+                Behaviour::WrongStep => answer(node, task.step + 1000, task.part, count),
+                Behaviour::Leaves => Event::Left {
+                    node,
+                    reason: "closed its stream".into(),
+                },
+            };
+            if events.send(event).await.is_err() {
+                break;
+            }
+        }
+        None
+    })
+}
+
+fn work(version: u64, weights: &[f32]) -> Work<'_> {
+    Work {
+        phase: "step",
+        version,
+        round: 0,
+        weights,
+    }
+}
+
+/// (node that computed it, part the gradient says) per answer.
+fn who(answers: &[(u64, Answer)]) -> Vec<(u64, f32)> {
+    answers
+        .iter()
+        .map(|(node, a)| match a {
+            Answer::Train {
+                gradients: Gradients::Owned(g),
+                ..
+            } => {
+                assert_eq!(g[0], *node as f32, "answer credited to the wrong node");
+                (*node, g[1])
+            }
+            _ => panic!("not a training answer"),
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_come_back_in_part_order_whatever_order_they_arrive_in() {
+    let (mut cluster, events) = cluster(1);
+    let delays = [300, 100, 200];
+    let mut fakes = Vec::new();
+    for (node, ms) in delays.into_iter().enumerate() {
+        let inbox = join(&events, node as u64, 64).await;
+        let b = Behaviour::Honest(Duration::from_millis(ms));
+        fakes.push(spawn(node as u64, inbox, events.clone(), b));
+    }
+    cluster.wait_for(3, Some(TIMEOUT)).await.unwrap();
+    assert_eq!(cluster.shares(10), vec![(0, 4), (1, 3), (2, 3)]);
+    let weights = vec![0.5f32; WEIGHTS];
+    let started = Instant::now();
+    let (answers, _) = cluster
+        .run(&work(7, &weights), &tasks(&[4, 3, 3]), &[0, 1, 2])
+        .await
+        .unwrap();
+    assert_eq!(who(&answers), vec![(0, 0.0), (1, 1.0), (2, 2.0)]);
+    // The slowest node sets the pace; nobody waited for a timeout.
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    assert_eq!(cluster.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_node_is_evicted_at_the_step_timeout_and_its_part_recomputed() {
+    let (mut cluster, events) = cluster(1);
+    let honest = spawn(
+        0,
+        join(&events, 0, 64).await,
+        events.clone(),
+        Behaviour::Honest(Duration::ZERO),
+    );
+    let silent = spawn(
+        1,
+        join(&events, 1, 64).await,
+        events.clone(),
+        Behaviour::Silent,
+    );
+    cluster.wait_for(2, None).await.unwrap();
+    let weights = vec![0.5f32; WEIGHTS];
+    let started = Instant::now();
+    let (answers, _) = cluster
+        .run(&work(3, &weights), &tasks(&[2, 2]), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), TIMEOUT);
+    assert_eq!(who(&answers), vec![(0, 0.0), (0, 1.0)]);
+    assert_eq!(cluster.len(), 1);
+    let reason = silent.await.unwrap().expect("the silent node was told");
+    assert!(
+        reason.contains("evicted: no answer to step within 30s"),
+        "{reason}"
+    );
+    cluster.dismiss("done").await;
+    assert_eq!(honest.await.unwrap().as_deref(), Some("done"));
+}
+
+/// The attack of a client that answers without reading: its answers are
+/// right, but its outbox fills up. The send to it has a deadline, so it is
+/// evicted, its part goes to the honest node, and its later answers are
+/// ignored as those of a removed node.
+#[tokio::test(start_paused = true)]
+async fn a_node_that_stops_reading_is_evicted_by_the_send_deadline_even_if_it_answers() {
+    let (mut cluster, events) = cluster(1);
+    let honest = spawn(
+        0,
+        join(&events, 0, 64).await,
+        events.clone(),
+        Behaviour::Honest(Duration::from_millis(10)),
+    );
+    // Room for one step's weights (3 chunks) and task; never read.
+    let _deaf = join(&events, 1, 4).await;
+    cluster.wait_for(2, None).await.unwrap();
+    let blind = |step: u64| {
+        let events = events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            events.send(answer(1, step, 1, 2)).await.unwrap();
+        })
+    };
+    let weights = vec![0.5f32; WEIGHTS];
+    blind(0);
+    let (answers, _) = cluster
+        .run(&work(0, &weights), &tasks(&[2, 2]), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(who(&answers), vec![(0, 0.0), (1, 1.0)]);
+    // Step 1: its outbox is full.
+    blind(1);
+    let started = Instant::now();
+    let (answers, _) = cluster
+        .run(&work(1, &weights), &tasks(&[2, 2]), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), TIMEOUT + Duration::from_millis(10));
+    assert_eq!(who(&answers), vec![(0, 0.0), (0, 1.0)]);
+    assert_eq!(cluster.len(), 1);
+    cluster.dismiss("done").await;
+    assert_eq!(honest.await.unwrap().as_deref(), Some("done"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wrong_step_answer_evicts_at_once() {
+    let (mut cluster, events) = cluster(1);
+    let _honest = spawn(
+        0,
+        join(&events, 0, 64).await,
+        events.clone(),
+        Behaviour::Honest(Duration::from_millis(50)),
+    );
+    let liar = spawn(
+        1,
+        join(&events, 1, 64).await,
+        events.clone(),
+        Behaviour::WrongStep,
+    );
+    cluster.wait_for(2, None).await.unwrap();
+    let weights = vec![0.5f32; 8];
+    let started = Instant::now();
+    let (answers, _) = cluster
+        .run(&work(5, &weights), &tasks(&[1, 1]), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(who(&answers), vec![(0, 0.0), (0, 1.0)]);
+    let reason = liar.await.unwrap().unwrap();
+    assert!(reason.contains("training result for step 1005"), "{reason}");
+}
+
+/// Answers for parts a node was not given, or evaluation results during a
+/// training step, evict their sender; the same from a node already removed
+/// is a late answer and changes nothing.
+#[tokio::test(start_paused = true)]
+async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
+    let (mut cluster, events) = cluster(1);
+    let _honest = spawn(
+        0,
+        join(&events, 0, 64).await,
+        events.clone(),
+        Behaviour::Honest(Duration::from_millis(50)),
+    );
+    let mut other = join(&events, 1, 64).await;
+    cluster.wait_for(2, None).await.unwrap();
+    // From a node that is not a member (never was, or removed): ignored.
+    events.send(answer(9, 0, 0, 1)).await.unwrap();
+    // From a member: part 0 belongs to node 0.
+    events.send(answer(1, 0, 0, 1)).await.unwrap();
+    let weights = vec![0.5f32; 8];
+    let (answers, _) = cluster
+        .run(&work(0, &weights), &tasks(&[1]), &[0])
+        .await
+        .unwrap();
+    assert_eq!(who(&answers), vec![(0, 0.0)]);
+    assert_eq!(cluster.len(), 1);
+    let mut finish = None;
+    while let Some(Ok(m)) = other.recv().await {
+        if let Some(Out::Finish(f)) = m.kind {
+            finish = Some(f);
+        }
+    }
+    let finish = finish.unwrap();
+    assert!(finish.evicted);
+    assert!(
+        finish.reason.contains("answered part 0"),
+        "{}",
+        finish.reason
+    );
+    // An evaluation result in a training step.
+    let mut third = join(&events, 2, 64).await;
+    events
+        .send(Event::Eval {
+            node: 2,
+            result: EvalResult::default(),
+        })
+        .await
+        .unwrap();
+    cluster
+        .run(&work(1, &weights), &tasks(&[1]), &[0])
+        .await
+        .unwrap();
+    assert_eq!(cluster.len(), 1);
+    let mut reason = String::new();
+    while let Some(Ok(m)) = third.recv().await {
+        if let Some(Out::Finish(f)) = m.kind {
+            reason = f.reason;
+        }
+    }
+    assert!(reason.contains("evaluation result"), "{reason}");
+}
+
+/// A node that leaves gives its part to the node with the least open work.
+#[tokio::test(start_paused = true)]
+async fn a_lost_part_goes_to_the_least_loaded_node() {
+    let (mut cluster, events) = cluster(1);
+    let slow = Behaviour::Honest(Duration::from_secs(5));
+    let _a = spawn(0, join(&events, 0, 64).await, events.clone(), slow);
+    let _b = spawn(1, join(&events, 1, 64).await, events.clone(), slow);
+    let _c = spawn(
+        2,
+        join(&events, 2, 64).await,
+        events.clone(),
+        Behaviour::Leaves,
+    );
+    cluster.wait_for(3, None).await.unwrap();
+    let weights = vec![0.5f32; 8];
+    // Node 0 holds two parts, node 1 one: node 2's part goes to node 1.
+    let (answers, _) = cluster
+        .run(&work(0, &weights), &tasks(&[1, 1, 1, 1]), &[0, 0, 1, 2])
+        .await
+        .unwrap();
+    assert_eq!(who(&answers), vec![(0, 0.0), (0, 1.0), (1, 2.0), (1, 3.0)]);
+    assert_eq!(cluster.len(), 2);
+}
+
+/// Below `--min-nodes` a lost part waits for a node to join, and goes to
+/// it; the answers of the others that come meanwhile are kept.
+#[tokio::test(start_paused = true)]
+async fn below_min_nodes_a_lost_part_waits_for_a_newcomer() {
+    let (mut cluster, events) = cluster(2);
+    let honest = Behaviour::Honest(Duration::from_millis(10));
+    let _a = spawn(0, join(&events, 0, 64).await, events.clone(), honest);
+    let _b = spawn(
+        1,
+        join(&events, 1, 64).await,
+        events.clone(),
+        Behaviour::Leaves,
+    );
+    cluster.wait_for(2, None).await.unwrap();
+    let newcomer = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let inbox = join(&events, 2, 64).await;
+            spawn(2, inbox, events, honest).await
+        })
+    };
+    let weights = vec![0.5f32; 8];
+    let started = Instant::now();
+    let (answers, _) = cluster
+        .run(&work(0, &weights), &tasks(&[1, 1]), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(who(&answers), vec![(0, 0.0), (2, 1.0)]);
+    assert_eq!(started.elapsed(), Duration::from_millis(20_010));
+    drop(newcomer);
+}
+
+/// ... and with nobody joining, the run ends after `--rejoin-timeout` with
+/// a clear error.
+#[tokio::test(start_paused = true)]
+async fn below_min_nodes_with_nobody_joining_the_run_ends_after_the_rejoin_timeout() {
+    let (mut cluster, events) = cluster(2);
+    let honest = Behaviour::Honest(Duration::from_millis(10));
+    let _a = spawn(0, join(&events, 0, 64).await, events.clone(), honest);
+    let _b = spawn(
+        1,
+        join(&events, 1, 64).await,
+        events.clone(),
+        Behaviour::Leaves,
+    );
+    cluster.wait_for(2, None).await.unwrap();
+    let weights = vec![0.5f32; 8];
+    let started = Instant::now();
+    let err = cluster
+        .run(&work(0, &weights), &tasks(&[1, 1]), &[0, 1])
+        .await
+        .err()
+        .expect("not enough nodes");
+    assert!(
+        matches!(
+            err,
+            CoordinatorError::NotEnoughNodes {
+                joined: 1,
+                wanted: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), TIMEOUT);
+}
