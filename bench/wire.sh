@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # f32 against bf16 on the gRPC wire: the same simple-cnn run (2 nodes x 1
 # thread on this host, every byte over gRPC, the study's recipe: batch 32,
-# Adam 1e-3, seed 0), once per wire format, and what each does to accuracy,
-# speed and bytes.
+# Adam 1e-3), once per wire format, and what each does to accuracy and speed.
 #
 #   bench/wire.sh [--data path/to/cifar-10-binary.tar.gz] [--epochs 3]
-#                 [--model simple-cnn] [--out docs/wire]
+#                 [--model simple-cnn] [--seed 0] [--out docs/wire]
 #
 # Writes OUT/{f32,bf16}.json (Keras-style histories), OUT/curves.png (both
 # curves) and OUT/README.md (val accuracy per epoch, training samples/s and
@@ -16,12 +15,14 @@ cd "$(dirname "$0")/.."
 data=${GRADCAST_DATA:-../shared/data/cifar-10-binary.tar.gz}
 epochs=3
 model=simple-cnn
+seed=0
 out=docs/wire
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) data="$2"; shift 2 ;;
         --epochs) epochs="$2"; shift 2 ;;
         --model) model="$2"; shift 2 ;;
+        --seed) seed="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
@@ -38,7 +39,7 @@ declare -A rate bytes
 for wire in f32 bf16; do
     log=$(mktemp)
     "$gradcast" run --nodes 2 --threads-per-node 1 --model "$model" --epochs "$epochs" \
-        --data "$data" --shm-dir off --wire "$wire" --progress plain \
+        --data "$data" --shm-dir off --wire "$wire" --seed "$seed" --progress plain \
         --history "$out/$wire.json" >"$log" 2>&1 || { cat "$log"; exit 1; }
     # Training samples/s of each epoch, from the coordinator's epoch lines.
     rate[$wire]=$(grep -E 'coordinator.*epoch [0-9]+/[0-9]+: loss' "$log" \
@@ -49,16 +50,16 @@ for wire in f32 bf16; do
 done
 "$gradcast" plot "$out/f32.json" "$out/bf16.json" --labels "f32,bf16" -o "$out/curves.png"
 
-python3 - "$out" "$header" "$model" "${rate[f32]}" "${rate[bf16]}" "${bytes[f32]:-}" "${bytes[bf16]:-}" <<'PY'
+python3 - "$out" "$header" "$model" "${rate[f32]}" "${rate[bf16]}" "${bytes[f32]:-}" "${bytes[bf16]:-}" "$seed" <<'PY'
 import json, sys
-out, header, model, rate32, rate16, bytes32, bytes16 = sys.argv[1:8]
+out, header, model, rate32, rate16, bytes32, bytes16, seed = sys.argv[1:9]
 h = {w: json.load(open(f"{out}/{w}.json")) for w in ("f32", "bf16")}
 n = len(h["f32"]["val_accuracy"])
 lines = [
     "# f32 and bf16 on the gRPC wire",
     "",
     f"`bench/wire.sh` on {header}: {model}, 2 nodes x 1 thread on one host with",
-    "every byte over gRPC (`--shm-dir off`), batch 32, Adam 1e-3, seed 0, the",
+    f"every byte over gRPC (`--shm-dir off`), batch 32, Adam 1e-3, seed {seed}, the",
     "full training set, once with `--wire f32` and once with `--wire bf16`.",
     "",
     "| epoch | val accuracy f32 | val accuracy bf16 | train accuracy f32 | train accuracy bf16 |",

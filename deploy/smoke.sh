@@ -11,9 +11,7 @@ cd "$(dirname "$0")/.."
 command -v docker >/dev/null || { echo "smoke: no docker" >&2; exit 1; }
 COMPOSE=${COMPOSE:-docker-compose}
 BIN=${GRADCAST_BIN:-target/release/gradcast}
-[ -x "$BIN" ] || cargo build --release --bin gradcast
-BASE=${BASE_IMAGE:-gradcast/debian:bookworm}
-BASE_TAG=$BASE deploy/base-images.sh
+. deploy/smoke-lib.sh
 
 work=$(mktemp -d)
 chmod 755 "$work"
@@ -27,28 +25,11 @@ trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; compose logs --no-color --tail 40 >&2 || true; exit 1; }
 
 echo "== images"
-mkdir -p "$work/ctx" "$work/pctx"
-cp "$BIN" "$work/ctx/gradcast"
-DOCKER_BUILDKIT=0 docker build -q -f deploy/Dockerfile --target prebuilt --build-arg BASE_IMAGE="$BASE" \
-  -t gradcast:smoke "$work/ctx" >/dev/null
-if ! command -v prometheus >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
-cp "$(command -v prometheus)" "$work/pctx/prometheus"
-DOCKER_BUILDKIT=0 docker build -q -f deploy/prometheus.Dockerfile --build-arg BASE_IMAGE="$BASE" \
-  -t gradcast-prometheus:smoke "$work/pctx" >/dev/null
-docker run --rm gradcast:smoke --version
+deploy/images.sh "$BIN"
 
 echo "== data"
-"$BIN" synthetic --out "$work/data" --train-per-file 400 --test 200 >/dev/null
-chmod -R a+rX "$work/data"
-
-read -r grpc_port prom_port < <(python3 -c '
-import socket
-ports = []
-for _ in range(2):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
-print(*ports)')
+smoke_data "$work"
+read -r grpc_port prom_port < <(free_ports 2)
 export GRADCAST_IMAGE=gradcast:smoke PROMETHEUS_IMAGE=gradcast-prometheus:smoke
 export GRADCAST_DATA_DIR="$work/data" GRADCAST_NODES=3 GRADCAST_BATCH_SIZE=32
 export GRADCAST_PORT=$grpc_port PROMETHEUS_PORT=$prom_port
@@ -60,9 +41,6 @@ await_coordinator() {
   timeout "${1:-600}" docker wait "$cid" || fail "coordinator still running after ${1:-600} s"
 }
 
-query() { curl -sf "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$1" \
-  | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))'; }
-nodes_seen_query='count by (instance) (count_over_time(gradcast_node_tasks_total{job="gradcast-node"}[10m]))'
 
 echo "== run 1: coordinator + 3 nodes + prometheus"
 # Long enough (8 epochs, ~50 s) for DNS discovery (5 s refresh) and scrapes

@@ -12,19 +12,7 @@ use common::*;
 fn the_coordinator_reports_grpc_health_without_the_cluster_token() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 20, 10);
-    let args = [
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data",
-        data.to_str().unwrap(),
-        "--nodes",
-        "1",
-        "--batch-size",
-        "20",
-        "--token",
-        "s3cret",
-    ];
+    let args = coordinator_args(data.to_str().unwrap(), "1", "1", &["--token", "s3cret"]);
     let (mut coordinator, lines) = start(&args, &[]);
     let addr = address(&lines);
     let check = |service: &str| {

@@ -9,33 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn coordinator_args<'a>(
-    data: &'a str,
-    nodes: &'a str,
-    epochs: &'a str,
-    extra: &[&'a str],
-) -> Vec<&'a str> {
-    let mut a = vec![
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data",
-        data,
-        "--nodes",
-        nodes,
-        "--epochs",
-        epochs,
-        "--batch-size",
-        "8",
-        "--step-timeout",
-        "30",
-        "--rejoin-timeout",
-        "20",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
-
 #[test]
 fn a_killed_node_is_replaced_by_the_survivors_and_no_sample_is_lost() {
     let dir = tempfile::tempdir().unwrap();

@@ -203,3 +203,32 @@ pub fn final_accuracy(stdout: &str) -> f64 {
         .unwrap_or_else(|| panic!("no final line in:\n{stdout}"));
     line.trim().parse().unwrap()
 }
+
+/// `gradcast coordinator` on a free port with small batches and short
+/// timeouts (step 30 s, rejoin 20 s), plus `extra`.
+pub fn coordinator_args<'a>(
+    data: &'a str,
+    nodes: &'a str,
+    epochs: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data,
+        "--nodes",
+        nodes,
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "8",
+        "--step-timeout",
+        "30",
+        "--rejoin-timeout",
+        "20",
+    ];
+    a.extend_from_slice(extra);
+    a
+}

@@ -121,6 +121,31 @@ fn spawn(
     })
 }
 
+/// The Finish a node's inbox held when the cluster let go of it.
+async fn finish_of(mut inbox: Inbox) -> Option<proto::v1::Finish> {
+    let mut last = None;
+    while let Some(Ok(m)) = inbox.recv().await {
+        if let Some(Out::Finish(f)) = m.kind {
+            last = Some(f);
+        }
+    }
+    last
+}
+
+/// A fake node that joins with a roomy outbox and behaves so.
+async fn fake(
+    events: &mpsc::Sender<Event>,
+    node: u64,
+    behaviour: Behaviour,
+) -> tokio::task::JoinHandle<Option<String>> {
+    spawn(
+        node,
+        join(events, node, 64).await,
+        events.clone(),
+        behaviour,
+    )
+}
+
 fn work(version: u64, weights: &[f32]) -> Work<'_> {
     Work {
         phase: "step",
@@ -174,18 +199,8 @@ async fn answers_come_back_in_part_order_whatever_order_they_arrive_in() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_node_is_evicted_at_the_step_timeout_and_its_part_recomputed() {
     let (mut cluster, events) = cluster(1);
-    let honest = spawn(
-        0,
-        join(&events, 0, 64).await,
-        events.clone(),
-        Behaviour::Honest(Duration::ZERO),
-    );
-    let silent = spawn(
-        1,
-        join(&events, 1, 64).await,
-        events.clone(),
-        Behaviour::Silent,
-    );
+    let honest = fake(&events, 0, Behaviour::Honest(Duration::ZERO)).await;
+    let silent = fake(&events, 1, Behaviour::Silent).await;
     cluster.wait_for(2, None).await.unwrap();
     let weights = vec![0.5f32; WEIGHTS];
     let started = Instant::now();
@@ -212,12 +227,7 @@ async fn a_silent_node_is_evicted_at_the_step_timeout_and_its_part_recomputed() 
 #[tokio::test(start_paused = true)]
 async fn a_node_that_stops_reading_is_evicted_by_the_send_deadline_even_if_it_answers() {
     let (mut cluster, events) = cluster(1);
-    let honest = spawn(
-        0,
-        join(&events, 0, 64).await,
-        events.clone(),
-        Behaviour::Honest(Duration::from_millis(10)),
-    );
+    let honest = fake(&events, 0, Behaviour::Honest(Duration::from_millis(10))).await;
     // Room for one step's weights (3 chunks) and task; never read.
     let _deaf = join(&events, 1, 4).await;
     cluster.wait_for(2, None).await.unwrap();
@@ -252,18 +262,8 @@ async fn a_node_that_stops_reading_is_evicted_by_the_send_deadline_even_if_it_an
 #[tokio::test(start_paused = true)]
 async fn a_wrong_step_answer_evicts_at_once() {
     let (mut cluster, events) = cluster(1);
-    let _honest = spawn(
-        0,
-        join(&events, 0, 64).await,
-        events.clone(),
-        Behaviour::Honest(Duration::from_millis(50)),
-    );
-    let liar = spawn(
-        1,
-        join(&events, 1, 64).await,
-        events.clone(),
-        Behaviour::WrongStep,
-    );
+    let _honest = fake(&events, 0, Behaviour::Honest(Duration::from_millis(50))).await;
+    let liar = fake(&events, 1, Behaviour::WrongStep).await;
     cluster.wait_for(2, None).await.unwrap();
     let weights = vec![0.5f32; 8];
     let started = Instant::now();
@@ -283,13 +283,8 @@ async fn a_wrong_step_answer_evicts_at_once() {
 #[tokio::test(start_paused = true)]
 async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
     let (mut cluster, events) = cluster(1);
-    let _honest = spawn(
-        0,
-        join(&events, 0, 64).await,
-        events.clone(),
-        Behaviour::Honest(Duration::from_millis(50)),
-    );
-    let mut other = join(&events, 1, 64).await;
+    let _honest = fake(&events, 0, Behaviour::Honest(Duration::from_millis(50))).await;
+    let other = join(&events, 1, 64).await;
     cluster.wait_for(2, None).await.unwrap();
     // From a node that is not a member (never was, or removed): ignored.
     events.send(answer(9, 0, 0, 1)).await.unwrap();
@@ -302,13 +297,7 @@ async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
         .unwrap();
     assert_eq!(who(&answers), vec![(0, 0.0)]);
     assert_eq!(cluster.len(), 1);
-    let mut finish = None;
-    while let Some(Ok(m)) = other.recv().await {
-        if let Some(Out::Finish(f)) = m.kind {
-            finish = Some(f);
-        }
-    }
-    let finish = finish.unwrap();
+    let finish = finish_of(other).await.expect("told it was evicted");
     assert!(finish.evicted);
     assert!(
         finish.reason.contains("answered part 0"),
@@ -316,7 +305,7 @@ async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
         finish.reason
     );
     // An evaluation result in a training step.
-    let mut third = join(&events, 2, 64).await;
+    let third = join(&events, 2, 64).await;
     events
         .send(Event::Eval {
             node: 2,
@@ -329,12 +318,7 @@ async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
         .await
         .unwrap();
     assert_eq!(cluster.len(), 1);
-    let mut reason = String::new();
-    while let Some(Ok(m)) = third.recv().await {
-        if let Some(Out::Finish(f)) = m.kind {
-            reason = f.reason;
-        }
-    }
+    let reason = finish_of(third).await.expect("told it was evicted").reason;
     assert!(reason.contains("evaluation result"), "{reason}");
 }
 
@@ -343,14 +327,9 @@ async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
 async fn a_lost_part_goes_to_the_least_loaded_node() {
     let (mut cluster, events) = cluster(1);
     let slow = Behaviour::Honest(Duration::from_secs(5));
-    let _a = spawn(0, join(&events, 0, 64).await, events.clone(), slow);
-    let _b = spawn(1, join(&events, 1, 64).await, events.clone(), slow);
-    let _c = spawn(
-        2,
-        join(&events, 2, 64).await,
-        events.clone(),
-        Behaviour::Leaves,
-    );
+    let _a = fake(&events, 0, slow).await;
+    let _b = fake(&events, 1, slow).await;
+    let _c = fake(&events, 2, Behaviour::Leaves).await;
     cluster.wait_for(3, None).await.unwrap();
     let weights = vec![0.5f32; 8];
     // Node 0 holds two parts, node 1 one: node 2's part goes to node 1.
@@ -368,13 +347,8 @@ async fn a_lost_part_goes_to_the_least_loaded_node() {
 async fn below_min_nodes_a_lost_part_waits_for_a_newcomer() {
     let (mut cluster, events) = cluster(2);
     let honest = Behaviour::Honest(Duration::from_millis(10));
-    let _a = spawn(0, join(&events, 0, 64).await, events.clone(), honest);
-    let _b = spawn(
-        1,
-        join(&events, 1, 64).await,
-        events.clone(),
-        Behaviour::Leaves,
-    );
+    let _a = fake(&events, 0, honest).await;
+    let _b = fake(&events, 1, Behaviour::Leaves).await;
     cluster.wait_for(2, None).await.unwrap();
     let newcomer = {
         let events = events.clone();
@@ -401,13 +375,8 @@ async fn below_min_nodes_a_lost_part_waits_for_a_newcomer() {
 async fn below_min_nodes_with_nobody_joining_the_run_ends_after_the_rejoin_timeout() {
     let (mut cluster, events) = cluster(2);
     let honest = Behaviour::Honest(Duration::from_millis(10));
-    let _a = spawn(0, join(&events, 0, 64).await, events.clone(), honest);
-    let _b = spawn(
-        1,
-        join(&events, 1, 64).await,
-        events.clone(),
-        Behaviour::Leaves,
-    );
+    let _a = fake(&events, 0, honest).await;
+    let _b = fake(&events, 1, Behaviour::Leaves).await;
     cluster.wait_for(2, None).await.unwrap();
     let weights = vec![0.5f32; 8];
     let started = Instant::now();
