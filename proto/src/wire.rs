@@ -50,16 +50,16 @@ impl Wire {
 
     /// Encodes values as little-endian bytes (rounding for bf16).
     pub fn encode(self, values: &[f32]) -> Bytes {
-        let mut out = Vec::with_capacity(values.len() * self.element_bytes());
         match self {
-            Wire::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Wire::Bf16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            Wire::F32 => le_bytes(values),
+            Wire::Bf16 => {
+                let bits: Vec<u16> = values
+                    .iter()
+                    .map(|v| bf16::from_f32(*v).to_bits())
+                    .collect();
+                le_bytes(&bits)
+            }
         }
-        Bytes::from(out)
     }
 
     /// Decodes little-endian bytes into f32 values, appending to `out`.
@@ -71,6 +71,8 @@ impl Wire {
                 element: size,
             });
         }
+        // (An iterator, not zero-fill and copy: measured faster for 6.5 MB
+        // gradients arriving in 2 MiB chunks.)
         match self {
             Wire::F32 => out.extend(
                 bytes
@@ -80,7 +82,7 @@ impl Wire {
             Wire::Bf16 => out.extend(
                 bytes
                     .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                    .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
             ),
         }
         Ok(())
@@ -107,6 +109,38 @@ impl FromStr for Wire {
     }
 }
 
+/// Plain numbers as little-endian bytes: one copy on little-endian machines.
+fn le_bytes<T: bytemuck::Pod + ToLe>(values: &[T]) -> Bytes {
+    #[cfg(target_endian = "little")]
+    {
+        Bytes::copy_from_slice(bytemuck::cast_slice(values))
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        let mut out = Vec::with_capacity(std::mem::size_of_val(values));
+        values.iter().for_each(|v| v.put_le(&mut out));
+        Bytes::from(out)
+    }
+}
+
+/// Writes a value's little-endian bytes (for big-endian machines).
+trait ToLe {
+    #[allow(dead_code)]
+    fn put_le(&self, out: &mut Vec<u8>);
+}
+
+impl ToLe for f32 {
+    fn put_le(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl ToLe for u16 {
+    fn put_le(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
 /// Rounds successive buffers of one kind (a node's gradients, step after
 /// step) to bf16 with error feedback: what rounding drops from a value is
 /// added to the same value of the next buffer, so the error does not
@@ -124,17 +158,20 @@ impl ErrorFeedback {
         if self.residual.len() != values.len() {
             self.residual = vec![0.0; values.len()];
         }
-        let mut out = Vec::with_capacity(values.len() * 2);
-        for (v, r) in values.iter().zip(&mut self.residual) {
-            let wanted = v + *r;
-            let sent = bf16::from_f32(wanted);
-            let dropped = wanted - sent.to_f32();
-            // A non-finite value is sent as it is (and refused by the
-            // coordinator); it must not poison the residual.
-            *r = if dropped.is_finite() { dropped } else { 0.0 };
-            out.extend_from_slice(&sent.to_le_bytes());
-        }
-        Bytes::from(out)
+        let bits: Vec<u16> = values
+            .iter()
+            .zip(&mut self.residual)
+            .map(|(v, r)| {
+                let wanted = v + *r;
+                let sent = bf16::from_f32(wanted);
+                let dropped = wanted - sent.to_f32();
+                // A non-finite value is sent as it is (and refused by the
+                // coordinator); it must not poison the residual.
+                *r = if dropped.is_finite() { dropped } else { 0.0 };
+                sent.to_bits()
+            })
+            .collect();
+        le_bytes(&bits)
     }
 
     /// What rounding has dropped so far, not yet sent.
@@ -154,13 +191,16 @@ pub fn bf16_delta(target: &[f32], held: &mut [f32]) -> Bytes {
         held.len(),
         "delta between buffers of two sizes"
     );
-    let mut out = Vec::with_capacity(target.len() * 2);
-    for (t, h) in target.iter().zip(held.iter_mut()) {
-        let sent = bf16::from_f32(t - *h);
-        *h += sent.to_f32();
-        out.extend_from_slice(&sent.to_le_bytes());
-    }
-    Bytes::from(out)
+    let bits: Vec<u16> = target
+        .iter()
+        .zip(held.iter_mut())
+        .map(|(t, h)| {
+            let sent = bf16::from_f32(t - *h);
+            *h += sent.to_f32();
+            sent.to_bits()
+        })
+        .collect();
+    le_bytes(&bits)
 }
 
 /// Adds a decoded change to the held copy (the receiving half of
