@@ -157,6 +157,7 @@ fn bad_inputs_fail_fast_with_clear_messages() {
         ],
         Duration::from_secs(30),
     );
+    assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("unknown model"),
         "{}",

@@ -112,7 +112,7 @@ pub(crate) fn average_gradients(
 
 /// Accumulates `Σ w_i x_i / Σ w_i` over flat buffers. Adding the same inputs
 /// in the same order always gives bit-identical results; the coordinator adds
-/// them in node order, never in arrival order.
+/// them in part order, never in arrival order.
 #[derive(Debug, Clone)]
 pub struct WeightedSum {
     sum: Vec<f32>,

@@ -263,13 +263,14 @@ impl Cluster {
         }
     }
 
-    /// Waits until at least `wanted` nodes are connected, for at most
-    /// `timeout` (None: forever). Answers from members that come meanwhile
-    /// are kept for [`Cluster::run`].
+    /// Waits until at least `wanted` nodes (set by `flag`) are connected,
+    /// for at most `timeout` (None: forever). Answers from members that
+    /// come meanwhile are kept for [`Cluster::run`].
     pub(crate) async fn wait_for(
         &mut self,
         wanted: usize,
         timeout: Option<Duration>,
+        flag: &'static str,
     ) -> Result<()> {
         if self.members.len() >= wanted {
             return Ok(());
@@ -285,6 +286,7 @@ impl Cluster {
                     joined: self.members.len(),
                     wanted,
                     timeout: timeout.unwrap_or_default(),
+                    flag,
                 });
             };
             if let Some(answer) = self.membership(event) {
@@ -306,7 +308,8 @@ impl Cluster {
             self.members.len(),
             self.limits.rejoin_timeout
         );
-        self.wait_for(min, Some(self.limits.rejoin_timeout)).await
+        self.wait_for(min, Some(self.limits.rejoin_timeout), "--min-nodes")
+            .await
     }
 
     /// Splits `total` samples over the connected nodes (in id order): equal
@@ -518,7 +521,10 @@ impl Cluster {
                         .filter_map(|&p| owner[p])
                         .collect();
                     for node in late {
-                        self.evict(node, &format!("no answer to {phase} within {timeout:?}"));
+                        let reason = format!(
+                            "no answer to {phase} within {timeout:?} (raise --step-timeout if the nodes are just slow)"
+                        );
+                        self.evict(node, &reason);
                     }
                     continue;
                 }

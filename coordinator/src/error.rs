@@ -12,33 +12,14 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// A node left while training needed it.
-    #[error("node {node} left during {phase}: {reason}")]
-    NodeLost {
-        node: u64,
-        phase: String,
-        reason: String,
-    },
-    /// A node did not answer in time.
-    #[error("node {node} did not answer {phase} within {timeout:?}; raise --step-timeout if the nodes are just slow")]
-    Timeout {
-        node: u64,
-        phase: String,
-        timeout: Duration,
-    },
-    /// Not enough nodes joined in time.
-    #[error("only {joined} of {wanted} nodes joined within {timeout:?}; start more nodes or lower --nodes")]
+    /// Not enough nodes joined in time (`flag` set how many were wanted:
+    /// `--nodes` at the start, `--min-nodes` after losing some).
+    #[error("only {joined} of {wanted} nodes joined within {timeout:?}; start more nodes or lower {flag}")]
     NotEnoughNodes {
         joined: usize,
         wanted: usize,
         timeout: Duration,
-    },
-    /// A node sent something that cannot be used.
-    #[error("node {node} sent an unusable result for {phase}: {reason}")]
-    BadResult {
-        node: u64,
-        phase: String,
-        reason: String,
+        flag: &'static str,
     },
     /// Writing the history failed.
     #[error("cannot write history to {path}: {source}")]

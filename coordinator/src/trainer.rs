@@ -340,7 +340,7 @@ impl Trainer {
 
     async fn run(&mut self, start: Position) -> Result<()> {
         self.cluster
-            .wait_for(self.config.nodes, self.config.join_timeout)
+            .wait_for(self.config.nodes, self.config.join_timeout, "--nodes")
             .await?;
         let n = self.train.len();
         let bs = self.config.batch_size;

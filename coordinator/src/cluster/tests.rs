@@ -182,7 +182,7 @@ async fn answers_come_back_in_part_order_whatever_order_they_arrive_in() {
         let b = Behaviour::Honest(Duration::from_millis(ms));
         fakes.push(spawn(node as u64, inbox, events.clone(), b));
     }
-    cluster.wait_for(3, Some(TIMEOUT)).await.unwrap();
+    cluster.wait_for(3, Some(TIMEOUT), "--nodes").await.unwrap();
     assert_eq!(cluster.shares(10), vec![(0, 4), (1, 3), (2, 3)]);
     let weights = vec![0.5f32; WEIGHTS];
     let started = Instant::now();
@@ -201,7 +201,7 @@ async fn a_silent_node_is_evicted_at_the_step_timeout_and_its_part_recomputed() 
     let (mut cluster, events) = cluster(1);
     let honest = fake(&events, 0, Behaviour::Honest(Duration::ZERO)).await;
     let silent = fake(&events, 1, Behaviour::Silent).await;
-    cluster.wait_for(2, None).await.unwrap();
+    cluster.wait_for(2, None, "--nodes").await.unwrap();
     let weights = vec![0.5f32; WEIGHTS];
     let started = Instant::now();
     let (answers, _) = cluster
@@ -230,7 +230,7 @@ async fn a_node_that_stops_reading_is_evicted_by_the_send_deadline_even_if_it_an
     let honest = fake(&events, 0, Behaviour::Honest(Duration::from_millis(10))).await;
     // Room for one step's weights (3 chunks) and task; never read.
     let _deaf = join(&events, 1, 4).await;
-    cluster.wait_for(2, None).await.unwrap();
+    cluster.wait_for(2, None, "--nodes").await.unwrap();
     let blind = |step: u64| {
         let events = events.clone();
         tokio::spawn(async move {
@@ -264,7 +264,7 @@ async fn a_wrong_step_answer_evicts_at_once() {
     let (mut cluster, events) = cluster(1);
     let _honest = fake(&events, 0, Behaviour::Honest(Duration::from_millis(50))).await;
     let liar = fake(&events, 1, Behaviour::WrongStep).await;
-    cluster.wait_for(2, None).await.unwrap();
+    cluster.wait_for(2, None, "--nodes").await.unwrap();
     let weights = vec![0.5f32; 8];
     let started = Instant::now();
     let (answers, _) = cluster
@@ -285,7 +285,7 @@ async fn answers_nobody_asked_for_evict_members_and_are_ignored_from_others() {
     let (mut cluster, events) = cluster(1);
     let _honest = fake(&events, 0, Behaviour::Honest(Duration::from_millis(50))).await;
     let other = join(&events, 1, 64).await;
-    cluster.wait_for(2, None).await.unwrap();
+    cluster.wait_for(2, None, "--nodes").await.unwrap();
     // From a node that is not a member (never was, or removed): ignored.
     events.send(answer(9, 0, 0, 1)).await.unwrap();
     // From a member: part 0 belongs to node 0.
@@ -330,7 +330,7 @@ async fn a_lost_part_goes_to_the_least_loaded_node() {
     let _a = fake(&events, 0, slow).await;
     let _b = fake(&events, 1, slow).await;
     let _c = fake(&events, 2, Behaviour::Leaves).await;
-    cluster.wait_for(3, None).await.unwrap();
+    cluster.wait_for(3, None, "--nodes").await.unwrap();
     let weights = vec![0.5f32; 8];
     // Node 0 holds two parts, node 1 one: node 2's part goes to node 1.
     let (answers, _) = cluster
@@ -349,7 +349,7 @@ async fn below_min_nodes_a_lost_part_waits_for_a_newcomer() {
     let honest = Behaviour::Honest(Duration::from_millis(10));
     let _a = fake(&events, 0, honest).await;
     let _b = fake(&events, 1, Behaviour::Leaves).await;
-    cluster.wait_for(2, None).await.unwrap();
+    cluster.wait_for(2, None, "--nodes").await.unwrap();
     let newcomer = {
         let events = events.clone();
         tokio::spawn(async move {
@@ -377,7 +377,7 @@ async fn below_min_nodes_with_nobody_joining_the_run_ends_after_the_rejoin_timeo
     let honest = Behaviour::Honest(Duration::from_millis(10));
     let _a = fake(&events, 0, honest).await;
     let _b = fake(&events, 1, Behaviour::Leaves).await;
-    cluster.wait_for(2, None).await.unwrap();
+    cluster.wait_for(2, None, "--nodes").await.unwrap();
     let weights = vec![0.5f32; 8];
     let started = Instant::now();
     let err = cluster
@@ -391,10 +391,12 @@ async fn below_min_nodes_with_nobody_joining_the_run_ends_after_the_rejoin_timeo
             CoordinatorError::NotEnoughNodes {
                 joined: 1,
                 wanted: 2,
+                flag: "--min-nodes",
                 ..
             }
         ),
         "{err}"
     );
+    assert!(err.to_string().contains("lower --min-nodes"), "{err}");
     assert_eq!(started.elapsed(), TIMEOUT);
 }
