@@ -110,6 +110,24 @@ fn eval_reproduces_the_final_accuracy_and_prints_every_class() {
     }
 }
 
+/// The resume state sits next to the checkpoints; evaluating it says what it
+/// is and which file to pass instead.
+#[test]
+fn eval_of_the_resume_state_says_which_file_to_pass() {
+    let t = trained();
+    let resume = t.checkpoints.join("resume.safetensors");
+    assert!(resume.exists());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gradcast"))
+        .args(["eval", "--checkpoint", resume.to_str().unwrap()])
+        .args(["--data", t.data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("resume state"), "{stderr}");
+    assert!(stderr.contains("final.safetensors"), "{stderr}");
+}
+
 fn write_png(path: &Path, chw: &[u8], scale: u32) {
     let img = image::RgbImage::from_fn(32 * scale, 32 * scale, |x, y| {
         let (x, y) = ((x / scale) as usize, (y / scale) as usize);

@@ -104,6 +104,14 @@ impl Checkpoint {
                 format!("no {MODEL_KEY} in the metadata; not a gradcast checkpoint"),
             )
         })?;
+        if name == "resume" {
+            return Err(error(
+                &self.path,
+                "this is the coordinator's resume state (weights, optimizer state and \
+                 position, for --resume), not a model checkpoint; pass epoch-NNNN.safetensors \
+                 or final.safetensors from the same folder",
+            ));
+        }
         name.parse()
     }
 
