@@ -12,26 +12,6 @@ use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::node_message::Kind;
 use proto::v1::{Hello, JoinRequest, NodeMessage};
 
-fn coordinator<'a>(data: &'a str, nodes: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data",
-        data,
-        "--nodes",
-        nodes,
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--step-timeout",
-        "20",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
-
 fn history_is_sane(path: &std::path::Path) {
     let h: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     for key in ["loss", "val_loss", "accuracy", "val_accuracy"] {
@@ -53,8 +33,9 @@ fn huge_gradients_are_never_applied_and_their_node_is_evicted() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 40, 20);
     let history = dir.path().join("h.json");
-    let args = coordinator(
+    let args = coordinator_args(
         data.to_str().unwrap(),
+        "2",
         "2",
         &["--history", history.to_str().unwrap()],
     );
@@ -89,9 +70,10 @@ fn lying_nodes_are_evicted_with_the_reason_and_their_parts_recomputed() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 40, 20);
     let history = dir.path().join("h.json");
-    let args = coordinator(
+    let args = coordinator_args(
         data.to_str().unwrap(),
         "3",
+        "2",
         &["--history", history.to_str().unwrap()],
     );
     let (mut coordinator, lines) = start(&args, &[]);
@@ -154,7 +136,7 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
 fn refused_floods_cost_no_memory_and_node_ids_cannot_be_taken_over() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 20, 10);
-    let args = coordinator(data.to_str().unwrap(), "1", &["--token", "s3cret"]);
+    let args = coordinator_args(data.to_str().unwrap(), "1", "2", &["--token", "s3cret"]);
     let (mut coordinator, lines) = start(&args, &[]);
     let addr = address(&lines);
     let pid = coordinator.id();
@@ -224,7 +206,7 @@ fn refused_floods_cost_no_memory_and_node_ids_cannot_be_taken_over() {
 fn a_member_that_stops_reading_is_evicted_within_the_step_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 40, 20);
-    let mut args = coordinator(data.to_str().unwrap(), "2", &["--shm-dir", "off"]);
+    let mut args = coordinator_args(data.to_str().unwrap(), "2", "2", &["--shm-dir", "off"]);
     let at = args.iter().position(|a| *a == "--step-timeout").unwrap();
     args[at + 1] = "3";
     let (mut coordinator, lines) = start(&args, &[]);
