@@ -146,8 +146,26 @@ fn run(args: &[&str], cache: &Path, url: &str, sha: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn archive(dir: &Path) -> Vec<u8> {
-    std::fs::read(synthetic(dir, 20, 10)).unwrap()
+/// A generated archive, its SHA-256, and a cache folder (not created) in
+/// the same temporary folder.
+struct Fixture {
+    dir: tempfile::TempDir,
+    body: Vec<u8>,
+    sha: String,
+    cache: std::path::PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let body = std::fs::read(synthetic(dir.path(), 20, 10)).unwrap();
+    let sha = sha256(&body);
+    let cache = dir.path().join("cache");
+    Fixture {
+        dir,
+        body,
+        sha,
+        cache,
+    }
 }
 
 fn files(dir: &Path) -> Vec<String> {
@@ -164,11 +182,13 @@ fn files(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_download_is_verified_and_lands_in_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let body = archive(dir.path());
+    let Fixture {
+        dir,
+        body,
+        cache,
+        sha,
+    } = fixture();
     let server = Server::start(body.clone(), vec![Serve::Whole]);
-    let cache = dir.path().join("cache");
-    let sha = sha256(&body);
     let out = run(&["data", "fetch"], &cache, &server.url, Some(&sha));
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -194,12 +214,14 @@ fn a_download_is_verified_and_lands_in_the_cache() {
 
 #[test]
 fn a_cut_download_resumes_where_it_stopped() {
-    let dir = tempfile::tempdir().unwrap();
-    let body = archive(dir.path());
+    let Fixture {
+        dir: _dir,
+        body,
+        cache,
+        sha,
+    } = fixture();
     let cut = body.len() / 3;
     let server = Server::start(body.clone(), vec![Serve::CutAfter(cut), Serve::Whole]);
-    let cache = dir.path().join("cache");
-    let sha = sha256(&body);
     let first = run(&["data", "fetch"], &cache, &server.url, Some(&sha));
     let stderr = text(&first.stderr);
     assert!(
@@ -234,10 +256,13 @@ fn a_cut_download_resumes_where_it_stopped() {
 
 #[test]
 fn a_wrong_checksum_or_a_404_leaves_nothing_that_looks_valid() {
-    let dir = tempfile::tempdir().unwrap();
-    let body = archive(dir.path());
+    let Fixture {
+        dir: _dir,
+        body,
+        cache,
+        sha: _,
+    } = fixture();
     let server = Server::start(body.clone(), vec![Serve::Whole]);
-    let cache = dir.path().join("cache");
     let wrong = sha256(b"something else");
     let out = run(&["data", "fetch"], &cache, &server.url, Some(&wrong));
     let stderr = text(&out.stderr);
@@ -260,11 +285,13 @@ fn a_wrong_checksum_or_a_404_leaves_nothing_that_looks_valid() {
 /// The README's first command on a fresh machine: no --data at all.
 #[test]
 fn a_run_without_data_fetches_it_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let body = archive(dir.path());
+    let Fixture {
+        dir: _dir,
+        body,
+        cache,
+        sha,
+    } = fixture();
     let server = Server::start(body.clone(), vec![Serve::Whole]);
-    let cache = dir.path().join("cache");
-    let sha = sha256(&body);
     let args = [
         "run",
         "--nodes",

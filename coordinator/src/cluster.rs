@@ -77,6 +77,15 @@ struct Held {
 }
 
 impl Held {
+    fn new(version: u64, weights: &[f32]) -> Self {
+        Self {
+            version,
+            values: weights.to_vec(),
+            delta: None,
+            full: None,
+        }
+    }
+
     /// Brings the held copy to `version` of `weights`; returns what to send
     /// to a node that holds `node_holds`.
     fn chunks(&mut self, version: u64, weights: &[f32], node_holds: Option<u64>) -> Chunker {
@@ -102,6 +111,41 @@ impl Held {
     }
 }
 
+/// The weights as they go to nodes over gRPC, encoded once per version for
+/// every node that needs them.
+enum Outgoing {
+    /// Whole, in f32: the version encoded last.
+    F32(Option<(u64, Chunker)>),
+    /// As bf16 changes to a copy both ends hold.
+    Bf16(Option<Held>),
+}
+
+impl Outgoing {
+    fn new(wire: proto::Wire) -> Self {
+        match wire {
+            proto::Wire::F32 => Outgoing::F32(None),
+            proto::Wire::Bf16 => Outgoing::Bf16(None),
+        }
+    }
+
+    /// What to send a node that holds `node_holds` so that it holds
+    /// `version` of `weights`.
+    fn chunks(&mut self, version: u64, weights: &[f32], node_holds: Option<u64>) -> Chunker {
+        match self {
+            Outgoing::F32(Some((v, chunker))) if *v == version => chunker.clone(),
+            Outgoing::F32(cache) => {
+                let size = proto::DEFAULT_CHUNK_BYTES;
+                let chunker = Chunker::new(BufferKind::Weights, version, weights, size);
+                *cache = Some((version, chunker.clone()));
+                chunker
+            }
+            Outgoing::Bf16(held) => held
+                .get_or_insert_with(|| Held::new(version, weights))
+                .chunks(version, weights, node_holds),
+        }
+    }
+}
+
 /// What a set of tasks is part of, and the weights it needs.
 pub(crate) struct Work<'a> {
     /// For logs: "step 12", "evaluation 3".
@@ -121,8 +165,8 @@ pub(crate) struct Cluster {
     /// Answers from members that came while waiting for nodes to join,
     /// handled before any new event (at most [`EVENT_QUEUE`]).
     deferred: VecDeque<Event>,
-    /// On the bf16 wire: the weights as the nodes on gRPC hold them.
-    held: Option<Held>,
+    /// The weights as they go to nodes on gRPC.
+    outgoing: Outgoing,
     plane: Option<Arc<SharedPlane>>,
     /// Nodes admitted on the shared-memory plane so far.
     shared_memory_nodes: usize,
@@ -135,11 +179,11 @@ impl Cluster {
         plane: Option<Arc<SharedPlane>>,
     ) -> Self {
         Self {
+            outgoing: Outgoing::new(limits.wire),
             limits,
             members: BTreeMap::new(),
             events,
             deferred: VecDeque::new(),
-            held: None,
             plane,
             shared_memory_nodes: 0,
         }
@@ -150,9 +194,10 @@ impl Cluster {
         self.members.len()
     }
 
-    /// Whether any member reads its weights from the shared segment.
-    pub(crate) fn has_local(&self) -> bool {
-        self.members.values().any(|m| m.shared.is_some())
+    /// The shared-memory plane, if any member reads its weights from it.
+    pub(crate) fn local_plane(&self) -> Option<&SharedPlane> {
+        let local = self.members.values().any(|m| m.shared.is_some());
+        self.plane.as_deref().filter(|_| local)
     }
 
     /// Nodes admitted on the shared-memory plane so far.
@@ -365,17 +410,9 @@ impl Cluster {
     }
 
     /// Makes the work's weights available to the node (in the shared
-    /// segment for a node on this host, else as chunks, encoded at most once
-    /// per call of [`Cluster::run`] into `chunks`) and sends it the task.
-    /// False if the node is gone.
-    async fn assign(
-        &mut self,
-        node: u64,
-        part: usize,
-        task: &Task,
-        work: &Work<'_>,
-        chunks: &mut Option<Chunker>,
-    ) -> bool {
+    /// segment for a node on this host, else as chunks, encoded once per
+    /// version) and sends it the task. False if the node is gone.
+    async fn assign(&mut self, node: u64, part: usize, task: &Task, work: &Work<'_>) -> bool {
         let shared = match (&self.plane, self.members.get(&node)) {
             (Some(plane), Some(m)) if m.shared.is_some() => {
                 match plane.publish(work.version, work.weights) {
@@ -390,25 +427,7 @@ impl Cluster {
         };
         let holds = self.members.get(&node).and_then(|m| m.held);
         if !shared && holds != Some(work.version) {
-            let chunker = match self.limits.wire {
-                proto::Wire::F32 => chunks
-                    .get_or_insert_with(|| {
-                        let size = proto::DEFAULT_CHUNK_BYTES;
-                        Chunker::new(BufferKind::Weights, work.version, work.weights, size)
-                    })
-                    .clone(),
-                // Nodes on the bf16 wire get the change from the version
-                // they hold (or the held copy whole, in f32).
-                proto::Wire::Bf16 => self
-                    .held
-                    .get_or_insert_with(|| Held {
-                        version: work.version,
-                        values: work.weights.to_vec(),
-                        delta: None,
-                        full: None,
-                    })
-                    .chunks(work.version, work.weights, holds),
-            };
+            let chunker = self.outgoing.chunks(work.version, work.weights, holds);
             telemetry::bytes(chunker.byte_len(), 0);
             for chunk in chunker.chunks() {
                 if !self.send(node, Out::Chunk(chunk)).await {
@@ -465,7 +484,6 @@ impl Cluster {
         let phase = work.phase;
         let timeout = self.limits.step_timeout;
         let training = tasks.first().is_some_and(Task::is_train);
-        let mut chunks: Option<Chunker> = None;
         let n = tasks.len();
         let mut owner: Vec<Option<u64>> = vec![None; n];
         let mut since: Vec<Instant> = vec![Instant::now(); n];
@@ -473,7 +491,7 @@ impl Cluster {
         let mut done = vec![false; n];
         for (part, task) in tasks.iter().enumerate() {
             let node = initial[part];
-            if self.assign(node, part, task, work, &mut chunks).await {
+            if self.assign(node, part, task, work).await {
                 owner[part] = Some(node);
                 since[part] = Instant::now();
             } else {
@@ -494,10 +512,7 @@ impl Cluster {
                 };
                 info!(part, node, "{phase}: giving part {part} to node {node}");
                 telemetry::reassigned();
-                if self
-                    .assign(node, part, &tasks[part], work, &mut chunks)
-                    .await
-                {
+                if self.assign(node, part, &tasks[part], work).await {
                     owner[part] = Some(node);
                     since[part] = Instant::now();
                 } else {

@@ -25,7 +25,7 @@ use crate::plane::SharedPlane;
 use crate::task::Gradients;
 
 /// Messages queued to one node before its stream applies back-pressure.
-pub(crate) const OUTBOX: usize = 64;
+const OUTBOX: usize = 64;
 /// Events queued for the training loop, at most. When the queue is full a
 /// node's reader waits, and HTTP/2 flow control pushes back on that node's
 /// stream: a node that floods results costs queue slots, not memory.

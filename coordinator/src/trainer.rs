@@ -147,7 +147,6 @@ pub async fn serve(
     let mut trainer = Trainer {
         weights,
         cluster: Cluster::new(limits, events, plane.clone()),
-        plane: plane.clone(),
         optimizer: Optimizer::new(config.optimizer, num_trainable),
         num_trainable,
         params,
@@ -259,8 +258,6 @@ struct Trainer {
     weights: Vec<f32>,
     /// The nodes, and how work is run on them.
     cluster: Cluster,
-    /// The shared-memory data plane for nodes on this host, if there is one.
-    plane: Option<Arc<SharedPlane>>,
     optimizer: Optimizer,
     train: Dataset,
     test: Dataset,
@@ -594,7 +591,6 @@ impl Trainer {
         let total: f64 = sources.iter().map(|s| s.1).sum();
         let bound: f64 = sources.iter().map(|s| s.1 / total.max(1e-300) * s.3).sum();
         let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
-        let local = self.cluster.has_local();
         let (penalty, norm) = if fused {
             (0.0, bound)
         } else {
@@ -620,15 +616,15 @@ impl Trainer {
                     optimizer.step_with(trainable, lr, mirror, from_buffer(grads));
                 }
             };
-            match (&self.plane, local) {
+            match self.cluster.local_plane() {
                 // Nodes on this host read the new weights from the shared
                 // segment: write them there in the optimizer's own pass.
-                (Some(plane), true) => plane.publish_with(self.step + 1, |shared| {
+                Some(plane) => plane.publish_with(self.step + 1, |shared| {
                     let (t, s) = shared.split_at_mut(trainable.len());
                     update(trainable, Some(t));
                     s.copy_from_slice(buffers);
                 }),
-                _ => update(trainable, None),
+                None => update(trainable, None),
             }
         }
         drop(parts);

@@ -38,16 +38,6 @@ pub enum ChunkError {
     TooLarge { total: u64, limit: u64 },
 }
 
-/// Encodes f32 values as little-endian bytes.
-pub fn f32_to_le_bytes(values: &[f32]) -> Bytes {
-    Wire::F32.encode(values)
-}
-
-/// Decodes little-endian bytes into f32 values, appending to `out`.
-pub fn f32_from_le_bytes(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ChunkError> {
-    Wire::F32.decode(bytes, out)
-}
-
 /// Cuts one flat buffer into chunks. The bytes are encoded once and shared
 /// (reference-counted) between all the chunks and all their receivers.
 #[derive(Debug, Clone)]

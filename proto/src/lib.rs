@@ -17,9 +17,7 @@ pub mod v1 {
     tonic::include_proto!("gradcast.v1");
 }
 
-pub use chunking::{
-    f32_from_le_bytes, f32_to_le_bytes, Buffer, ChunkError, ChunkReceiver, Chunker,
-};
+pub use chunking::{Buffer, ChunkError, ChunkReceiver, Chunker};
 pub use wire::{apply_delta, bf16_delta, ErrorFeedback, Wire};
 
 /// Version of the protocol spoken by this build; a node with another version

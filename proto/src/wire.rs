@@ -51,14 +51,8 @@ impl Wire {
     /// Encodes values as little-endian bytes (rounding for bf16).
     pub fn encode(self, values: &[f32]) -> Bytes {
         match self {
-            Wire::F32 => le_bytes(values),
-            Wire::Bf16 => {
-                let bits: Vec<u16> = values
-                    .iter()
-                    .map(|v| bf16::from_f32(*v).to_bits())
-                    .collect();
-                le_bytes(&bits)
-            }
+            Wire::F32 => Bytes::copy_from_slice(bytemuck::cast_slice(values)),
+            Wire::Bf16 => bf16_bytes(values.iter().map(|v| bf16::from_f32(*v))),
         }
     }
 
@@ -109,36 +103,15 @@ impl FromStr for Wire {
     }
 }
 
-/// Plain numbers as little-endian bytes: one copy on little-endian machines.
-fn le_bytes<T: bytemuck::Pod + ToLe>(values: &[T]) -> Bytes {
-    #[cfg(target_endian = "little")]
-    {
-        Bytes::copy_from_slice(bytemuck::cast_slice(values))
-    }
-    #[cfg(not(target_endian = "little"))]
-    {
-        let mut out = Vec::with_capacity(std::mem::size_of_val(values));
-        values.iter().for_each(|v| v.put_le(&mut out));
-        Bytes::from(out)
-    }
-}
+// Encoding is a plain copy of the values' memory (bytemuck), which is the
+// little-endian wire layout only on a little-endian machine.
+#[cfg(not(target_endian = "little"))]
+compile_error!("gradcast's wire encoding assumes a little-endian machine");
 
-/// Writes a value's little-endian bytes (for big-endian machines).
-trait ToLe {
-    #[allow(dead_code)]
-    fn put_le(&self, out: &mut Vec<u8>);
-}
-
-impl ToLe for f32 {
-    fn put_le(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-}
-
-impl ToLe for u16 {
-    fn put_le(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
+/// bf16 values as little-endian bytes.
+fn bf16_bytes(values: impl Iterator<Item = bf16>) -> Bytes {
+    let bits: Vec<u16> = values.map(bf16::to_bits).collect();
+    Bytes::copy_from_slice(bytemuck::cast_slice(&bits))
 }
 
 /// Rounds successive buffers of one kind (a node's gradients, step after
@@ -158,20 +131,15 @@ impl ErrorFeedback {
         if self.residual.len() != values.len() {
             self.residual = vec![0.0; values.len()];
         }
-        let bits: Vec<u16> = values
-            .iter()
-            .zip(&mut self.residual)
-            .map(|(v, r)| {
-                let wanted = v + *r;
-                let sent = bf16::from_f32(wanted);
-                let dropped = wanted - sent.to_f32();
-                // A non-finite value is sent as it is (and refused by the
-                // coordinator); it must not poison the residual.
-                *r = if dropped.is_finite() { dropped } else { 0.0 };
-                sent.to_bits()
-            })
-            .collect();
-        le_bytes(&bits)
+        bf16_bytes(values.iter().zip(&mut self.residual).map(|(v, r)| {
+            let wanted = v + *r;
+            let sent = bf16::from_f32(wanted);
+            let dropped = wanted - sent.to_f32();
+            // A non-finite value is sent as it is (and refused by the
+            // coordinator); it must not poison the residual.
+            *r = if dropped.is_finite() { dropped } else { 0.0 };
+            sent
+        }))
     }
 
     /// What rounding has dropped so far, not yet sent.
@@ -191,16 +159,11 @@ pub fn bf16_delta(target: &[f32], held: &mut [f32]) -> Bytes {
         held.len(),
         "delta between buffers of two sizes"
     );
-    let bits: Vec<u16> = target
-        .iter()
-        .zip(held.iter_mut())
-        .map(|(t, h)| {
-            let sent = bf16::from_f32(t - *h);
-            *h += sent.to_f32();
-            sent.to_bits()
-        })
-        .collect();
-    le_bytes(&bits)
+    bf16_bytes(target.iter().zip(held.iter_mut()).map(|(t, h)| {
+        let sent = bf16::from_f32(t - *h);
+        *h += sent.to_f32();
+        sent
+    }))
 }
 
 /// Adds a decoded change to the held copy (the receiving half of
