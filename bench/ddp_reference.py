@@ -8,12 +8,14 @@ over the ranks.
         --batch-size 32 --ranks 2 --threads-per-rank 1 [--samples 6400] [--channels-last]
 
 `--ranks 1` is PyTorch in one process (no DDP), the single-machine baseline.
+With `--rank R --master ADDR:PORT` this process is rank R alone (started
+once per host, e.g. by bench/scaling.sh in simulated hosts) and rank 0 prints.
 Prints one JSON line: training samples per second over `--samples` samples
-(after `--warmup` steps), measured by rank 0 between two barriers, like
-gradcast's epoch line:
+(after `--warmup` steps) and the mean step time, measured by rank 0 between
+two barriers, like gradcast's epoch line:
 
     {"engine":"pytorch-ddp","model":...,"batch_size":32,"ranks":2,
-     "threads_per_rank":1,"samples_per_s":...,"memory_format":...}
+     "threads_per_rank":1,"samples_per_s":...,"step_ms":...,"memory_format":...}
 """
 
 import argparse
@@ -47,8 +49,9 @@ def train(rank, args, port, out):
     torch.manual_seed(1)
     distributed = args.ranks > 1
     if distributed:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
+        addr, _, master_port = (args.master or f"127.0.0.1:{port}").rpartition(":")
+        os.environ["MASTER_ADDR"] = addr
+        os.environ["MASTER_PORT"] = master_port
         dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build(args.model).to(memory_format=fmt)
@@ -83,7 +86,7 @@ def train(rank, args, port, out):
         dist.barrier()
     secs = time.perf_counter() - started
     if rank == 0:
-        out.put(steps * args.batch_size / secs)
+        out.put((steps * args.batch_size / secs, secs / steps))
     if distributed:
         dist.destroy_process_group()
 
@@ -97,22 +100,33 @@ def main():
     p.add_argument("--samples", type=int, default=6400)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--rank", type=int, help="run this rank only (with --master)")
+    p.add_argument("--master", help="rank 0's ADDR:PORT when ranks run on other hosts")
     args = p.parse_args()
     if min(args.batch_size, args.ranks, args.threads_per_rank, args.samples) <= 0:
         raise SystemExit("--batch-size, --ranks, --threads-per-rank and --samples must be positive")
     if args.batch_size < args.ranks:
         raise SystemExit("--batch-size must be at least --ranks")
+    if (args.rank is None) != (args.master is None):
+        raise SystemExit("--rank and --master go together")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=train, args=(r, args, port, out)) for r in range(args.ranks)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise SystemExit("a rank failed")
-    rate = out.get(timeout=5)
+    if args.rank is not None:
+        if not 0 <= args.rank < args.ranks:
+            raise SystemExit("--rank must be in 0..--ranks")
+        train(args.rank, args, None, out)
+        if args.rank != 0:
+            return
+    else:
+        port = free_port()
+        procs = [ctx.Process(target=train, args=(r, args, port, out)) for r in range(args.ranks)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        if any(proc.exitcode != 0 for proc in procs):
+            raise SystemExit("a rank failed")
+    rate, step_s = out.get(timeout=5)
     print(
         json.dumps(
             {
@@ -122,6 +136,7 @@ def main():
                 "ranks": args.ranks,
                 "threads_per_rank": args.threads_per_rank,
                 "samples_per_s": round(rate, 1),
+                "step_ms": round(step_s * 1000, 2),
                 "memory_format": "channels_last" if args.channels_last else "nchw",
             },
             separators=(",", ":"),

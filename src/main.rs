@@ -395,6 +395,11 @@ struct NodeArgs {
     /// Never use the coordinator's shared memory, even on its host (everything over gRPC).
     #[arg(long, env = "GRADCAST_NO_SHARED_MEMORY")]
     no_shared_memory: bool,
+    /// Benchmarks of the transport only: wait MILLISECONDS per training step
+    /// instead of computing, and answer a fixed pseudo-gradient of the model's
+    /// size (the model does not learn).
+    #[arg(long, hide = true, env = "GRADCAST_EMULATE_COMPUTE_MS", value_name = "MILLISECONDS")]
+    emulate_compute_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -603,6 +608,7 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
         tls: client_tls(&args)?,
         fault: args.fault,
         shared_memory: !args.no_shared_memory,
+        emulate_compute: args.emulate_compute_ms.map(Duration::from_millis),
     };
     runtime(1)?.block_on(async {
         if let Some(addr) = &args.metrics_listen {

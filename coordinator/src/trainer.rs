@@ -348,6 +348,8 @@ impl Trainer {
             test = self.test.len(),
             batch = bs,
             steps_per_epoch,
+            trainable = self.num_trainable,
+            state = self.weights.len() - self.num_trainable,
             "training starts"
         );
         for epoch in start.epoch..self.config.epochs {

@@ -93,6 +93,7 @@ async fn train_on(
             tls: None,
             fault: None,
             shared_memory: i >= remote,
+            emulate_compute: None,
         };
         workers.push(tokio::spawn(node::run(cfg)));
     }

@@ -141,6 +141,15 @@ impl Model {
         Ok(out)
     }
 
+    /// The state part of [`Model::weights`] (e.g. BatchNorm running statistics).
+    pub fn state(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.num_state());
+        for (_, v) in &self.buffers {
+            out.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+
     /// Loads a weights buffer as produced by [`Model::weights`].
     pub fn set_weights(&self, weights: &[f32]) -> Result<()> {
         let expected = self.num_trainable() + self.num_state();

@@ -1,5 +1,6 @@
 //! The node's life: connect (with retries), join, then serve the session.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
 
+use crate::emulate::Emulated;
 use crate::{telemetry, NodeError};
 
 type Result<T> = std::result::Result<T, NodeError>;
@@ -48,6 +50,9 @@ pub struct NodeConfig {
     /// Offer to use the coordinator's shared-memory segments (used only when
     /// this node can map them, i.e. it runs on the coordinator's host).
     pub shared_memory: bool,
+    /// Benchmarks only: wait this long per training step instead of
+    /// computing, and answer a pseudo-gradient (see [`Emulated`]).
+    pub emulate_compute: Option<Duration>,
 }
 
 /// PEM material for talking TLS to the coordinator.
@@ -322,7 +327,13 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         shared,
         slot_step: AtomicU64::new(0),
         feedback: (wire == Wire::Bf16).then(|| Arc::new(Mutex::new(ErrorFeedback::default()))),
+        emulated: config
+            .emulate_compute
+            .map(|delay| Arc::new(Emulated::new(delay, model.num_trainable()))),
     };
+    if let Some(delay) = config.emulate_compute {
+        warn!(?delay, "emulating compute: every step waits instead of training (benchmarks only)");
+    }
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -446,6 +457,8 @@ struct Session {
     /// Rounds gradients sent over gRPC to bf16, carrying what rounding
     /// drops to the next step (None: they go as f32).
     feedback: Option<Arc<Mutex<ErrorFeedback>>>,
+    /// Benchmarks only: steps wait and answer a pseudo-gradient.
+    emulated: Option<Arc<Emulated>>,
 }
 
 fn samples(s: Option<Samples>) -> Result<Samples> {
@@ -548,25 +561,42 @@ impl Session {
         };
         let in_segment = shared.is_some();
         let feedback = self.feedback.clone();
+        let emulated = self.emulated.clone();
         let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let (images, labels, seed) = (&s.images[..], &s.labels[..], task.seed);
             match shared {
                 Some(segments) => {
                     let stats = segments.gradients.write_with(step, |out| {
-                        let stats = model.train_step_into(images, labels, seed, out)?;
+                        let stats = match &emulated {
+                            Some(e) => e.train_into(&model, s.count, out)?,
+                            None => model.train_step_into(images, labels, seed, out)?,
+                        };
                         corrupt(fault, out);
                         Ok::<_, NodeError>(stats)
                     })?;
                     Ok((stats, None, Duration::ZERO))
                 }
                 None => {
-                    let mut out = model.train_step(images, labels, seed)?;
-                    corrupt(fault, &mut out.gradients);
-                    let stats = StepStats {
-                        loss_sum: out.loss_sum,
-                        correct: out.correct,
-                        samples: out.samples,
+                    // An emulated step answers its fixed gradient without a copy.
+                    let (stats, mut gradients, state) = match &emulated {
+                        Some(e) => (
+                            e.train(s.count),
+                            Cow::Borrowed(e.gradients()),
+                            model.state()?,
+                        ),
+                        None => {
+                            let out = model.train_step(images, labels, seed)?;
+                            let stats = StepStats {
+                                loss_sum: out.loss_sum,
+                                correct: out.correct,
+                                samples: out.samples,
+                            };
+                            (stats, Cow::Owned(out.gradients), out.state)
+                        }
                     };
+                    if fault.is_some() {
+                        corrupt(fault, gradients.to_mut());
+                    }
                     // Encoding is part of the transfer, not of the compute
                     // time reported (it runs here to stay off the runtime).
                     let encoding = Instant::now();
@@ -577,11 +607,11 @@ impl Session {
                             let mut f = f.lock().map_err(|_| {
                                 NodeError::Compute("error feedback poisoned".into())
                             })?;
-                            Chunker::encoded(kind, step, Wire::Bf16, f.encode(&out.gradients), size)
+                            Chunker::encoded(kind, step, Wire::Bf16, f.encode(&gradients), size)
                         }
-                        None => Chunker::new(kind, step, &out.gradients, size),
+                        None => Chunker::new(kind, step, &gradients, size),
                     };
-                    let state = Chunker::new(BufferKind::State, step, &out.state, size);
+                    let state = Chunker::new(BufferKind::State, step, &state, size);
                     Ok((stats, Some([gradients, state]), encoding.elapsed()))
                 }
             }

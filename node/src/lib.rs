@@ -6,6 +6,7 @@
 //! step arrives with the step. It knows nothing of how results are averaged.
 
 mod client;
+mod emulate;
 mod error;
 mod telemetry;
 
