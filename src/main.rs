@@ -398,7 +398,12 @@ struct NodeArgs {
     /// Benchmarks of the transport only: wait MILLISECONDS per training step
     /// instead of computing, and answer a fixed pseudo-gradient of the model's
     /// size (the model does not learn).
-    #[arg(long, hide = true, env = "GRADCAST_EMULATE_COMPUTE_MS", value_name = "MILLISECONDS")]
+    #[arg(
+        long,
+        hide = true,
+        env = "GRADCAST_EMULATE_COMPUTE_MS",
+        value_name = "MILLISECONDS"
+    )]
     emulate_compute_ms: Option<u64>,
 }
 

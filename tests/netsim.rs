@@ -113,7 +113,10 @@ fn two_nodes_on_their_own_hosts_train_with_real_compute_and_leave_nothing_behind
     let lines = epochs(&out);
     assert_eq!(lines.len(), 2, "{}", text(&out.stderr));
     // 5 files × 32 samples per epoch, all of them through the shaped links.
-    assert!(lines.iter().all(|l| l.contains("(160 samples in ")), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.contains("(160 samples in ")),
+        "{lines:?}"
+    );
     assert!(leftovers(&p).is_empty(), "left behind: {:?}", leftovers(&p));
 }
 

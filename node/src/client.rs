@@ -332,7 +332,10 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
             .map(|delay| Arc::new(Emulated::new(delay, model.num_trainable()))),
     };
     if let Some(delay) = config.emulate_compute {
-        warn!(?delay, "emulating compute: every step waits instead of training (benchmarks only)");
+        warn!(
+            ?delay,
+            "emulating compute: every step waits instead of training (benchmarks only)"
+        );
     }
     loop {
         let msg = match inbound.message().await {
