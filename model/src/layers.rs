@@ -5,7 +5,6 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use data::Rng;
 
 use crate::init::Init;
-use crate::kernels;
 use crate::network::TensorInfo;
 use crate::ModelError;
 
@@ -30,7 +29,7 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
 /// values drawn from one seeded stream.
 pub(crate) struct Registry {
     pub device: Device,
-    /// Whether layers use the fast CPU kernels ([`crate::kernels`]) or candle's own ops.
+    /// Whether layers use the fast CPU kernels (the `kernels` crate) or candle's own ops.
     pub fast: bool,
     pub rng: Rng,
     pub params: Vec<(TensorInfo, Var)>,
@@ -92,7 +91,7 @@ impl Registry {
 pub(crate) struct Pass {
     pub train: bool,
     pub dropout: bool,
-    /// Whether to use the fast CPU kernels ([`crate::kernels`]).
+    /// Whether to use the fast CPU kernels (the `kernels` crate).
     pub fast: bool,
     pub rng: Rng,
     /// `(index of the layer's running mean in the buffers, batch mean, batch variance)`.

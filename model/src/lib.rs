@@ -12,9 +12,10 @@
 pub mod bench;
 mod block_cache;
 mod checkpoint;
+#[cfg(test)]
+mod engine_tests;
 mod error;
 mod init;
-mod kernels;
 mod layers;
 mod nets;
 mod network;

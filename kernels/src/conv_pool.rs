@@ -145,7 +145,7 @@ impl CustomOp3 for ConvReluPoolOp {
 /// `MaxPool2(ReLU(conv(x, w) + bias))` (2×2 windows, floor): on the CPU one
 /// fused op, elsewhere the convolution then candle's pooling.
 /// `input_grad: false` skips the gradient of `x`.
-pub(crate) fn conv2d_relu_pool(
+pub fn conv2d_relu_pool(
     x: &Tensor,
     w: &Tensor,
     bias: &Tensor,

@@ -196,7 +196,7 @@ impl CustomOp3 for BatchNormOp {
 ///
 /// On the CPU this is one fused op with a closed-form backward; elsewhere it
 /// is [`batch_norm_train_reference`].
-pub(crate) fn batch_norm_train(
+pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -258,7 +258,7 @@ pub(crate) fn batch_norm_train(
 /// Inference-mode batch normalisation of `x (N, C, ...)` with fixed running
 /// statistics `mean` and `var` `(C)`: one fused pass on the CPU, candle's
 /// broadcast operations elsewhere.
-pub(crate) fn batch_norm_eval(
+pub fn batch_norm_eval(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -291,7 +291,7 @@ pub(crate) fn batch_norm_eval(
 
 /// [`batch_norm_eval`] with candle's broadcast operations: one scale and
 /// shift per channel.
-pub(crate) fn batch_norm_eval_reference(
+pub fn batch_norm_eval_reference(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -314,7 +314,7 @@ pub(crate) fn batch_norm_eval_reference(
 }
 
 /// [`batch_norm_train`] with candle's broadcast operations.
-pub(crate) fn batch_norm_train_reference(
+pub fn batch_norm_train_reference(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,

@@ -99,6 +99,9 @@ impl Geom {
     /// AVX-512 that is all; the gemm-per-tap fallback also needs few enough
     /// channels for the copies to matter and maps wide enough.
     fn direct(&self) -> bool {
+        if !crate::path::direct_allowed() {
+            return false;
+        }
         let avx = direct::available();
         if self.stride == 2 {
             return avx && self.strided_direct();
@@ -1329,7 +1332,7 @@ pub(super) fn backward_values(
 /// `max(conv(x, w) + bias + residual, 0)` for inference: on the CPU the
 /// residual sum and ReLU in the convolution's epilogue, computed outside
 /// autograd (the result has no gradient); elsewhere candle's ops.
-pub(crate) fn conv2d_add_relu_inference(
+pub fn conv2d_add_relu_inference(
     x: &Tensor,
     w: &Tensor,
     bias: &Tensor,
@@ -1373,7 +1376,7 @@ pub(crate) fn conv2d(
 }
 
 /// [`conv2d`] followed by a ReLU when `relu`: one op on the CPU.
-pub(crate) fn conv2d_act(
+pub fn conv2d_act(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
@@ -1406,7 +1409,7 @@ pub(crate) fn conv2d_act(
 /// Rows and columns of the padded input that no output reads are cropped
 /// first: candle's convolution backward gets the input-gradient shape wrong
 /// when the stride does not evenly cover the padded input.
-pub(crate) fn conv2d_reference(
+pub fn conv2d_reference(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,

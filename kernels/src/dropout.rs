@@ -81,7 +81,7 @@ impl CustomOp1 for DropoutOp {
 
 /// Inverted dropout of `x` with the mask [`dropout_mask`] draws from `seed`:
 /// one op on the CPU, a multiplication by the same mask elsewhere.
-pub(crate) fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return dropout_reference(x, p, seed);
     }
@@ -90,7 +90,7 @@ pub(crate) fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
 }
 
 /// [`dropout`] as candle's multiplication by the mask.
-pub(crate) fn dropout_reference(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+pub fn dropout_reference(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let mask = dropout_mask(x.elem_count(), p, seed);
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }

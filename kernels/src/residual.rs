@@ -32,7 +32,7 @@ pub(crate) type BatchStats = (Tensor, Tensor);
 
 /// One conv + BN layer of a block: kernel, bias, gamma, beta, stride and
 /// zero padding `[top, bottom, left, right]`.
-pub(crate) struct ConvBnLayer<'a> {
+pub struct ConvBnLayer<'a> {
     pub w: &'a Tensor,
     pub bias: &'a Tensor,
     pub gamma: &'a Tensor,
@@ -45,7 +45,7 @@ pub(crate) struct ConvBnLayer<'a> {
 /// that convolution's kernel, bias, stride and padding, and the dropout
 /// between the two layers as `(rate, seed)` (the mask of
 /// [`super::dropout::dropout_mask`]).
-pub(crate) struct BlockLayers<'a> {
+pub struct BlockLayers<'a> {
     pub first: ConvBnLayer<'a>,
     pub second: ConvBnLayer<'a>,
     pub shortcut: Option<(&'a Tensor, &'a Tensor, usize, [usize; 4])>,
@@ -390,7 +390,7 @@ impl CustomOp3 for StackOp {
 /// CPU. Returns the last block's output and every BatchNorm layer's batch
 /// statistics, two per block in order. `None` where the fused op does not
 /// apply (not on the CPU, not f32), for the caller to compose the layers.
-pub(crate) fn residual_blocks_train(
+pub fn residual_blocks_train(
     x: &Tensor,
     blocks: &[BlockLayers],
     eps: f64,

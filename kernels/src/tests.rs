@@ -4,7 +4,6 @@ use candle_core::{Device, Tensor, Var};
 use data::Rng;
 
 use super::*;
-use crate::{Engine, Model, ModelKind, ModelSpec};
 
 fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
     let n: usize = shape.iter().product();
@@ -415,7 +414,8 @@ fn residual_blocks_match_their_layers_composed_from_candle_ops() {
         // Keras "same" padding of a 3×3 kernel: 1 each side at stride 1,
         // after only at stride 2 on even sizes.
         let pad = |len: usize, stride: usize| -> (usize, usize) {
-            crate::layers::same_padding(len, 3, stride)
+            let total = ((len.div_ceil(stride) - 1) * stride + 3).saturating_sub(len);
+            (total / 2, total - total / 2)
         };
         let mut blocks = Vec::new();
         let (mut hh, mut ww) = (h, w);
@@ -619,101 +619,4 @@ fn dropout_matches_reference_and_keeps_one_minus_p() {
     assert!(mask
         .iter()
         .all(|&m| m == 0.0 || (m - 1.0 / 0.7).abs() < 1e-6));
-}
-
-fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut rng = Rng::new(seed);
-    let images = (0..n * data::IMAGE_BYTES)
-        .map(|_| rng.below(256) as u8)
-        .collect();
-    let labels = (0..n).map(|_| rng.below(10) as u8).collect();
-    (images, labels)
-}
-
-fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
-}
-
-#[test]
-fn train_step_matches_reference_engine() {
-    for kind in [
-        ModelKind::SimpleCnn,
-        ModelKind::ComplexCnn,
-        ModelKind::Resnet {
-            n: 1,
-            dropout: false,
-        },
-        // Identity blocks at 16, 32 and 64 channels (one fused op each).
-        ModelKind::Resnet {
-            n: 2,
-            dropout: false,
-        },
-        // With dropout, the same masks on both engines (same seeds).
-        ModelKind::Resnet {
-            n: 1,
-            dropout: true,
-        },
-    ] {
-        let spec = ModelSpec {
-            kind,
-            dropout: matches!(kind, ModelKind::Resnet { dropout: true, .. }),
-        };
-        let fast = Model::with_engine(spec, 3, &Device::Cpu, Engine::Fast).unwrap();
-        let reference = Model::with_engine(spec, 3, &Device::Cpu, Engine::Reference).unwrap();
-        // complex-cnn's max-pools follow ReLUs: a window whose maximum lies
-        // within ~1e-5 of zero can round to opposite signs in the two
-        // engines' BatchNorm arithmetic (f64 against f32 statistics), which
-        // moves that window's whole gradient (measured: one channel's beta
-        // gradient 2.0e-3 against 3.9e-4 with its gamma gradient equal to
-        // four digits, in three of five batches tried). Batch 23 has no such
-        // window.
-        let seed = if matches!(kind, ModelKind::ComplexCnn) {
-            23
-        } else {
-            21
-        };
-        let (images, labels) = batch(6, seed);
-        let a = fast.train_step(&images, &labels, 1).unwrap();
-        let b = reference.train_step(&images, &labels, 1).unwrap();
-        assert!(
-            (a.loss_sum - b.loss_sum).abs() < 1e-4 * b.loss_sum,
-            "{kind:?} loss {} vs {}",
-            a.loss_sum,
-            b.loss_sum
-        );
-        assert_eq!(a.correct, b.correct);
-        // Per tensor, relative to that tensor's largest gradient, except that
-        // the bias of a convolution followed by BatchNorm, whose gradient is
-        // zero up to rounding, is compared with the scale of the whole gradient.
-        let global = b.gradients.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let mut off = 0;
-        let mut worst = 0f32;
-        for info in fast.params() {
-            let n = info.numel();
-            let (g, r) = (&a.gradients[off..off + n], &b.gradients[off..off + n]);
-            let before_bn = (info.name.ends_with(".conv.bias") || info.name == "dense1.bias")
-                && !matches!(kind, ModelKind::SimpleCnn);
-            let floor = if before_bn { global } else { 1e-6 };
-            let scale = r.iter().fold(floor, |m, v| m.max(v.abs()));
-            let e = g.iter().zip(r).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
-            // With dropout the engines agree to ~7e-4 (measured; the
-            // unfused fast path differs from the reference by exactly as
-            // much, so it is not the fused residual op). A wrong mask or
-            // seed would be off by O(1).
-            let tolerance = if spec.dropout { 2e-3 } else { 1e-4 };
-            assert!(e < tolerance, "{kind:?} {}: relative error {e}", info.name);
-            worst = worst.max(e);
-            off += n;
-        }
-        eprintln!("{kind:?}: worst relative gradient error {worst:e}");
-        assert!(max_rel(&a.state, &b.state) < 1e-5);
-        let ea = fast.evaluate(&images, &labels).unwrap();
-        let eb = reference.evaluate(&images, &labels).unwrap();
-        assert!((ea.loss_sum - eb.loss_sum).abs() < 1e-4 * eb.loss_sum);
-    }
 }

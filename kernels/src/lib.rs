@@ -4,7 +4,10 @@
 //!
 //! Every op falls back to candle's own implementation on devices other than
 //! the CPU. The `*_reference` functions are candle's path on every device;
-//! tests compare the two, and [`crate::Model`] can be built with either.
+//! tests compare the two, and the `model` crate's networks can be built with
+//! either.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 mod bn;
 mod conv;
@@ -12,6 +15,7 @@ mod conv_bn;
 mod conv_pool;
 mod direct;
 mod dropout;
+mod path;
 mod pool;
 mod relu;
 mod residual;
@@ -19,18 +23,19 @@ mod residual;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use bn::{
+pub use bn::{
     batch_norm_eval, batch_norm_eval_reference, batch_norm_train, batch_norm_train_reference,
 };
 #[cfg(test)]
-pub(crate) use conv::conv2d;
-pub(crate) use conv::{conv2d_act, conv2d_add_relu_inference, conv2d_reference};
-pub(crate) use conv_bn::conv_bn_train;
-pub(crate) use conv_pool::conv2d_relu_pool;
-pub(crate) use dropout::{dropout, dropout_reference};
-pub(crate) use pool::{max_pool2d, max_pool2d_reference};
-pub(crate) use relu::{add_relu, relu};
-pub(crate) use residual::{residual_blocks_train, BlockLayers, ConvBnLayer};
+use conv::conv2d;
+pub use conv::{conv2d_act, conv2d_add_relu_inference, conv2d_reference};
+pub use conv_bn::conv_bn_train;
+pub use conv_pool::conv2d_relu_pool;
+pub use dropout::{dropout, dropout_reference};
+pub use path::{cpu_has_avx512, kernel_path, KernelPath, KERNEL_PATH_VAR};
+pub use pool::{max_pool2d, max_pool2d_reference};
+pub use relu::{add_relu, relu};
+pub use residual::{residual_blocks_train, BlockLayers, ConvBnLayer};
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 
@@ -63,11 +68,19 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> 
 /// memory as large as the activations (measured: 5–6 % of a resnet20
 /// training step in `memset`). candle allocates its own outputs this way.
 ///
+/// With debug assertions on (the kernel tests' debug run) the buffer is
+/// filled with NaN instead, so that a value a kernel forgets to write shows
+/// up as NaN in the comparison with candle, not as an old tensor's data from
+/// a recycled block.
+///
 /// # Safety
 ///
 /// Every element must be written before the buffer is read or handed on.
 #[allow(clippy::uninit_vec)]
 unsafe fn output_buffer(len: usize) -> Vec<f32> {
+    if cfg!(debug_assertions) {
+        return vec![f32::NAN; len];
+    }
     let mut v = Vec::with_capacity(len);
     // SAFETY: capacity is `len`; f32 has no invalid bit patterns and the
     // caller writes every element before any read.

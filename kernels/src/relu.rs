@@ -35,7 +35,7 @@ impl CustomOp1 for ReluOp {
 }
 
 /// `max(x, 0)`: one fused op on the CPU, candle's `relu` elsewhere.
-pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
+pub fn relu(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return x.relu();
     }
@@ -118,7 +118,7 @@ impl CustomOp2 for AddReluOp {
 }
 
 /// `max(a + b, 0)`: one fused op on the CPU, candle's add and `relu` elsewhere.
-pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 || a.shape() != b.shape() {
         return (a + b)?.relu();
     }

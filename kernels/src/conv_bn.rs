@@ -435,7 +435,7 @@ pub(super) fn batch_stats(saved: &Mutex<Option<Saved>>, dev: &Device) -> Result<
 /// On the CPU this is one fused op; elsewhere [`conv2d_act`] then
 /// [`batch_norm_train`]. `input_grad: false` skips the gradient of `x`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_bn_train(
+pub fn conv_bn_train(
     x: &Tensor,
     w: &Tensor,
     bias: &Tensor,

@@ -133,7 +133,7 @@ impl CustomOp1 for MaxPoolOp {
 /// k×k max-pooling with stride k of `x (N, C, H, W)`. On the CPU, backward
 /// routes each gradient to the first maximum of its window; elsewhere this is
 /// candle's `max_pool2d`.
-pub(crate) fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
+pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return x.max_pool2d(k);
     }
@@ -145,7 +145,7 @@ pub(crate) fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
 /// candle 0.11.1's own `max_pool2d` backward scales the gradient by `1/k²`
 /// (it multiplies by the fraction of maxima in the window instead of dividing
 /// by their count), so the reference path does not use it.
-pub(crate) fn max_pool2d_reference(x: &Tensor, k: usize) -> Result<Tensor> {
+pub fn max_pool2d_reference(x: &Tensor, k: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = (h / k, w / k);
     x.narrow(2, 0, oh * k)?
