@@ -7,6 +7,13 @@
 #   CUDA_COMPUTE_CAP=80 deploy/cuda-build.sh  # A100
 #   CUDA_MAJOR=12 deploy/cuda-build.sh        # the -cu12 wheels instead
 #   CUDNN=1 deploy/cuda-build.sh              # also cuDNN (nvidia-cudnn wheel), --features cudnn
+#   CUDA_TOOLKIT=13.2 deploy/cuda-build.sh    # a newer toolkit (for a newer driver, see below)
+#
+# candle's kernels ship as PTX that the NVIDIA driver compiles when they are
+# first loaded, and a driver accepts PTX only from toolkits up to its own CUDA
+# version (`nvidia-smi` prints it): PTX from a newer nvcc fails to load with
+# CUDA_ERROR_UNSUPPORTED_PTX_VERSION. So the toolkit is pinned to the oldest
+# CUDA 13 release (13.0, the R580 drivers) unless CUDA_TOOLKIT says otherwise.
 #
 # Result: target/cuda/release/gradcast (also `gradcast bench`; deploy/gpu-proof.sh
 # is the script to run with it on a GPU machine) (a separate target folder, so the CPU
@@ -23,7 +30,9 @@ CAP=${CUDA_COMPUTE_CAP:-90}
 VENV=${CUDA_VENV:-target/cuda-venv}
 
 if [ "$MAJOR" = 13 ]; then
-  pkgs=(nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-nvrtc nvidia-cublas nvidia-curand)
+  tk=${CUDA_TOOLKIT:-13.0}
+  pkgs=("nvidia-cuda-nvcc==$tk.*" "nvidia-cuda-crt==$tk.*" "nvidia-nvvm==$tk.*" "nvidia-cuda-runtime==$tk.*"
+    "nvidia-cuda-cccl==$tk.*" "nvidia-cuda-nvrtc==$tk.*" "nvidia-cublas==$tk.*" nvidia-curand)
 else
   pkgs=(nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 nvidia-curand-cu12)
 fi
@@ -55,10 +64,13 @@ done < <(find "$site/nvidia" -name 'lib*.so*' -type f)
 # driver API's symbols (taken from cudarc's bindings) and soname libcuda.so.1;
 # at run time the real driver library is loaded instead.
 if ! ls "$libs"/libcuda.so >/dev/null 2>&1 || [ -n "${REBUILD_CUDA_STUB:-}" ]; then
-  bindings=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-*/src/driver/sys/mod.rs' | sort -V | tail -n 1)
+  find_bindings() {
+    find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-*/src/driver/sys/mod.rs' 2>/dev/null | sort -V | tail -n 1
+  }
+  bindings=$(find_bindings || true)
   if [ -z "$bindings" ]; then
     cargo fetch --quiet
-    bindings=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-*/src/driver/sys/mod.rs' | sort -V | tail -n 1)
+    bindings=$(find_bindings)
   fi
   grep -o 'fn cu[A-Z][A-Za-z0-9_]*' "$bindings" | sed 's/^fn //' | sort -u \
     | sed 's/.*/void &(void) {}/' > "$libs/cuda_stub.c"

@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 echo "== mixed cluster: coordinator + CUDA node + CPU node (resnet20, --balance)"
 "$BIN" synthetic --out "$OUT/data" --train-per-file 2000 --test 1000 >/dev/null
-"$BIN" coordinator --listen 127.0.0.1:0 --nodes 2 --model resnet20 --epochs 4 --batch-size 128 --balance \
+"$BIN" coordinator --listen 127.0.0.1:0 --nodes 2 --join-timeout 180 --model resnet20 --epochs 4 --batch-size 128 --balance \
   --data "$OUT/data" --history "$OUT/history.json" --progress plain >"$OUT/coordinator.out" 2>"$OUT/coordinator.err" &
 coord=$!
 for _ in $(seq 100); do grep -q 'listening on' "$OUT/coordinator.out" 2>/dev/null && break; sleep 0.2; done
