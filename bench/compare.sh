@@ -34,8 +34,8 @@ if [ ! -x "$python" ]; then
     echo "no $python: run bench/setup-venv.sh first (or set PYTHON)" >&2
     exit 1
 fi
-cargo build --release -j 1 -q -p model --bin bench
-gradcast=target/release/bench
+cargo build --release -j 1 -q --bin gradcast
+gradcast=target/release/gradcast
 
 # Steps per model: enough for a stable median, few for the slow complex-cnn.
 steps_for() {
@@ -53,7 +53,7 @@ for m in $models; do
     read -r steps warmup <<<"$(steps_for "$m")"
     common=(--model "$m" --batch-size "$batch" --threads "$threads" --steps "$steps" --warmup "$warmup")
     for _ in $(seq "$rounds"); do
-        "$gradcast" "${common[@]}" | tee -a "$results" >&2
+        "$gradcast" bench "${common[@]}" | tee -a "$results" >&2
         "$python" bench/pytorch_reference.py "${common[@]}" | tee -a "$results" >&2
         "$python" bench/pytorch_reference.py "${common[@]}" --channels-last | tee -a "$results" >&2
     done

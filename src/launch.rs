@@ -1,31 +1,50 @@
 //! `gradcast run`: a coordinator and N node processes on 127.0.0.1, with their
 //! output streamed (prefixed by process) and the coordinator's exit status
-//! passed on.
+//! passed on. The coordinator tells its address through a file
+//! (`--address-file`), not its output.
 
 use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::flags::ProgressMode;
+use crate::logging;
 use crate::TrainArgs;
 
-/// Forwards each line of `pipe` to our stdout or stderr with `prefix`, and
-/// reports the coordinator's address line through `addr`.
-fn forward(
-    pipe: impl Read + Send + 'static,
-    prefix: String,
-    to_stderr: bool,
-    addr: Option<mpsc::Sender<String>>,
-) {
+/// Writes `addr` to `path` atomically (a reader sees all of it or nothing).
+pub fn write_address(path: &Path, addr: SocketAddr) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write the address to {}", path.display()))
+}
+
+/// Waits for the coordinator to write its address to `path`.
+fn read_address(path: &Path, coordinator: &mut Child) -> Result<SocketAddr> {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text
+                .trim()
+                .parse()
+                .with_context(|| format!("bad address {text:?} in {}", path.display()));
+        }
+        if let Some(status) = coordinator.try_wait()? {
+            bail!("the coordinator exited before listening ({status})");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Forwards each line of `pipe` to our stdout or stderr with `prefix`.
+fn forward(pipe: impl Read + Send + 'static, prefix: String, to_stderr: bool) {
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            if let (Some(tx), Some(a)) = (&addr, line.strip_prefix("listening on ")) {
-                let _ = tx.send(a.trim().to_string());
-            }
             if to_stderr {
                 eprintln!("{prefix}{line}");
             } else {
@@ -35,10 +54,12 @@ fn forward(
     });
 }
 
+/// Starts a process whose stderr lines (and stdout lines, unless it is the
+/// coordinator, whose results are the run's) are printed with `prefix`.
 fn spawn(
     cmd: &mut Command,
     prefix: &str,
-    addr: Option<mpsc::Sender<String>>,
+    coordinator: bool,
     inherit_stderr: bool,
 ) -> Result<Child> {
     let mut child = cmd
@@ -52,19 +73,11 @@ fn spawn(
         .spawn()
         .context("cannot start a gradcast process")?;
     if let Some(out) = child.stdout.take() {
-        forward(
-            out,
-            if addr.is_some() {
-                String::new()
-            } else {
-                prefix.to_string()
-            },
-            false,
-            addr,
-        );
+        let out_prefix = if coordinator { "" } else { prefix };
+        forward(out, out_prefix.to_string(), false);
     }
     if let Some(err) = child.stderr.take() {
-        forward(err, prefix.to_string(), true, None);
+        forward(err, prefix.to_string(), true);
     }
     Ok(child)
 }
@@ -82,18 +95,22 @@ pub fn run_cluster(
     metrics_port: u16,
     train: &TrainArgs,
 ) -> Result<ExitCode> {
-    if nodes == 0 {
-        bail!("--nodes must be at least 1");
-    }
     let exe = std::env::current_exe().context("cannot find the gradcast executable")?;
     let cores = thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let threads = threads_per_node.unwrap_or((cores / nodes).max(1));
-    let (addr_tx, addr_rx) = mpsc::channel();
     // On a terminal the coordinator draws its progress bar straight onto ours.
-    let bar = train.progress == "bar"
-        || (train.progress == "auto" && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let bar = train
+        .progress
+        .bar(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // The processes print through us, so they log in the style we would.
+    let style = logging::Style::detect().name();
+    let dir = tempfile::Builder::new()
+        .prefix("gradcast-run-")
+        .tempdir()
+        .context("cannot create a temporary folder")?;
+    let address_file = dir.path().join("coordinator.addr");
     let mut train = train.clone();
     // Fetched once here, not by the coordinator behind a progress prefix.
     train.data = Some(train.dataset()?);
@@ -102,34 +119,33 @@ pub fn run_cluster(
         .iter()
         .map(|t| ("GRADCAST_TOKEN", t.clone()))
         .collect();
-    train.progress = if bar { "bar" } else { "plain" }.to_string();
+    train.progress = if bar {
+        ProgressMode::Bar
+    } else {
+        ProgressMode::Plain
+    };
     let mut coordinator = spawn(
         Command::new(&exe)
             .envs(token_env.clone())
+            .env(logging::STYLE_ENV, style)
             .arg("coordinator")
             .args(["--listen", "127.0.0.1:0", "--nodes", &nodes.to_string()])
             .args(["--metrics-listen", &metrics_addr(metrics_port, 0)])
+            .arg("--address-file")
+            .arg(&address_file)
             .args(train.to_args()),
         "coordinator | ",
-        Some(addr_tx),
+        true,
         bar,
     )?;
-    let addr = loop {
-        match addr_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(a) => break a,
-            Err(_) => {
-                if let Some(status) = coordinator.try_wait()? {
-                    bail!("the coordinator exited before listening ({status})");
-                }
-            }
-        }
-    };
+    let addr = read_address(&address_file, &mut coordinator)?;
     eprintln!("gradcast run: coordinator on {addr}, starting {nodes} node(s) with {threads} thread(s) each");
     let mut children = Vec::new();
     for i in 0..nodes {
         children.push(spawn(
             Command::new(&exe)
                 .envs(token_env.clone())
+                .env(logging::STYLE_ENV, style)
                 .arg("node")
                 .args([
                     "--coordinator",
@@ -140,7 +156,7 @@ pub fn run_cluster(
                     &metrics_addr(metrics_port, 1 + i),
                 ]),
             &format!("node{i}       | "),
-            None,
+            false,
             false,
         )?);
     }

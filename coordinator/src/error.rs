@@ -3,6 +3,43 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+/// What went wrong with a checkpoint file.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// Creating its folder or writing it failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The safetensors file could not be written or read.
+    #[error("{0}")]
+    File(String),
+    /// The training state in its metadata could not be written or read.
+    #[error("training state: {0}")]
+    State(#[from] serde_json::Error),
+    /// Something it must hold is missing.
+    #[error("{0}")]
+    Content(&'static str),
+}
+
+impl From<model::ModelError> for CheckpointError {
+    fn from(e: model::ModelError) -> Self {
+        match e {
+            // The path is said once, by CoordinatorError::Checkpoint.
+            model::ModelError::Checkpoint { reason, .. } => CheckpointError::File(reason),
+            other => CheckpointError::File(other.to_string()),
+        }
+    }
+}
+
+impl CoordinatorError {
+    /// A checkpoint error about the file at `path`.
+    pub(crate) fn checkpoint(path: &std::path::Path, e: impl Into<CheckpointError>) -> Self {
+        CoordinatorError::Checkpoint {
+            path: path.to_path_buf(),
+            source: e.into(),
+        }
+    }
+}
+
 /// Why training stopped.
 #[derive(Debug, Error)]
 pub enum CoordinatorError {
@@ -28,9 +65,13 @@ pub enum CoordinatorError {
         #[source]
         source: std::io::Error,
     },
-    /// Writing a checkpoint failed.
-    #[error("cannot write a checkpoint: {0}")]
-    Checkpoint(String),
+    /// A checkpoint or the resume state could not be written or read.
+    #[error("checkpoint {}: {source}", path.display())]
+    Checkpoint {
+        path: PathBuf,
+        #[source]
+        source: CheckpointError,
+    },
     /// The configuration cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -24,9 +24,9 @@ mod trainer;
 
 pub use aggregate::WeightedSum;
 pub use config::{LrSchedule, Security, ServerTls, TrainConfig};
-pub use error::CoordinatorError;
+pub use error::{CheckpointError, CoordinatorError};
 pub use history::History;
-pub use optimizer::{l2_penalty, l2_value, Adam, Optimizer, OptimizerKind};
+pub use optimizer::{l2_penalty, l2_value, new_optimizer, Adam, Optimizer, OptimizerKind, Sgd};
 pub use progress::Progress;
 pub use proto::Wire;
 pub use resume::RESUME_FILE;

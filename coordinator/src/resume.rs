@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use model::{save_checkpoint, Checkpoint, TensorInfo};
 use serde::{Deserialize, Serialize};
 
+use crate::error::CheckpointError;
 use crate::{CoordinatorError, History, TrainConfig};
 
 const STATE_KEY: &str = "gradcast.resume";
@@ -30,7 +31,7 @@ pub(crate) struct Position {
     pub correct: u64,
     pub samples: u64,
     pub penalty: f64,
-    /// Adam iterations.
+    /// The optimizer's update count (Adam's bias correction needs it).
     pub iterations: u64,
     pub history: History,
     /// What must match to resume: model, batch size, seed, training samples.
@@ -57,36 +58,42 @@ pub(crate) fn save(
     dir: &Path,
     position: &Position,
     weights: &[f32],
-    moments: Option<(&[f32], &[f32])>,
+    optimizer: &[(&'static str, &[f32])],
 ) -> Result<(), CoordinatorError> {
+    let path = dir.join(RESUME_FILE);
     let json =
-        serde_json::to_string(position).map_err(|e| CoordinatorError::Checkpoint(e.to_string()))?;
+        serde_json::to_string(position).map_err(|e| CoordinatorError::checkpoint(&path, e))?;
     let mut infos = vec![flat("weights", weights.len())];
     let mut all = weights.to_vec();
-    if let Some((m, v)) = moments {
-        infos.push(flat("adam.m", m.len()));
-        infos.push(flat("adam.v", v.len()));
-        all.extend_from_slice(m);
-        all.extend_from_slice(v);
+    for (name, values) in optimizer {
+        infos.push(flat(name, values.len()));
+        all.extend_from_slice(values);
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CoordinatorError::Checkpoint(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| CoordinatorError::checkpoint(dir, e))?;
     save_checkpoint(
-        &dir.join(RESUME_FILE),
+        &path,
         "resume",
         infos.iter(),
         &all,
         HashMap::from([(STATE_KEY.to_string(), json)]),
     )
-    .map_err(|e| CoordinatorError::Checkpoint(e.to_string()))
+    .map_err(|e| CoordinatorError::checkpoint(&path, e))
 }
 
 /// What [`load`] found.
 pub(crate) struct Saved {
     pub position: Position,
     pub weights: Vec<f32>,
-    pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// The file, for the optimizer's named state ([`Saved::optimizer_state`]).
+    file: Checkpoint,
     pub path: PathBuf,
+}
+
+impl Saved {
+    /// The optimizer's state vector called `name`, if the file has it.
+    pub fn optimizer_state(&self, name: &str) -> Option<Vec<f32>> {
+        self.file.tensor(name).map(|(_, v)| v.to_vec())
+    }
 }
 
 /// Reads `dir/resume.safetensors` if it exists.
@@ -95,27 +102,23 @@ pub(crate) fn load(dir: &Path) -> Result<Option<Saved>, CoordinatorError> {
     if !path.exists() {
         return Ok(None);
     }
-    let bad =
-        |reason: String| CoordinatorError::Checkpoint(format!("{}: {reason}", path.display()));
-    let ckpt = Checkpoint::load(&path).map_err(|e| bad(e.to_string()))?;
-    let json = ckpt
-        .metadata
-        .get(STATE_KEY)
-        .ok_or_else(|| bad("no training state in the metadata".into()))?;
-    let position: Position = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    let bad = |e: CheckpointError| CoordinatorError::checkpoint(&path, e);
+    let ckpt = Checkpoint::load(&path).map_err(|e| bad(e.into()))?;
+    let json = ckpt.metadata.get(STATE_KEY).ok_or_else(|| {
+        bad(CheckpointError::Content(
+            "no training state in the metadata",
+        ))
+    })?;
+    let position: Position = serde_json::from_str(json).map_err(|e| bad(e.into()))?;
     let weights = ckpt
         .tensor("weights")
-        .ok_or_else(|| bad("no weights".into()))?
+        .ok_or_else(|| bad(CheckpointError::Content("no weights")))?
         .1
         .to_vec();
-    let moments = match (ckpt.tensor("adam.m"), ckpt.tensor("adam.v")) {
-        (Some((_, m)), Some((_, v))) => Some((m.to_vec(), v.to_vec())),
-        _ => None,
-    };
     Ok(Some(Saved {
         position,
         weights,
-        moments,
+        file: ckpt,
         path,
     }))
 }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use crate::aggregate::{average_block, average_gradients, L2Range};
 use crate::cluster::{Cluster, Limits, Work};
-use crate::optimizer::from_buffer;
 use crate::optimizer::GRADIENT_NORM_LIMIT;
+use crate::optimizer::{from_buffer, new_optimizer};
 use crate::plane::SharedPlane;
 use crate::resume::{self, Position};
 use crate::service::{Service, TokenCheck, EVENT_QUEUE};
@@ -123,6 +123,7 @@ pub async fn serve(
         max_message_bytes: proto::MAX_MESSAGE_BYTES as u64,
         dropout: config.model.dropout,
         wire: config.wire.dtype() as i32,
+        sample_shape: data::IMAGE_SHAPE.iter().map(|&d| d as u32).collect(),
         ..JoinReply::default()
     };
     let weights = model.weights()?;
@@ -147,7 +148,7 @@ pub async fn serve(
     let mut trainer = Trainer {
         weights,
         cluster: Cluster::new(limits, events, plane.clone()),
-        optimizer: Optimizer::new(config.optimizer, num_trainable),
+        optimizer: new_optimizer(config.optimizer, num_trainable),
         num_trainable,
         params,
         layout,
@@ -258,7 +259,7 @@ struct Trainer {
     weights: Vec<f32>,
     /// The nodes, and how work is run on them.
     cluster: Cluster,
-    optimizer: Optimizer,
+    optimizer: Box<dyn Optimizer>,
     train: Dataset,
     test: Dataset,
     /// Optimizer steps taken; also the version of `weights`.
@@ -292,7 +293,7 @@ impl Trainer {
             );
             return Ok(fresh);
         };
-        let p = saved.position;
+        let p = saved.position.clone();
         if p.fingerprint != fingerprint {
             return Err(CoordinatorError::Config(format!(
                 "{} was written for {}, this run is {}",
@@ -307,15 +308,10 @@ impl Trainer {
                 saved.path.display()
             )));
         }
+        self.optimizer
+            .restore(&mut |name| saved.optimizer_state(name), p.iterations)
+            .map_err(|e| CoordinatorError::Config(format!("{}: {e}", saved.path.display())))?;
         self.weights = saved.weights;
-        if let Some((m, v)) = saved.moments {
-            if !self.optimizer.restore(m, v, p.iterations) {
-                return Err(CoordinatorError::Config(format!(
-                    "{}: optimizer state does not fit",
-                    saved.path.display()
-                )));
-            }
-        }
         self.step = p.step;
         self.history = p.history.clone();
         info!(
@@ -332,7 +328,7 @@ impl Trainer {
         let Some(dir) = &self.config.checkpoint_dir else {
             return Ok(());
         };
-        resume::save(dir, &position, &self.weights, self.optimizer.moments())
+        resume::save(dir, &position, &self.weights, &self.optimizer.state())
     }
 
     async fn run(&mut self, start: Position) -> Result<()> {
@@ -483,8 +479,7 @@ impl Trainer {
         let Some(dir) = &self.config.checkpoint_dir else {
             return Ok(());
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| CoordinatorError::Checkpoint(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| CoordinatorError::checkpoint(dir, e))?;
         let mut metadata: HashMap<String, String> = self
             .config
             .describe()
@@ -504,7 +499,7 @@ impl Trainer {
             &self.weights,
             metadata,
         )
-        .map_err(|e| CoordinatorError::Checkpoint(e.to_string()))?;
+        .map_err(|e| CoordinatorError::checkpoint(&path, e))?;
         debug!("wrote {}", path.display());
         Ok(())
     }
@@ -608,14 +603,14 @@ impl Trainer {
             let factors = crate::aggregate::factors(&parts);
             let mut update = |trainable: &mut [f32], mirror: Option<&mut [f32]>| {
                 if fused {
-                    optimizer.step_with(trainable, lr, mirror, |start, g| {
+                    optimizer.step_with(trainable, lr, mirror, &|start, g| {
                         average_block(g, start, &factors)
                     });
                 } else {
                     if let Some(max) = clip {
                         crate::optimizer::clip_to_norm(grads, norm, max);
                     }
-                    optimizer.step_with(trainable, lr, mirror, from_buffer(grads));
+                    optimizer.step_with(trainable, lr, mirror, &from_buffer(grads));
                 }
             };
             match self.cluster.local_plane() {

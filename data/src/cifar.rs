@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Bytes of one image: 3 channels of 32x32, channel-major (R plane, G, B).
-pub const IMAGE_BYTES: usize = 3 * 32 * 32;
+pub const IMAGE_BYTES: usize = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2];
+/// Shape of one image: channels, height, width.
+pub const IMAGE_SHAPE: [usize; 3] = [3, 32, 32];
 /// Bytes of one record: the label byte then the image.
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 /// Number of classes.

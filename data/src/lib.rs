@@ -10,7 +10,9 @@ mod order;
 mod rng;
 mod synthetic;
 
-pub use cifar::{DataError, Dataset, Split, CLASS_NAMES, IMAGE_BYTES, NUM_CLASSES, RECORD_BYTES};
+pub use cifar::{
+    DataError, Dataset, Split, CLASS_NAMES, IMAGE_BYTES, IMAGE_SHAPE, NUM_CLASSES, RECORD_BYTES,
+};
 pub use order::{epoch_order, split_counts};
 pub use rng::Rng;
 pub use synthetic::{write_synthetic, SyntheticSpec};

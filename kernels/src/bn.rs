@@ -68,25 +68,29 @@ impl CustomOp3 for BatchNormOp {
         let shift: Vec<f32> = (0..c)
             .map(|ch| beta[ch] - self.mean[ch] * scale[ch])
             .collect();
-        // SAFETY: the loop below writes every value (each image, each channel's row).
-        let mut y = unsafe { super::output_buffer(x.len()) };
-        if c * inner > 0 {
-            y.par_chunks_mut(c * inner)
-                .zip(x.par_chunks(c * inner))
-                .for_each(|(yi, xi)| {
-                    for ch in 0..c {
-                        let (s, t) = (scale[ch], shift[ch]);
-                        let rows = yi[ch * inner..][..inner]
-                            .iter_mut()
-                            .zip(&xi[ch * inner..][..inner]);
-                        if self.relu {
-                            rows.for_each(|(y, x)| *y = (x * s + t).max(0.0));
-                        } else {
-                            rows.for_each(|(y, x)| *y = x * s + t);
-                        }
+        let image = c * inner;
+        // SAFETY: each chunk is one image, and the loop writes each of its
+        // channel rows whole.
+        let y = unsafe {
+            super::par_fill(x.len(), image, |i, yi| {
+                let xi = &x[i * image..][..image];
+                for ch in 0..c {
+                    let (s, t) = (scale[ch], shift[ch]);
+                    let rows = yi[ch * inner..][..inner]
+                        .iter_mut()
+                        .zip(&xi[ch * inner..][..inner]);
+                    if self.relu {
+                        rows.for_each(|(y, x)| {
+                            y.write((x * s + t).max(0.0));
+                        });
+                    } else {
+                        rows.for_each(|(y, x)| {
+                            y.write(x * s + t);
+                        });
                     }
-                });
-        }
+                }
+            })
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -259,26 +259,31 @@ impl ConvBnOp {
             Output::None => None,
             Output::Normalized | Output::AddRelu(_) if c * p == 0 => Some(Vec::new()),
             Output::Normalized | Output::AddRelu(_) => {
-                // SAFETY: the loop below writes every value (each image, each channel's row).
-                let mut z = unsafe { super::output_buffer(y.len()) };
-                z.par_chunks_mut(c * p)
-                    .zip(y.par_chunks(c * p))
-                    .enumerate()
-                    .for_each(|(i, (zi, yi))| {
+                // SAFETY: each chunk is one image, and the loop writes each
+                // of its channel rows whole.
+                let z = unsafe {
+                    super::par_fill(y.len(), c * p, |i, zi| {
+                        let yi = &y[i * c * p..][..c * p];
                         for ch in 0..c {
                             let (s, t) = (scale[ch], shift[ch]);
                             let rows = zi[ch * p..][..p].iter_mut().zip(&yi[ch * p..][..p]);
                             match out {
                                 Output::AddRelu(r) => {
                                     let r = &r[(i * c + ch) * p..][..p];
-                                    rows.zip(r)
-                                        .for_each(|((z, y), r)| *z = (y * s + t + r).max(0.0));
+                                    rows.zip(r).for_each(|((z, y), r)| {
+                                        z.write((y * s + t + r).max(0.0));
+                                    });
                                 }
-                                _ if self.relu => rows.for_each(|(z, y)| *z = (y * s + t).max(0.0)),
-                                _ => rows.for_each(|(z, y)| *z = y * s + t),
+                                _ if self.relu => rows.for_each(|(z, y)| {
+                                    z.write((y * s + t).max(0.0));
+                                }),
+                                _ => rows.for_each(|(z, y)| {
+                                    z.write(y * s + t);
+                                }),
                             }
                         }
-                    });
+                    })
+                };
                 Some(z)
             }
         };

@@ -1,11 +1,14 @@
-//! Fast CPU training kernels as candle custom ops: convolution (im2col +
-//! gemm, with a hand-written backward), fused BatchNorm (training and
-//! inference), k×k max-pooling, ReLU and dropout.
+//! Fast CPU training kernels as candle custom ops with hand-written
+//! backwards: convolution (on one of the paths of `conv::ConvPath`, chosen
+//! per shape), convolution fused with training BatchNorm, with ReLU and 2×2
+//! max-pool, or with a residual sum; whole runs of ResNet residual blocks;
+//! BatchNorm (training and inference), k×k max-pooling, ReLU and dropout.
 //!
 //! Every op falls back to candle's own implementation on devices other than
-//! the CPU. The `*_reference` functions are candle's path on every device;
-//! tests compare the two, and the `model` crate's networks can be built with
-//! either.
+//! the CPU. The unfused ops have `*_reference` twins (candle's path on every
+//! device); the tests compare every op, fused ones included, with the same
+//! computation composed of candle's ops, and the `model` crate's networks
+//! can be built on either.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -37,7 +40,10 @@ pub use pool::{max_pool2d, max_pool2d_reference};
 pub use relu::{add_relu, relu};
 pub use residual::{residual_blocks_train, BlockLayers, ConvBnLayer};
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 /// Threads in rayon's global pool (sized by `RAYON_NUM_THREADS`, like candle).
 fn threads() -> usize {
@@ -63,8 +69,42 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> 
     }
 }
 
+/// A new buffer of `len` values made in parallel, `chunk` values per task:
+/// `fill(i, out)` writes chunk `i` (elements `i * chunk ..`) through
+/// `MaybeUninit::write`, so no zero-filling pass comes first (see
+/// [`output_buffer`] for what that pass costs) and no reference to an
+/// unwritten `f32` ever exists. With debug assertions on the buffer starts as
+/// NaN, so a value `fill` forgets shows up in the tests' comparison with
+/// candle.
+///
+/// # Safety
+///
+/// `fill` must write every element of every chunk it is given.
+unsafe fn par_fill(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    let spare = &mut v.spare_capacity_mut()[..len];
+    if cfg!(debug_assertions) {
+        spare.iter_mut().for_each(|x| {
+            x.write(f32::NAN);
+        });
+    }
+    spare
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, out)| fill(i, out));
+    // SAFETY: capacity is `len`, and the caller's `fill` wrote every element.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A buffer of `len` values for an output the caller overwrites entirely
-/// before anything reads it. Zero-filling it would cost one more pass over
+/// before anything reads it, for the convolution's AVX-512 path, whose
+/// stores go through raw pointers into slices of it (elementwise outputs use
+/// [`par_fill`] instead). Zero-filling it would cost one more pass over
 /// memory as large as the activations (measured: 5–6 % of a resnet20
 /// training step in `memset`). candle allocates its own outputs this way.
 ///

@@ -1,7 +1,6 @@
 //! ReLU, and the residual `ReLU(a + b)`, with one-pass backwards.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::{cpu_slice, with_values};
 
@@ -18,13 +17,15 @@ impl CustomOp1 for ReluOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_slice(storage, layout)?;
-        // SAFETY: the zipped chunks cover every value of `y` (same length as `x`).
-        let mut y = unsafe { super::output_buffer(x.len()) };
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                y.iter_mut().zip(x).for_each(|(y, &x)| *y = x.max(0.0));
-            });
+        // SAFETY: chunk `i` of `y` is as long as the same chunk of `x`, and
+        // the zip writes all of it.
+        let y = unsafe {
+            super::par_fill(x.len(), CHUNK, |i, y| {
+                y.iter_mut().zip(&x[i * CHUNK..]).for_each(|(y, &x)| {
+                    y.write(x.max(0.0));
+                });
+            })
+        };
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -57,16 +58,16 @@ pub(super) fn masked(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
                     y.len()
                 );
             }
-            // SAFETY: `y` and `dy` have the same length, so the zip writes every value.
-            let mut dx = unsafe { super::output_buffer(y.len()) };
-            dx.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK))
-                .zip(dy.par_chunks(CHUNK))
-                .for_each(|((dx, y), dy)| {
+            // SAFETY: `y` and `dy` have the same length (checked above), so
+            // the zip writes every value of each chunk.
+            let dx = unsafe {
+                super::par_fill(y.len(), CHUNK, |i, dx| {
+                    let (y, dy) = (&y[i * CHUNK..], &dy[i * CHUNK..]);
                     for ((d, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
-                        *d = if y > 0.0 { g } else { 0.0 };
+                        d.write(if y > 0.0 { g } else { 0.0 });
                     }
-                });
+                })
+            };
             Ok(dx)
         })
     })?;
@@ -93,15 +94,16 @@ impl CustomOp2 for AddReluOp {
             );
         }
         let (a, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
-        // SAFETY: same shapes (checked above): the zip writes every value.
-        let mut y = unsafe { super::output_buffer(a.len()) };
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(y, (a, b))| {
+        // SAFETY: same shapes (checked above): the zip writes every value
+        // of each chunk.
+        let y = unsafe {
+            super::par_fill(a.len(), CHUNK, |i, y| {
+                let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
                 for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                    *y = (a + b).max(0.0);
+                    y.write((a + b).max(0.0));
                 }
-            });
+            })
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -22,6 +22,9 @@ pub enum ModelError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// A setting that cannot work (a device this build lacks, a zero size).
+    #[error("{0}")]
+    Config(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

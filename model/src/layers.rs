@@ -1,11 +1,11 @@
 //! The layers the seed networks are made of, with Keras semantics, and the
 //! registry that creates and names their parameters.
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Module, Tensor, D};
 use data::Rng;
 
 use crate::init::Init;
-use crate::network::TensorInfo;
+use crate::params::Registry;
 use crate::ModelError;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -25,67 +25,6 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
     (total / 2, total - total / 2)
 }
 
-/// Creates the parameters of a network in order, with names and initial
-/// values drawn from one seeded stream.
-pub(crate) struct Registry {
-    pub device: Device,
-    /// Whether layers use the fast CPU kernels (the `kernels` crate) or candle's own ops.
-    pub fast: bool,
-    pub rng: Rng,
-    pub params: Vec<(TensorInfo, Var)>,
-    pub buffers: Vec<(TensorInfo, Var)>,
-}
-
-impl Registry {
-    pub fn new(seed: u64, device: Device, fast: bool) -> Self {
-        Self {
-            device,
-            fast,
-            rng: Rng::derive(seed, &[0x1217]),
-            params: Vec::new(),
-            buffers: Vec::new(),
-        }
-    }
-
-    fn make(&mut self, shape: &[usize], init: Init) -> Result<Var> {
-        let n = shape.iter().product();
-        let values = init.sample(n, &mut self.rng);
-        Ok(Var::from_tensor(&Tensor::from_vec(
-            values,
-            shape,
-            &self.device,
-        )?)?)
-    }
-
-    /// A trainable parameter; `l2` is its L2 regularisation factor (0 for none).
-    pub fn param(&mut self, name: String, shape: &[usize], init: Init, l2: f32) -> Result<Var> {
-        let var = self.make(shape, init)?;
-        self.params.push((
-            TensorInfo {
-                name,
-                shape: shape.to_vec(),
-                l2,
-            },
-            var.clone(),
-        ));
-        Ok(var)
-    }
-
-    /// A non-trainable state tensor.
-    pub fn buffer(&mut self, name: String, shape: &[usize], init: Init) -> Result<(usize, Var)> {
-        let var = self.make(shape, init)?;
-        self.buffers.push((
-            TensorInfo {
-                name,
-                shape: shape.to_vec(),
-                l2: 0.0,
-            },
-            var.clone(),
-        ));
-        Ok((self.buffers.len() - 1, var))
-    }
-}
-
 /// One forward pass: mode switches, the dropout stream, and the batch
 /// statistics BatchNorm layers saw (training only).
 pub(crate) struct Pass {
@@ -94,8 +33,8 @@ pub(crate) struct Pass {
     /// Whether to use the fast CPU kernels (the `kernels` crate).
     pub fast: bool,
     pub rng: Rng,
-    /// `(index of the layer's running mean in the buffers, batch mean, batch variance)`.
-    pub bn_stats: Vec<(usize, Tensor, Tensor)>,
+    /// `(where the layer's running statistics are, batch mean, batch variance)`.
+    pub bn_stats: Vec<(RunningStats, Tensor, Tensor)>,
 }
 
 impl Pass {
@@ -298,6 +237,14 @@ impl Module for Dense {
     }
 }
 
+/// Where a BatchNorm layer's running mean and variance are among the
+/// network's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunningStats {
+    pub mean: usize,
+    pub var: usize,
+}
+
 /// Batch normalisation over the channel axis (dim 1) of NCHW or NC inputs,
 /// Keras semantics: biased batch variance, running statistics updated as
 /// `r = 0.99 r + 0.01 batch`.
@@ -306,7 +253,7 @@ pub(crate) struct BatchNorm {
     beta: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
-    mean_index: usize,
+    stats: RunningStats,
     fast: bool,
 }
 
@@ -314,16 +261,16 @@ impl BatchNorm {
     pub fn new(reg: &mut Registry, name: &str, channels: usize) -> Result<Self> {
         let gamma = reg.param(format!("{name}.weight"), &[channels], Init::Ones, 0.0)?;
         let beta = reg.param(format!("{name}.bias"), &[channels], Init::Zeros, 0.0)?;
-        let (mean_index, running_mean) =
+        let (mean, running_mean) =
             reg.buffer(format!("{name}.running_mean"), &[channels], Init::Zeros)?;
-        let (_, running_var) =
+        let (var, running_var) =
             reg.buffer(format!("{name}.running_var"), &[channels], Init::Ones)?;
         Ok(Self {
             gamma: gamma.as_tensor().clone(),
             beta: beta.as_tensor().clone(),
             running_mean: running_mean.as_tensor().clone(),
             running_var: running_var.as_tensor().clone(),
-            mean_index,
+            stats: RunningStats { mean, var },
             fast: reg.fast,
         })
     }
@@ -364,7 +311,7 @@ impl BatchNorm {
             BN_EPSILON,
             relu,
         )?;
-        pass.bn_stats.push((self.mean_index, mean, var));
+        pass.bn_stats.push((self.stats, mean, var));
         Ok(y)
     }
 
@@ -409,7 +356,7 @@ impl BatchNorm {
             } else {
                 kernels::batch_norm_train_reference(x, &self.gamma, &self.beta, eps, relu)?
             };
-            pass.bn_stats.push((self.mean_index, mean, var));
+            pass.bn_stats.push((self.stats, mean, var));
             return Ok(y);
         }
         // Inference: the running statistics.
@@ -494,7 +441,7 @@ pub(crate) fn residual_blocks(
     };
     let bns = blocks.iter().flat_map(|((_, b1), (_, b2), _)| [b1, b2]);
     for (bn, (mean, var)) in bns.zip(stats) {
-        pass.bn_stats.push((bn.mean_index, mean, var));
+        pass.bn_stats.push((bn.stats, mean, var));
     }
     Ok(Some(z))
 }
@@ -545,6 +492,7 @@ pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn keras_same_padding() {

@@ -12,6 +12,7 @@
 pub mod bench;
 mod block_cache;
 mod checkpoint;
+mod device;
 #[cfg(test)]
 mod engine_tests;
 mod error;
@@ -19,13 +20,16 @@ mod init;
 mod layers;
 mod nets;
 mod network;
+mod params;
 mod spec;
 
 pub use block_cache::BlockCache;
 pub use checkpoint::{save_checkpoint, Checkpoint, MODEL_KEY};
+pub use device::DeviceChoice;
 pub use error::ModelError;
 pub use layers::same_padding;
-pub use network::{Engine, EvalOutput, Model, StepOutput, StepStats, TensorInfo};
+pub use network::{Engine, EvalOutput, Model, StepOutput, StepStats};
+pub use params::TensorInfo;
 pub use spec::{ModelKind, ModelSpec};
 
 /// Tunes the C allocator for training (see [`use_threads`]): no trimming of
@@ -56,7 +60,14 @@ fn tune_allocator() {
 /// commit, 862 without workers against 882–889 with a 100–3000 spin.
 /// Also tunes the allocator. Call once at start-up, before any candle or
 /// rayon work.
-pub fn use_threads(threads: usize) {
+///
+/// # Safety
+/// This writes the process environment (candle reads its settings from
+/// there), which is undefined behaviour if another thread reads or writes
+/// the environment at the same time. Call it while the process has only
+/// one thread: before starting an async runtime, a thread pool or any
+/// thread.
+pub unsafe fn use_threads(threads: usize) {
     std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");

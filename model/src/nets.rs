@@ -4,8 +4,9 @@ use candle_core::{Module, Tensor};
 
 use crate::layers::{
     dropout, relu, residual_blocks, BatchNorm, Conv2d, ConvCfg, Dense, Kernel, MaxPool2d, Padding,
-    Pass, Registry, ResidualLayers,
+    Pass, ResidualLayers,
 };
+use crate::params::Registry;
 use crate::{ModelError, ModelKind};
 
 type Result<T> = std::result::Result<T, ModelError>;

@@ -6,32 +6,15 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use data::{Rng, IMAGE_BYTES, NUM_CLASSES};
 
-use crate::layers::{correct, Pass, Registry, BN_MOMENTUM};
+use crate::layers::{correct, Pass, BN_MOMENTUM};
 use crate::nets::Net;
+use crate::params::{Registry, TensorInfo};
 use crate::{ModelError, ModelSpec};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// Samples per forward pass during evaluation (bounds memory).
 const EVAL_CHUNK: usize = 500;
-
-/// Name and shape of one tensor of a flat buffer, and its L2 factor.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorInfo {
-    /// Checkpoint-style name, e.g. `stack2.block0.layer1.conv.weight`.
-    pub name: String,
-    /// Shape (PyTorch layout: conv kernels are `(out, in, kh, kw)`, dense `(out, in)`).
-    pub shape: Vec<usize>,
-    /// L2 regularisation factor: the loss gains `l2 · Σ w²`.
-    pub l2: f32,
-}
-
-impl TensorInfo {
-    /// Number of values.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
 
 /// What a training step on one batch produces.
 #[derive(Debug, Clone)]
@@ -62,8 +45,10 @@ pub struct EvalOutput {
 /// Which implementation of the layers' operations a [`Model`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
-    /// gradcast's CPU kernels (im2col convolution, fused BatchNorm, max-pool)
-    /// on the CPU; candle's own operations on other devices.
+    /// The `kernels` crate's ops on the CPU (convolution on the path
+    /// `kernels` picks per shape, convolution fused with BatchNorm, ReLU,
+    /// max-pool or a residual sum, whole residual blocks); candle's own
+    /// operations on other devices.
     #[default]
     Fast,
     /// candle's own operations everywhere (for comparison and testing).
@@ -287,9 +272,9 @@ impl Model {
         }
         // Running statistics: r = momentum * r + (1 - momentum) * batch.
         let mut batch_stats = vec![None; self.buffers.len()];
-        for (mean_index, mean, var) in pass.bn_stats {
-            batch_stats[mean_index] = Some(mean);
-            batch_stats[mean_index + 1] = Some(var);
+        for (at, mean, var) in pass.bn_stats {
+            batch_stats[at.mean] = Some(mean);
+            batch_stats[at.var] = Some(var);
         }
         for ((_, v), batch) in self.buffers.iter().zip(batch_stats) {
             let old = v.as_tensor();
@@ -525,6 +510,22 @@ mod tests {
         ));
     }
 
+    /// The values of tensor `name` in a buffer laid out as `infos`.
+    fn slice_of<'a>(
+        infos: impl Iterator<Item = &'a TensorInfo>,
+        buffer: &'a [f32],
+        name: &str,
+    ) -> &'a [f32] {
+        let mut at = 0;
+        for info in infos {
+            if info.name == name {
+                return &buffer[at..at + info.numel()];
+            }
+            at += info.numel();
+        }
+        panic!("no tensor {name}");
+    }
+
     fn batch(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
         let mut rng = Rng::new(seed);
         let images = (0..n * IMAGE_BYTES).map(|_| rng.below(256) as u8).collect();
@@ -547,10 +548,45 @@ mod tests {
         assert!(out.loss_sum.is_finite() && out.loss_sum > 0.0);
         assert!(out.gradients.iter().all(|g| g.is_finite()));
         assert!(out.gradients.iter().any(|&g| g != 0.0));
-        // Running means moved away from 0 by 1% of the batch mean.
+        // The stem's running statistics moved by exactly 1 % of its batch
+        // statistics (momentum 0.99 from the initial 0 and 1), computed
+        // here independently with candle's own convolution.
         let w = m.weights().unwrap();
-        let state0 = &w[m.num_trainable()..];
-        assert_ne!(state0, out.state.as_slice());
+        let (conv_w, conv_b) = (
+            slice_of(m.params(), &w, "stem.conv.weight"),
+            slice_of(m.params(), &w, "stem.conv.bias"),
+        );
+        let pixels: Vec<f32> = images.iter().map(|&p| p as f32 / 255.0).collect();
+        let x = Tensor::from_vec(pixels, (6, 3, 32, 32), &Device::Cpu).unwrap();
+        let k = Tensor::from_vec(conv_w.to_vec(), (16, 3, 3, 3), &Device::Cpu).unwrap();
+        let bias = Tensor::from_vec(conv_b.to_vec(), (1, 16, 1, 1), &Device::Cpu).unwrap();
+        let y = x
+            .conv2d(&k, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let y = y.transpose(0, 1).unwrap().flatten_from(1).unwrap();
+        let y = y.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        let (mean, var) = (
+            slice_of(m.buffers(), &out.state, "stem.bn.running_mean"),
+            slice_of(m.buffers(), &out.state, "stem.bn.running_var"),
+        );
+        for (c, values) in y.iter().enumerate() {
+            let mu = values.iter().sum::<f64>() / values.len() as f64;
+            let sigma2 =
+                values.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / values.len() as f64;
+            let (want_mean, want_var) = (0.01 * mu, 0.99 + 0.01 * sigma2);
+            assert!(
+                (mean[c] as f64 - want_mean).abs() < 1e-6,
+                "channel {c}: mean {} vs {want_mean}",
+                mean[c]
+            );
+            assert!(
+                (var[c] as f64 - want_var).abs() < 1e-5,
+                "channel {c}: var {} vs {want_var}",
+                var[c]
+            );
+        }
         // Same seed, same dropout masks, same gradients; other seed differs.
         let again = m.train_step(&images, &labels, 11).unwrap();
         assert_eq!(again.gradients, out.gradients);

@@ -207,6 +207,13 @@ fn check_layout(
 }
 
 fn build_model(reply: &JoinReply, device: &Device) -> Result<Model> {
+    let shape: Vec<usize> = reply.sample_shape.iter().map(|&d| d as usize).collect();
+    if shape != data::IMAGE_SHAPE {
+        return Err(NodeError::Protocol(format!(
+            "the coordinator sends samples of shape {shape:?}; this node's models take {:?}",
+            data::IMAGE_SHAPE
+        )));
+    }
     let kind: ModelKind = reply.model.parse()?;
     let model = Model::new(
         ModelSpec {

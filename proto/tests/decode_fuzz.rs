@@ -1,32 +1,17 @@
-//! Property tests of decoding: whatever bytes arrive, decoding every message
-//! type and reassembling chunks either succeeds or fails cleanly — never a
-//! panic, never a buffer over the receiver's limit.
+//! Property tests (proptest) of decoding: whatever bytes arrive, decoding
+//! every message type and reassembling chunks either succeeds or fails
+//! cleanly — never a panic, never a buffer over the receiver's limit — and
+//! what decodes re-encodes to a message that decodes the same; chunks cut
+//! from any buffer reassemble to exactly its values.
 
 use bytes::Bytes;
+use proptest::prelude::*;
 use prost::Message;
 use proto::v1::{
     node_message, BufferKind, Chunk, CoordinatorMessage, Dtype, EvalResult, Hello, JoinReply,
     JoinRequest, NodeMessage, TrainResult,
 };
-use proto::{ChunkReceiver, Chunker};
-
-/// xorshift64*: enough randomness for input generation, no dependency.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use proto::{ChunkReceiver, Chunker, Wire};
 
 fn samples() -> Vec<Vec<u8>> {
     let chunk = Chunker::new(BufferKind::Gradients, 3, &[1.0, 2.0, 3.0], 8)
@@ -90,72 +75,153 @@ fn samples() -> Vec<Vec<u8>> {
     ]
 }
 
-fn decode_all(bytes: &[u8]) {
-    let _ = NodeMessage::decode(bytes);
-    let _ = CoordinatorMessage::decode(bytes);
-    let _ = JoinRequest::decode(bytes);
-    let _ = JoinReply::decode(bytes);
-    let _ = Chunk::decode(bytes);
-}
-
-#[test]
-fn decoding_random_and_mutated_bytes_never_panics() {
-    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
-    let valid = samples();
-    for _ in 0..20_000 {
-        let n = g.below(64);
-        decode_all(&g.bytes(n));
-        let mut m = valid[g.below(valid.len())].clone();
-        match g.below(3) {
-            0 => {
-                let cut = g.below(m.len() + 1);
-                m.truncate(cut);
-            }
-            1 => {
-                for _ in 0..=g.below(4) {
-                    let i = g.below(m.len());
-                    if let Some(b) = m.get_mut(i) {
-                        *b ^= 1 << g.below(8);
-                    }
-                }
-            }
-            _ => {
-                let len = g.below(16);
-                let extra = g.bytes(len);
-                let at = g.below(m.len() + 1);
-                m.splice(at..at, extra);
-            }
+/// Decodes `bytes` as every message type; whatever decodes must survive a
+/// second round (encode, decode) unchanged. Compared as encodings: a
+/// damaged float can be NaN, which equals nothing, itself included.
+fn decode_all(bytes: &[u8]) -> Result<(), TestCaseError> {
+    fn round<M: Message + Default>(bytes: &[u8]) -> Result<(), TestCaseError> {
+        if let Ok(m) = M::decode(bytes) {
+            let encoded = m.encode_to_vec();
+            let again = M::decode(encoded.as_slice());
+            prop_assert!(
+                again.is_ok(),
+                "a decoded message's encoding does not decode"
+            );
+            let reencoded = again.map(|a| a.encode_to_vec()).unwrap_or_default();
+            prop_assert_eq!(reencoded, encoded);
         }
-        decode_all(&m);
+        Ok(())
     }
+    round::<NodeMessage>(bytes)?;
+    round::<CoordinatorMessage>(bytes)?;
+    round::<JoinRequest>(bytes)?;
+    round::<JoinReply>(bytes)?;
+    round::<Chunk>(bytes)
 }
 
-#[test]
-fn chunk_receiver_survives_arbitrary_chunk_sequences() {
-    let mut g = Gen(42);
-    let limit = 64;
-    for _ in 0..5_000 {
-        let mut rx = ChunkReceiver::new(limit);
-        for _ in 0..g.below(8) {
-            let len = g.below(40);
-            let data = g.bytes(len);
-            let chunk = Chunk {
-                kind: g.below(5) as i32 - 1,
-                version: g.below(3) as u64,
-                dtype: match g.below(4) {
-                    0 => Dtype::U8 as i32,
-                    1 => Dtype::Bf16 as i32,
-                    _ => Dtype::F32 as i32,
-                },
-                total_elements: g.below(100) as u64,
-                offset: g.below(12) as u64,
-                data: Bytes::from(data),
-                base_version: g.below(2) as u64,
-            };
-            if let Ok(Some(proto::Buffer { values, .. })) = rx.push(&chunk) {
-                assert!(values.len() as u64 <= limit);
-                assert_eq!(values.len() as u64, chunk.total_elements);
+/// One way of damaging a valid message.
+#[derive(Debug, Clone)]
+enum Damage {
+    Truncate(prop::sample::Index),
+    FlipBits(Vec<(prop::sample::Index, u8)>),
+    Insert(prop::sample::Index, Vec<u8>),
+}
+
+fn damage() -> impl Strategy<Value = Damage> {
+    prop_oneof![
+        any::<prop::sample::Index>().prop_map(Damage::Truncate),
+        prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..5)
+            .prop_map(Damage::FlipBits),
+        (
+            any::<prop::sample::Index>(),
+            prop::collection::vec(any::<u8>(), 1..16)
+        )
+            .prop_map(|(at, bytes)| Damage::Insert(at, bytes)),
+    ]
+}
+
+fn apply(mut m: Vec<u8>, d: &Damage) -> Vec<u8> {
+    match d {
+        Damage::Truncate(at) => m.truncate(at.index(m.len() + 1)),
+        Damage::FlipBits(flips) => {
+            for (at, bit) in flips {
+                let i = at.index(m.len());
+                m[i] ^= 1 << bit;
             }
         }
+        Damage::Insert(at, bytes) => {
+            let i = at.index(m.len() + 1);
+            m.splice(i..i, bytes.iter().copied());
+        }
+    }
+    m
+}
+
+fn chunk() -> impl Strategy<Value = Chunk> {
+    (
+        -1i32..4,
+        0u64..3,
+        prop_oneof![
+            Just(Dtype::U8 as i32),
+            Just(Dtype::Bf16 as i32),
+            Just(Dtype::F32 as i32)
+        ],
+        0u64..100,
+        0u64..12,
+        prop::collection::vec(any::<u8>(), 0..40),
+        0u64..2,
+    )
+        .prop_map(
+            |(kind, version, dtype, total_elements, offset, data, base_version)| Chunk {
+                kind,
+                version,
+                dtype,
+                total_elements,
+                offset,
+                data: Bytes::from(data),
+                base_version,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn random_bytes_decode_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        decode_all(&bytes)?;
+    }
+
+    #[test]
+    fn damaged_messages_decode_cleanly(which in any::<prop::sample::Index>(), d in damage()) {
+        let valid = samples();
+        let m = apply(valid[which.index(valid.len())].clone(), &d);
+        decode_all(&m)?;
+    }
+
+    #[test]
+    fn arbitrary_chunk_sequences_never_exceed_the_limit(chunks in prop::collection::vec(chunk(), 0..8)) {
+        let limit = 64;
+        let mut rx = ChunkReceiver::new(limit);
+        for c in &chunks {
+            if let Ok(Some(proto::Buffer { values, .. })) = rx.push(c) {
+                prop_assert!(values.len() as u64 <= limit);
+                prop_assert_eq!(values.len() as u64, c.total_elements);
+            }
+        }
+    }
+
+    #[test]
+    fn any_buffer_cut_into_chunks_comes_back_whole(
+        values in prop::collection::vec(-1e6f32..1e6, 0..300),
+        chunk_bytes in 4usize..256,
+        version in any::<u64>(),
+    ) {
+        let mut rx = ChunkReceiver::new(1000);
+        let mut whole = None;
+        for c in Chunker::new(BufferKind::Gradients, version, &values, chunk_bytes).chunks() {
+            prop_assert!(whole.is_none(), "a buffer completed before its last chunk");
+            whole = rx.push(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        let whole = whole.ok_or_else(|| TestCaseError::fail("never completed"))?;
+        prop_assert_eq!(whole.version, version);
+        prop_assert_eq!(whole.kind, BufferKind::Gradients);
+        prop_assert_eq!(whole.values, values);
+    }
+
+    #[test]
+    fn bf16_chunks_come_back_as_the_rounded_values(
+        values in prop::collection::vec(-1e6f32..1e6, 1..300),
+        chunk_bytes in 2usize..256,
+    ) {
+        let encoded = Wire::Bf16.encode(&values);
+        let mut rx = ChunkReceiver::new(1000);
+        let mut whole = None;
+        for c in Chunker::encoded(BufferKind::Gradients, 1, Wire::Bf16, encoded, chunk_bytes).chunks() {
+            whole = rx.push(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        let whole = whole.ok_or_else(|| TestCaseError::fail("never completed"))?;
+        let rounded: Vec<f32> = values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        prop_assert_eq!(whole.values, rounded);
     }
 }

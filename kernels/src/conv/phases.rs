@@ -9,7 +9,8 @@
 //! parity, flipped: four runs of [`direct::forward`] over one zero-padded
 //! copy of `dy`, each stored into every other row and column of `dx`.
 
-use super::{direct, Geom};
+use super::Geom;
+use crate::direct;
 
 /// One phase: the input rows `2a + rho − top` for `a` in `rows`, columns
 /// `2b + sigma − left` for `b` in `cols`.

@@ -1,5 +1,8 @@
-//! Optimizers (Adam with Keras' defaults and update rule, plain SGD) and L2
-//! regularisation.
+//! Optimizers (Adam with Keras' defaults and update rule, plain SGD) behind
+//! one trait, gradient clipping and L2 regularisation.
+
+mod adam;
+mod sgd;
 
 use std::fmt;
 use std::str::FromStr;
@@ -8,6 +11,9 @@ use model::TensorInfo;
 use rayon::prelude::*;
 
 use crate::aggregate::BLOCK;
+
+pub use adam::Adam;
+pub use sgd::Sgd;
 
 /// Which optimizer the coordinator applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,93 +45,79 @@ impl fmt::Display for OptimizerKind {
     }
 }
 
-/// An optimizer with its state.
-#[derive(Debug, Clone)]
-pub enum Optimizer {
-    /// See [`Adam`].
-    Adam(Adam),
-    /// Stateless SGD.
-    Sgd,
-}
+/// An optimizer with its state: what the coordinator applies after each
+/// step's average. Its state is a set of named vectors as long as the
+/// trainable weights (Adam's `adam.m`, `adam.v`), saved and restored by name,
+/// so the resume state needs no knowledge of any one optimizer; a new one is
+/// a file beside [`adam`] and a line in [`OptimizerKind`].
+pub trait Optimizer: fmt::Debug + Send {
+    /// Which optimizer this is.
+    fn kind(&self) -> OptimizerKind;
 
-impl Optimizer {
-    /// A fresh optimizer of `kind` for `len` parameters.
-    pub fn new(kind: OptimizerKind, len: usize) -> Self {
-        match kind {
-            OptimizerKind::Adam => Optimizer::Adam(Adam::new(len)),
-            OptimizerKind::Sgd => Optimizer::Sgd,
-        }
-    }
+    /// Updates applied so far.
+    fn iterations(&self) -> u64;
 
-    /// Adam's first and second moments (None for SGD).
-    pub fn moments(&self) -> Option<(&[f32], &[f32])> {
-        match self {
-            Optimizer::Adam(a) => Some((&a.m, &a.v)),
-            Optimizer::Sgd => None,
-        }
-    }
+    /// The state to save, by name, in a fixed order.
+    fn state(&self) -> Vec<(&'static str, &[f32])>;
 
-    /// Updates applied so far (0 for SGD, which does not count).
-    pub fn iterations(&self) -> u64 {
-        match self {
-            Optimizer::Adam(a) => a.iterations,
-            Optimizer::Sgd => 0,
-        }
-    }
-
-    /// Restores saved Adam state; false if the lengths do not fit.
-    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, iterations: u64) -> bool {
-        match self {
-            Optimizer::Adam(a) if m.len() == a.m.len() && v.len() == a.v.len() => {
-                a.m = m;
-                a.v = v;
-                a.iterations = iterations;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// One update of `weights` with `grads` at learning rate `lr`.
-    pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
-        assert_eq!(
-            grads.len(),
-            weights.len(),
-            "gradients and weights differ in length"
-        );
-        self.step_with(weights, lr, None, from_buffer(grads))
-    }
+    /// Restores the state saved by [`state`](Optimizer::state): `saved(name)`
+    /// gives each named vector. Fails, saying what is missing or of the
+    /// wrong length, and then leaves `self` as it was.
+    fn restore(
+        &mut self,
+        saved: &mut dyn FnMut(&str) -> Option<Vec<f32>>,
+        iterations: u64,
+    ) -> Result<(), String>;
 
     /// One update whose gradient for the block of values starting at `start`
     /// is written by `gradient(start, block)` (copied from a buffer, or the
     /// weighted mean of the nodes' parts made right there, which saves two
     /// passes over memory); optionally also writes the new weights into
     /// `mirror` (e.g. the shared-memory segment) in the same pass. Blocks are
-    /// fixed, so the bits do not depend on the threads. The caller must know
-    /// the gradient is usable (finite, within the norm limit).
-    pub fn step_with(
+    /// fixed ([`BLOCK`]), so the bits do not depend on the threads. The
+    /// caller must know the gradient is usable (finite, within the norm
+    /// limit).
+    fn step_with(
         &mut self,
         weights: &mut [f32],
         lr: f64,
         mirror: Option<&mut [f32]>,
-        gradient: impl Fn(usize, &mut [f32]) + Sync,
-    ) {
-        match self {
-            Optimizer::Adam(adam) => adam.step_with(weights, lr, mirror, gradient),
-            Optimizer::Sgd => {
-                let lr = lr as f32;
-                let blocks = weights.par_chunks_mut(BLOCK).enumerate();
-                in_blocks(blocks, mirror, |(b, w)| {
-                    let mut g = vec![0.0f32; w.len()];
-                    gradient(b * BLOCK, &mut g);
-                    for (w, g) in w.iter_mut().zip(&g) {
-                        *w -= lr * g;
-                    }
-                    w
-                });
-            }
-        }
+        gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+    );
+
+    /// One update of `weights` with `grads` at learning rate `lr`.
+    fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
+        assert_eq!(
+            grads.len(),
+            weights.len(),
+            "gradients and weights differ in length"
+        );
+        self.step_with(weights, lr, None, &from_buffer(grads))
     }
+}
+
+/// A fresh optimizer of `kind` for `len` trainable values.
+pub fn new_optimizer(kind: OptimizerKind, len: usize) -> Box<dyn Optimizer> {
+    match kind {
+        OptimizerKind::Adam => Box::new(Adam::new(len)),
+        OptimizerKind::Sgd => Box::new(Sgd),
+    }
+}
+
+/// Takes the vector named `name` from `saved`, checking its length.
+pub(crate) fn take_state(
+    saved: &mut dyn FnMut(&str) -> Option<Vec<f32>>,
+    name: &str,
+    len: usize,
+) -> Result<Vec<f32>, String> {
+    let v = saved(name).ok_or_else(|| format!("no optimizer state {name:?}"))?;
+    if v.len() != len {
+        return Err(format!(
+            "optimizer state {name:?} holds {} values, the model has {len} trainable values",
+            v.len()
+        ));
+    }
+    Ok(v)
 }
 
 /// A gradient source for [`Optimizer::step_with`] that copies from `grads`.
@@ -135,7 +127,7 @@ pub fn from_buffer(grads: &[f32]) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
 
 /// Runs `update` on every block (in parallel); it returns the block's new
 /// weights, which are also copied into the same block of `mirror` if given.
-fn in_blocks<'a, I>(
+pub(crate) fn in_blocks<'a, I>(
     blocks: I,
     mirror: Option<&mut [f32]>,
     update: impl Fn(I::Item) -> &'a mut [f32] + Sync + Send,
@@ -149,92 +141,6 @@ fn in_blocks<'a, I>(
         None => blocks.for_each(|block| {
             update(block);
         }),
-    }
-}
-
-/// Adam as Keras implements it: bias correction folded into the step size,
-/// epsilon added to `sqrt(v)` uncorrected.
-#[derive(Debug, Clone)]
-pub struct Adam {
-    /// β₁ (Keras: 0.9).
-    pub beta1: f64,
-    /// β₂ (Keras: 0.999).
-    pub beta2: f64,
-    /// ε (Keras: 1e-7).
-    pub epsilon: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    iterations: u64,
-}
-
-impl Adam {
-    /// Keras defaults for `len` parameters.
-    pub fn new(len: usize) -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            epsilon: 1e-7,
-            m: vec![0.0; len],
-            v: vec![0.0; len],
-            iterations: 0,
-        }
-    }
-
-    /// Updates applied so far.
-    pub fn iterations(&self) -> u64 {
-        self.iterations
-    }
-
-    /// One update of `weights` with `grads` at learning rate `lr`.
-    pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
-        assert_eq!(
-            grads.len(),
-            self.m.len(),
-            "Adam state and gradients differ in length"
-        );
-        self.step_with(weights, lr, None, from_buffer(grads))
-    }
-
-    /// One update whose gradient for the block of values starting at
-    /// `start` is written by `gradient(start, block)`; optionally also
-    /// writes the new weights into `mirror`.
-    pub fn step_with(
-        &mut self,
-        weights: &mut [f32],
-        lr: f64,
-        mirror: Option<&mut [f32]>,
-        gradient: impl Fn(usize, &mut [f32]) + Sync,
-    ) {
-        assert_eq!(
-            weights.len(),
-            self.m.len(),
-            "Adam state and weights differ in length"
-        );
-        self.iterations += 1;
-        let t = self.iterations as i32;
-        let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
-        let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
-        let epsilon = self.epsilon;
-        // Element-wise, so the blocks (and threads) cannot change a bit.
-        let update = |b: usize, w: &mut [f32], m: &mut [f32], v: &mut [f32]| {
-            let mut g = vec![0.0f32; w.len()];
-            gradient(b * BLOCK, &mut g);
-            for i in 0..w.len() {
-                let g = g[i];
-                m[i] += (g - m[i]) * b1;
-                v[i] += (g * g - v[i]) * b2;
-                w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
-            }
-        };
-        let blocks = weights
-            .par_chunks_mut(BLOCK)
-            .zip(self.m.par_chunks_mut(BLOCK))
-            .zip(self.v.par_chunks_mut(BLOCK))
-            .enumerate();
-        in_blocks(blocks, mirror, |(b, ((w, m), v))| {
-            update(b, w, m, v);
-            w
-        });
     }
 }
 
@@ -322,9 +228,15 @@ mod tests {
         for i in 0..2 {
             assert!((w[i] as f64 - wr[i]).abs() < 1e-6, "{} vs {}", w[i], wr[i]);
         }
-        // First Adam step moves each weight by about lr against its gradient sign.
-        assert!((1.0 - 1e-3 - 1.0f64).abs() < 1.0);
         assert_eq!(adam.iterations(), 2);
+        // Adam's first step moves each weight by lr against its gradient's
+        // sign, whatever the gradient's size (to 0.1 %, while ε ≪ |g|·√(1-β₂)).
+        let mut first = Adam::new(3);
+        let mut w = vec![0.0f32; 3];
+        first.step(&mut w, &[0.5, -0.01, 40.0], 1e-3);
+        for (got, want) in w.iter().zip([-1e-3f32, 1e-3, -1e-3]) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
     }
 
     #[test]
@@ -361,11 +273,46 @@ mod tests {
             adam.step(&mut w, &g, 1e-3);
         }
         assert!(w.iter().all(|x| x.is_finite()));
-        let (m, v) = Optimizer::Adam(adam)
-            .moments()
-            .map(|(m, v)| (m.to_vec(), v.to_vec()))
-            .unwrap();
-        assert!(m.iter().chain(&v).all(|x| x.is_finite()));
+        let state = adam.state();
+        assert_eq!(state.len(), 2);
+        assert!(state.iter().all(|(_, s)| s.iter().all(|x| x.is_finite())));
+    }
+
+    #[test]
+    fn named_state_restores_the_same_updates() {
+        let n = BLOCK + 5;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let mut a = new_optimizer(kind, n);
+            let mut w = vec![0.1f32; n];
+            a.step(&mut w, &g, 1e-2);
+            let saved: std::collections::HashMap<String, Vec<f32>> = a
+                .state()
+                .into_iter()
+                .map(|(name, v)| (name.to_string(), v.to_vec()))
+                .collect();
+            let mut b = new_optimizer(kind, n);
+            b.restore(&mut |name| saved.get(name).cloned(), a.iterations())
+                .expect("restores its own state");
+            let mut w2 = w.clone();
+            a.step(&mut w, &g, 1e-2);
+            b.step(&mut w2, &g, 1e-2);
+            assert_eq!(
+                w, w2,
+                "{kind}: the restored optimizer continues bit for bit"
+            );
+            assert_eq!(a.kind(), kind);
+        }
+        // Adam refuses state that is missing or of another model.
+        let mut adam = new_optimizer(OptimizerKind::Adam, 4);
+        let err = adam.restore(&mut |_| None, 1).unwrap_err();
+        assert!(err.contains("adam.m"), "{err}");
+        let err = adam.restore(&mut |_| Some(vec![0.0; 3]), 1).unwrap_err();
+        assert!(
+            err.contains("3 values") && err.contains("4 trainable"),
+            "{err}"
+        );
+        assert_eq!(adam.iterations(), 0, "a failed restore changes nothing");
     }
 
     #[test]
@@ -373,12 +320,12 @@ mod tests {
         let n = BLOCK + 9;
         let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.1).sin()).collect();
         for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
-            let (mut a, mut b) = (Optimizer::new(kind, n), Optimizer::new(kind, n));
+            let (mut a, mut b) = (new_optimizer(kind, n), new_optimizer(kind, n));
             let (mut wa, mut wb) = (vec![0.25f32; n], vec![0.25f32; n]);
             let mut mirror = vec![0.0f32; n];
             for _ in 0..2 {
                 a.step(&mut wa, &g, 1e-2);
-                b.step_with(&mut wb, 1e-2, Some(&mut mirror), from_buffer(&g));
+                b.step_with(&mut wb, 1e-2, Some(&mut mirror), &from_buffer(&g));
             }
             assert_eq!(wa, wb);
             assert_eq!(wb, mirror);
@@ -393,15 +340,15 @@ mod tests {
         let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
         let parts: Vec<(f64, &[f32])> = vec![(14.0, &a), (13.0, &b)];
         for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
-            let (mut two, mut one) = (Optimizer::new(kind, n), Optimizer::new(kind, n));
+            let (mut two, mut one) = (new_optimizer(kind, n), new_optimizer(kind, n));
             let (mut w2, mut w1) = (vec![0.5f32; n], vec![0.5f32; n]);
             let (mut m2, mut m1) = (vec![0.0f32; n], vec![0.0f32; n]);
             let mut grads = vec![0.0f32; n];
             for _ in 0..3 {
                 average_gradients(&mut grads, &parts, &w2, &[]);
-                two.step_with(&mut w2, 1e-2, Some(&mut m2), from_buffer(&grads));
+                two.step_with(&mut w2, 1e-2, Some(&mut m2), &from_buffer(&grads));
                 let f = factors(&parts);
-                one.step_with(&mut w1, 1e-2, Some(&mut m1), |s, g| {
+                one.step_with(&mut w1, 1e-2, Some(&mut m1), &|s, g| {
                     crate::aggregate::average_block(g, s, &f)
                 });
             }

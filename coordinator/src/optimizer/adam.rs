@@ -1,0 +1,99 @@
+//! Adam with Keras' defaults and update rule.
+
+use rayon::prelude::*;
+
+use super::{in_blocks, take_state, Optimizer, OptimizerKind};
+use crate::aggregate::BLOCK;
+
+/// Adam as Keras implements it: bias correction folded into the step size,
+/// epsilon added to `sqrt(v)` uncorrected. State: `adam.m` and `adam.v`.
+#[derive(Debug, Clone)]
+pub struct Adam {
+    /// β₁ (Keras: 0.9).
+    pub beta1: f64,
+    /// β₂ (Keras: 0.999).
+    pub beta2: f64,
+    /// ε (Keras: 1e-7).
+    pub epsilon: f32,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    iterations: u64,
+}
+
+impl Adam {
+    /// Keras defaults for `len` parameters.
+    pub fn new(len: usize) -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-7,
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+            iterations: 0,
+        }
+    }
+}
+
+impl Optimizer for Adam {
+    fn kind(&self) -> OptimizerKind {
+        OptimizerKind::Adam
+    }
+
+    fn iterations(&self) -> u64 {
+        self.iterations
+    }
+
+    fn state(&self) -> Vec<(&'static str, &[f32])> {
+        vec![("adam.m", &self.m), ("adam.v", &self.v)]
+    }
+
+    fn restore(
+        &mut self,
+        saved: &mut dyn FnMut(&str) -> Option<Vec<f32>>,
+        iterations: u64,
+    ) -> Result<(), String> {
+        let m = take_state(saved, "adam.m", self.m.len())?;
+        let v = take_state(saved, "adam.v", self.v.len())?;
+        (self.m, self.v, self.iterations) = (m, v, iterations);
+        Ok(())
+    }
+
+    fn step_with(
+        &mut self,
+        weights: &mut [f32],
+        lr: f64,
+        mirror: Option<&mut [f32]>,
+        gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        assert_eq!(
+            weights.len(),
+            self.m.len(),
+            "Adam state and weights differ in length"
+        );
+        self.iterations += 1;
+        let t = self.iterations as i32;
+        let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
+        let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
+        let epsilon = self.epsilon;
+        // Element-wise, so the blocks (and threads) cannot change a bit.
+        let update = |b: usize, w: &mut [f32], m: &mut [f32], v: &mut [f32]| {
+            let mut g = vec![0.0f32; w.len()];
+            gradient(b * BLOCK, &mut g);
+            for i in 0..w.len() {
+                let g = g[i];
+                m[i] += (g - m[i]) * b1;
+                v[i] += (g * g - v[i]) * b2;
+                w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
+            }
+        };
+        let blocks = weights
+            .par_chunks_mut(BLOCK)
+            .zip(self.m.par_chunks_mut(BLOCK))
+            .zip(self.v.par_chunks_mut(BLOCK))
+            .enumerate();
+        in_blocks(blocks, mirror, |(b, ((w, m), v))| {
+            update(b, w, m, v);
+            w
+        });
+    }
+}

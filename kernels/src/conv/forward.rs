@@ -1,0 +1,227 @@
+//! The forward convolution, on the path its [`Geom`] chose.
+
+use candle_core::{bail, Result};
+use rayon::prelude::*;
+
+use super::im2col::im2col;
+use super::plan::Plan;
+use super::{ConvPath, Geom, Input};
+use crate::{direct, gemm, parallelism, threads, Mat};
+
+/// The convolution of `x` with `w` plus the bias `b`, then a ReLU when
+/// `relu`, as a `(n, cout, oh, ow)` buffer; with `moments`, also the
+/// `(mean, Σ (v − mean)²)` of every image's channel (`n · cout` pairs).
+#[allow(clippy::type_complexity)]
+pub(crate) fn forward_values(
+    g: &Geom,
+    x: Input,
+    w: &[f32],
+    b: &[f32],
+    relu: bool,
+    moments: bool,
+) -> Result<(Vec<f32>, Vec<[f64; 2]>)> {
+    forward_residual(g, x, w, b, (relu, None), moments)
+}
+
+/// [`forward_values`], with `residual` (shaped like the output) added
+/// before the ReLU when given (the ReLU then applies regardless of `relu`):
+/// `max(conv(x) + b + residual, 0)`, a residual block's sum in the
+/// convolution's epilogue.
+pub(super) fn forward_residual(
+    g: &Geom,
+    x: Input,
+    w: &[f32],
+    b: &[f32],
+    (relu, residual): (bool, Option<&[f32]>),
+    moments: bool,
+) -> Result<(Vec<f32>, Vec<[f64; 2]>)> {
+    let g = *g;
+    {
+        if b.len() != g.cout {
+            bail!(
+                "conv2d: bias has {} values for {} channels",
+                b.len(),
+                g.cout
+            );
+        }
+        let (k, p, cout) = (g.k(), g.p(), g.cout);
+        let path = g.path();
+        let (direct, avx) = (path.is_direct(), path == ConvPath::Avx512);
+        // The output starts as the bias, written once, and the gemm adds onto
+        // it; the AVX-512 path writes bias and activation with its result.
+        let mut y = if avx {
+            // SAFETY: the direct path's `store` writes every output value.
+            unsafe { crate::output_buffer(g.n * cout * p) }
+        } else {
+            let mut y = Vec::with_capacity(g.n * cout * p);
+            for _ in 0..g.n {
+                for &bias in b {
+                    y.extend(std::iter::repeat_n(bias, p));
+                }
+            }
+            y
+        };
+        if y.is_empty() {
+            return Ok((y, Vec::new()));
+        }
+        let t = threads();
+        let inner = if g.n < t {
+            parallelism(t)
+        } else {
+            gemm::Parallelism::None
+        };
+        let plan = Plan::new(
+            (g.cin, g.h, g.w),
+            (g.top, g.left),
+            (g.kh, g.kw),
+            (cout, g.oh, g.ow),
+            g.stride,
+        );
+        let xp_len = plan.xp_len();
+        let taps = g.kh * g.kw;
+        // The kernel for the direct path: `[kh·kw][cout][cin]` for the gemm
+        // crate, packed for the AVX-512 kernel (`direct::packed_index`).
+        let mut wr = vec![
+            0f32;
+            match (direct, avx) {
+                (false, _) => 0,
+                (true, false) => k * cout,
+                (true, true) => direct::packed_len(g.cin, taps, cout),
+            }
+        ];
+        if direct {
+            for co in 0..cout {
+                for ci in 0..g.cin {
+                    for tap in 0..taps {
+                        let at = if avx {
+                            direct::packed_index(g.cin, taps, (ci, tap, co))
+                        } else {
+                            (tap * cout + co) * g.cin + ci
+                        };
+                        wr[at] = w[(co * g.cin + ci) * taps + tap];
+                    }
+                }
+            }
+        }
+        let wr = &wr;
+        let cols_len = if direct {
+            xp_len + plan.l * cout
+        } else if path == ConvPath::Identity {
+            0
+        } else {
+            k * p
+        };
+        if residual.is_some_and(|r| r.len() != g.n * cout * p) {
+            bail!("conv2d: a residual of the wrong size");
+        }
+        // The epilogue of the paths that add into `y`.
+        let finish = |i: usize, yi: &mut [f32]| {
+            if let Some(r) = residual {
+                let r = &r[i * cout * p..][..cout * p];
+                yi.iter_mut()
+                    .zip(r)
+                    .for_each(|(v, r)| *v = (*v + r).max(0.0));
+            } else if relu {
+                yi.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        };
+        // Per run of images: the column (or planes) buffer, and one for an
+        // input that the im2col path must normalise first.
+        let image = |(cols, xs): (&mut Vec<f32>, &mut Vec<f32>), (i, yi): (usize, &mut [f32])| {
+            let xi = x.image(i, g.image());
+            if direct {
+                let (xp, out) = cols.split_at_mut(xp_len);
+                plan.load(xi, xp);
+                if avx {
+                    direct::forward(&plan.wide(), xp, wr, out);
+                    let r = residual.map(|r| &r[i * cout * p..][..cout * p]);
+                    plan.store_with(out, Some(b), (relu, r), yi);
+                    return;
+                }
+                plan.run(wr, xp, out, inner);
+                plan.add_to(out, yi);
+                finish(i, yi);
+                return;
+            }
+            let xi = xi.materialize(xs);
+            let cols: &[f32] = if path == ConvPath::Identity {
+                xi
+            } else {
+                im2col(xi, &g, cols);
+                cols
+            };
+            gemm(
+                cout,
+                p,
+                k,
+                yi,
+                true,
+                Mat {
+                    data: w,
+                    rs: k,
+                    cs: 1,
+                },
+                Mat {
+                    data: cols,
+                    rs: p,
+                    cs: 1,
+                },
+                inner,
+            );
+            finish(i, yi);
+        };
+        // Per image and channel `(mean, Σ (v − mean)²)` of the output, taken
+        // while the image is in cache, when asked for.
+        let mut stats = vec![[0f64; 2]; if moments { g.n * cout } else { 0 }];
+        let measure = |yi: &[f32], si: &mut [[f64; 2]]| {
+            for (row, s) in yi.chunks_exact(p).zip(si) {
+                *s = row_moments(row);
+            }
+        };
+        if g.n < t {
+            let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
+            for (i, yi) in y.chunks_mut(cout * p).enumerate() {
+                image((&mut cols, &mut xs), (i, yi));
+                if moments {
+                    measure(yi, &mut stats[i * cout..][..cout]);
+                }
+            }
+        } else {
+            // A few runs of images per thread, each with one column buffer
+            // (`for_each_init` would allocate one per rayon split).
+            let per_chunk = g.n.div_ceil(4 * t).max(1);
+            let stat_chunks: Vec<&mut [[f64; 2]]> = if moments {
+                stats.chunks_mut(per_chunk * cout).collect()
+            } else {
+                (0..g.n.div_ceil(per_chunk))
+                    .map(|_| Default::default())
+                    .collect()
+            };
+            y.par_chunks_mut(per_chunk * cout * p)
+                .zip(stat_chunks)
+                .enumerate()
+                .for_each(|(c, (yc, sc))| {
+                    let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
+                    for (j, yi) in yc.chunks_mut(cout * p).enumerate() {
+                        image((&mut cols, &mut xs), (c * per_chunk + j, yi));
+                        if moments {
+                            measure(yi, &mut sc[j * cout..][..cout]);
+                        }
+                    }
+                });
+        }
+        Ok((y, stats))
+    }
+}
+/// `(mean, Σ (v − mean)²)` of one row, two passes (the row is in cache).
+fn row_moments(row: &[f32]) -> [f64; 2] {
+    if row.is_empty() {
+        return [0.0; 2];
+    }
+    let mean = crate::sum(row) as f64 / row.len() as f64;
+    let mu = mean as f32;
+    [
+        mean,
+        crate::sum2(row, row, |v, _| (v - mu) * (v - mu)) as f64,
+    ]
+}
