@@ -72,10 +72,9 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> 
 /// A new buffer of `len` values made in parallel, `chunk` values per task:
 /// `fill(i, out)` writes chunk `i` (elements `i * chunk ..`) through
 /// `MaybeUninit::write`, so no zero-filling pass comes first (see
-/// [`output_buffer`] for what that pass costs) and no reference to an
-/// unwritten `f32` ever exists. With debug assertions on the buffer starts as
-/// NaN, so a value `fill` forgets shows up in the tests' comparison with
-/// candle.
+/// [`uninit_buffer`] for what that pass costs) and no reference to an
+/// unwritten `f32` ever exists (with debug assertions on, the buffer starts
+/// as NaN: see [`uninit_buffer`]).
 ///
 /// # Safety
 ///
@@ -85,47 +84,77 @@ unsafe fn par_fill(
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
 ) -> Vec<f32> {
-    let mut v = Vec::<f32>::with_capacity(len);
-    let spare = &mut v.spare_capacity_mut()[..len];
+    let mut v = uninit_buffer(len);
+    v.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, out)| fill(i, out));
+    // SAFETY: the caller's `fill` wrote every element.
+    unsafe { assume_init(v) }
+}
+
+/// A place a kernel writes one output value into: an `f32`, or the
+/// `MaybeUninit<f32>` of a buffer that starts unwritten ([`uninit_buffer`]).
+/// Kernels that store every value of their output are generic over it, so
+/// the same code fills initialised and unwritten buffers.
+pub(crate) trait Slot {
+    /// Writes `v` here.
+    fn set(&mut self, v: f32);
+}
+
+impl Slot for f32 {
+    #[inline(always)]
+    fn set(&mut self, v: f32) {
+        *self = v;
+    }
+}
+
+impl Slot for MaybeUninit<f32> {
+    #[inline(always)]
+    fn set(&mut self, v: f32) {
+        self.write(v);
+    }
+}
+
+/// A buffer of `len` values for an output a kernel writes entirely before
+/// anything reads it, without the zero-filling pass (measured: 5–6 % of a
+/// resnet20 training step in `memset`); candle allocates its own outputs the
+/// same way. The values are written through [`Slot`] and the buffer becomes
+/// `f32` by [`assume_init`] once all are. With debug assertions on (the
+/// kernel tests' debug run) it starts as NaN, so that a value a kernel
+/// forgets shows up in the comparison with candle instead of a recycled
+/// block's old data.
+fn uninit_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Box::<[f32]>::new_uninit_slice(len).into_vec();
     if cfg!(debug_assertions) {
-        spare.iter_mut().for_each(|x| {
+        v.iter_mut().for_each(|x| {
             x.write(f32::NAN);
         });
     }
-    spare
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(i, out)| fill(i, out));
-    // SAFETY: capacity is `len`, and the caller's `fill` wrote every element.
-    unsafe { v.set_len(len) };
     v
 }
 
-/// A buffer of `len` values for an output the caller overwrites entirely
-/// before anything reads it, for the convolution's AVX-512 path, whose
-/// stores go through raw pointers into slices of it (elementwise outputs use
-/// [`par_fill`] instead). Zero-filling it would cost one more pass over
-/// memory as large as the activations (measured: 5–6 % of a resnet20
-/// training step in `memset`). candle allocates its own outputs this way.
-///
-/// With debug assertions on (the kernel tests' debug run) the buffer is
-/// filled with NaN instead, so that a value a kernel forgets to write shows
-/// up as NaN in the comparison with candle, not as an old tensor's data from
-/// a recycled block.
+/// The values of a buffer every element of which has been written.
 ///
 /// # Safety
 ///
-/// Every element must be written before the buffer is read or handed on.
-#[allow(clippy::uninit_vec)]
-unsafe fn output_buffer(len: usize) -> Vec<f32> {
-    if cfg!(debug_assertions) {
-        return vec![f32::NAN; len];
-    }
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: capacity is `len`; f32 has no invalid bit patterns and the
-    // caller writes every element before any read.
-    unsafe { v.set_len(len) };
-    v
+/// Every element of `v` must be initialised.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, the allocation is
+    // handed over whole (pointer, length, capacity), and the caller
+    // guarantees every element is initialised.
+    unsafe { Vec::from_raw_parts(ptr.cast::<f32>(), len, cap) }
+}
+
+/// [`assume_init`] for a part of a buffer.
+///
+/// # Safety
+///
+/// Every element of `s` must be initialised.
+unsafe fn assume_init_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: same layout; the caller guarantees every element is initialised.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
 }
 
 /// Sum of a slice with eight independent accumulators (vectorises).

@@ -1,5 +1,7 @@
 //! The convolution's gradients, on the path its [`Geom`] chose.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Result;
 use rayon::prelude::*;
 
@@ -41,14 +43,14 @@ pub(crate) fn backward_values(
         let path = g.path();
         let (direct, avx) = (path.is_direct(), path == ConvPath::Avx512);
         let identity = path == ConvPath::Identity;
-        let mut dx = if input_grad && avx {
-            // SAFETY: the AVX-512 direct path stores every input-gradient value.
-            unsafe { crate::output_buffer(g.n * g.image()) }
-        } else if input_grad {
-            vec![0f32; g.n * g.image()]
-        } else {
-            Vec::new()
-        };
+        // The AVX-512 path stores every input-gradient value into the
+        // unwritten buffer; the others add into zeros.
+        let mut dx = crate::uninit_buffer(if input_grad { g.n * g.image() } else { 0 });
+        if !avx {
+            dx.iter_mut().for_each(|v| {
+                v.write(0.0);
+            });
+        }
         let partials: Result<_> = {
             {
                 // Wᵀ (k×cout), row-major, for the input gradient.
@@ -58,13 +60,7 @@ pub(crate) fn backward_values(
                 }
                 let wt = &wt;
                 let taps = g.kh * g.kw;
-                let plan = Plan::new(
-                    (g.cin, g.h, g.w),
-                    (g.top, g.left),
-                    (g.kh, g.kw),
-                    (cout, g.oh, g.ow),
-                    g.stride,
-                );
+                let plan = Plan::of(&g);
                 // The input gradient is the direct convolution of dy with the
                 // kernel flipped (taps reversed), in/out channels swapped, as
                 // `[kh·kw][cin][cout]`.
@@ -108,7 +104,7 @@ pub(crate) fn backward_values(
                 }
                 let wf = &wf;
                 {
-                    let targets: Vec<(usize, Option<&mut [f32]>)> = if input_grad {
+                    let targets: Vec<(usize, Option<&mut [MaybeUninit<f32>]>)> = if input_grad {
                         dx.chunks_mut((per_chunk * g.image()).max(1))
                             .map(Some)
                             .enumerate()
@@ -116,7 +112,7 @@ pub(crate) fn backward_values(
                     } else {
                         (0..g.n.div_ceil(per_chunk)).map(|c| (c, None)).collect()
                     };
-                    let work_direct = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
+                    let work_direct = |(c, mut dxc): (usize, Option<&mut [MaybeUninit<f32>]>)| {
                         // dW as `[kh·kw][cout][cin]` (the gemm crate's), or
                         // as lane sums `[cin][kh·kw][cout][16]` (AVX-512).
                         // The gemm-shaped weight gradient where it applies,
@@ -261,8 +257,11 @@ pub(crate) fn backward_values(
                                 } else {
                                     tplan.load(Input::Plain(dyi), &mut dyp);
                                     tplan.run(wf, &dyp, &mut out, inner);
-                                    tplan.add_to(&out, dxi);
+                                    // SAFETY: off the AVX-512 path `dx` starts as zeros.
+                                    tplan.add_to(&out, unsafe { crate::assume_init_mut(dxi) });
                                 }
+                                // SAFETY: each branch above stored (or added to) every value.
+                                let dxi = unsafe { crate::assume_init_mut(dxi) };
                                 if let Some(after) = after {
                                     after(i, dxi);
                                 }
@@ -287,10 +286,12 @@ pub(crate) fn backward_values(
                         }
                         (dwt, db)
                     };
-                    let work = |(c, mut dxc): (usize, Option<&mut [f32]>)| {
+                    let work = |(c, dxc): (usize, Option<&mut [MaybeUninit<f32>]>)| {
                         if direct {
                             return work_direct((c, dxc));
                         }
+                        // SAFETY: off the AVX-512 path `dx` starts as zeros.
+                        let mut dxc = dxc.map(|d| unsafe { crate::assume_init_mut(d) });
                         let mut dwt = vec![0f32; k * cout];
                         let mut scratch = Vec::new();
                         let mut dyt = vec![0f32; p * cout];
@@ -383,6 +384,9 @@ pub(crate) fn backward_values(
                 dw[co * k + r] = v;
             }
         }
+        // SAFETY: on the AVX-512 path every image of `dx` was stored above;
+        // elsewhere it started as zeros; without `input_grad` it is empty.
+        let dx = unsafe { crate::assume_init(dx) };
         Ok((input_grad.then_some(dx), dw, db))
     }
 }

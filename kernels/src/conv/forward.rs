@@ -1,5 +1,7 @@
 //! The forward convolution, on the path its [`Geom`] chose.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
@@ -48,21 +50,19 @@ pub(super) fn forward_residual(
         let path = g.path();
         let (direct, avx) = (path.is_direct(), path == ConvPath::Avx512);
         // The output starts as the bias, written once, and the gemm adds onto
-        // it; the AVX-512 path writes bias and activation with its result.
-        let mut y = if avx {
-            // SAFETY: the direct path's `store` writes every output value.
-            unsafe { crate::output_buffer(g.n * cout * p) }
-        } else {
-            let mut y = Vec::with_capacity(g.n * cout * p);
-            for _ in 0..g.n {
-                for &bias in b {
-                    y.extend(std::iter::repeat_n(bias, p));
-                }
-            }
-            y
-        };
+        // it; the AVX-512 path writes bias and activation with its result
+        // into the unwritten buffer.
+        let mut y = crate::uninit_buffer(g.n * cout * p);
         if y.is_empty() {
-            return Ok((y, Vec::new()));
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if !avx {
+            for (row, v) in y.chunks_mut(p).enumerate() {
+                let bias = b[row % cout];
+                v.iter_mut().for_each(|v| {
+                    v.write(bias);
+                });
+            }
         }
         let t = threads();
         let inner = if g.n < t {
@@ -70,13 +70,7 @@ pub(super) fn forward_residual(
         } else {
             gemm::Parallelism::None
         };
-        let plan = Plan::new(
-            (g.cin, g.h, g.w),
-            (g.top, g.left),
-            (g.kh, g.kw),
-            (cout, g.oh, g.ow),
-            g.stride,
-        );
+        let plan = Plan::of(&g);
         let xp_len = plan.xp_len();
         let taps = g.kh * g.kw;
         // The kernel for the direct path: `[kh·kw][cout][cin]` for the gemm
@@ -127,17 +121,23 @@ pub(super) fn forward_residual(
         };
         // Per run of images: the column (or planes) buffer, and one for an
         // input that the im2col path must normalise first.
-        let image = |(cols, xs): (&mut Vec<f32>, &mut Vec<f32>), (i, yi): (usize, &mut [f32])| {
+        // Writes every value of image `i`'s output `yi`.
+        let image = |(cols, xs): (&mut Vec<f32>, &mut Vec<f32>),
+                     (i, yi): (usize, &mut [MaybeUninit<f32>])| {
             let xi = x.image(i, g.image());
+            if avx {
+                let (xp, out) = cols.split_at_mut(xp_len);
+                plan.load(xi, xp);
+                direct::forward(&plan.wide(), xp, wr, out);
+                let r = residual.map(|r| &r[i * cout * p..][..cout * p]);
+                plan.store_with(out, Some(b), (relu, r), yi);
+                return;
+            }
+            // SAFETY: off the AVX-512 path the bias was written everywhere.
+            let yi = unsafe { crate::assume_init_mut(yi) };
             if direct {
                 let (xp, out) = cols.split_at_mut(xp_len);
                 plan.load(xi, xp);
-                if avx {
-                    direct::forward(&plan.wide(), xp, wr, out);
-                    let r = residual.map(|r| &r[i * cout * p..][..cout * p]);
-                    plan.store_with(out, Some(b), (relu, r), yi);
-                    return;
-                }
                 plan.run(wr, xp, out, inner);
                 plan.add_to(out, yi);
                 finish(i, yi);
@@ -182,6 +182,8 @@ pub(super) fn forward_residual(
             let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
             for (i, yi) in y.chunks_mut(cout * p).enumerate() {
                 image((&mut cols, &mut xs), (i, yi));
+                // SAFETY: `image` wrote all of it.
+                let yi = unsafe { crate::assume_init_mut(yi) };
                 if moments {
                     measure(yi, &mut stats[i * cout..][..cout]);
                 }
@@ -204,13 +206,17 @@ pub(super) fn forward_residual(
                     let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
                     for (j, yi) in yc.chunks_mut(cout * p).enumerate() {
                         image((&mut cols, &mut xs), (c * per_chunk + j, yi));
+                        // SAFETY: `image` wrote all of it.
+                        let yi = unsafe { crate::assume_init_mut(yi) };
                         if moments {
                             measure(yi, &mut sc[j * cout..][..cout]);
                         }
                     }
                 });
         }
-        Ok((y, stats))
+        // SAFETY: every image of `y` went through `image`, which writes all
+        // of its values.
+        Ok((unsafe { crate::assume_init(y) }, stats))
     }
 }
 /// `(mean, Σ (v − mean)²)` of one row, two passes (the row is in cache).

@@ -10,7 +10,7 @@
 //! copy of `dy`, each stored into every other row and column of `dx`.
 
 use super::Geom;
-use crate::direct;
+use crate::{direct, Slot};
 
 /// One phase: the input rows `2a + rho − top` for `a` in `rows`, columns
 /// `2b + sigma − left` for `b` in `cols`.
@@ -171,7 +171,7 @@ impl InputGrad {
 
     /// One image's input gradient `dx (cin, h, w)` from `dy`'s padded planes
     /// (see [`InputGrad::load`]), with `out` as scratch: writes every value.
-    pub(super) fn run(&self, planes: &[f32], out: &mut [f32], dx: &mut [f32]) {
+    pub(super) fn run<T: Slot>(&self, planes: &[f32], out: &mut [f32], dx: &mut [T]) {
         let (cin, h, w) = self.dx;
         for p in &self.phases {
             let taps = !p.w.is_empty();
@@ -188,12 +188,12 @@ impl InputGrad {
                     let first = 2 * b0 + p.sigma - self.left;
                     let dst = plane[iy * w..][..w].iter_mut().skip(first).step_by(2);
                     if !taps {
-                        dst.take(b1 - b0).for_each(|d| *d = 0.0);
+                        dst.take(b1 - b0).for_each(|d| d.set(0.0));
                         continue;
                     }
                     let row = &src[(a - a0) * self.wp..][..b1 - b0];
                     for (d, &v) in dst.zip(row) {
-                        *d = v;
+                        d.set(v);
                     }
                 }
             }

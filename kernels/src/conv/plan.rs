@@ -1,9 +1,9 @@
 //! The direct path's layout of an image (zero-padded planes, or phase planes
 //! for stride 2) and its gemm-per-tap fallback.
 
-use crate::{direct, gemm, Mat};
+use crate::{direct, gemm, Mat, Slot};
 
-use super::Input;
+use super::{Geom, Input};
 
 /// One direct (im2col-free) stride-1 convolution of an image `(c, h, w)` into
 /// `(cout, oh, ow)`. The input is copied once into zero-padded planes of row
@@ -43,6 +43,17 @@ pub(super) struct Plan {
 }
 
 impl Plan {
+    /// The plan of the convolution `g` (its forward's layout).
+    pub(super) fn of(g: &Geom) -> Self {
+        Plan::new(
+            (g.cin, g.h, g.w),
+            (g.top, g.left),
+            (g.kh, g.kw),
+            (g.cout, g.oh, g.ow),
+            g.stride,
+        )
+    }
+
     pub(super) fn new(
         (c, h, w): (usize, usize, usize),
         (top, left): (usize, usize),
@@ -186,18 +197,24 @@ impl Plan {
     }
 
     /// `y (cout, oh, ow) = act(out + bias)` over the valid part of `out (cout × l)`.
-    pub(super) fn store(&self, out: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32]) {
+    pub(super) fn store<T: Slot>(
+        &self,
+        out: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        y: &mut [T],
+    ) {
         self.store_with(out, bias, (relu, None), y);
     }
 
     /// [`Plan::store`], with `residual` (an image like `y`) added before the
     /// ReLU when given (then the ReLU applies regardless of `relu`).
-    pub(super) fn store_with(
+    pub(super) fn store_with<T: Slot>(
         &self,
         out: &[f32],
         bias: Option<&[f32]>,
         (relu, residual): (bool, Option<&[f32]>),
-        y: &mut [f32],
+        y: &mut [T],
     ) {
         let p = self.oh * self.ow;
         for (co, plane) in y[..self.cout * p].chunks_exact_mut(p).enumerate() {
@@ -208,15 +225,15 @@ impl Plan {
                 if let Some(r) = residual {
                     let r = &r[co * p + oy * self.ow..][..self.ow];
                     for ((v, s), r) in row.iter_mut().zip(from).zip(r) {
-                        *v = (s + b + r).max(0.0);
+                        v.set((s + b + r).max(0.0));
                     }
                 } else if relu {
                     for (v, s) in row.iter_mut().zip(from) {
-                        *v = (s + b).max(0.0);
+                        v.set((s + b).max(0.0));
                     }
                 } else {
                     for (v, s) in row.iter_mut().zip(from) {
-                        *v = s + b;
+                        v.set(s + b);
                     }
                 }
             }
