@@ -22,8 +22,9 @@ STUDY = {
 HEADER = """# The study's table, trained on gradcast
 
 Each row is trained by `bench/seed-table.sh MODEL` on a 2-node cluster on one
-host (2 nodes x 1 thread, batch 32, Adam 1e-3, the model's schedule, no
-augmentation) on the CIFAR-10 binary archive whose pixels went through JPEG
+host (2 nodes x 1 thread, batch 32, Adam 1e-3, the model's schedule: constant
+for simple-cnn, `step-decay` for complex-cnn, and for the ResNets the Keras
+CIFAR-10 ResNet schedule, x0.1 after epoch 80; no augmentation) on the CIFAR-10 binary archive whose pixels went through JPEG
 (q75): expect accuracies near, not equal to, the study's. A row whose epochs
 are below the plan is a run in progress; rerunning the same command continues
 it bit-exactly. Curves: `MODEL.png`; histories: `MODEL.json`.
@@ -31,6 +32,15 @@ it bit-exactly. Curves: `MODEL.png`; histories: `MODEL.json`.
 | model | study (test) | epochs | final test | best test (epoch) | final train | wall time | node compute share | commit |
 |---|---|---|---|---|---|---|---|---|
 """
+
+# What a reader of a row must know about how it was trained.
+NOTES = {
+    "resnet20-dropout": (
+        "resnet20-dropout: the learning rate dropped to 1e-4 at epoch 91 instead "
+        "of 81 (the run had started before seed-table.sh passed the ResNet "
+        "schedule, and ran at a constant 1e-3 up to epoch 90)."
+    ),
+}
 
 
 def row(model, history, planned, wall, compute, commit):
@@ -67,6 +77,9 @@ def main():
         for m in ORDER:
             if m in rows:
                 f.write(rows[m] + "\n")
+        notes = [NOTES[m] for m in ORDER if m in rows and m in NOTES]
+        if notes:
+            f.write("\n" + "\n\n".join(notes) + "\n")
     os.replace(path + ".tmp", path)
 
 
