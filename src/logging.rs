@@ -88,3 +88,47 @@ pub fn init(style: Style) {
         Style::Short => builder.event_format(Short).init(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn short_lines_carry_the_message_and_fields_and_mark_warnings() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .event_format(Short)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(node = 3, "node joined");
+            tracing::warn!("lost the coordinator");
+            tracing::error!(code = 2, "gave up");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "node joined node=3\nwarning: lost the coordinator\nerror: gave up code=2\n"
+        );
+    }
+}
