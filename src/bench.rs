@@ -11,10 +11,10 @@ use crate::flags::{BenchArgs, BenchMode};
 
 /// One line of output.
 #[derive(Serialize)]
-struct Line<'a> {
+struct Line {
     engine: &'static str,
     model: String,
-    mode: &'a str,
+    mode: &'static str,
     batch_size: usize,
     threads: usize,
     img_per_s: f64,

@@ -3,31 +3,20 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-/// What went wrong with a checkpoint file.
+/// What went wrong with a checkpoint file, beyond the safetensors file
+/// itself (whose errors are `model`'s, path included:
+/// [`CoordinatorError::Model`]).
 #[derive(Debug, Error)]
 pub enum CheckpointError {
-    /// Creating its folder or writing it failed.
+    /// Creating its folder failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    /// The safetensors file could not be written or read.
-    #[error("{0}")]
-    File(String),
     /// The training state in its metadata could not be written or read.
     #[error("training state: {0}")]
     State(#[from] serde_json::Error),
     /// Something it must hold is missing.
     #[error("{0}")]
     Content(&'static str),
-}
-
-impl From<model::ModelError> for CheckpointError {
-    fn from(e: model::ModelError) -> Self {
-        match e {
-            // The path is said once, by CoordinatorError::Checkpoint.
-            model::ModelError::Checkpoint { reason, .. } => CheckpointError::File(reason),
-            other => CheckpointError::File(other.to_string()),
-        }
-    }
 }
 
 impl CoordinatorError {

@@ -77,7 +77,7 @@ pub(crate) fn save(
         &all,
         HashMap::from([(STATE_KEY.to_string(), json)]),
     )
-    .map_err(|e| CoordinatorError::checkpoint(&path, e))
+    .map_err(CoordinatorError::Model)
 }
 
 /// What [`load`] found.
@@ -90,9 +90,10 @@ pub(crate) struct Saved {
 }
 
 impl Saved {
-    /// The optimizer's state vector called `name`, if the file has it.
-    pub fn optimizer_state(&self, name: &str) -> Option<Vec<f32>> {
-        self.file.tensor(name).map(|(_, v)| v.to_vec())
+    /// Takes the optimizer's state vector called `name` out of the file, if
+    /// it has it.
+    pub fn optimizer_state(&mut self, name: &str) -> Option<Vec<f32>> {
+        self.file.take(name)
     }
 }
 
@@ -103,7 +104,7 @@ pub(crate) fn load(dir: &Path) -> Result<Option<Saved>, CoordinatorError> {
         return Ok(None);
     }
     let bad = |e: CheckpointError| CoordinatorError::checkpoint(&path, e);
-    let ckpt = Checkpoint::load(&path).map_err(|e| bad(e.into()))?;
+    let mut ckpt = Checkpoint::load(&path)?;
     let json = ckpt.metadata.get(STATE_KEY).ok_or_else(|| {
         bad(CheckpointError::Content(
             "no training state in the metadata",
@@ -111,10 +112,8 @@ pub(crate) fn load(dir: &Path) -> Result<Option<Saved>, CoordinatorError> {
     })?;
     let position: Position = serde_json::from_str(json).map_err(|e| bad(e.into()))?;
     let weights = ckpt
-        .tensor("weights")
-        .ok_or_else(|| bad(CheckpointError::Content("no weights")))?
-        .1
-        .to_vec();
+        .take("weights")
+        .ok_or_else(|| bad(CheckpointError::Content("no weights")))?;
     Ok(Some(Saved {
         position,
         weights,

@@ -286,31 +286,33 @@ impl Trainer {
         let (true, Some(dir)) = (self.config.resume, &self.config.checkpoint_dir) else {
             return Ok(fresh);
         };
-        let Some(saved) = resume::load(dir)? else {
+        let Some(mut saved) = resume::load(dir)? else {
             info!(
                 "--resume: no state in {} yet; starting from scratch",
                 dir.display()
             );
             return Ok(fresh);
         };
-        let p = saved.position.clone();
-        if p.fingerprint != fingerprint {
+        let path = saved.path.clone();
+        if saved.position.fingerprint != fingerprint {
             return Err(CoordinatorError::Config(format!(
                 "{} was written for {}, this run is {}",
-                saved.path.display(),
-                p.fingerprint,
+                path.display(),
+                saved.position.fingerprint,
                 fingerprint
             )));
         }
         if saved.weights.len() != self.weights.len() {
             return Err(CoordinatorError::Config(format!(
                 "{}: weights of the wrong size",
-                saved.path.display()
+                path.display()
             )));
         }
+        let iterations = saved.position.iterations;
         self.optimizer
-            .restore(&mut |name| saved.optimizer_state(name), p.iterations)
-            .map_err(|e| CoordinatorError::Config(format!("{}: {e}", saved.path.display())))?;
+            .restore(&mut |name| saved.optimizer_state(name), iterations)
+            .map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
+        let p = saved.position;
         self.weights = saved.weights;
         self.step = p.step;
         self.history = p.history.clone();
@@ -319,7 +321,7 @@ impl Trainer {
             epoch = p.epoch + 1,
             batch = p.batch,
             "resuming from {}",
-            saved.path.display()
+            path.display()
         );
         Ok(p)
     }
@@ -499,7 +501,7 @@ impl Trainer {
             &self.weights,
             metadata,
         )
-        .map_err(|e| CoordinatorError::checkpoint(&path, e))?;
+        .map_err(CoordinatorError::Model)?;
         debug!("wrote {}", path.display());
         Ok(())
     }

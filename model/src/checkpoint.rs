@@ -122,6 +122,11 @@ impl Checkpoint {
             .map(|(s, v)| (s.as_slice(), v.as_slice()))
     }
 
+    /// Takes the values of one tensor out of the checkpoint (no copy).
+    pub fn take(&mut self, name: &str) -> Option<Vec<f32>> {
+        self.tensors.remove(name).map(|(_, v)| v)
+    }
+
     /// Builds the checkpoint's model (dropout active as in training) on `device`
     /// with the stored weights.
     pub fn into_model(self, device: &crate::Device) -> Result<Model> {

@@ -75,25 +75,19 @@ impl Optimizer for Adam {
         let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
         let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
         let epsilon = self.epsilon;
+        let blocks = weights.par_chunks_mut(BLOCK).zip(
+            self.m
+                .par_chunks_mut(BLOCK)
+                .zip(self.v.par_chunks_mut(BLOCK)),
+        );
         // Element-wise, so the blocks (and threads) cannot change a bit.
-        let update = |b: usize, w: &mut [f32], m: &mut [f32], v: &mut [f32]| {
-            let mut g = vec![0.0f32; w.len()];
-            gradient(b * BLOCK, &mut g);
+        in_blocks(blocks, mirror, gradient, |w, (m, v), g| {
             for i in 0..w.len() {
                 let g = g[i];
                 m[i] += (g - m[i]) * b1;
                 v[i] += (g * g - v[i]) * b2;
                 w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
             }
-        };
-        let blocks = weights
-            .par_chunks_mut(BLOCK)
-            .zip(self.m.par_chunks_mut(BLOCK))
-            .zip(self.v.par_chunks_mut(BLOCK))
-            .enumerate();
-        in_blocks(blocks, mirror, |(b, ((w, m), v))| {
-            update(b, w, m, v);
-            w
         });
     }
 }

@@ -125,21 +125,32 @@ pub fn from_buffer(grads: &[f32]) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
     move |start, g| g.copy_from_slice(&grads[start..start + g.len()])
 }
 
-/// Runs `update` on every block (in parallel); it returns the block's new
-/// weights, which are also copied into the same block of `mirror` if given.
-pub(crate) fn in_blocks<'a, I>(
+/// Runs `update(weights, state, g)` on every block of [`BLOCK`] weights (in
+/// parallel), with the block's optimizer state (`blocks` yields each block of
+/// weights with its state) and its gradient `g` as `gradient` writes it;
+/// the block's new weights are also copied into the same block of `mirror`
+/// if given.
+pub(crate) fn in_blocks<'a, S, I>(
     blocks: I,
     mirror: Option<&mut [f32]>,
-    update: impl Fn(I::Item) -> &'a mut [f32] + Sync + Send,
+    gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+    update: impl Fn(&mut [f32], S, &[f32]) + Sync + Send,
 ) where
-    I: IndexedParallelIterator,
+    I: IndexedParallelIterator<Item = (&'a mut [f32], S)>,
 {
+    let run = |b: usize, (w, state): (&'a mut [f32], S)| {
+        let mut g = vec![0.0f32; w.len()];
+        gradient(b * BLOCK, &mut g);
+        update(&mut *w, state, &g);
+        w
+    };
+    let blocks = blocks.enumerate();
     match mirror {
         Some(mirror) => blocks
             .zip(mirror.par_chunks_mut(BLOCK))
-            .for_each(|(block, out)| out.copy_from_slice(update(block))),
-        None => blocks.for_each(|block| {
-            update(block);
+            .for_each(|((b, block), out)| out.copy_from_slice(run(b, block))),
+        None => blocks.for_each(|(b, block)| {
+            run(b, block);
         }),
     }
 }

@@ -38,14 +38,11 @@ impl Optimizer for Sgd {
         gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) {
         let lr = lr as f32;
-        let blocks = weights.par_chunks_mut(BLOCK).enumerate();
-        in_blocks(blocks, mirror, |(b, w)| {
-            let mut g = vec![0.0f32; w.len()];
-            gradient(b * BLOCK, &mut g);
-            for (w, g) in w.iter_mut().zip(&g) {
+        let blocks = weights.par_chunks_mut(BLOCK).map(|w| (w, ()));
+        in_blocks(blocks, mirror, gradient, |w, (), g| {
+            for (w, g) in w.iter_mut().zip(g) {
                 *w -= lr * g;
             }
-            w
         });
     }
 }
