@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::vector;
+
 /// Values per block of the parallel passes. Blocks are fixed, so results do
 /// not depend on the number of threads.
 pub(crate) const BLOCK: usize = 1 << 14;
@@ -23,23 +25,9 @@ pub(crate) struct GradientSums {
 }
 
 /// `Σ x²` in f64 (so finite f32 values never overflow it), over eight
-/// independent accumulators so that it vectorises; the order is fixed, so
-/// the bits are too.
+/// independent accumulators; the order is fixed, so the bits are too.
 pub(crate) fn sum_of_squares(values: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            let x = c[i] as f64;
-            acc[i] += x * x;
-        }
-    }
-    let mut sum: f64 = acc.iter().sum();
-    for &x in rest {
-        sum += (x as f64) * (x as f64);
-    }
-    sum
+    vector::squares(vector::level(), values)
 }
 
 /// Each part's share of the total weight, as the factor its values are
@@ -64,13 +52,7 @@ pub(crate) fn factors<'a>(parts: &[(f64, &'a [f32])]) -> Vec<(f32, &'a [f32])> {
 /// `out = Σ f·values[start..]` over `factors` in order: the arithmetic of
 /// every weighted mean of gradients, whoever computes it.
 pub(crate) fn average_block(out: &mut [f32], start: usize, factors: &[(f32, &[f32])]) {
-    let end = start + out.len();
-    out.fill(0.0);
-    for (f, values) in factors {
-        for (s, v) in out.iter_mut().zip(&values[start..end]) {
-            *s += f * v;
-        }
-    }
+    vector::weighted_sum(vector::level(), out, start, factors)
 }
 
 /// Writes into `out` the weighted mean of `parts` (`(weight, values)`,

@@ -21,6 +21,7 @@ mod service;
 mod task;
 mod telemetry;
 mod trainer;
+mod vector;
 
 pub use aggregate::WeightedSum;
 pub use config::{LrSchedule, Security, ServerTls, TrainConfig};

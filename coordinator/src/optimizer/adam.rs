@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::{in_blocks, take_state, Optimizer, OptimizerKind};
 use crate::aggregate::BLOCK;
+use crate::vector::{self, AdamStep};
 
 /// Adam as Keras implements it: bias correction folded into the step size,
 /// epsilon added to `sqrt(v)` uncorrected. State: `adam.m` and `adam.v`.
@@ -73,8 +74,13 @@ impl Optimizer for Adam {
         self.iterations += 1;
         let t = self.iterations as i32;
         let alpha = (lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t))) as f32;
-        let (b1, b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
-        let epsilon = self.epsilon;
+        let step = AdamStep {
+            alpha,
+            b1: (1.0 - self.beta1) as f32,
+            b2: (1.0 - self.beta2) as f32,
+            epsilon: self.epsilon,
+        };
+        let level = vector::level();
         let blocks = weights.par_chunks_mut(BLOCK).zip(
             self.m
                 .par_chunks_mut(BLOCK)
@@ -82,12 +88,7 @@ impl Optimizer for Adam {
         );
         // Element-wise, so the blocks (and threads) cannot change a bit.
         in_blocks(blocks, mirror, gradient, |w, (m, v), g| {
-            for i in 0..w.len() {
-                let g = g[i];
-                m[i] += (g - m[i]) * b1;
-                v[i] += (g * g - v[i]) * b2;
-                w[i] -= m[i] * alpha / (v[i].sqrt() + epsilon);
-            }
+            vector::adam(level, w, m, v, g, step)
         });
     }
 }

@@ -138,10 +138,16 @@ pub(crate) fn in_blocks<'a, S, I>(
 ) where
     I: IndexedParallelIterator<Item = (&'a mut [f32], S)>,
 {
+    thread_local! {
+        /// Each thread's gradient block, reused from step to step.
+        static BLOCK_GRADIENT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let run = |b: usize, (w, state): (&'a mut [f32], S)| {
-        let mut g = vec![0.0f32; w.len()];
-        gradient(b * BLOCK, &mut g);
-        update(&mut *w, state, &g);
+        BLOCK_GRADIENT.with_borrow_mut(|g| {
+            g.resize(w.len(), 0.0);
+            gradient(b * BLOCK, g);
+            update(&mut *w, state, g);
+        });
         w
     };
     let blocks = blocks.enumerate();

@@ -1,0 +1,215 @@
+//! The coordinator's per-value loops (averaging, norms, Adam) compiled for
+//! the widest vectors the CPU has, chosen at run time.
+//!
+//! The release build targets baseline x86-64 (SSE2), where `sqrt` and `/`
+//! work on four floats and the f64 sums of squares on two; these loops run
+//! over every trainable value twice per step on the coordinator while the
+//! nodes wait. Each one is compiled three times (AVX-512F, AVX2, baseline)
+//! from the same body. The results are bit-identical whichever runs: the
+//! operations are the same IEEE ones in the same order per value (Rust never
+//! fuses a multiply and an add on its own, and `sqrt` and `/` are correctly
+//! rounded at every width); the tests check that on random data.
+
+use std::sync::OnceLock;
+
+/// The vector extension a loop is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// What every x86-64 (or other) CPU has.
+    Baseline,
+    /// 256-bit vectors.
+    Avx2,
+    /// 512-bit vectors.
+    Avx512,
+}
+
+impl Level {
+    /// The levels this CPU can run, baseline first.
+    pub fn available() -> Vec<Level> {
+        let mut levels = vec![Level::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                levels.push(Level::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                levels.push(Level::Avx512);
+            }
+        }
+        levels
+    }
+}
+
+/// The widest level this CPU runs (detected once).
+pub(crate) fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        Level::available()
+            .pop()
+            .expect("the baseline is always available")
+    })
+}
+
+/// Defines `fn $name(level: Level, args) -> ret` whose body is compiled for
+/// every [`Level`]; `level` must be one of [`Level::available`] (anything
+/// else runs the baseline).
+macro_rules! per_level {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        pub(crate) fn $name(level: Level, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                match level {
+                    Level::Avx512 if std::is_x86_feature_detected!("avx512f") => {
+                        // SAFETY: the CPU has AVX-512F (checked just now).
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    Level::Avx2 if std::is_x86_feature_detected!("avx2") => {
+                        // SAFETY: the CPU has AVX2 (checked just now).
+                        return unsafe { avx2($($arg),*) };
+                    }
+                    _ => {}
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = level;
+            body($($arg),*)
+        }
+    };
+}
+
+per_level! {
+    /// `Σ x²` in f64 (so finite f32 values never overflow it), over eight
+    /// independent accumulators in a fixed order, so the bits are fixed too.
+    fn squares(values: &[f32]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let chunks = values.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..8 {
+                let x = c[i] as f64;
+                acc[i] += x * x;
+            }
+        }
+        let mut sum: f64 = acc.iter().sum();
+        for &x in rest {
+            sum += (x as f64) * (x as f64);
+        }
+        sum
+    }
+}
+
+per_level! {
+    /// `out = Σ f·values[start..start + out.len()]` over `factors`, summed in
+    /// their order from zero for every value.
+    fn weighted_sum(out: &mut [f32], start: usize, factors: &[(f32, &[f32])]) {
+        let end = start + out.len();
+        out.fill(0.0);
+        for (f, values) in factors {
+            for (s, v) in out.iter_mut().zip(&values[start..end]) {
+                *s += f * v;
+            }
+        }
+    }
+}
+
+/// Adam's constants for one step (see `optimizer::adam`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamStep {
+    /// The step size with the bias corrections folded in.
+    pub alpha: f32,
+    /// `1 - β₁`.
+    pub b1: f32,
+    /// `1 - β₂`.
+    pub b2: f32,
+    pub epsilon: f32,
+}
+
+per_level! {
+    /// One Adam update of a block of weights `w` with moments `m`, `v` and
+    /// gradient `g` (all of one length), Keras' rule.
+    fn adam(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: AdamStep) {
+        let AdamStep { alpha, b1, b2, epsilon } = k;
+        let n = w.len();
+        let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+        for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+            *m += (g - *m) * b1;
+            *v += (g * g - *v) * b2;
+            *w -= *m * alpha / (v.sqrt() + epsilon);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use data::Rng;
+
+    fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u64() as i64 as f64 / i64::MAX as f64) as f32 * scale)
+            .collect()
+    }
+
+    /// Every available level gives the baseline's bits (the lengths leave a
+    /// remainder after the vector loops).
+    #[test]
+    fn every_level_gives_the_same_bits() {
+        let levels = Level::available();
+        let mut rng = Rng::new(7);
+        let n = 4099;
+        let parts: Vec<Vec<f32>> = (0..3).map(|_| random(&mut rng, n, 3.0)).collect();
+        let factors: Vec<(f32, &[f32])> = [0.25f32, 0.5, 0.25]
+            .iter()
+            .zip(&parts)
+            .map(|(&f, p)| (f, p.as_slice()))
+            .collect();
+        let w0 = random(&mut rng, n, 1.0);
+        let m0 = random(&mut rng, n, 0.1);
+        let v0: Vec<f32> = random(&mut rng, n, 0.01).iter().map(|x| x.abs()).collect();
+        let step = AdamStep {
+            alpha: 1e-3,
+            b1: 0.1,
+            b2: 0.001,
+            epsilon: 1e-7,
+        };
+        let run = |level: Level| {
+            let mut g = vec![f32::NAN; n - 5];
+            weighted_sum(level, &mut g, 5, &factors);
+            let norm = squares(level, &g);
+            let (mut w, mut m, mut v) = (w0[5..].to_vec(), m0[5..].to_vec(), v0[5..].to_vec());
+            adam(level, &mut w, &mut m, &mut v, &g, step);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            (bits(&g), norm.to_bits(), bits(&w), bits(&m), bits(&v))
+        };
+        let baseline = run(Level::Baseline);
+        // The loops did something.
+        assert_ne!(
+            baseline.2,
+            w0[5..].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(f64::from_bits(baseline.1) > 0.0);
+        for &level in &levels[1..] {
+            assert_eq!(run(level), baseline, "{level:?} differs from the baseline");
+        }
+    }
+
+    #[test]
+    fn weighted_sum_and_squares_are_what_they_say() {
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [3.0f32, 2.0, 1.0];
+        for level in Level::available() {
+            let mut out = [9.0f32; 2];
+            weighted_sum(level, &mut out, 1, &[(0.5, &a), (0.25, &b)]);
+            assert_eq!(out, [1.5, 1.75]);
+            let x: Vec<f32> = (1..=11).map(|i| i as f32).collect();
+            assert_eq!(squares(level, &x), 506.0);
+        }
+    }
+}
