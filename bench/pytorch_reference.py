@@ -1,9 +1,23 @@
 #!/usr/bin/env python3
-"""PyTorch reference for gradcast's `bench`: the same seed networks with Keras
-semantics, trained and evaluated on random data on the CPU.
+"""PyTorch reference for gradcast: the same seed networks with Keras semantics,
+timed on random data (as gradcast's `bench`), or trained on CIFAR-10 with the
+study's recipe (as `bench/seed-table.sh`), to check that both learn alike.
 
     bench/.venv/bin/python bench/pytorch_reference.py --model resnet20 \
         --batch-size 128 --threads 2 [--steps 10] [--warmup 2] [--channels-last]
+
+    bench/.venv/bin/python bench/pytorch_reference.py --train resnet20 \
+        --epochs 3 --data path/to/cifar-10-binary.tar.gz [--history FILE]
+
+Training (`--train MODEL`): batch 32, Adam 1e-3 with the model's schedule as
+seed-table.sh passes it (step-decay for complex-cnn, the Keras ResNet schedule
+for the ResNets, constant for simple-cnn), inputs scaled to [0,1], no
+augmentation, every epoch a fresh shuffle with the last short batch kept (as
+gradcast does), then the test set in eval mode. One JSON line per epoch, and
+with `--history` a Keras-style history (loss, accuracy, val_loss,
+val_accuracy, lr) in the same form as gradcast's.
+
+Timing (`--model MODEL`):
 
 Prints one JSON line per measurement (median over the steps), like gradcast's
 bench, with "engine": "pytorch" and the memory format:
@@ -223,16 +237,180 @@ def build(name):
     raise SystemExit(f"unknown model {name}")
 
 
+def load_cifar(path):
+    """CIFAR-10 in the official binary layout (the .tar.gz, the extracted
+    cifar-10-batches-bin/ folder, or its parent): (train_x, train_y, test_x,
+    test_y) as uint8 NCHW images and int64 labels."""
+    import os
+    import tarfile
+
+    import numpy as np
+
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    blobs = {}
+    if os.path.isdir(path):
+        folder = path
+        if os.path.isdir(os.path.join(path, "cifar-10-batches-bin")):
+            folder = os.path.join(path, "cifar-10-batches-bin")
+        for n in names:
+            with open(os.path.join(folder, n), "rb") as f:
+                blobs[n] = f.read()
+    else:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                base = os.path.basename(member.name)
+                if base in names:
+                    blobs[base] = tar.extractfile(member).read()
+    missing = [n for n in names if n not in blobs]
+    if missing:
+        raise SystemExit(f"{path}: missing {', '.join(missing)}")
+
+    def records(blob, name):
+        if len(blob) % 3073:
+            raise SystemExit(f"{name}: {len(blob)} bytes is not a whole number of 3073-byte records")
+        a = np.frombuffer(blob, dtype=np.uint8).reshape(-1, 3073)
+        if a[:, 0].max() > 9:
+            raise SystemExit(f"{name}: label above 9")
+        return a[:, 1:].reshape(-1, 3, 32, 32), a[:, 0].astype(np.int64)
+
+    train = [records(blobs[n], n) for n in names[:5]]
+    test_x, test_y = records(blobs["test_batch.bin"], "test_batch.bin")
+    train_x = np.concatenate([t[0] for t in train])
+    train_y = np.concatenate([t[1] for t in train])
+    return (
+        torch.from_numpy(train_x.copy()),
+        torch.from_numpy(train_y.copy()),
+        torch.from_numpy(test_x.copy()),
+        torch.from_numpy(test_y.copy()),
+    )
+
+
+def schedule_for(model):
+    """The learning-rate schedule seed-table.sh gives MODEL: epoch (0-based) ->
+    factor of the base rate, as gradcast's LrSchedule computes it."""
+    if model == "complex-cnn":
+        def step_decay(epoch):
+            r = 1.0
+            if epoch >= 20:
+                r *= 0.5
+            if epoch >= 30:
+                r *= 0.25
+            if epoch >= 50:
+                r *= 0.2
+            return r
+        return "step-decay", step_decay
+    if model.startswith("resnet"):
+        def resnet_keras(epoch):
+            if epoch > 180:
+                return 0.5e-3
+            if epoch > 160:
+                return 1e-3
+            if epoch > 120:
+                return 1e-2
+            if epoch > 80:
+                return 1e-1
+            return 1.0
+        return "resnet-keras", resnet_keras
+    return "constant", lambda epoch: 1.0
+
+
+def train(args):
+    """Trains args.train with the study's recipe and reports every epoch."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_x, train_y, test_x, test_y = load_cifar(args.data)
+    model = build(args.train)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    l2_kernels = model.l2_kernels() if isinstance(model, Resnet) else []
+    base_lr = 1e-3
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=1e-7)
+    name, factor = schedule_for(args.train)
+    order_rng = torch.Generator().manual_seed(args.seed)
+    history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
+    n = train_x.shape[0]
+    bs = args.batch_size
+    for epoch in range(args.epochs):
+        lr = base_lr * factor(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=order_rng)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            x = (train_x[idx].float() / 255.0).contiguous(memory_format=fmt)
+            y = train_y[idx]
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            ce = F.cross_entropy(logits, y)
+            loss = ce
+            if l2_kernels:
+                loss = loss + RESNET_L2 * sum(w.pow(2).sum() for w in l2_kernels)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+            if args.progress and (start // bs) % 200 == 0:
+                print(f"epoch {epoch + 1} step {start // bs}: loss {loss.item():.4f}", file=sys.stderr, flush=True)
+        train_seconds = time.perf_counter() - started
+        model.eval()
+        val_loss, val_correct = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, test_x.shape[0], 500):
+                x = (test_x[start:start + 500].float() / 255.0).contiguous(memory_format=fmt)
+                y = test_y[start:start + 500]
+                logits = model(x)
+                val_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                val_correct += (logits.argmax(1) == y).sum().item()
+        entry = {
+            "loss": loss_sum / n,
+            "accuracy": correct / n,
+            "val_loss": val_loss / test_x.shape[0],
+            "val_accuracy": val_correct / test_x.shape[0],
+            "lr": lr,
+        }
+        for k, v in entry.items():
+            history[k].append(v)
+        print(json.dumps({
+            "engine": "pytorch", "model": args.train, "epoch": epoch + 1,
+            "schedule": name, "train_seconds": round(train_seconds, 1),
+            "threads": args.threads, "torch": torch.__version__, **entry,
+        }, separators=(",", ":")), flush=True)
+        if args.history:
+            with open(args.history + ".tmp", "w") as f:
+                json.dump(history, f)
+            import os
+            os.replace(args.history + ".tmp", args.history)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--batch-size", type=int, default=128)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="time MODEL on random data")
+    what.add_argument("--train", metavar="MODEL", help="train MODEL on CIFAR-10 with the study's recipe")
+    p.add_argument("--batch-size", type=int, help="default: 128 timing, 32 (the study's) training")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--epochs", type=int, default=3, help="with --train")
+    p.add_argument("--data", help="with --train: path/to/cifar-10-binary.tar.gz")
+    p.add_argument("--history", help="with --train: write the Keras-style history here")
+    p.add_argument("--seed", type=int, default=1, help="with --train")
+    p.add_argument("--progress", action="store_true", help="with --train: a loss line every 200 steps")
     args = p.parse_args()
+    if args.train:
+        if not args.data:
+            raise SystemExit("--train needs --data path/to/cifar-10-binary.tar.gz")
+        args.batch_size = args.batch_size or 32
+        if min(args.batch_size, args.threads, args.epochs) <= 0:
+            raise SystemExit("--batch-size, --threads and --epochs must be positive")
+        build(args.train)  # an unknown model fails before the data is read
+        return train(args)
+    args.batch_size = args.batch_size or 128
     if min(args.batch_size, args.threads, args.steps) <= 0 or args.warmup < 0:
         raise SystemExit("--batch-size, --threads and --steps must be positive")
 

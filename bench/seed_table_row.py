@@ -3,6 +3,11 @@
 
 usage: seed_table_row.py OUT_DIR MODEL STUDY_PERCENT PLANNED_EPOCHS WALL_SECONDS
                          NODE_COMPUTE_SECONDS COMMIT
+       seed_table_row.py OUT_DIR          (rewrite the table, no new row)
+
+Below the table, the agreement check: for every model with a PyTorch history
+in OUT_DIR/pytorch/MODEL.json (bench/pytorch-agreement.sh), the first epochs'
+test accuracy of gradcast and PyTorch side by side.
 
 The node compute share is the nodes' compute time over (2 nodes x wall time):
 the part of the cluster's time spent in forward and backward passes.
@@ -57,10 +62,53 @@ def row(model, history, planned, wall, compute, commit):
     )
 
 
+AGREEMENT_EPOCHS = 3
+AGREEMENT_HEADER = """
+## Agreement with PyTorch
+
+The same network and recipe trained by `bench/pytorch_reference.py --train
+MODEL` (PyTorch, the same data, batch 32, Adam 1e-3, the same schedule; its own
+initialisation, order and dropout draws): test accuracy after each of the first
+epochs. A wrong BatchNorm, dropout or loss shows up here as a gap of more than
+a couple of points. Histories: `pytorch/MODEL.json`; made by
+`bench/pytorch-agreement.sh MODEL`.
+
+| model | epoch | gradcast | PyTorch | difference |
+|---|---:|---:|---:|---:|
+"""
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def agreement(out):
+    """The agreement table's lines (none without a PyTorch history)."""
+    lines = []
+    for m in ORDER:
+        ours = load(os.path.join(out, f"{m}.json"))
+        theirs = load(os.path.join(out, "pytorch", f"{m}.json"))
+        if not theirs:
+            continue
+        a = (ours or {}).get("val_accuracy", [])
+        b = theirs.get("val_accuracy", [])
+        for e in range(min(AGREEMENT_EPOCHS, len(b))):
+            if e < len(a):
+                lines.append(f"| {m} | {e + 1} | {a[e]:.4f} | {b[e]:.4f} | {100 * (a[e] - b[e]):+.1f} pt |")
+            else:
+                lines.append(f"| {m} | {e + 1} | (not trained yet) | {b[e]:.4f} | |")
+    return lines
+
+
 def main():
-    out, model, _study, planned, wall, compute, commit = sys.argv[1:8]
-    with open(os.path.join(out, f"{model}.json")) as f:
-        history = json.load(f)
+    if len(sys.argv) == 2:
+        out, model = sys.argv[1], None
+    else:
+        out, model, _study, planned, wall, compute, commit = sys.argv[1:8]
     path = os.path.join(out, "README.md")
     rows = {}
     if os.path.exists(path):
@@ -69,9 +117,12 @@ def main():
                 cells = [c.strip() for c in line.strip().strip("|").split("|")]
                 if len(cells) >= 9 and cells[0] in STUDY:
                     rows[cells[0]] = line.rstrip("\n")
-    new = row(model, history, planned, float(wall), float(compute), commit)
-    if new:
-        rows[model] = new
+    if model:
+        with open(os.path.join(out, f"{model}.json")) as f:
+            history = json.load(f)
+        new = row(model, history, planned, float(wall), float(compute), commit)
+        if new:
+            rows[model] = new
     with open(path + ".tmp", "w") as f:
         f.write(HEADER)
         for m in ORDER:
@@ -80,6 +131,9 @@ def main():
         notes = [NOTES[m] for m in ORDER if m in rows and m in NOTES]
         if notes:
             f.write("\n" + "\n\n".join(notes) + "\n")
+        lines = agreement(out)
+        if lines:
+            f.write(AGREEMENT_HEADER + "\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
 
 
