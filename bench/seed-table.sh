@@ -17,14 +17,16 @@
 # committed state) and it continues where it stopped: the resume is bit-exact.
 #
 # usage: bench/seed-table.sh MODEL [--data path/to/cifar-10-binary.tar.gz]
-#                                  [--epochs E] [--every STEPS]
+#                                  [--epochs E] [--every STEPS] [--augment]
 # MODEL: simple-cnn, complex-cnn, resnet20, resnet20-dropout, resnet50-dropout
+# --augment: beyond the study, with gradcast's --augment (random crop of the
+# 4-pixel padded image + horizontal flip); its row is MODEL-augment.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MODEL=${1:-}
 [ -n "$MODEL" ] && [ "$MODEL" != "--help" ] && [ "$MODEL" != "-h" ] || {
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 shift
@@ -40,14 +42,18 @@ case "$MODEL" in
   *) echo "unknown model $MODEL" >&2; exit 2 ;;
 esac
 EVERY=200
+AUGMENT=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --augment) AUGMENT=(--augment); shift ;;
     --data) DATA=$2; shift 2 ;;
     --epochs) EPOCHS=$2; shift 2 ;;
     --every) EVERY=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+NETWORK=$MODEL
+[ ${#AUGMENT[@]} -gt 0 ] && MODEL=$MODEL-augment
 [ -e "$DATA" ] || { echo "no data at $DATA; pass --data path/to/cifar-10-binary.tar.gz" >&2; exit 2; }
 
 BIN=${GRADCAST_BIN:-$ROOT/target/release/gradcast}
@@ -88,7 +94,7 @@ compute0=$(cat "$RUN/compute" 2>/dev/null || echo 0)
 log=$RUN/log.txt
 set +e
 (
-  "$BIN" run --nodes 2 --threads-per-node 1 --model "$MODEL" --epochs "$EPOCHS" \
+  "$BIN" run --nodes 2 --threads-per-node 1 --model "$NETWORK" --epochs "$EPOCHS" "${AUGMENT[@]}" \
     --batch-size 32 --lr-schedule "$SCHEDULE" --data "$DATA" --history "$RUN/history.json" \
     --checkpoint-dir "$RUN" --checkpoint-every "$EVERY" --resume --progress plain 2>&1
   echo "exit $?"

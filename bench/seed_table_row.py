@@ -17,6 +17,8 @@ import os
 import sys
 
 ORDER = ["simple-cnn", "complex-cnn", "resnet20", "resnet20-dropout", "resnet50-dropout"]
+# Beyond the study: the same networks with --augment, below the study's rows.
+ORDER += [m + "-augment" for m in ORDER]
 STUDY = {
     "simple-cnn": "71.6 %",
     "complex-cnn": "90.5 %",
@@ -24,6 +26,7 @@ STUDY = {
     "resnet20-dropout": "86.1 % (train 95.0 %)",
     "resnet50-dropout": "87.4 % (train 99.2 %)",
 }
+STUDY.update({m + "-augment": "(" + STUDY[m].split(" ")[0] + " % without)" for m in list(STUDY)})
 HEADER = """# The study's table, trained on gradcast
 
 Each row is trained by `bench/seed-table.sh MODEL` on a 2-node cluster on one
@@ -32,7 +35,10 @@ for simple-cnn, `step-decay` for complex-cnn, and for the ResNets the Keras
 CIFAR-10 ResNet schedule, x0.1 after epoch 80; no augmentation) on the CIFAR-10 binary archive whose pixels went through JPEG
 (q75): expect accuracies near, not equal to, the study's. A row whose epochs
 are below the plan is a run in progress; rerunning the same command continues
-it bit-exactly. Curves: `MODEL.png`; histories: `MODEL.json`.
+it bit-exactly. Curves: `MODEL.png`; histories: `MODEL.json`. Rows named
+`MODEL-augment` go beyond the study: the same recipe with `--augment` (random
+crop of the 4-pixel padded image and horizontal flip, `bench/seed-table.sh
+MODEL --augment`); their study column gives the study's number without it.
 
 | model | study (test) | epochs | final test | best test (epoch) | final train | wall time | node compute share | commit |
 |---|---|---|---|---|---|---|---|---|

@@ -274,6 +274,11 @@ pub struct TrainArgs {
     /// state stay f32). Nodes on shared memory always use f32.
     #[arg(long, env = "GRADCAST_WIRE", default_value = "f32")]
     pub wire: coordinator::Wire,
+    /// Augment the training samples: random crop of the image padded with 4
+    /// black pixels and horizontal flip, drawn per sample from --seed (runs
+    /// stay reproducible).
+    #[arg(long, env = "GRADCAST_AUGMENT")]
+    pub augment: bool,
     /// Disable dropout layers (for equivalence tests).
     #[arg(long, hide = true)]
     pub no_dropout: bool,
@@ -357,6 +362,7 @@ impl TrainArgs {
             ("--balance", self.balance),
             ("--resume", self.resume),
             ("--no-dropout", self.no_dropout),
+            ("--augment", self.augment),
         ] {
             if on {
                 a.push(flag.into());

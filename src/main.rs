@@ -103,6 +103,7 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.clip_norm = t.clip_norm;
     config.shared_memory = (t.shm_dir != "off").then(|| PathBuf::from(&t.shm_dir));
     config.wire = t.wire;
+    config.augment = t.augment;
     if t.progress
         .bar(std::io::IsTerminal::is_terminal(&std::io::stderr()))
     {

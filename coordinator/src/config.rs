@@ -141,6 +141,10 @@ pub struct TrainConfig {
     /// How weights and gradients travel to and from nodes on gRPC (nodes on
     /// shared memory always use f32).
     pub wire: proto::Wire,
+    /// Augment the training samples (random crop of the 4-pixel padded image
+    /// and horizontal flip, drawn per sample from the seed, the step and the
+    /// sample's place in the batch; see `data::augment`).
+    pub augment: bool,
 }
 
 impl fmt::Debug for TrainConfig {
@@ -179,6 +183,7 @@ impl TrainConfig {
             shared_memory: Some(PathBuf::from("/dev/shm")),
             clip_norm: None,
             wire: proto::Wire::F32,
+            augment: false,
         }
     }
 }
@@ -198,6 +203,7 @@ impl TrainConfig {
             ("seed", self.seed.to_string()),
             ("balance", self.balance.to_string()),
             ("wire", self.wire.to_string()),
+            ("augment", self.augment.to_string()),
         ]
     }
 }

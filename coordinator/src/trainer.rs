@@ -348,6 +348,7 @@ impl Trainer {
             steps_per_epoch,
             trainable = self.num_trainable,
             state = self.weights.len() - self.num_trainable,
+            augment = self.config.augment,
             "training starts"
         );
         for epoch in start.epoch..self.config.epochs {
@@ -518,7 +519,18 @@ impl Trainer {
         let mut offset = 0;
         for (part, &(node, count)) in shares.iter().enumerate() {
             let seed = Rng::derive(self.config.seed, &[0xD0, self.step, part as u64]).next_u64();
-            let (images, labels) = self.train.gather(&batch[offset..offset + count]);
+            let (mut images, labels) = self.train.gather(&batch[offset..offset + count]);
+            if self.config.augment {
+                // Drawn per sample where the batch is cut into shares, so
+                // every node gets the same pixels for a sample whatever the
+                // split, and nodes stay unaware of augmentation.
+                data::augment::augment_batch(
+                    &mut images,
+                    self.config.seed,
+                    self.step,
+                    offset as u64,
+                );
+            }
             tasks.push(Task::Train {
                 samples: samples(images, labels),
                 seed,

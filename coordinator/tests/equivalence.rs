@@ -52,6 +52,18 @@ async fn train_on(
     test: Dataset,
     plane: Plane<'_>,
 ) -> TrainReport {
+    train_with(nodes, steps, optimizer, train, test, plane, |_| {}).await
+}
+
+async fn train_with(
+    nodes: usize,
+    steps: usize,
+    optimizer: OptimizerKind,
+    train: Dataset,
+    test: Dataset,
+    plane: Plane<'_>,
+    tweak: impl FnOnce(&mut TrainConfig),
+) -> TrainReport {
     let mut config = TrainConfig::new(ModelSpec {
         kind: ModelKind::SimpleCnn,
         dropout: false,
@@ -80,6 +92,7 @@ async fn train_on(
             remote
         }
     };
+    tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut workers = Vec::new();
@@ -217,6 +230,36 @@ async fn adam_step_on_two_nodes_matches_one_node_within_a_hundredth_of_a_step() 
     let two = train(2, 1, OptimizerKind::Adam, train_set, test_set).await;
     let d = max_abs_difference(&one.weights, &two.weights);
     assert!(d < 1e-5, "Adam weights differ by {d}");
+}
+
+/// Augmentation is drawn per sample, not per share: an augmented step on two
+/// nodes matches one node's (as an unaugmented one does), two augmented runs
+/// are bit-identical, and augmentation does change the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn augmented_steps_match_across_node_counts_and_repeat_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train_set, test_set) = datasets(dir.path());
+    let sgd = OptimizerKind::Sgd;
+    let augmented = |nodes| {
+        train_with(
+            nodes,
+            1,
+            sgd,
+            train_set.clone(),
+            test_set.clone(),
+            Plane::Grpc,
+            |c| c.augment = true,
+        )
+    };
+    let one = augmented(1).await;
+    let two = augmented(2).await;
+    let again = augmented(2).await;
+    let plain = train(1, 1, sgd, train_set.clone(), test_set.clone()).await;
+    let d = max_relative_difference(&one.weights, &two.weights);
+    assert!(d < 1e-5, "augmented: 2 nodes differ from 1 node by {d}");
+    assert_eq!(two.weights, again.weights);
+    let d = max_abs_difference(&plain.weights, &one.weights);
+    assert!(d > 1e-6, "augmentation changed nothing ({d})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
