@@ -3,10 +3,13 @@
 //! that can run it.
 //!
 //! `GRADCAST_KERNEL_PATH` (read once, at the first convolution):
-//! - `auto` (default): the direct AVX-512 kernels where the CPU has
-//!   AVX-512F, else the portable direct path (a gemm per tap) where it pays,
-//!   and im2col + gemm for the rest;
-//! - `portable`: as if the CPU had no AVX-512 (the portable direct path and
+//! - `auto` (default): the direct kernels in AVX-512 where the CPU has
+//!   AVX-512F, else in AVX2 where it has AVX2 and FMA, else the portable
+//!   direct path (a gemm per tap) where it pays, and im2col + gemm for the
+//!   rest;
+//! - `avx2`: the direct kernels in AVX2 even where AVX-512 is present (as on
+//!   a CPU without it; refused on a CPU without AVX2 and FMA);
+//! - `portable`: as if the CPU had neither (the portable direct path and
 //!   im2col + gemm);
 //! - `im2col`: im2col + gemm only.
 //!
@@ -24,6 +27,8 @@ pub const KERNEL_PATH_VAR: &str = "GRADCAST_KERNEL_PATH";
 pub enum KernelPath {
     /// The fastest this CPU runs (AVX-512 direct kernels where present).
     Auto,
+    /// The direct kernels in AVX2 vectors.
+    Avx2,
     /// No AVX-512 kernels.
     Portable,
     /// im2col + gemm only, no direct path.
@@ -35,6 +40,7 @@ impl KernelPath {
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "" | "auto" => Some(Self::Auto),
+            "avx2" => Some(Self::Avx2),
             "portable" => Some(Self::Portable),
             "im2col" => Some(Self::Im2col),
             _ => None,
@@ -53,20 +59,51 @@ pub fn kernel_path() -> KernelPath {
     *PATH.get_or_init(|| match std::env::var(KERNEL_PATH_VAR) {
         Err(_) => KernelPath::Auto,
         Ok(v) => KernelPath::parse(&v).unwrap_or_else(|| {
-            panic!("{KERNEL_PATH_VAR}={v:?}: expected auto, portable or im2col")
+            panic!("{KERNEL_PATH_VAR}={v:?}: expected auto, avx2, portable or im2col")
         }),
     })
 }
 
-/// Whether the AVX-512 kernels run: the CPU has AVX-512F and no override
-/// turns them off.
-pub(crate) fn avx512() -> bool {
-    kernel_path() == KernelPath::Auto && cpu_has_avx512()
+/// The vectors of the direct kernels (`crate::direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 512-bit, AVX-512F.
+    Avx512,
+    /// 256-bit, AVX2 and FMA.
+    Avx2,
+}
+
+/// Which vectors the direct kernels use in this process (None: they do not
+/// run: no AVX-512 nor AVX2, or a path without them is forced).
+///
+/// # Panics
+///
+/// When `avx2` is forced on a CPU without AVX2 and FMA.
+pub fn direct_isa() -> Option<Isa> {
+    match kernel_path() {
+        KernelPath::Auto if cpu_has_avx512() => Some(Isa::Avx512),
+        KernelPath::Auto if cpu_has_avx2() => Some(Isa::Avx2),
+        KernelPath::Avx2 if cpu_has_avx2() => Some(Isa::Avx2),
+        KernelPath::Avx2 => panic!("{KERNEL_PATH_VAR}=avx2, but this CPU has no AVX2 and FMA"),
+        _ => None,
+    }
 }
 
 /// Whether a direct (im2col-free) path may be taken at all.
 pub(crate) fn direct_allowed() -> bool {
     kernel_path() != KernelPath::Im2col
+}
+
+/// Whether this CPU has AVX2 and FMA (the standard library caches the answer).
+pub fn cpu_has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether this CPU has AVX-512F (the standard library caches the answer).
@@ -91,8 +128,9 @@ mod tests {
         assert_eq!(KernelPath::parse(""), Some(KernelPath::Auto));
         assert_eq!(KernelPath::parse("Portable"), Some(KernelPath::Portable));
         assert_eq!(KernelPath::parse(" im2col "), Some(KernelPath::Im2col));
+        assert_eq!(KernelPath::parse("AVX2"), Some(KernelPath::Avx2));
         assert_eq!(KernelPath::parse("im2co1"), None);
-        assert_eq!(KernelPath::parse("avx2"), None);
+        assert_eq!(KernelPath::parse("avx512"), None);
     }
 
     #[test]
@@ -102,12 +140,17 @@ mod tests {
             .and_then(|v| KernelPath::parse(&v))
             .unwrap_or(KernelPath::Auto);
         assert_eq!(kernel_path(), wanted);
-        assert_eq!(avx512(), wanted == KernelPath::Auto && cpu_has_avx512());
+        let isa = match wanted {
+            KernelPath::Auto if cpu_has_avx512() => Some(Isa::Avx512),
+            KernelPath::Auto | KernelPath::Avx2 if cpu_has_avx2() => Some(Isa::Avx2),
+            _ => None,
+        };
+        assert_eq!(direct_isa(), isa);
         assert_eq!(direct_allowed(), wanted != KernelPath::Im2col);
         eprintln!(
-            "kernel path {:?} (AVX-512 kernels: {})",
+            "kernel path {:?} (direct kernels: {:?})",
             kernel_path(),
-            avx512()
+            isa
         );
     }
 }

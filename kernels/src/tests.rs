@@ -623,7 +623,7 @@ fn dropout_matches_reference_and_keeps_one_minus_p() {
 
 #[test]
 fn each_convolution_shape_takes_the_path_the_override_allows() {
-    use crate::path::{cpu_has_avx512, kernel_path, KernelPath};
+    use crate::path::{direct_isa, kernel_path, KernelPath};
     use conv::{ConvPath, Geom};
     // resnet20's 3×3 16-channel layer, its stride-2 projection shortcut, a
     // 1×1 stride-1 convolution and the stem on 3 channels.
@@ -632,12 +632,12 @@ fn each_convolution_shape_takes_the_path_the_override_allows() {
     let one = Geom::new(&[8, 16, 8, 8], &[16, 16, 1, 1], 1, [0; 4]).unwrap();
     let stem = Geom::new(&[8, 3, 32, 32], &[16, 3, 3, 3], 1, [1, 1, 1, 1]).unwrap();
     assert_eq!(one.path(), ConvPath::Identity, "1×1 stride 1 on every path");
-    let avx = kernel_path() == KernelPath::Auto && cpu_has_avx512();
+    let avx = direct_isa().is_some();
     let got = [three.path(), projection.path(), stem.path()];
     let want = match kernel_path() {
         KernelPath::Im2col => [ConvPath::Im2col; 3],
-        _ if avx => [ConvPath::Avx512; 3],
-        // Without AVX-512: taps as gemms for stride 1 with 8+ channels.
+        _ if avx => [ConvPath::Direct; 3],
+        // Without AVX-512 or AVX2: taps as gemms for stride 1 with 8+ channels.
         _ => [ConvPath::TapGemms, ConvPath::Im2col, ConvPath::Im2col],
     };
     assert_eq!(got, want, "{:?}", kernel_path());

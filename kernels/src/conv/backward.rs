@@ -41,9 +41,9 @@ pub(crate) fn backward_values(
             gemm::Parallelism::None
         };
         let path = g.path();
-        let (direct, avx) = (path.is_direct(), path == ConvPath::Avx512);
+        let (direct, avx) = (path.is_direct(), path == ConvPath::Direct);
         let identity = path == ConvPath::Identity;
-        // The AVX-512 path stores every input-gradient value into the
+        // The direct-kernel path stores every input-gradient value into the
         // unwritten buffer; the others add into zeros.
         let mut dx = crate::uninit_buffer(if input_grad { g.n * g.image() } else { 0 });
         if !avx {
@@ -86,7 +86,7 @@ pub(crate) fn backward_values(
                         (true, true) => direct::packed_len(cout, taps, g.cin),
                     }
                 ];
-                // (Packed with cout as the input channels for the AVX-512 kernel.)
+                // (Packed with cout as the input channels for the direct kernels.)
                 if flipped {
                     for co in 0..cout {
                         for ci in 0..g.cin {
@@ -114,7 +114,7 @@ pub(crate) fn backward_values(
                     };
                     let work_direct = |(c, mut dxc): (usize, Option<&mut [MaybeUninit<f32>]>)| {
                         // dW as `[kh·kw][cout][cin]` (the gemm crate's), or
-                        // as lane sums `[cin][kh·kw][cout][16]` (AVX-512).
+                        // as lane sums `[cin][kh·kw][cout][16]` (direct kernels).
                         // The gemm-shaped weight gradient where it applies,
                         // else lane sums on large maps only (see
                         // `direct::weight_grad`).
@@ -132,7 +132,7 @@ pub(crate) fn backward_values(
                         let mut dwk = vec![0f32; lanes * k * cout];
                         let mut db = vec![0f32; cout];
                         let mut scratch = Vec::new();
-                        // The AVX-512 weight gradient runs over a group of
+                        // The direct kernels' weight gradient runs over a group of
                         // images at a time (one flush of its sums per group:
                         // 8×8 maps have only 80 wide positions per image).
                         let group = if avx { (1024 / plan.l).max(1) } else { 1 };
@@ -257,7 +257,7 @@ pub(crate) fn backward_values(
                                 } else {
                                     tplan.load(Input::Plain(dyi), &mut dyp);
                                     tplan.run(wf, &dyp, &mut out, inner);
-                                    // SAFETY: off the AVX-512 path `dx` starts as zeros.
+                                    // SAFETY: off the direct-kernel path `dx` starts as zeros.
                                     tplan.add_to(&out, unsafe { crate::assume_init_mut(dxi) });
                                 }
                                 // SAFETY: each branch above stored (or added to) every value.
@@ -290,7 +290,7 @@ pub(crate) fn backward_values(
                         if direct {
                             return work_direct((c, dxc));
                         }
-                        // SAFETY: off the AVX-512 path `dx` starts as zeros.
+                        // SAFETY: off the direct-kernel path `dx` starts as zeros.
                         let mut dxc = dxc.map(|d| unsafe { crate::assume_init_mut(d) });
                         let mut dwt = vec![0f32; k * cout];
                         let mut scratch = Vec::new();
@@ -384,7 +384,7 @@ pub(crate) fn backward_values(
                 dw[co * k + r] = v;
             }
         }
-        // SAFETY: on the AVX-512 path every image of `dx` was stored above;
+        // SAFETY: on the direct-kernel path every image of `dx` was stored above;
         // elsewhere it started as zeros; without `input_grad` it is empty.
         let dx = unsafe { crate::assume_init(dx) };
         Ok((input_grad.then_some(dx), dw, db))

@@ -48,9 +48,9 @@ pub(super) fn forward_residual(
         }
         let (k, p, cout) = (g.k(), g.p(), g.cout);
         let path = g.path();
-        let (direct, avx) = (path.is_direct(), path == ConvPath::Avx512);
+        let (direct, avx) = (path.is_direct(), path == ConvPath::Direct);
         // The output starts as the bias, written once, and the gemm adds onto
-        // it; the AVX-512 path writes bias and activation with its result
+        // it; the direct-kernel path writes bias and activation with its result
         // into the unwritten buffer.
         let mut y = crate::uninit_buffer(g.n * cout * p);
         if y.is_empty() {
@@ -74,7 +74,7 @@ pub(super) fn forward_residual(
         let xp_len = plan.xp_len();
         let taps = g.kh * g.kw;
         // The kernel for the direct path: `[kh·kw][cout][cin]` for the gemm
-        // crate, packed for the AVX-512 kernel (`direct::packed_index`).
+        // crate, packed for the direct kernels (`direct::packed_index`).
         let mut wr = vec![
             0f32;
             match (direct, avx) {
@@ -133,7 +133,7 @@ pub(super) fn forward_residual(
                 plan.store_with(out, Some(b), (relu, r), yi);
                 return;
             }
-            // SAFETY: off the AVX-512 path the bias was written everywhere.
+            // SAFETY: off the direct-kernel path the bias was written everywhere.
             let yi = unsafe { crate::assume_init_mut(yi) };
             if direct {
                 let (xp, out) = cols.split_at_mut(xp_len);

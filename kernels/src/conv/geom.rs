@@ -25,18 +25,19 @@ pub(crate) enum ConvPath {
     Identity,
     /// im2col + one gemm (col2im for the input gradient).
     Im2col,
-    /// Stride 1 on CPUs without AVX-512: one gemm per kernel tap over
-    /// zero-padded planes ([`super::plan::Plan`]), no column matrix.
+    /// Stride 1 on CPUs without AVX-512 or AVX2: one gemm per kernel tap
+    /// over zero-padded planes ([`super::plan::Plan`]), no column matrix.
     TapGemms,
-    /// The AVX-512 direct kernels of [`direct`]: stride 1, or stride 2
-    /// through phase planes (its input gradient in [`super::phases`]).
-    Avx512,
+    /// The register-blocked direct kernels of [`direct`] (AVX-512 or AVX2):
+    /// stride 1, or stride 2 through phase planes (its input gradient in
+    /// [`super::phases`]).
+    Direct,
 }
 
 impl ConvPath {
     /// The two im2col-free paths, which share their layout ([`super::plan::Plan`]).
     pub(crate) fn is_direct(self) -> bool {
-        matches!(self, ConvPath::TapGemms | ConvPath::Avx512)
+        matches!(self, ConvPath::TapGemms | ConvPath::Direct)
     }
 }
 
@@ -114,7 +115,7 @@ impl Geom {
     pub(crate) fn path(&self) -> ConvPath {
         if self.direct() {
             if direct::available() {
-                ConvPath::Avx512
+                ConvPath::Direct
             } else {
                 ConvPath::TapGemms
             }
@@ -128,7 +129,7 @@ impl Geom {
     /// Whether the direct (im2col-free) path applies: stride 1, a kernel
     /// wider than 1×1, paddings under the kernel size (so that the input
     /// gradient is again such a convolution) and enough input channels. With
-    /// AVX-512 that is all; the gemm-per-tap fallback also needs few enough
+    /// the direct kernels (AVX-512 or AVX2) that is all; the gemm-per-tap fallback also needs few enough
     /// channels for the copies to matter and maps wide enough.
     fn direct(&self) -> bool {
         if !crate::path::direct_allowed() {

@@ -1,6 +1,6 @@
 //! 2-D convolution (NCHW, kernel `(out, in, kh, kw)`, explicit asymmetric
 //! zero padding), forward and backward: by the direct kernels of
-//! [`super::direct`] on AVX-512 CPUs for stride-1 and stride-2 kernels over
+//! [`super::direct`] on AVX-512 or AVX2 CPUs for stride-1 and stride-2 kernels over
 //! 3+ input channels (stride 2 through phase planes, its input gradient in
 //! [`phases`]), by nine (kh·kw) shifted gemms for the stride-1 shapes
 //! elsewhere, and by im2col + gemm for the rest.
@@ -249,7 +249,7 @@ pub fn conv2d_add_relu_inference(
 /// Convolution of `x (N, Cin, H, W)` with `w (Cout, Cin, kh, kw)` plus an
 /// optional bias `(Cout)`, zero padding `[top, bottom, left, right]`.
 ///
-/// On the CPU this is the fast convolution op (direct AVX-512 kernels, or
+/// On the CPU this is the fast convolution op (direct AVX-512 or AVX2 kernels, or
 /// gemm-based where they do not apply); `input_grad: false` makes its
 /// backward skip the gradient of `x` (for a network's first layer). Elsewhere
 /// it is candle's convolution. (The layers call [`conv2d_act`].)

@@ -95,7 +95,7 @@ impl Plan {
         }
     }
 
-    /// The shapes as the AVX-512 kernels of [`direct`] see them.
+    /// The shapes as the direct kernels of [`direct`] see them.
     pub(super) fn wide(&self) -> direct::Wide {
         direct::Wide {
             cin: self.c,

@@ -1,0 +1,302 @@
+//! Register-blocked direct convolution over "wide" rows, in AVX-512
+//! ([`avx512`]) or AVX2 ([`avx2`]).
+//!
+//! The direct path of [`super::conv`] lays each zero-padded input plane out
+//! row after row at the padded width `wp`, and computes each output channel
+//! as a "wide" plane of `l` positions `q = oy·wp + ox` (the columns past `ow`
+//! wrap around and are thrown away). Kernel tap `(ky, kx)` then reads input
+//! position `q + ky·wp + kx`: every tap is a contiguous, shifted run of the
+//! plane, so the convolution needs no im2col copies.
+//!
+//! A stride-2 convolution reads its input from four *phase planes* per
+//! channel instead (even rows and even columns, even rows and odd columns,
+//! …, `sp` values apart, each `wp` wide): tap `(ky, kx)` of output position
+//! `q = oy·wp + ox` reads phase `(ky mod 2, kx mod 2)` at `q + ⌊ky/2⌋·wp +
+//! ⌊kx/2⌋`, again a contiguous run ([`Wide::offset`]).
+//!
+//! These kernels keep a block of outputs in registers over the whole
+//! reduction (all input channels and taps), where a gemm per tap would load
+//! and store its output once per tap with only `cin` products in between.
+//! [`available`] says whether they run here, and [`isa`] in which vectors:
+//! AVX-512 where the CPU has it, else AVX2 with FMA (`GRADCAST_KERNEL_PATH=avx2`
+//! forces those on any CPU that has them); with neither, the convolution
+//! uses the gemm crate instead. For a given vector width the results are
+//! fixed to the bit; the two widths sum in different orders.
+
+/// Output channels per block of a packed kernel.
+const BLOCK: usize = 8;
+
+/// Length of a kernel packed for [`forward`]: output channels rounded up to
+/// whole blocks.
+pub(crate) fn packed_len(cin: usize, taps: usize, cout: usize) -> usize {
+    cout.next_multiple_of(BLOCK) * cin * taps
+}
+
+/// Where weight `(ci, tap, co)` goes in a packed kernel:
+/// `[cout / 8][cin][kh·kw][8]`, so that a block of output channels reads its
+/// weights in one contiguous run (wide layers' kernels are megabytes: strided
+/// over all of it, each weight would be a cache miss).
+pub(crate) fn packed_index(cin: usize, taps: usize, (ci, tap, co): (usize, usize, usize)) -> usize {
+    (((co / BLOCK) * cin + ci) * taps + tap) * BLOCK + co % BLOCK
+}
+
+pub(crate) use crate::path::Isa;
+
+/// The vectors these kernels use here, if they run at all (see
+/// [`crate::path`]).
+pub(crate) fn isa() -> Option<Isa> {
+    crate::path::direct_isa()
+}
+
+/// Whether these kernels run here: the CPU has AVX-512F, or AVX2 and FMA,
+/// and `GRADCAST_KERNEL_PATH` does not turn them off.
+pub(crate) fn available() -> bool {
+    isa().is_some()
+}
+
+/// Shapes shared by both kernels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Wide {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Distance between two padded input planes.
+    pub s: usize,
+    /// Padded row width.
+    pub wp: usize,
+    /// Kernel size.
+    pub kh: usize,
+    pub kw: usize,
+    /// Wide output positions per channel (a multiple of 16).
+    pub l: usize,
+    /// 1, or 2 for an input laid out in phase planes.
+    pub stride: usize,
+    /// Distance between the phase planes of one channel (stride 2).
+    pub sp: usize,
+}
+
+impl Wide {
+    fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    /// Where tap `(ky, kx)` reads in a channel's planes, relative to the
+    /// wide output position.
+    #[inline(always)]
+    fn offset(&self, ky: usize, kx: usize) -> usize {
+        self.row_offset(ky) + self.col_offset(kx)
+    }
+
+    /// The part of [`Wide::offset`] that depends on the kernel row.
+    #[inline(always)]
+    fn row_offset(&self, ky: usize) -> usize {
+        if self.stride == 1 {
+            ky * self.wp
+        } else {
+            (ky % 2) * 2 * self.sp + (ky / 2) * self.wp
+        }
+    }
+
+    /// The part of [`Wide::offset`] that depends on the kernel column.
+    #[inline(always)]
+    fn col_offset(&self, kx: usize) -> usize {
+        if self.stride == 1 {
+            kx
+        } else {
+            (kx % 2) * self.sp + kx / 2
+        }
+    }
+
+    /// [`Wide::offset`] of every tap, row by row.
+    fn offsets(&self) -> Vec<usize> {
+        (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| self.offset(ky, kx)))
+            .collect()
+    }
+
+    /// Panics unless the shapes are consistent and one image's padded input
+    /// (`xp` values) covers every tap of every wide position, which keeps
+    /// every input pointer the kernels form in bounds.
+    fn check(&self, xp: usize) {
+        assert!(
+            self.l.is_multiple_of(16),
+            "wide length must be whole vectors"
+        );
+        assert!(self.stride == 1 || self.stride == 2, "stride 1 or 2");
+        let reach = (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| self.offset(ky, kx)))
+            .max()
+            .unwrap_or(0);
+        assert!(self.s >= reach + self.l, "planes too short for the taps");
+        assert!(xp >= self.cin * self.s, "padded input too short");
+    }
+}
+
+/// `out[co][q] = Σ_ci Σ_tap w[ci][tap][co] · xp[ci·s + offset(ky, kx) + q]` for
+/// every output channel `co` and wide position `q < l`.
+///
+/// `w` is the kernel packed by [`packed_index`]. Call only when [`available`].
+pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
+    g.check(xp.len());
+    assert!(
+        w.len() >= packed_len(g.cin, g.taps(), g.cout),
+        "kernel too short"
+    );
+    assert!(out.len() >= g.cout * g.l, "output too short");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` only names vectors the CPU has, and `check` bounds every
+    // access.
+    unsafe {
+        match isa() {
+            Some(Isa::Avx512) => return avx512::forward(g, xp, w, out),
+            Some(Isa::Avx2) => return avx2::forward(g, xp, w, out),
+            None => {}
+        }
+    }
+    panic!("direct::forward needs AVX-512F or AVX2")
+}
+
+/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + offset(ky, kx) + q]`: the
+/// weight gradient of [`forward`], with `dy` in wide rows whose wrapped
+/// columns are zero.
+///
+/// `dw` holds `lanes` partial sums per weight (`[cin][kh·kw][cout][lanes]`):
+/// with 16, one per vector lane, the kernel adds its registers to memory
+/// without reducing them ([`lane_sums`] does that once at the end), cheaper
+/// on large maps where `dw` stays in cache; with 1 it reduces each register
+/// (small maps, where the 16-fold `dw` of wide layers would not fit in L2).
+/// `xp` and `dy` hold `images` images, the padded inputs `xs` values apart
+/// and the wide gradients `ds` apart, their channels `dc` apart: their sums
+/// add up. Call only when [`available`].
+pub(crate) fn weight_grad(
+    g: &Wide,
+    (images, xs, ds, dc): (usize, usize, usize, usize),
+    xp: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    lanes: usize,
+) {
+    assert!(lanes == 1 || lanes == 16, "1 or 16 partial sums per weight");
+    assert!(images > 0 && g.cout > 0 && xs >= g.cin * g.s && dc >= g.l && ds >= g.cout * dc);
+    let (xp, dy) = (&xp[(images - 1) * xs..], &dy[(images - 1) * ds..]);
+    assert!(dy.len() >= (g.cout - 1) * dc + g.l, "gradient too short");
+    assert!(
+        dw.len() >= lanes * g.cin * g.taps() * g.cout,
+        "weight gradient too short"
+    );
+    g.check(xp.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `forward`, for each of the `images` (asserted above).
+    unsafe {
+        let (xp, dy) = (
+            xp.as_ptr().sub((images - 1) * xs),
+            dy.as_ptr().sub((images - 1) * ds),
+        );
+        let n = (images, xs, ds, dc);
+        match isa() {
+            Some(Isa::Avx512) => return avx512::weight_grad(g, n, xp, dy, dw, lanes),
+            Some(Isa::Avx2) => return avx2::weight_grad(g, n, xp, dy, dw, lanes),
+            None => {}
+        }
+    }
+    panic!("direct::weight_grad needs AVX-512F or AVX2")
+}
+
+/// Whether [`weight_grad_gemm`] handles a `kh×kw` kernel.
+pub(crate) fn gemm_grad_supported(kh: usize, kw: usize) -> bool {
+    matches!((kh, kw), (3, 3) | (2, 2))
+}
+
+/// Columns of a transposed gradient (output channels rounded up to whole vectors).
+pub(crate) fn transposed_width(cout: usize) -> usize {
+    cout.next_multiple_of(16)
+}
+
+/// `t[q][co] = dy[co·dc + q]` for the `l` wide positions: the wide gradient
+/// transposed for [`weight_grad_gemm`] (`t` is `l × transposed_width(cout)`,
+/// its padding columns left as they are: zero).
+pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32]) {
+    let np = transposed_width(g.cout);
+    assert!(t.len() >= g.l * np && dy.len() >= (g.cout - 1) * dc + g.l);
+    const B: usize = 16;
+    for q0 in (0..g.l).step_by(B) {
+        for co in 0..g.cout {
+            let row = &dy[co * dc + q0..][..B.min(g.l - q0)];
+            for (j, &v) in row.iter().enumerate() {
+                t[(q0 + j) * np + co] = v;
+            }
+        }
+    }
+}
+
+/// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + offset(ky, kx) + q]` as a
+/// gemm: output channels along the vector lanes (from the transposed
+/// gradient `t`, see [`transpose_gradient`]), one broadcast input value
+/// per kernel tap, and the positions as the reduction, so that nothing is
+/// reduced across lanes and the sums stay in registers over all the
+/// positions of all `images` (inputs `xs` apart, gradients `ts` apart).
+/// `dw` is plain `[cin][kh·kw][cout]`. Only for [`gemm_grad_supported`]
+/// kernels; call only when [`available`].
+pub(crate) fn weight_grad_gemm(
+    g: &Wide,
+    (images, xs, ts): (usize, usize, usize),
+    xp: &[f32],
+    t: &[f32],
+    dw: &mut [f32],
+) {
+    assert!(gemm_grad_supported(g.kh, g.kw) && images > 0);
+    let np = transposed_width(g.cout);
+    assert!(xs >= g.cin * g.s && ts >= g.l * np);
+    assert!(xp.len() >= (images - 1) * xs + g.cin * g.s);
+    assert!(t.len() >= (images - 1) * ts + g.l * np);
+    assert!(dw.len() >= g.cin * g.taps() * g.cout);
+    g.check(g.cin * g.s);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` only names vectors the CPU has, and the asserts bound
+    // every access: each image's planes and transposed gradient, and `dw`
+    // (tails masked).
+    unsafe {
+        let (n, xp, t) = ((images, xs, ts), xp.as_ptr(), t.as_ptr());
+        match isa() {
+            Some(Isa::Avx512) => return avx512::weight_grad_gemm(g, n, xp, t, dw),
+            Some(Isa::Avx2) => return avx2::weight_grad_gemm(g, n, xp, t, dw),
+            None => {}
+        }
+    }
+    panic!("direct::weight_grad_gemm needs AVX-512F or AVX2")
+}
+
+/// `dw[i] = Σ lanes[16·i .. 16·i + 16]`: the gradient from [`weight_grad`]'s partial sums.
+pub(crate) fn lane_sums(lanes: &[f32], dw: &mut [f32]) {
+    for (d, l) in dw.iter_mut().zip(lanes.chunks_exact(16)) {
+        *d = l.iter().sum();
+    }
+}
+
+/// `even[i] = src[2i]` and `odd[i] = src[2i + 1]`: a row split into its
+/// even and odd columns (phase planes).
+#[inline]
+pub(crate) fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let (even, odd) = (
+        &mut even[..src.len().div_ceil(2)],
+        &mut odd[..src.len() / 2],
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Some(Isa::Avx512) {
+        // SAFETY: AVX-512F is present; `even` and `odd` hold the halves of `src`.
+        unsafe { avx512::split_row(src, even, odd) };
+        return;
+    }
+    for (i, pair) in src.chunks(2).enumerate() {
+        even[i] = pair[0];
+        if let Some(&v) = pair.get(1) {
+            odd[i] = v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
