@@ -170,6 +170,21 @@ pub(crate) struct Cluster {
     plane: Option<Arc<SharedPlane>>,
     /// Nodes admitted on the shared-memory plane so far.
     shared_memory_nodes: usize,
+    /// How long a node takes to receive the weights, from the first chunk
+    /// queued to its `Received` (smoothed; see [`Cluster::receive_wait`]).
+    receive_time: Duration,
+}
+
+/// Parts whose nodes get their weights as chunks, waiting for the node
+/// before them to have received its own: one node's weights at a time
+/// cross the coordinator's link, so the first nodes compute (and send
+/// their gradients on the link's other direction) while later ones still
+/// receive, instead of all of them receiving at once and starting together.
+#[derive(Default)]
+struct Staggered {
+    queue: VecDeque<usize>,
+    /// The node receiving now, and since when.
+    receiving: Option<(u64, Instant)>,
 }
 
 impl Cluster {
@@ -186,6 +201,53 @@ impl Cluster {
             deferred: VecDeque::new(),
             plane,
             shared_memory_nodes: 0,
+            receive_time: Duration::from_secs(1),
+        }
+    }
+
+    /// Whether `node` gets the weights of `version` as chunks (it is on
+    /// gRPC and does not hold them yet).
+    fn needs_chunks(&self, node: u64, version: u64) -> bool {
+        match self.members.get(&node) {
+            Some(m) => !(self.plane.is_some() && m.shared.is_some()) && m.held != Some(version),
+            None => false,
+        }
+    }
+
+    /// How long to wait for a node's `Received` before sending the next
+    /// node its weights anyway: twice the usual time, at least 20 ms (a
+    /// node that never says it received costs each step that much, no more).
+    fn receive_wait(&self) -> Duration {
+        (2 * self.receive_time).max(Duration::from_millis(20))
+    }
+
+    /// Assigns the queued parts, in order, until one of them sends chunks
+    /// (whose node then becomes the one receiving).
+    async fn send_next(
+        &mut self,
+        staggered: &mut Staggered,
+        (work, tasks): (&Work<'_>, &[Task]),
+        owner: &mut [Option<u64>],
+        since: &mut [Instant],
+    ) {
+        staggered.receiving = None;
+        while let Some(part) = staggered.queue.pop_front() {
+            // A part whose owner left meanwhile is given to another node
+            // by `run`'s check of live owners.
+            let Some(node) = owner[part].filter(|o| self.members.contains_key(o)) else {
+                continue;
+            };
+            let chunks = self.needs_chunks(node, work.version);
+            since[part] = Instant::now();
+            if self.assign(node, part, &tasks[part], work).await {
+                if chunks {
+                    staggered.receiving = Some((node, Instant::now()));
+                    return;
+                }
+            } else {
+                owner[part] = None;
+                self.remove(node, "its stream is closed");
+            }
         }
     }
 
@@ -489,17 +551,35 @@ impl Cluster {
         let mut since: Vec<Instant> = vec![Instant::now(); n];
         let mut answers: Vec<Option<(u64, Answer)>> = (0..n).map(|_| None).collect();
         let mut done = vec![false; n];
+        let mut staggered = Staggered::default();
         for (part, task) in tasks.iter().enumerate() {
             let node = initial[part];
+            let chunks = self.needs_chunks(node, work.version);
+            if chunks && staggered.receiving.is_some() {
+                owner[part] = Some(node);
+                staggered.queue.push_back(part);
+                continue;
+            }
             if self.assign(node, part, task, work).await {
                 owner[part] = Some(node);
                 since[part] = Instant::now();
+                if chunks {
+                    staggered.receiving = Some((node, Instant::now()));
+                }
             } else {
                 self.remove(node, "its stream is closed");
             }
         }
         let sent = Instant::now();
         while done.iter().any(|d| !d) {
+            // The node receiving left: on to the next one.
+            if staggered
+                .receiving
+                .is_some_and(|(node, _)| !self.members.contains_key(&node))
+            {
+                self.send_next(&mut staggered, (work, tasks), &mut owner, &mut since)
+                    .await;
+            }
             // Every open part must have a live owner.
             for part in 0..n {
                 let alive = owner[part].is_some_and(|o| self.members.contains_key(&o));
@@ -523,12 +603,38 @@ impl Cluster {
             let Some(oldest) = open.iter().map(|&p| since[p]).min() else {
                 continue;
             };
+            let next_send = staggered
+                .receiving
+                .map(|(_, started)| started + self.receive_wait());
+            let deadline = next_send.map_or(oldest + timeout, |at| at.min(oldest + timeout));
             let event = match self.deferred.pop_front() {
                 Some(e) => Some(e),
-                None => self.recv(Some(oldest + timeout)).await?,
+                None => self.recv(Some(deadline)).await?,
             };
             let event = match event {
+                Some(Event::Received { node, version }) => {
+                    if let Some((receiving, started)) = staggered.receiving {
+                        if receiving == node && version == work.version {
+                            // Smoothed, so one slow transfer does not make
+                            // the next wait long.
+                            self.receive_time = (3 * self.receive_time + started.elapsed()) / 4;
+                            self.send_next(&mut staggered, (work, tasks), &mut owner, &mut since)
+                                .await;
+                        }
+                    }
+                    continue;
+                }
                 Some(e) => e,
+                None if next_send.is_some_and(|at| Instant::now() >= at) => {
+                    let node = staggered.receiving.map(|(n, _)| n);
+                    debug!(
+                        ?node,
+                        "{phase}: no Received in time; sending the next node its weights"
+                    );
+                    self.send_next(&mut staggered, (work, tasks), &mut owner, &mut since)
+                        .await;
+                    continue;
+                }
                 None => {
                     let late: Vec<u64> = open
                         .iter()

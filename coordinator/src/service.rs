@@ -70,6 +70,8 @@ pub(crate) enum Event {
     },
     /// A node's answer to one evaluation part.
     Eval { node: u64, result: EvalResult },
+    /// A node has all the chunks of weights `version`.
+    Received { node: u64, version: u64 },
     /// A node broke the protocol; it should not be trusted any more.
     Invalid { node: u64, reason: String },
     /// A node's stream ended.
@@ -83,6 +85,7 @@ impl Event {
             Event::Joined { node, .. }
             | Event::Train { node, .. }
             | Event::Eval { node, .. }
+            | Event::Received { node, .. }
             | Event::Invalid { node, .. }
             | Event::Left { node, .. } => *node,
         }
@@ -471,6 +474,15 @@ impl Reader {
                 }
                 Some(Kind::Eval(result)) => {
                     if events.send(Event::Eval { node, result }).await.is_err() {
+                        return Ended::left("training has ended");
+                    }
+                }
+                Some(Kind::Received(r)) => {
+                    let received = Event::Received {
+                        node,
+                        version: r.version,
+                    };
+                    if events.send(received).await.is_err() {
                         return Ended::left("training has ended");
                     }
                 }

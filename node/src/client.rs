@@ -13,7 +13,7 @@ use proto::v1::node_message::Kind as Out;
 use proto::v1::SharedMemory;
 use proto::v1::{
     BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError,
-    NodeMessage, Samples, TensorSpec, TrainResult, TrainTask,
+    NodeMessage, Received, Samples, TensorSpec, TrainResult, TrainTask,
 };
 use proto::{apply_delta, Buffer, ChunkReceiver, Chunker, ErrorFeedback, Wire};
 use tokio::sync::mpsc;
@@ -357,7 +357,10 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                     .push(&chunk)
                     .map_err(|e| NodeError::Protocol(e.to_string()))?;
                 if let Some(buffer) = complete {
+                    let version = buffer.version;
                     receive(buffer, &mut copy)?;
+                    // Lets the coordinator start on the next node's weights.
+                    session.send(Out::Received(Received { version })).await?;
                 }
             }
             Some(In::Train(task)) => {

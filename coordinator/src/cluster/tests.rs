@@ -72,6 +72,11 @@ fn answer(node: u64, step: u64, part: u32, samples: u32) -> Event {
     }
 }
 
+/// The weights' version if `c` is the last chunk of its buffer.
+fn last_chunk(c: &proto::v1::Chunk) -> Option<u64> {
+    (c.offset + c.data.len() as u64 / 4 == c.total_elements).then_some(c.version)
+}
+
 /// How a fake node behaves once it has a task.
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {
@@ -98,6 +103,12 @@ fn spawn(
             let task = match msg.kind {
                 Some(Out::Train(t)) => t,
                 Some(Out::Finish(f)) => return Some(f.reason),
+                Some(Out::Chunk(c)) => {
+                    if let Some(version) = last_chunk(&c) {
+                        let _ = events.send(Event::Received { node, version }).await;
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             let count = task.samples.map_or(0, |s| s.count);
@@ -399,4 +410,81 @@ async fn below_min_nodes_with_nobody_joining_the_run_ends_after_the_rejoin_timeo
     );
     assert!(err.to_string().contains("lower --min-nodes"), "{err}");
     assert_eq!(started.elapsed(), TIMEOUT);
+}
+
+/// Nodes on gRPC get their weights one at a time: the next node's chunks
+/// go out when the one before says it has all of its own; a node that never
+/// says so holds the next one up only for the receive wait.
+#[tokio::test(start_paused = true)]
+async fn weights_go_to_one_node_at_a_time() {
+    // A fake that takes `receive` to acknowledge the last chunk (never, if
+    // None) and answers at once; returns when it got its tasks.
+    fn receiver(
+        node: u64,
+        mut inbox: Inbox,
+        events: mpsc::Sender<Event>,
+        receive: Option<Duration>,
+    ) -> tokio::task::JoinHandle<Vec<Duration>> {
+        let start = Instant::now();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(Ok(msg)) = inbox.recv().await {
+                match msg.kind {
+                    Some(Out::Chunk(c)) => {
+                        if let (Some(version), Some(delay)) = (last_chunk(&c), receive) {
+                            let events = events.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = events.send(Event::Received { node, version }).await;
+                            });
+                        }
+                    }
+                    Some(Out::Train(t)) => {
+                        got.push(start.elapsed());
+                        let count = t.samples.map_or(0, |s| s.count);
+                        let _ = events.send(answer(node, t.step, t.part, count)).await;
+                    }
+                    _ => {}
+                }
+            }
+            got
+        })
+    }
+    let ms = Duration::from_millis;
+    let weights = vec![0.5f32; WEIGHTS];
+    for (receives, want) in [
+        // Each node takes 10 ms to receive: tasks at 0, 10 and 20 ms.
+        ([Some(ms(10)); 3], [ms(0), ms(10), ms(20)]),
+        // Node 0 never acknowledges: node 1 waits out the receive wait
+        // (2 × the first guess of 1 s), node 2 follows node 1's 10 ms.
+        (
+            [None, Some(ms(10)), Some(ms(10))],
+            [ms(0), ms(2000), ms(2010)],
+        ),
+    ] {
+        let (mut cluster, events) = cluster(1);
+        let mut fakes = Vec::new();
+        for (node, receive) in receives.into_iter().enumerate() {
+            let inbox = join(&events, node as u64, 64).await;
+            fakes.push(receiver(node as u64, inbox, events.clone(), receive));
+        }
+        cluster.wait_for(3, Some(TIMEOUT), "--nodes").await.unwrap();
+        let (answers, _) = cluster
+            .run(&work(1, &weights), &tasks(&[2, 2, 2]), &[0, 1, 2])
+            .await
+            .unwrap();
+        assert_eq!(answers.len(), 3);
+        // The next step's weights again go one node at a time.
+        cluster
+            .run(&work(2, &weights), &tasks(&[2, 2, 2]), &[0, 1, 2])
+            .await
+            .unwrap();
+        drop(cluster);
+        let mut got = Vec::new();
+        for f in fakes {
+            got.push(f.await.unwrap());
+        }
+        assert_eq!(got.iter().map(|g| g[0]).collect::<Vec<_>>(), want);
+        assert!(got.iter().all(|g| g.len() == 2));
+    }
 }
