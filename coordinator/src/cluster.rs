@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use proto::shm::Segment;
 use proto::v1::coordinator_message::Kind as Out;
-use proto::v1::{BufferKind, CoordinatorMessage, EvalTask, Finish, TrainTask};
+use proto::v1::{
+    BufferKind, CoordinatorMessage, EvalTask, Finish, Samples, SamplesAhead, TrainTask,
+};
 use proto::Chunker;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -61,6 +63,8 @@ struct Member {
     shared: Option<Arc<Segment>>,
     /// Its latest answers in a row with a gradient beyond the norm limit.
     huge: u32,
+    /// The step and part whose samples it was sent ahead (the latest).
+    ahead: Option<(u64, usize)>,
 }
 
 /// The weights as nodes on the bf16 wire hold them: rebuilt, version after
@@ -173,6 +177,9 @@ pub(crate) struct Cluster {
     /// How long a node takes to receive the weights, from the first chunk
     /// queued to its `Received` (smoothed; see [`Cluster::receive_wait`]).
     receive_time: Duration,
+    /// Samples of the next step to send once this step's weights are out:
+    /// (node, step, part, samples).
+    ahead: Vec<(u64, u64, usize, Samples)>,
 }
 
 /// Parts whose nodes get their weights as chunks, waiting for the node
@@ -202,6 +209,36 @@ impl Cluster {
             plane,
             shared_memory_nodes: 0,
             receive_time: Duration::from_secs(1),
+            ahead: Vec::new(),
+        }
+    }
+
+    /// Has `parts` ((node, part, samples)) of step `step` sent to those
+    /// nodes during the next [`Cluster::run`], once every node there has
+    /// its weights, so that they cross the link while the nodes compute.
+    /// The step's tasks then go without their samples to the nodes that
+    /// have them (tasks built with `ahead`).
+    pub(crate) fn queue_ahead(&mut self, step: u64, parts: Vec<(u64, usize, Samples)>) {
+        self.ahead = parts
+            .into_iter()
+            .map(|(node, part, samples)| (node, step, part, samples))
+            .collect();
+    }
+
+    /// Sends the queued samples ahead (nodes that left are skipped).
+    async fn send_ahead(&mut self) {
+        for (node, step, part, samples) in std::mem::take(&mut self.ahead) {
+            telemetry::bytes(samples.images.len() + samples.labels.len(), 0);
+            let msg = Out::Ahead(SamplesAhead {
+                step,
+                part: part as u32,
+                samples: Some(samples),
+            });
+            if self.send(node, msg).await {
+                if let Some(m) = self.members.get_mut(&node) {
+                    m.ahead = Some((step, part));
+                }
+            }
         }
     }
 
@@ -249,6 +286,7 @@ impl Cluster {
                 self.remove(node, "its stream is closed");
             }
         }
+        self.send_ahead().await;
     }
 
     #[cfg(test)]
@@ -287,6 +325,7 @@ impl Cluster {
             speed: None,
             shared,
             huge: 0,
+            ahead: None,
         };
         self.members.insert(node, member);
         telemetry::membership(self.members.len(), true);
@@ -500,22 +539,29 @@ impl Cluster {
                 m.held = Some(work.version);
             }
         }
-        let samples = task.samples().clone();
-        telemetry::bytes(samples.images.len() + samples.labels.len(), 0);
+        // Samples the node got ahead are not sent again.
+        let member_ahead = self.members.get_mut(&node).and_then(|m| m.ahead.take());
+        let ahead = matches!(task, Task::Train { ahead: true, .. })
+            && member_ahead == Some((work.version, part));
+        let samples = (!ahead).then(|| task.samples().clone());
+        if let Some(s) = &samples {
+            telemetry::bytes(s.images.len() + s.labels.len(), 0);
+        }
         let msg = match task {
             Task::Train { seed, .. } => Out::Train(TrainTask {
                 step: work.version,
                 version: work.version,
-                samples: Some(samples),
+                samples,
                 seed: *seed,
                 part: part as u32,
                 shared_memory: shared,
+                samples_ahead: ahead,
             }),
             Task::Eval { .. } => Out::Eval(EvalTask {
                 round: work.round,
                 version: work.version,
                 part: part as u64,
-                samples: Some(samples),
+                samples,
                 shared_memory: shared,
             }),
         };
@@ -569,6 +615,9 @@ impl Cluster {
             } else {
                 self.remove(node, "its stream is closed");
             }
+        }
+        if staggered.receiving.is_none() {
+            self.send_ahead().await;
         }
         let sent = Instant::now();
         while done.iter().any(|d| !d) {

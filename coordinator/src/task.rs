@@ -12,7 +12,13 @@ use proto::v1::{EvalResult, Samples, TrainResult};
 #[derive(Clone)]
 pub(crate) enum Task {
     /// Gradients for these training samples, with this dropout seed.
-    Train { samples: Samples, seed: u64 },
+    /// `ahead`: the same samples went to the part's first node in a
+    /// `SamplesAhead` during the step before (see `Cluster::queue_ahead`).
+    Train {
+        samples: Samples,
+        seed: u64,
+        ahead: bool,
+    },
     /// Loss and accuracy on these test samples.
     Eval { samples: Samples },
 }
@@ -123,6 +129,7 @@ mod tests {
 
     fn train(count: u32) -> Task {
         Task::Train {
+            ahead: false,
             samples: samples(vec![0; count as usize], vec![0; count as usize]),
             seed: 1,
         }

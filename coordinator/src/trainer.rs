@@ -27,6 +27,7 @@ use crate::service::{Service, TokenCheck, EVENT_QUEUE};
 use crate::task::{samples, Answer, Gradients, Task};
 use crate::telemetry;
 use crate::{l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
+use proto::v1::Samples;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -161,6 +162,7 @@ pub async fn serve(
         epoch_phases: telemetry::StepPhases::default(),
         grads: vec![0.0; num_trainable],
         l2: Vec::new(),
+        ahead: None,
     };
     let mut at = 0;
     for p in &trainer.params {
@@ -273,6 +275,10 @@ struct Trainer {
     grads: Vec<f32>,
     /// The runs of trainable parameters with L2 regularisation.
     l2: Vec<L2Range>,
+    /// The step whose samples were sent ahead, and the shares they were
+    /// cut by: the step's tasks go without samples where its shares are
+    /// the same.
+    ahead: Option<(u64, Vec<(u64, usize)>)>,
 }
 
 impl Trainer {
@@ -374,8 +380,10 @@ impl Trainer {
                 penalty = start.penalty;
             }
             let resumed_samples = tally.samples;
-            for (i, batch) in order.chunks(bs).enumerate().skip(first) {
-                let (step_tally, step_penalty) = self.train_step(batch, lr).await?;
+            let mut batches = order.chunks(bs).enumerate().skip(first).peekable();
+            while let Some((i, batch)) = batches.next() {
+                let next = batches.peek().map(|&(_, b)| b);
+                let (step_tally, step_penalty) = self.train_step(batch, next, lr).await?;
                 tally.merge(&step_tally);
                 penalty += step_penalty;
                 let running_loss = tally.loss() + penalty / (i + 1) as f64;
@@ -507,36 +515,73 @@ impl Trainer {
         Ok(())
     }
 
-    /// One synchronous step over the samples `batch`. Returns the step's
-    /// tally and its L2 penalty.
-    async fn train_step(&mut self, batch: &[u32], lr: f64) -> Result<(Tally, f64)> {
+    /// The samples of each share of `batch` in step `step` (augmented if
+    /// asked), with the share's node.
+    fn cut(&self, step: u64, batch: &[u32], shares: &[(u64, usize)]) -> Vec<(u64, Samples)> {
+        let mut offset = 0;
+        shares
+            .iter()
+            .map(|&(node, count)| {
+                let (mut images, labels) = self.train.gather(&batch[offset..offset + count]);
+                if self.config.augment {
+                    // Drawn per sample where the batch is cut into shares,
+                    // so every node gets the same pixels for a sample
+                    // whatever the split, and nodes stay unaware of
+                    // augmentation.
+                    data::augment::augment_batch(
+                        &mut images,
+                        self.config.seed,
+                        step,
+                        offset as u64,
+                    );
+                }
+                offset += count;
+                (node, samples(images, labels))
+            })
+            .collect()
+    }
+
+    /// One synchronous step over the samples `batch`; the samples of
+    /// `next`, the batch of the following step, are sent during it. Returns
+    /// the step's tally and its L2 penalty.
+    async fn train_step(
+        &mut self,
+        batch: &[u32],
+        next: Option<&[u32]>,
+        lr: f64,
+    ) -> Result<(Tally, f64)> {
         let phase = format!("step {}", self.step);
         self.cluster.ensure_min(&phase).await?;
         let started = Instant::now();
         let shares = self.cluster.shares(batch.len());
+        let ahead = self
+            .ahead
+            .take()
+            .is_some_and(|(step, cut)| step == self.step && cut == shares);
         let mut tasks = Vec::with_capacity(shares.len());
         let mut owners = Vec::with_capacity(shares.len());
-        let mut offset = 0;
-        for (part, &(node, count)) in shares.iter().enumerate() {
+        for (part, (node, samples)) in self.cut(self.step, batch, &shares).into_iter().enumerate() {
             let seed = Rng::derive(self.config.seed, &[0xD0, self.step, part as u64]).next_u64();
-            let (mut images, labels) = self.train.gather(&batch[offset..offset + count]);
-            if self.config.augment {
-                // Drawn per sample where the batch is cut into shares, so
-                // every node gets the same pixels for a sample whatever the
-                // split, and nodes stay unaware of augmentation.
-                data::augment::augment_batch(
-                    &mut images,
-                    self.config.seed,
-                    self.step,
-                    offset as u64,
-                );
-            }
             tasks.push(Task::Train {
-                samples: samples(images, labels),
+                samples,
                 seed,
+                ahead,
             });
             owners.push(node);
-            offset += count;
+        }
+        if let Some(next) = next {
+            // Cut as this step's shares would cut it; if the next step's
+            // shares differ (a node came or went, --balance moved them),
+            // its tasks carry their samples after all.
+            let cut = self.cluster.shares(next.len());
+            let parts = self
+                .cut(self.step + 1, next, &cut)
+                .into_iter()
+                .enumerate()
+                .map(|(part, (node, samples))| (node, part, samples))
+                .collect();
+            self.cluster.queue_ahead(self.step + 1, parts);
+            self.ahead = Some((self.step + 1, cut));
         }
         let work = Work {
             phase: &phase,

@@ -13,7 +13,7 @@ use proto::v1::node_message::Kind as Out;
 use proto::v1::SharedMemory;
 use proto::v1::{
     BufferKind, EvalResult, EvalTask, Hello, JoinReply, JoinRequest, NodeError as WireError,
-    NodeMessage, Received, Samples, TensorSpec, TrainResult, TrainTask,
+    NodeMessage, Received, Samples, SamplesAhead, TensorSpec, TrainResult, TrainTask,
 };
 use proto::{apply_delta, Buffer, ChunkReceiver, Chunker, ErrorFeedback, Wire};
 use tokio::sync::mpsc;
@@ -344,6 +344,8 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
             "emulating compute: every step waits instead of training (benchmarks only)"
         );
     }
+    // The samples of a coming step's part, sent during the current one.
+    let mut ahead: Option<SamplesAhead> = None;
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -363,12 +365,31 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                     session.send(Out::Received(Received { version })).await?;
                 }
             }
-            Some(In::Train(task)) => {
+            Some(In::Ahead(a)) => {
+                telemetry::received(
+                    a.samples
+                        .as_ref()
+                        .map_or(0, |s| s.images.len() + s.labels.len()),
+                );
+                ahead = Some(a);
+            }
+            Some(In::Train(mut task)) => {
                 telemetry::received(
                     task.samples
                         .as_ref()
                         .map_or(0, |s| s.images.len() + s.labels.len()),
                 );
+                if task.samples_ahead {
+                    task.samples = match ahead.take() {
+                        Some(a) if a.step == task.step && a.part == task.part => a.samples,
+                        _ => {
+                            return Err(NodeError::Protocol(format!(
+                                "step {} part {}: the samples were to come ahead, and did not",
+                                task.step, task.part
+                            )))
+                        }
+                    };
+                }
                 let step = task.step;
                 let outcome = async {
                     let shared = task.shared_memory;

@@ -48,6 +48,7 @@ fn tasks(sizes: &[u32]) -> Vec<Task> {
         .iter()
         .enumerate()
         .map(|(part, &n)| Task::Train {
+            ahead: false,
             samples: samples(vec![part as u8; n as usize * 3072], vec![0; n as usize]),
             seed: part as u64,
         })
@@ -487,4 +488,108 @@ async fn weights_go_to_one_node_at_a_time() {
         assert_eq!(got.iter().map(|g| g[0]).collect::<Vec<_>>(), want);
         assert!(got.iter().all(|g| g.len() == 2));
     }
+}
+
+/// Samples queued ahead go out during the step before, once the weights
+/// are out; the step's tasks then leave them out for the nodes that have
+/// them, and carry them again when nothing was sent ahead.
+#[tokio::test(start_paused = true)]
+async fn samples_sent_ahead_are_not_sent_again() {
+    // A fake that keeps what came ahead and answers for it; returns, per
+    // task, (step, part, samples_ahead, samples in the task).
+    fn keeper(
+        node: u64,
+        mut inbox: Inbox,
+        events: mpsc::Sender<Event>,
+    ) -> tokio::task::JoinHandle<Vec<(u64, u32, bool, bool)>> {
+        tokio::spawn(async move {
+            let (mut got, mut ahead) = (Vec::new(), None);
+            while let Some(Ok(msg)) = inbox.recv().await {
+                match msg.kind {
+                    Some(Out::Chunk(c)) => {
+                        if let Some(version) = last_chunk(&c) {
+                            let _ = events.send(Event::Received { node, version }).await;
+                        }
+                    }
+                    Some(Out::Ahead(a)) => ahead = Some(a),
+                    Some(Out::Train(t)) => {
+                        got.push((t.step, t.part, t.samples_ahead, t.samples.is_some()));
+                        let samples = match t.samples {
+                            Some(s) => s,
+                            None => match ahead.take() {
+                                Some(a) if a.step == t.step && a.part == t.part => {
+                                    a.samples.expect("samples")
+                                }
+                                _ => panic!("no samples for step {} part {}", t.step, t.part),
+                            },
+                        };
+                        let _ = events
+                            .send(answer(node, t.step, t.part, samples.count))
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+            got
+        })
+    }
+    let (mut cluster, events) = cluster(1);
+    let mut fakes = Vec::new();
+    for node in 0..2 {
+        let inbox = join(&events, node, 64).await;
+        fakes.push(keeper(node, inbox, events.clone()));
+    }
+    cluster.wait_for(2, Some(TIMEOUT), "--nodes").await.unwrap();
+    let weights = vec![0.5f32; WEIGHTS];
+    let with_ahead = |ahead: bool| {
+        let mut t = tasks(&[3, 2]);
+        for task in &mut t {
+            if let Task::Train { ahead: a, .. } = task {
+                *a = ahead;
+            }
+        }
+        t
+    };
+    let next = tasks(&[3, 2]);
+    cluster.queue_ahead(
+        2,
+        vec![
+            (0, 0, next[0].samples().clone()),
+            (1, 1, next[1].samples().clone()),
+        ],
+    );
+    cluster
+        .run(&work(1, &weights), &with_ahead(false), &[0, 1])
+        .await
+        .unwrap();
+    let (answers, _) = cluster
+        .run(&work(2, &weights), &with_ahead(true), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 2, "both answered for the samples they had");
+    // Nothing was sent ahead for step 3: its samples travel with the tasks.
+    cluster
+        .run(&work(3, &weights), &with_ahead(true), &[0, 1])
+        .await
+        .unwrap();
+    drop(cluster);
+    let mut got = Vec::new();
+    for f in fakes {
+        got.push(f.await.unwrap());
+    }
+    assert_eq!(
+        got,
+        vec![
+            vec![
+                (1, 0, false, true),
+                (2, 0, true, false),
+                (3, 0, false, true)
+            ],
+            vec![
+                (1, 1, false, true),
+                (2, 1, true, false),
+                (3, 1, false, true)
+            ],
+        ]
+    );
 }
