@@ -261,3 +261,37 @@ fn a_member_that_stops_reading_is_evicted_within_the_step_timeout() {
     assert!(wait(&mut honest, Duration::from_secs(30), "honest node").success());
     drop(stream);
 }
+
+/// A node on gRPC that never says it received its weights holds the next
+/// node's weights up only for the receive wait: the run trains every sample
+/// of every epoch, both nodes stay members, and both finish cleanly.
+#[test]
+fn a_node_that_never_acknowledges_its_weights_delays_nothing_for_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let history = dir.path().join("h.json");
+    let args = coordinator_args(
+        data.to_str().unwrap(),
+        "2",
+        "2",
+        &["--history", history.to_str().unwrap(), "--shm-dir", "off"],
+    );
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let (mut mute, mute_lines) = node(&addr, &["--fault", "no-receipt"]);
+    let (mut good, _) = node(&addr, &[]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert_eq!(epoch_samples(&lines), vec![200, 200]);
+    history_is_sane(&history);
+    assert!(!lines.text().contains("evicted"), "{}", lines.text());
+    assert!(
+        wait(&mut mute, Duration::from_secs(30), "mute node").success(),
+        "{}",
+        mute_lines.text()
+    );
+    assert!(wait(&mut good, Duration::from_secs(30), "good node").success());
+}

@@ -80,6 +80,8 @@ pub enum Fault {
     LieAboutCounts,
     /// Answers every training task with the wrong step number.
     WrongStep,
+    /// Never says it received the weights (`Received`).
+    NoReceipt,
 }
 
 impl std::str::FromStr for Fault {
@@ -91,13 +93,14 @@ impl std::str::FromStr for Fault {
             "huge-gradient" => return Ok(Fault::HugeGradient),
             "lie-about-counts" => return Ok(Fault::LieAboutCounts),
             "wrong-step" => return Ok(Fault::WrongStep),
+            "no-receipt" => return Ok(Fault::NoReceipt),
             _ => {}
         }
         if let Some(ms) = s.strip_prefix("slow=").and_then(|ms| ms.parse().ok()) {
             return Ok(Fault::Slow(Duration::from_millis(ms)));
         }
         Err(format!(
-            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step or slow=MILLISECONDS"
+            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step, no-receipt or slow=MILLISECONDS"
         ))
     }
 }
@@ -362,7 +365,9 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                     let version = buffer.version;
                     receive(buffer, &mut copy)?;
                     // Lets the coordinator start on the next node's weights.
-                    session.send(Out::Received(Received { version })).await?;
+                    if session.fault != Some(Fault::NoReceipt) {
+                        session.send(Out::Received(Received { version })).await?;
+                    }
                 }
             }
             Some(In::Ahead(a)) => {
