@@ -78,6 +78,15 @@ fn last_chunk(c: &proto::v1::Chunk) -> Option<u64> {
     (c.offset + c.data.len() as u64 / 4 == c.total_elements).then_some(c.version)
 }
 
+/// What each fake returned, in node order (once the cluster let them go).
+async fn outcomes<T>(fakes: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut got = Vec::new();
+    for f in fakes {
+        got.push(f.await.unwrap());
+    }
+    got
+}
+
 /// How a fake node behaves once it has a task.
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {
@@ -481,10 +490,7 @@ async fn weights_go_to_one_node_at_a_time() {
             .await
             .unwrap();
         drop(cluster);
-        let mut got = Vec::new();
-        for f in fakes {
-            got.push(f.await.unwrap());
-        }
+        let got = outcomes(fakes).await;
         assert_eq!(got.iter().map(|g| g[0]).collect::<Vec<_>>(), want);
         assert!(got.iter().all(|g| g.len() == 2));
     }
@@ -573,12 +579,8 @@ async fn samples_sent_ahead_are_not_sent_again() {
         .await
         .unwrap();
     drop(cluster);
-    let mut got = Vec::new();
-    for f in fakes {
-        got.push(f.await.unwrap());
-    }
     assert_eq!(
-        got,
+        outcomes(fakes).await,
         vec![
             vec![
                 (1, 0, false, true),
