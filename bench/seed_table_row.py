@@ -110,6 +110,50 @@ def agreement(out):
     return lines
 
 
+PLAIN = ["simple-cnn", "complex-cnn"]
+RESNETS = ["resnet20", "resnet20-dropout", "resnet50-dropout"]
+
+
+def question(out):
+    """The study's question, "can a ResNet beat the plain CNN on CIFAR-10?",
+    answered from the histories at hand, without and with augmentation:
+    the best test accuracy of each family, and which family leads."""
+    lines = []
+    for suffix, label in (("", "without augmentation"), ("-augment", "with `--augment`")):
+        best = {}
+        for m in PLAIN + RESNETS:
+            h = load(os.path.join(out, f"{m}{suffix}.json"))
+            val = (h or {}).get("val_accuracy", [])
+            if val:
+                best[m] = (max(val), len(val))
+        plain = [(best[m][0], m) for m in PLAIN if m in best]
+        resnet = [(best[m][0], m) for m in RESNETS if m in best]
+        if not plain or not resnet:
+            have = ", ".join(f"{m}{suffix}" for m in best) or "no run yet"
+            lines.append(f"- {label}: not answered yet (trained so far: {have}).")
+            continue
+        (p, pm), (r, rm) = max(plain), max(resnet)
+        runs = "; ".join(f"{m}{suffix} {v:.4f} after {e} epochs" for m, (v, e) in best.items())
+        verdict = "beats" if r > p else "does not beat"
+        missing = [f"{m}{suffix}" for m in PLAIN + RESNETS if m not in best]
+        pending = f" Not trained yet: {', '.join(missing)}." if missing else ""
+        lines.append(
+            f"- {label}: the best ResNet ({rm}, {r:.4f}) {verdict} the best plain CNN "
+            f"({pm}, {p:.4f}) by {100 * (r - p):+.1f} points (best test accuracy so far: "
+            f"{runs}).{pending}"
+        )
+    return lines
+
+
+QUESTION_HEADER = """
+## Can a ResNet beat the plain CNN on CIFAR-10?
+
+The study's question, answered from the curves above (best test accuracy of
+each run so far; rows in progress can still move it):
+
+"""
+
+
 def main():
     if len(sys.argv) == 2:
         out, model = sys.argv[1], None
@@ -137,6 +181,7 @@ def main():
         notes = [NOTES[m] for m in ORDER if m in rows and m in NOTES]
         if notes:
             f.write("\n" + "\n\n".join(notes) + "\n")
+        f.write(QUESTION_HEADER + "\n".join(question(out)) + "\n")
         lines = agreement(out)
         if lines:
             f.write(AGREEMENT_HEADER + "\n".join(lines) + "\n")
