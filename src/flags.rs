@@ -581,12 +581,14 @@ mod tests {
             "--checkpoint-dir",
             "/tmp/x",
             "--resume",
+            "--augment",
         ])
         .unwrap()
         .command
         else {
             panic!("not run")
         };
+        assert!(run.train.augment);
         let args = run.train.to_args();
         let mut argv = vec!["coordinator".to_string()];
         argv.extend(args);
