@@ -30,6 +30,9 @@ PY=$ROOT/bench/.venv/bin/python
 [ -x "$PY" ] || { echo "no $PY: run bench/setup-venv.sh first" >&2; exit 2; }
 OUT=$ROOT/docs/seed-table
 mkdir -p "$OUT/pytorch"
+# A long run that may share the machine with another (a seed-table run): the
+# OpenMP threads sleep when idle instead of spinning on cores others need.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 "$PY" "$ROOT/bench/pytorch_reference.py" --train "$MODEL" --epochs "$EPOCHS" \
   --threads "$THREADS" --data "$DATA" --history "$OUT/pytorch/$MODEL.json"
 python3 "$ROOT/bench/seed_table_row.py" "$OUT"
