@@ -9,6 +9,11 @@
 //!   rest;
 //! - `avx2`: the direct kernels in AVX2 even where AVX-512 is present (as on
 //!   a CPU without it; refused on a CPU without AVX2 and FMA);
+//! - `measure`: as `auto`, but on a CPU with both AVX-512 and AVX2 each
+//!   convolution shape takes the faster of the two, timed once at its first
+//!   use (`GRADCAST_KERNEL_PROFILE=1` prints the timings and the choice). A
+//!   choice always gives the same bits, but the choice itself can differ
+//!   from run to run, so `measure` gives up bit-reproducible runs;
 //! - `portable`: as if the CPU had neither (the portable direct path and
 //!   im2col + gemm);
 //! - `im2col`: im2col + gemm only.
@@ -29,6 +34,8 @@ pub enum KernelPath {
     Auto,
     /// The direct kernels in AVX2 vectors.
     Avx2,
+    /// Per shape, the faster of the AVX-512 and AVX2 kernels.
+    Measure,
     /// No AVX-512 kernels.
     Portable,
     /// im2col + gemm only, no direct path.
@@ -41,6 +48,7 @@ impl KernelPath {
         match s.trim().to_ascii_lowercase().as_str() {
             "" | "auto" => Some(Self::Auto),
             "avx2" => Some(Self::Avx2),
+            "measure" => Some(Self::Measure),
             "portable" => Some(Self::Portable),
             "im2col" => Some(Self::Im2col),
             _ => None,
@@ -59,7 +67,7 @@ pub fn kernel_path() -> KernelPath {
     *PATH.get_or_init(|| match std::env::var(KERNEL_PATH_VAR) {
         Err(_) => KernelPath::Auto,
         Ok(v) => KernelPath::parse(&v).unwrap_or_else(|| {
-            panic!("{KERNEL_PATH_VAR}={v:?}: expected auto, avx2, portable or im2col")
+            panic!("{KERNEL_PATH_VAR}={v:?}: expected auto, measure, avx2, portable or im2col")
         }),
     })
 }
@@ -81,12 +89,18 @@ pub enum Isa {
 /// When `avx2` is forced on a CPU without AVX2 and FMA.
 pub fn direct_isa() -> Option<Isa> {
     match kernel_path() {
-        KernelPath::Auto if cpu_has_avx512() => Some(Isa::Avx512),
-        KernelPath::Auto if cpu_has_avx2() => Some(Isa::Avx2),
+        KernelPath::Auto | KernelPath::Measure if cpu_has_avx512() => Some(Isa::Avx512),
+        KernelPath::Auto | KernelPath::Measure if cpu_has_avx2() => Some(Isa::Avx2),
         KernelPath::Avx2 if cpu_has_avx2() => Some(Isa::Avx2),
         KernelPath::Avx2 => panic!("{KERNEL_PATH_VAR}=avx2, but this CPU has no AVX2 and FMA"),
         _ => None,
     }
+}
+
+/// Whether each shape's vectors are chosen by timing (`measure`, on a CPU
+/// that has both).
+pub(crate) fn measuring() -> bool {
+    kernel_path() == KernelPath::Measure && cpu_has_avx512() && cpu_has_avx2()
 }
 
 /// Whether a direct (im2col-free) path may be taken at all.
@@ -129,6 +143,7 @@ mod tests {
         assert_eq!(KernelPath::parse("Portable"), Some(KernelPath::Portable));
         assert_eq!(KernelPath::parse(" im2col "), Some(KernelPath::Im2col));
         assert_eq!(KernelPath::parse("AVX2"), Some(KernelPath::Avx2));
+        assert_eq!(KernelPath::parse("measure"), Some(KernelPath::Measure));
         assert_eq!(KernelPath::parse("im2co1"), None);
         assert_eq!(KernelPath::parse("avx512"), None);
     }
@@ -141,8 +156,10 @@ mod tests {
             .unwrap_or(KernelPath::Auto);
         assert_eq!(kernel_path(), wanted);
         let isa = match wanted {
-            KernelPath::Auto if cpu_has_avx512() => Some(Isa::Avx512),
-            KernelPath::Auto | KernelPath::Avx2 if cpu_has_avx2() => Some(Isa::Avx2),
+            KernelPath::Auto | KernelPath::Measure if cpu_has_avx512() => Some(Isa::Avx512),
+            KernelPath::Auto | KernelPath::Measure | KernelPath::Avx2 if cpu_has_avx2() => {
+                Some(Isa::Avx2)
+            }
             _ => None,
         };
         assert_eq!(direct_isa(), isa);

@@ -48,6 +48,73 @@ pub(crate) fn isa() -> Option<Isa> {
     crate::path::direct_isa()
 }
 
+/// The vectors for the kernels of shape `g`: this process's ([`isa`]), or
+/// with `GRADCAST_KERNEL_PATH=measure` the faster of AVX-512 and AVX2 for
+/// this shape, timed on its forward at its first use and kept for the
+/// process.
+fn isa_for(g: &Wide) -> Option<Isa> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    if !crate::path::measuring() {
+        return isa();
+    }
+    type Key = [usize; 9];
+    static CHOICES: OnceLock<Mutex<HashMap<Key, Isa>>> = OnceLock::new();
+    let key = [g.cin, g.cout, g.s, g.wp, g.kh, g.kw, g.l, g.stride, g.sp];
+    let choices = CHOICES.get_or_init(Default::default);
+    // (A poisoned map only means another thread panicked mid-choice: its
+    // entries are still whole.)
+    let mut choices = choices.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&isa) = choices.get(&key) {
+        return Some(isa);
+    }
+    let (isa, timings) = time_isas(g);
+    if std::env::var_os("GRADCAST_KERNEL_PROFILE").is_some() {
+        eprintln!("PROF choice {isa:?} ({timings}) {g:?}");
+    }
+    choices.insert(key, isa);
+    Some(isa)
+}
+
+/// Times the forward of shape `g` in both widths on zeros (three runs each,
+/// the best kept); returns the faster and the timings for the log.
+#[cfg(target_arch = "x86_64")]
+fn time_isas(g: &Wide) -> (Isa, String) {
+    let xp = vec![0f32; g.cin * g.s];
+    let w = vec![0f32; packed_len(g.cin, g.taps(), g.cout)];
+    let mut out = vec![0f32; g.cout * g.l];
+    g.check(xp.len());
+    let mut best = |isa: Isa| {
+        (0..3)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                // SAFETY: `measuring` checked that the CPU has both widths,
+                // and `check` bounds every access of the buffers made above.
+                unsafe {
+                    match isa {
+                        Isa::Avx512 => avx512::forward(g, &xp, &w, &mut out),
+                        Isa::Avx2 => avx2::forward(g, &xp, &w, &mut out),
+                    }
+                }
+                started.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    };
+    let (wide, narrow) = (best(Isa::Avx512), best(Isa::Avx2));
+    let isa = if narrow < wide {
+        Isa::Avx2
+    } else {
+        Isa::Avx512
+    };
+    (isa, format!("avx512 {wide:?}, avx2 {narrow:?}"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn time_isas(_: &Wide) -> (Isa, String) {
+    unreachable!("measuring needs x86-64")
+}
+
 /// Whether these kernels run here: the CPU has AVX-512F, or AVX2 and FMA,
 /// and `GRADCAST_KERNEL_PATH` does not turn them off.
 pub(crate) fn available() -> bool {
@@ -145,10 +212,10 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
     );
     assert!(out.len() >= g.cout * g.l, "output too short");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa` only names vectors the CPU has, and `check` bounds every
+    // SAFETY: `isa_for` only names vectors the CPU has, and `check` bounds every
     // access.
     unsafe {
-        match isa() {
+        match isa_for(g) {
             Some(Isa::Avx512) => return avx512::forward(g, xp, w, out),
             Some(Isa::Avx2) => return avx2::forward(g, xp, w, out),
             None => {}
@@ -194,7 +261,7 @@ pub(crate) fn weight_grad(
             dy.as_ptr().sub((images - 1) * ds),
         );
         let n = (images, xs, ds, dc);
-        match isa() {
+        match isa_for(g) {
             Some(Isa::Avx512) => return avx512::weight_grad(g, n, xp, dy, dw, lanes),
             Some(Isa::Avx2) => return avx2::weight_grad(g, n, xp, dy, dw, lanes),
             None => {}
@@ -253,12 +320,12 @@ pub(crate) fn weight_grad_gemm(
     assert!(dw.len() >= g.cin * g.taps() * g.cout);
     g.check(g.cin * g.s);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa` only names vectors the CPU has, and the asserts bound
+    // SAFETY: `isa_for` only names vectors the CPU has, and the asserts bound
     // every access: each image's planes and transposed gradient, and `dw`
     // (tails masked).
     unsafe {
         let (n, xp, t) = ((images, xs, ts), xp.as_ptr(), t.as_ptr());
-        match isa() {
+        match isa_for(g) {
             Some(Isa::Avx512) => return avx512::weight_grad_gemm(g, n, xp, t, dw),
             Some(Isa::Avx2) => return avx2::weight_grad_gemm(g, n, xp, t, dw),
             None => {}
