@@ -641,6 +641,8 @@ impl Cluster {
                 };
                 info!(part, node, "{phase}: giving part {part} to node {node}");
                 telemetry::reassigned();
+                // A part still waiting for its turn goes now, and only now.
+                staggered.queue.retain(|&p| p != part);
                 if self.assign(node, part, &tasks[part], work).await {
                     owner[part] = Some(node);
                     since[part] = Instant::now();

@@ -595,3 +595,68 @@ async fn samples_sent_ahead_are_not_sent_again() {
         ]
     );
 }
+
+/// A part waiting for its turn whose node leaves is given to another node
+/// once, not again when its turn comes.
+#[tokio::test(start_paused = true)]
+async fn a_queued_part_whose_node_leaves_is_computed_once() {
+    let (mut cluster, events) = cluster(1);
+    // Node 0 takes 50 ms to acknowledge its weights and answers every task
+    // it gets 100 ms later; node 1 leaves as soon as it has joined.
+    let mut inbox = join(&events, 0, 64).await;
+    let _gone = join(&events, 1, 64).await;
+    let tx = events.clone();
+    let fake = tokio::spawn(async move {
+        let mut parts = Vec::new();
+        while let Some(Ok(msg)) = inbox.recv().await {
+            match msg.kind {
+                Some(Out::Chunk(c)) => {
+                    if let Some(version) = last_chunk(&c) {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let _ = tx.send(Event::Received { node: 0, version }).await;
+                        });
+                    }
+                }
+                Some(Out::Train(t)) => {
+                    parts.push((t.step, t.part));
+                    let count = t.samples.map_or(0, |s| s.count);
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = tx.send(answer(0, t.step, t.part, count)).await;
+                    });
+                }
+                _ => {}
+            }
+        }
+        parts
+    });
+    cluster.wait_for(2, Some(TIMEOUT), "--nodes").await.unwrap();
+    let weights = vec![0.5f32; WEIGHTS];
+    // Node 1 leaves while its part waits behind node 0's weights.
+    let leave = events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = leave
+            .send(Event::Left {
+                node: 1,
+                reason: "gone".into(),
+            })
+            .await;
+    });
+    let (answers, _) = cluster
+        .run(&work(1, &weights), &tasks(&[2, 2]), &[0, 1])
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 2);
+    // The next step runs without a late, repeated answer for step 1.
+    cluster
+        .run(&work(2, &weights), &tasks(&[4]), &[0])
+        .await
+        .unwrap();
+    assert_eq!(cluster.len(), 1, "node 0 must still be a member");
+    drop(cluster);
+    assert_eq!(fake.await.unwrap(), vec![(1, 0), (1, 1), (2, 0)]);
+}
