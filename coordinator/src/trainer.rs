@@ -275,10 +275,18 @@ struct Trainer {
     grads: Vec<f32>,
     /// The runs of trainable parameters with L2 regularisation.
     l2: Vec<L2Range>,
-    /// The step whose samples were sent ahead, and the shares they were
-    /// cut by: the step's tasks go without samples where its shares are
-    /// the same.
-    ahead: Option<(u64, Vec<(u64, usize)>)>,
+    /// The next step's samples, cut and sent to the nodes during the
+    /// current step.
+    ahead: Option<Ahead>,
+}
+
+/// A step's samples as they were cut (and sent) a step ahead: if the step's
+/// shares are still these, its tasks reuse them and go without samples.
+struct Ahead {
+    step: u64,
+    shares: Vec<(u64, usize)>,
+    /// One per share, in part order.
+    samples: Vec<Samples>,
 }
 
 impl Trainer {
@@ -516,12 +524,12 @@ impl Trainer {
     }
 
     /// The samples of each share of `batch` in step `step` (augmented if
-    /// asked), with the share's node.
-    fn cut(&self, step: u64, batch: &[u32], shares: &[(u64, usize)]) -> Vec<(u64, Samples)> {
+    /// asked), in part order.
+    fn cut(&self, step: u64, batch: &[u32], shares: &[(u64, usize)]) -> Vec<Samples> {
         let mut offset = 0;
         shares
             .iter()
-            .map(|&(node, count)| {
+            .map(|&(_, count)| {
                 let (mut images, labels) = self.train.gather(&batch[offset..offset + count]);
                 if self.config.augment {
                     // Drawn per sample where the batch is cut into shares,
@@ -536,7 +544,7 @@ impl Trainer {
                     );
                 }
                 offset += count;
-                (node, samples(images, labels))
+                samples(images, labels)
             })
             .collect()
     }
@@ -554,13 +562,19 @@ impl Trainer {
         self.cluster.ensure_min(&phase).await?;
         let started = Instant::now();
         let shares = self.cluster.shares(batch.len());
-        let ahead = self
+        // The samples cut a step ahead, if they were cut by these shares.
+        let kept = self
             .ahead
             .take()
-            .is_some_and(|(step, cut)| step == self.step && cut == shares);
+            .filter(|a| a.step == self.step && a.shares == shares);
+        let ahead = kept.is_some();
+        let cut = match kept {
+            Some(a) => a.samples,
+            None => self.cut(self.step, batch, &shares),
+        };
         let mut tasks = Vec::with_capacity(shares.len());
         let mut owners = Vec::with_capacity(shares.len());
-        for (part, (node, samples)) in self.cut(self.step, batch, &shares).into_iter().enumerate() {
+        for (part, (&(node, _), samples)) in shares.iter().zip(cut).enumerate() {
             let seed = Rng::derive(self.config.seed, &[0xD0, self.step, part as u64]).next_u64();
             tasks.push(Task::Train {
                 samples,
@@ -572,16 +586,21 @@ impl Trainer {
         if let Some(next) = next {
             // Cut as this step's shares would cut it; if the next step's
             // shares differ (a node came or went, --balance moved them),
-            // its tasks carry their samples after all.
-            let cut = self.cluster.shares(next.len());
-            let parts = self
-                .cut(self.step + 1, next, &cut)
-                .into_iter()
+            // it cuts again and its tasks carry their samples.
+            let shares = self.cluster.shares(next.len());
+            let samples = self.cut(self.step + 1, next, &shares);
+            let parts = shares
+                .iter()
+                .zip(&samples)
                 .enumerate()
-                .map(|(part, (node, samples))| (node, part, samples))
+                .map(|(part, (&(node, _), s))| (node, part, s.clone()))
                 .collect();
             self.cluster.queue_ahead(self.step + 1, parts);
-            self.ahead = Some((self.step + 1, cut));
+            self.ahead = Some(Ahead {
+                step: self.step + 1,
+                shares,
+                samples,
+            });
         }
         let work = Work {
             phase: &phase,

@@ -255,11 +255,15 @@ fn parallelism(threads: usize) -> gemm::Parallelism {
 /// `PROF <op> <ms> <shape>` line per kernel call (a profiling aid).
 pub(crate) struct Prof(&'static str, String, std::time::Instant);
 
+/// Whether `GRADCAST_KERNEL_PROFILE` asks for timing lines (read once).
+pub(crate) fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("GRADCAST_KERNEL_PROFILE").is_some())
+}
+
 impl Prof {
     pub(crate) fn new(what: &'static str, shape: &impl std::fmt::Debug) -> Option<Self> {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        ON.get_or_init(|| std::env::var_os("GRADCAST_KERNEL_PROFILE").is_some())
-            .then(|| Prof(what, format!("{shape:?}"), std::time::Instant::now()))
+        profiling().then(|| Prof(what, format!("{shape:?}"), std::time::Instant::now()))
     }
 }
 

@@ -58,21 +58,19 @@ fn isa_for(g: &Wide) -> Option<Isa> {
     if !crate::path::measuring() {
         return isa();
     }
-    type Key = [usize; 9];
-    static CHOICES: OnceLock<Mutex<HashMap<Key, Isa>>> = OnceLock::new();
-    let key = [g.cin, g.cout, g.s, g.wp, g.kh, g.kw, g.l, g.stride, g.sp];
+    static CHOICES: OnceLock<Mutex<HashMap<Wide, Isa>>> = OnceLock::new();
     let choices = CHOICES.get_or_init(Default::default);
     // (A poisoned map only means another thread panicked mid-choice: its
     // entries are still whole.)
     let mut choices = choices.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&isa) = choices.get(&key) {
+    if let Some(&isa) = choices.get(g) {
         return Some(isa);
     }
     let (isa, timings) = time_isas(g);
-    if std::env::var_os("GRADCAST_KERNEL_PROFILE").is_some() {
+    if crate::profiling() {
         eprintln!("PROF choice {isa:?} ({timings}) {g:?}");
     }
-    choices.insert(key, isa);
+    choices.insert(*g, isa);
     Some(isa)
 }
 
@@ -122,7 +120,7 @@ pub(crate) fn available() -> bool {
 }
 
 /// Shapes shared by both kernels.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Wide {
     /// Input channels.
     pub cin: usize,
