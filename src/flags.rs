@@ -79,6 +79,9 @@ pub enum Command {
     Node(NodeArgs),
     /// Run a whole cluster on this host: a coordinator and N node processes.
     Run(RunArgs),
+    /// Run a shard aggregator: averages and optimises one slice of the
+    /// weights for a coordinator started with --aggregators.
+    Aggregator(AggregatorArgs),
     /// Write a small synthetic data set in the CIFAR-10 binary layout (for smoke tests).
     Synthetic(SyntheticArgs),
     /// Test loss, accuracy and per-class accuracy of a checkpoint.
@@ -400,8 +403,31 @@ pub struct CoordinatorArgs {
     /// `gradcast run` learns it).
     #[arg(long, hide = true)]
     pub address_file: Option<PathBuf>,
+    /// Shard aggregators (`gradcast aggregator`), as URLs reachable from
+    /// here and from every node, comma-separated: aggregator k averages and
+    /// optimises slice k of the weights, and nodes exchange gradients and
+    /// weights with them instead of with the coordinator (for clusters
+    /// whose coordinator link would carry N copies of the model per step).
+    #[arg(long, env = "GRADCAST_AGGREGATORS", value_delimiter = ',')]
+    pub aggregators: Vec<String>,
     #[command(flatten)]
     pub train: TrainArgs,
+}
+
+#[derive(Args)]
+pub struct AggregatorArgs {
+    /// Address to listen on for the coordinator and the nodes (port 0 picks a free one; printed).
+    #[arg(long, env = "GRADCAST_LISTEN", default_value = "0.0.0.0:50061")]
+    pub listen: String,
+    /// Cluster token every call must present (also read from GRADCAST_TOKEN).
+    #[arg(long, env = "GRADCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9102; port 0 picks one).
+    #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Also write the bound address to this file, once listening.
+    #[arg(long, hide = true)]
+    pub address_file: Option<PathBuf>,
 }
 
 #[derive(Args)]

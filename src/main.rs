@@ -23,7 +23,9 @@ use coordinator::TrainConfig;
 use data::Dataset;
 use model::ModelSpec;
 
-use flags::{Cli, Command, CoordinatorArgs, DataAction, NodeArgs, PlotArgs, TrainArgs};
+use flags::{
+    AggregatorArgs, Cli, Command, CoordinatorArgs, DataAction, NodeArgs, PlotArgs, TrainArgs,
+};
 
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -104,6 +106,7 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
     config.shared_memory = (t.shm_dir != "off").then(|| PathBuf::from(&t.shm_dir));
     config.wire = t.wire;
     config.augment = t.augment;
+    config.aggregators = args.aggregators.clone();
     if t.progress
         .bar(std::io::IsTerminal::is_terminal(&std::io::stderr()))
     {
@@ -205,6 +208,28 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn aggregator_main(args: AggregatorArgs) -> Result<ExitCode> {
+    runtime(2)?.block_on(async {
+        if let Some(addr) = &args.metrics_listen {
+            let bound = metrics_http::start(addr).await?;
+            coordinator::shard::aggregator::describe_metrics();
+            println!("metrics on http://{bound}/metrics");
+        }
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let bound = listener.local_addr()?;
+        println!("aggregator listening on {bound}");
+        if let Some(path) = &args.address_file {
+            launch::write_address(path, bound)?;
+        }
+        let token = args.token.clone().filter(|t| !t.is_empty());
+        coordinator::shard::aggregator::serve(listener, token, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn plot_main(a: PlotArgs) -> Result<ExitCode> {
     let mut histories = Vec::new();
     for (i, path) in a.histories.iter().enumerate() {
@@ -253,6 +278,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Coordinator(a) => coordinator_main(a),
         Command::Node(a) => node_main(a),
+        Command::Aggregator(a) => aggregator_main(a),
         Command::Run(a) => {
             launch::run_cluster(a.nodes, a.threads_per_node, a.metrics_port, &a.train)
         }

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::optimizer::GRADIENT_NORM_LIMIT;
 use crate::plane::SharedPlane;
 use crate::service::{Event, NodeInfo, Outbox, EVENT_QUEUE};
+use crate::shard::link::MemberNotice;
 use crate::task::{check, Answer, Task};
 use crate::telemetry;
 use crate::CoordinatorError;
@@ -159,6 +160,24 @@ pub(crate) struct Work<'a> {
     /// An evaluation's round (unused for training).
     pub round: u64,
     pub weights: &'a [f32],
+    /// The parts' numbers as nodes see them, when the tasks are some parts
+    /// of a step (run again elsewhere); None: task `i` is part `i`.
+    pub parts: Option<&'a [usize]>,
+}
+
+impl Work<'_> {
+    /// The number task `index` goes by.
+    fn part(&self, index: usize) -> usize {
+        self.parts.map_or(index, |p| p[index])
+    }
+
+    /// The task that goes by `part` (None if there is none).
+    fn index(&self, part: usize, n: usize) -> Option<usize> {
+        match self.parts {
+            Some(p) => p.iter().position(|&q| q == part),
+            None => (part < n).then_some(part),
+        }
+    }
 }
 
 /// The connected nodes and the events of the gRPC service.
@@ -180,6 +199,9 @@ pub(crate) struct Cluster {
     /// Samples of the next step to send once this step's weights are out:
     /// (node, step, part, samples).
     ahead: Vec<(u64, u64, usize, Samples)>,
+    /// With shard aggregators: tells them who the members are. Nodes then
+    /// get their weights from the aggregators, never from here.
+    shards: Option<MemberNotice>,
 }
 
 /// Parts whose nodes get their weights as chunks, waiting for the node
@@ -199,8 +221,10 @@ impl Cluster {
         limits: Limits,
         events: mpsc::Receiver<Event>,
         plane: Option<Arc<SharedPlane>>,
+        shards: Option<MemberNotice>,
     ) -> Self {
         Self {
+            shards,
             outgoing: Outgoing::new(limits.wire),
             limits,
             members: BTreeMap::new(),
@@ -245,6 +269,9 @@ impl Cluster {
     /// Whether `node` gets the weights of `version` as chunks (it is on
     /// gRPC and does not hold them yet).
     fn needs_chunks(&self, node: u64, version: u64) -> bool {
+        if self.shards.is_some() {
+            return false;
+        }
         match self.members.get(&node) {
             Some(m) => !(self.plane.is_some() && m.shared.is_some()) && m.held != Some(version),
             None => false,
@@ -305,7 +332,17 @@ impl Cluster {
         self.shared_memory_nodes
     }
 
-    fn admit(&mut self, node: u64, outbox: Outbox, info: NodeInfo, shared: Option<Arc<Segment>>) {
+    fn admit(
+        &mut self,
+        node: u64,
+        outbox: Outbox,
+        info: NodeInfo,
+        shared: Option<Arc<Segment>>,
+        secret: [u8; 16],
+    ) {
+        if let Some(notice) = &self.shards {
+            notice.send(node, &secret, true);
+        }
         let shared = shared.filter(|_| self.plane.is_some());
         self.shared_memory_nodes += usize::from(shared.is_some());
         info!(
@@ -334,6 +371,9 @@ impl Cluster {
     /// Forgets a node (it left, or is being evicted).
     fn remove(&mut self, node: u64, reason: &str) {
         if let Some(m) = self.members.remove(&node) {
+            if let Some(notice) = &self.shards {
+                notice.send(node, &[], false);
+            }
             warn!(node, host = %m.info.hostname, "node removed: {reason} ({} connected)", self.members.len());
             telemetry::node_info(node, &m.info.device, &m.info.hostname, false);
             telemetry::membership(self.members.len(), false);
@@ -374,7 +414,8 @@ impl Cluster {
                 outbox,
                 info,
                 shared,
-            } => self.admit(node, outbox, info, shared),
+                secret,
+            } => self.admit(node, outbox, info, shared, secret),
             Event::Left { node, reason } => self.remove(node, &reason),
             Event::Invalid { node, reason } => self.evict(node, &reason),
             other => return Some(other),
@@ -527,7 +568,7 @@ impl Cluster {
             _ => false,
         };
         let holds = self.members.get(&node).and_then(|m| m.held);
-        if !shared && holds != Some(work.version) {
+        if !shared && self.shards.is_none() && holds != Some(work.version) {
             let chunker = self.outgoing.chunks(work.version, work.weights, holds);
             telemetry::bytes(chunker.byte_len(), 0);
             for chunk in chunker.chunks() {
@@ -539,6 +580,7 @@ impl Cluster {
                 m.held = Some(work.version);
             }
         }
+        let part = work.part(part);
         // Samples the node got ahead are not sent again.
         let member_ahead = self.members.get_mut(&node).and_then(|m| m.ahead.take());
         let ahead = matches!(task, Task::Train { ahead: true, .. })
@@ -566,6 +608,11 @@ impl Cluster {
             }),
         };
         self.send(node, msg).await
+    }
+
+    /// The connected nodes, in id order.
+    pub(crate) fn members(&self) -> Vec<u64> {
+        self.members.keys().copied().collect()
     }
 
     /// The live node with the least outstanding work (lowest id on ties).
@@ -717,7 +764,7 @@ impl Cluster {
                         self.unexpected(node, &reason);
                         continue;
                     }
-                    let part = result.part as usize;
+                    let part = work.index(result.part as usize, n).unwrap_or(n);
                     let answer = Answer::Train {
                         result,
                         gradients,
@@ -735,7 +782,8 @@ impl Cluster {
                         self.unexpected(node, &reason);
                         continue;
                     }
-                    (node, result.part as usize, Answer::Eval(result))
+                    let part = work.index(result.part as usize, n).unwrap_or(n);
+                    (node, part, Answer::Eval(result))
                 }
                 Some(_) => continue,
             };

@@ -145,6 +145,12 @@ pub struct TrainConfig {
     /// and horizontal flip, drawn per sample from the seed, the step and the
     /// sample's place in the batch; see `data::augment`).
     pub augment: bool,
+    /// Shard aggregators (`gradcast aggregator` URLs, reachable from the
+    /// coordinator and from every node): aggregator *k* averages and
+    /// optimises slice *k* of the weights, and nodes exchange gradients and
+    /// weights with them instead of with the coordinator. Empty: the
+    /// coordinator does it all.
+    pub aggregators: Vec<String>,
 }
 
 impl fmt::Debug for TrainConfig {
@@ -184,6 +190,7 @@ impl TrainConfig {
             clip_norm: None,
             wire: proto::Wire::F32,
             augment: false,
+            aggregators: Vec::new(),
         }
     }
 }
@@ -204,6 +211,7 @@ impl TrainConfig {
             ("balance", self.balance.to_string()),
             ("wire", self.wire.to_string()),
             ("augment", self.augment.to_string()),
+            ("aggregators", self.aggregators.len().to_string()),
         ]
     }
 }

@@ -32,6 +32,9 @@ impl CoordinatorError {
 /// Why training stopped.
 #[derive(Debug, Error)]
 pub enum CoordinatorError {
+    /// A shard aggregator failed, left or broke the protocol.
+    #[error("{0}")]
+    Aggregator(String),
     /// The model could not be built.
     #[error(transparent)]
     Model(#[from] model::ModelError),

@@ -18,6 +18,7 @@ mod plane;
 mod progress;
 mod resume;
 mod service;
+pub mod shard;
 mod task;
 mod telemetry;
 mod trainer;

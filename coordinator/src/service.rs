@@ -60,6 +60,8 @@ pub(crate) enum Event {
         outbox: Outbox,
         info: NodeInfo,
         shared: Option<Arc<Segment>>,
+        /// Its session secret (shard aggregators check it too).
+        secret: [u8; 16],
     },
     /// A node's complete answer to a training step.
     Train {
@@ -111,6 +113,8 @@ pub(crate) struct Service {
     plane: Option<Arc<SharedPlane>>,
     /// How long a join may wait for its session ([`PENDING_TTL`]).
     pending_ttl: Duration,
+    /// Nodes send their gradients to shard aggregators.
+    sharded: bool,
 }
 
 impl Service {
@@ -125,11 +129,12 @@ impl Service {
             events,
             next_id: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
-            reply,
+            reply: reply.clone(),
             num_trainable,
             num_state,
             plane,
             pending_ttl: PENDING_TTL,
+            sharded: !reply.shards.is_empty(),
         }
     }
 }
@@ -316,6 +321,7 @@ impl Coordinator for Service {
             outbox,
             info: pending.info,
             shared: shared.clone(),
+            secret: pending.secret,
         };
         if events.send(joined).await.is_err() {
             return Err(Status::unavailable("training has ended"));
@@ -329,6 +335,7 @@ impl Coordinator for Service {
             num_trainable: self.num_trainable,
             num_state: self.num_state,
             shared,
+            sharded: self.sharded,
         };
         tokio::spawn(async move {
             let ended = reader.read(&mut inbound).await;
@@ -381,6 +388,8 @@ struct Reader {
     num_state: usize,
     /// The node's gradients segment, if it uses shared memory.
     shared: Option<Arc<Segment>>,
+    /// Answers go to shard aggregators, not over this stream.
+    sharded: bool,
 }
 
 impl Reader {
@@ -421,7 +430,20 @@ impl Reader {
                 }
                 Some(Kind::Train(result)) => {
                     let step = result.step;
-                    let (gradients, state) = if result.shared_memory {
+                    if result.sharded != self.sharded {
+                        return invalid(format!(
+                            "step {step}: result {} shard aggregators, but this run has {}",
+                            if result.sharded {
+                                "sent to"
+                            } else {
+                                "not sent to"
+                            },
+                            if self.sharded { "them" } else { "none" }
+                        ));
+                    }
+                    let (gradients, state) = if result.sharded {
+                        (Gradients::Sharded, Vec::new())
+                    } else if result.shared_memory {
                         let Some(slot) = &self.shared else {
                             return invalid(format!(
                                 "step {step}: result in shared memory, but this node has none"

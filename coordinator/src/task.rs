@@ -63,6 +63,8 @@ pub(crate) enum Gradients {
     /// In the node's shared-memory segment, as `version` (read in place by
     /// the averaging, and checked again after it).
     Shared { slot: Arc<Segment>, version: u64 },
+    /// Sent in slices to the shard aggregators (which check them).
+    Sharded,
 }
 
 impl Gradients {
@@ -72,6 +74,7 @@ impl Gradients {
         let norm = |v: &[f32]| crate::aggregate::sum_of_squares(v).sqrt();
         match self {
             Gradients::Owned(v) => norm(v),
+            Gradients::Sharded => 0.0,
             Gradients::Shared { slot, version } => match slot.view(*version) {
                 Ok(view) => {
                     let n = norm(view.values());

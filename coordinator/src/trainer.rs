@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use data::{epoch_order, Dataset, Rng};
 use model::{Device, Model, TensorInfo};
 use proto::v1::coordinator_server::CoordinatorServer;
-use proto::v1::{Dtype, JoinReply, TensorSpec};
+use proto::v1::{Commit, Dtype, JoinReply, PlannedPart, TensorSpec};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -24,6 +24,7 @@ use crate::optimizer::{from_buffer, new_optimizer};
 use crate::plane::SharedPlane;
 use crate::resume::{self, Position};
 use crate::service::{Service, TokenCheck, EVENT_QUEUE};
+use crate::shard::link::{Aggregators, Readiness};
 use crate::task::{samples, Answer, Gradients, Task};
 use crate::telemetry;
 use crate::{l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
@@ -35,6 +36,11 @@ type Result<T> = std::result::Result<T, CoordinatorError>;
 
 /// Test samples per evaluation task.
 const EVAL_PART: usize = 1000;
+/// How long the shard aggregators may take to have every slice of a step
+/// after its last answer came (then they are asked which they lack).
+const SHARD_WAIT: Duration = Duration::from_secs(10);
+/// How long the shard aggregators may take to send their slices back.
+const DUMP_WAIT: Duration = Duration::from_secs(300);
 /// Seconds between progress lines within an epoch.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -128,7 +134,34 @@ pub async fn serve(
         ..JoinReply::default()
     };
     let weights = model.weights()?;
+    let mut reply = reply;
+    let aggregators = if config.aggregators.is_empty() {
+        None
+    } else {
+        if config.wire != proto::Wire::F32 {
+            return Err(CoordinatorError::Config(
+                "--wire bf16 does not work with --aggregators yet; use --wire f32".into(),
+            ));
+        }
+        if security.tls.is_some() {
+            return Err(CoordinatorError::Config(
+                "TLS does not cover the shard aggregators yet; run --aggregators without --tls-cert (on a private network) or without aggregators".into(),
+            ));
+        }
+        let wait = config.join_timeout.unwrap_or(Duration::from_secs(120));
+        let aggregators = Aggregators::connect(
+            &config.aggregators,
+            security.token.as_deref(),
+            weights.len(),
+            wait,
+        )
+        .await?;
+        reply.shards = aggregators.shards();
+        Some(aggregators)
+    };
     let plane = match &config.shared_memory {
+        // Nodes exchange their weights and gradients with the aggregators.
+        Some(_) if aggregators.is_some() => None,
         Some(dir) => match SharedPlane::new(dir, weights.len(), num_trainable + num_state) {
             Ok(plane) => Some(Arc::new(plane)),
             Err(e) => {
@@ -148,7 +181,14 @@ pub async fn serve(
     };
     let mut trainer = Trainer {
         weights,
-        cluster: Cluster::new(limits, events, plane.clone()),
+        cluster: Cluster::new(
+            limits,
+            events,
+            plane.clone(),
+            aggregators.as_ref().map(Aggregators::notice),
+        ),
+        aggregators,
+        shard_iterations: 0,
         optimizer: new_optimizer(config.optimizer, num_trainable),
         num_trainable,
         params,
@@ -176,6 +216,21 @@ pub async fn serve(
     }
     drop(model);
     let position = trainer.restore()?;
+    if let Some(aggregators) = &trainer.aggregators {
+        trainer.shard_iterations = trainer.optimizer.iterations();
+        // A node may be given every part of a step (when the others are lost).
+        let max_parts = trainer.config.nodes.clamp(1, 1 << 16) as u32;
+        aggregators
+            .setup(
+                &trainer.weights,
+                trainer.num_trainable,
+                &trainer.l2,
+                trainer.optimizer.as_ref(),
+                trainer.step,
+                max_parts,
+            )
+            .await?;
+    }
     let token = TokenCheck::new(security.token.as_deref());
     let service = Service::new(events_tx, reply, num_trainable, num_state, plane);
     let mut builder = tonic::transport::Server::builder();
@@ -278,6 +333,12 @@ struct Trainer {
     /// The next step's samples, cut and sent to the nodes during the
     /// current step.
     ahead: Option<Ahead>,
+    /// Shard aggregators, when they hold the weights and the optimizer
+    /// (`weights` and `optimizer` here are then brought up to date only for
+    /// checkpoints and the end: see [`Trainer::sync_shards`]).
+    aggregators: Option<Aggregators>,
+    /// Updates the aggregators applied.
+    shard_iterations: u64,
 }
 
 /// A step's samples as they were cut (and sent) a step ahead: if the step's
@@ -415,6 +476,7 @@ impl Trainer {
                 }
                 let every = self.config.checkpoint_every;
                 if every > 0 && self.step.is_multiple_of(every) && i + 1 < steps_per_epoch {
+                    self.sync_shards().await?;
                     self.save_state(Position {
                         step: self.step,
                         epoch,
@@ -431,6 +493,7 @@ impl Trainer {
             }
             let train_secs = started.elapsed().as_secs_f64();
             let val = self.evaluate(epoch as u64).await?;
+            self.sync_shards().await?;
             let reg = l2_value(self.params.iter(), &self.weights[..self.num_trainable]);
             let h = &mut self.history;
             h.loss.push(tally.loss() + penalty / steps_per_epoch as f64);
@@ -491,6 +554,162 @@ impl Trainer {
             self.checkpoint("final", self.config.epochs)?;
         }
         Ok(())
+    }
+
+    /// Brings `weights` and the optimizer's state up to date from the shard
+    /// aggregators (a no-op without them).
+    async fn sync_shards(&mut self) -> Result<()> {
+        let Some(aggregators) = &mut self.aggregators else {
+            return Ok(());
+        };
+        let names: Vec<&'static str> = self.optimizer.state().iter().map(|(n, _)| *n).collect();
+        let (weights, state) = aggregators
+            .dump(
+                self.step,
+                self.weights.len(),
+                self.num_trainable,
+                names.len(),
+                DUMP_WAIT,
+            )
+            .await?;
+        self.weights = weights;
+        let mut by_name: HashMap<&str, Vec<f32>> = names.into_iter().zip(state).collect();
+        self.optimizer
+            .restore(&mut |name| by_name.remove(name), self.shard_iterations)
+            .map_err(|e| CoordinatorError::Aggregator(format!("optimizer state: {e}")))
+    }
+
+    /// The update of a step whose answers went to the shard aggregators:
+    /// names the parts to them, waits until every slice is in and averaged
+    /// (computing again the parts whose nodes did not deliver, or delivered
+    /// non-finite values, on other nodes: `answers` then holds the new
+    /// ones), decides whether the step is usable and commits it. Returns the
+    /// step's L2 penalty.
+    async fn sharded_update(
+        &mut self,
+        answers: &mut [(u64, Answer)],
+        tasks: &[Task],
+        lr: f64,
+        phase: &str,
+    ) -> Result<f64> {
+        let step = self.step;
+        let wait = self.config.step_timeout.min(SHARD_WAIT);
+        let mut attempt = 0u32;
+        loop {
+            let parts: Vec<PlannedPart> = answers
+                .iter()
+                .enumerate()
+                .map(|(i, (node, a))| PlannedPart {
+                    part: i as u32,
+                    node_id: *node,
+                    samples: match a {
+                        Answer::Train { result, .. } => result.samples,
+                        Answer::Eval(_) => 0,
+                    },
+                })
+                .collect();
+            let Some(aggregators) = self.aggregators.as_mut() else {
+                return Ok(0.0);
+            };
+            aggregators.plan(step, attempt, parts.clone()).await?;
+            let (missing, bad) = match aggregators.ready(step, attempt, parts.len(), wait).await? {
+                Readiness::Ready {
+                    squares,
+                    penalty,
+                    part_squares,
+                } => {
+                    // The same test as without aggregators: the bound on the
+                    // mean's norm from the parts' norms, or the mean's own.
+                    let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
+                    let norm = if fused {
+                        let total: f64 = parts.iter().map(|p| p.samples as f64).sum();
+                        parts
+                            .iter()
+                            .zip(&part_squares)
+                            .map(|(p, s)| p.samples as f64 / total.max(1e-300) * s.sqrt())
+                            .sum()
+                    } else {
+                        squares.sqrt()
+                    };
+                    let usable = norm <= GRADIENT_NORM_LIMIT;
+                    if usable {
+                        self.shard_iterations += 1;
+                    } else {
+                        warn!(
+                            step,
+                            "skipping the update: the averaged gradient's norm is {norm:e} (limit {GRADIENT_NORM_LIMIT:e})"
+                        );
+                        telemetry::step_skipped();
+                    }
+                    let commit = Commit {
+                        step,
+                        lr,
+                        apply: usable,
+                        norm,
+                        clip_norm: self.config.clip_norm.unwrap_or(0.0),
+                    };
+                    aggregators.commit(commit).await?;
+                    return Ok(penalty);
+                }
+                Readiness::Problems { missing, bad } => (missing, bad),
+            };
+            for &(part, node) in &bad {
+                warn!(step, part, node, "non-finite values in a gradient slice");
+                self.cluster
+                    .evict(node, "sent non-finite values to a shard aggregator");
+            }
+            for &(part, node) in &missing {
+                warn!(
+                    step,
+                    part, node, "a gradient slice never reached its aggregator"
+                );
+                self.cluster
+                    .evict(node, "did not deliver its answer to every shard aggregator");
+            }
+            // Every part of a node that is gone is computed again: the
+            // aggregators dropped what it sent.
+            let members = self.cluster.members();
+            let redo: Vec<usize> = answers
+                .iter()
+                .enumerate()
+                .filter(|(_, (node, _))| !members.contains(node))
+                .map(|(i, _)| i)
+                .collect();
+            if redo.is_empty() {
+                return Err(CoordinatorError::Aggregator(format!(
+                    "{phase}: the aggregators lack slices of nodes that are still members"
+                )));
+            }
+            info!("{phase}: computing parts {redo:?} again on other nodes");
+            self.cluster.ensure_min(phase).await?;
+            let members = self.cluster.members();
+            let owners: Vec<u64> = (0..redo.len())
+                .map(|i| members[i % members.len().max(1)])
+                .collect();
+            let again: Vec<Task> = redo
+                .iter()
+                .map(|&p| match &tasks[p] {
+                    Task::Train { samples, seed, .. } => Task::Train {
+                        samples: samples.clone(),
+                        seed: *seed,
+                        ahead: false,
+                    },
+                    other => other.clone(),
+                })
+                .collect();
+            let work = Work {
+                phase,
+                version: step,
+                round: 0,
+                weights: &[],
+                parts: Some(&redo),
+            };
+            let (answered, _) = self.cluster.run(&work, &again, &owners).await?;
+            for (&p, a) in redo.iter().zip(answered) {
+                answers[p] = a;
+            }
+            attempt += 1;
+        }
     }
 
     /// Writes `DIR/{name}.safetensors` if a checkpoint folder is configured.
@@ -607,10 +826,18 @@ impl Trainer {
             version: self.step,
             round: 0,
             weights: &self.weights,
+            parts: None,
         };
-        let (answers, sent) = self.cluster.run(&work, &tasks, &owners).await?;
+        let (mut answers, sent) = self.cluster.run(&work, &tasks, &owners).await?;
         let sent = sent.into_std();
         let gathered = Instant::now();
+        let sharded_penalty = match self.aggregators.is_some() {
+            true => Some(
+                self.sharded_update(&mut answers, &tasks, lr, &phase)
+                    .await?,
+            ),
+            false => None,
+        };
         let mut tally = Tally::default();
         let mut slowest = 0.0f64;
         let num_state = self.weights.len() - self.num_trainable;
@@ -634,6 +861,18 @@ impl Trainer {
             tally.add(result.loss_sum, result.correct, result.samples);
             state.add(result.samples as f64, s);
             sources.push((node, result.samples as f64, gradients, norm));
+        }
+        if let Some(penalty) = sharded_penalty {
+            self.step += 1;
+            let phases = telemetry::StepPhases::new(
+                sent - started,
+                slowest,
+                gathered - sent,
+                gathered.elapsed(),
+            );
+            phases.record();
+            self.epoch_phases.add(&phases);
+            return Ok((tally, penalty));
         }
         // Shared gradients are read in place; a view that did not hold
         // still (a node writing its segment while it should not) voids the
@@ -777,6 +1016,7 @@ impl Trainer {
             version: self.step,
             round,
             weights: &self.weights,
+            parts: None,
         };
         let mut tally = Tally::default();
         for answer in self.cluster.run(&work, &tasks, &owners).await?.0 {

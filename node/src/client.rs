@@ -25,9 +25,13 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tracing::{debug, info, warn};
 
 use crate::emulate::Emulated;
+use crate::shards::ShardLinks;
 use crate::{telemetry, NodeError};
 
 type Result<T> = std::result::Result<T, NodeError>;
+
+/// How long a task waits for its weights from the shard aggregators.
+const SHARD_WAIT: Duration = Duration::from_secs(600);
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -82,6 +86,9 @@ pub enum Fault {
     WrongStep,
     /// Never says it received the weights (`Received`).
     NoReceipt,
+    /// Reports every training task done without sending its gradient
+    /// slices to the shard aggregators.
+    WithholdSlices,
 }
 
 impl std::str::FromStr for Fault {
@@ -94,20 +101,21 @@ impl std::str::FromStr for Fault {
             "lie-about-counts" => return Ok(Fault::LieAboutCounts),
             "wrong-step" => return Ok(Fault::WrongStep),
             "no-receipt" => return Ok(Fault::NoReceipt),
+            "withhold-slices" => return Ok(Fault::WithholdSlices),
             _ => {}
         }
         if let Some(ms) = s.strip_prefix("slow=").and_then(|ms| ms.parse().ok()) {
             return Ok(Fault::Slow(Duration::from_millis(ms)));
         }
         Err(format!(
-            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step, no-receipt or slow=MILLISECONDS"
+            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step, no-receipt, withhold-slices or slow=MILLISECONDS"
         ))
     }
 }
 
 /// Adds the cluster token to every request.
 #[derive(Clone)]
-struct Auth(Option<MetadataValue<Ascii>>);
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Auth {
     fn call(
@@ -123,16 +131,20 @@ impl Interceptor for Auth {
 
 type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
-async fn connect(config: &NodeConfig) -> Result<Client> {
-    let started = Instant::now();
-    let auth = match &config.token {
+fn auth(config: &NodeConfig) -> Result<Auth> {
+    Ok(Auth(match &config.token {
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse::<MetadataValue<Ascii>>()
                 .map_err(|_| NodeError::Protocol("the token must be printable ASCII".into()))?,
         ),
         None => None,
-    };
+    }))
+}
+
+async fn connect(config: &NodeConfig) -> Result<Client> {
+    let started = Instant::now();
+    let auth = auth(config)?.0;
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| {
             NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator))
@@ -304,7 +316,13 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
     info!(
         node_id,
         model = %reply.model,
-        data = if shared.is_some() { "shared memory" } else { "grpc" },
+        data = if !reply.shards.is_empty() {
+            "shard aggregators"
+        } else if shared.is_some() {
+            "shared memory"
+        } else {
+            "grpc"
+        },
         %wire,
         "joined the coordinator"
     );
@@ -323,6 +341,20 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
     .await
     .map_err(|_| NodeError::Disconnected)?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    // The aggregators know this node once its session is open.
+    let shards = if reply.shards.is_empty() {
+        None
+    } else {
+        let links = ShardLinks::connect(
+            &reply.shards,
+            len,
+            node_id,
+            &reply.session_secret,
+            auth(config)?,
+        )
+        .await?;
+        Some(Arc::new(links))
+    };
 
     let limit = (model.num_trainable() + model.num_state()) as u64;
     let mut chunks = ChunkReceiver::new(limit);
@@ -335,6 +367,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         model: model.clone(),
         fault: config.fault,
         shared,
+        shards,
         slot_step: AtomicU64::new(0),
         feedback: (wire == Wire::Bf16).then(|| Arc::new(Mutex::new(ErrorFeedback::default()))),
         emulated: config
@@ -491,6 +524,8 @@ struct Session {
     model: Arc<Model>,
     fault: Option<Fault>,
     shared: Option<Arc<Shared>>,
+    /// Links to the shard aggregators, when the coordinator has them.
+    shards: Option<Arc<ShardLinks>>,
     /// 1 + the step whose answer is in the gradients segment (0: none).
     slot_step: AtomicU64,
     /// Rounds gradients sent over gRPC to bf16, carrying what rounding
@@ -541,6 +576,20 @@ impl Session {
             return Ok(());
         }
         let started = Instant::now();
+        if let Some(links) = &self.shards {
+            let weights = links.weights(version, SHARD_WAIT).await?;
+            let model = self.model.clone();
+            tokio::task::spawn_blocking(move || model.set_weights(&weights))
+                .await
+                .map_err(|e| NodeError::Compute(e.to_string()))??;
+            *held = Some(version);
+            debug!(
+                version,
+                "loaded the shards' weights in {:?}",
+                started.elapsed()
+            );
+            return Ok(());
+        }
         if shared {
             let segments = self.shared()?.clone();
             let model = self.model.clone();
@@ -578,6 +627,9 @@ impl Session {
     }
 
     async fn train(&self, task: TrainTask) -> Result<()> {
+        if let Some(links) = &self.shards {
+            return self.train_sharded(task, links.clone()).await;
+        }
         let s = samples(task.samples)?;
         let model = self.model.clone();
         let started = Instant::now();
@@ -682,6 +734,55 @@ impl Session {
             compute_seconds: seconds,
             part: task.part,
             shared_memory: in_segment,
+            sharded: false,
+        }))
+        .await
+    }
+
+    /// A training task whose answer goes to the shard aggregators.
+    async fn train_sharded(&self, task: TrainTask, links: Arc<ShardLinks>) -> Result<()> {
+        let s = samples(task.samples)?;
+        let model = self.model.clone();
+        let started = Instant::now();
+        let fault = self.fault;
+        let step = match fault {
+            Some(Fault::WrongStep) => task.step + 1000,
+            _ => task.step,
+        };
+        let emulated = self.emulated.clone();
+        let (mut stats, answer) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut answer = vec![0.0f32; model.num_trainable() + model.num_state()];
+            let stats = match &emulated {
+                Some(e) => e.train_into(&model, s.count, &mut answer)?,
+                None => model.train_step_into(&s.images, &s.labels, task.seed, &mut answer)?,
+            };
+            corrupt(fault, &mut answer);
+            Ok((stats, answer))
+        })
+        .await
+        .map_err(|e| NodeError::Compute(e.to_string()))??;
+        match fault {
+            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+            Some(Fault::LieAboutCounts) => {
+                stats.correct = 1000 * stats.samples;
+                stats.loss_sum = -1e6;
+            }
+            _ => {}
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        telemetry::task("train", stats.samples, seconds);
+        if fault != Some(Fault::WithholdSlices) {
+            links.push(step, task.part, &answer).await?;
+        }
+        self.send(Out::Train(TrainResult {
+            step,
+            samples: stats.samples,
+            loss_sum: stats.loss_sum,
+            correct: stats.correct,
+            compute_seconds: seconds,
+            part: task.part,
+            shared_memory: false,
+            sharded: true,
         }))
         .await
     }

@@ -28,6 +28,9 @@ pub enum NodeError {
     /// The coordinator removed this node for misbehaving.
     #[error("the coordinator evicted this node: {0}")]
     Evicted(String),
+    /// A shard aggregator could not be reached or its link broke.
+    #[error("shard aggregator: {0}")]
+    Shard(String),
     /// The compute thread failed.
     #[error("compute thread failed: {0}")]
     Compute(String),
@@ -38,7 +41,7 @@ impl NodeError {
     /// as opposed to refusing this node or the node failing by itself.
     pub fn is_retryable(&self) -> bool {
         match self {
-            NodeError::Disconnected => true,
+            NodeError::Disconnected | NodeError::Shard(_) => true,
             NodeError::Status(s) => matches!(
                 s.code(),
                 Code::Unavailable

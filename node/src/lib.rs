@@ -8,6 +8,7 @@
 mod client;
 mod emulate;
 mod error;
+mod shards;
 mod telemetry;
 
 pub use client::{device_name, run, ClientTls, Fault, NodeConfig};

@@ -45,6 +45,7 @@ pub struct Chunker {
     kind: BufferKind,
     version: u64,
     base_version: u64,
+    part: u32,
     wire: Wire,
     total: u64,
     bytes: Bytes,
@@ -78,6 +79,7 @@ impl Chunker {
             kind,
             version,
             base_version: 0,
+            part: 0,
             wire,
             total: (bytes.len() / size) as u64,
             bytes,
@@ -88,6 +90,12 @@ impl Chunker {
     /// Marks the buffer as a change to the weights of `base_version`.
     pub fn with_base(mut self, base_version: u64) -> Self {
         self.base_version = base_version;
+        self
+    }
+
+    /// Marks the buffer as (a slice of) the answer to part `part` of a step.
+    pub fn with_part(mut self, part: u32) -> Self {
+        self.part = part;
         self
     }
 
@@ -112,6 +120,7 @@ impl Chunker {
                 offset: (start / size) as u64,
                 data: self.bytes.slice(start..end),
                 base_version: self.base_version,
+                part: self.part,
             }
         })
     }
@@ -124,6 +133,8 @@ pub struct Buffer {
     pub version: u64,
     /// For a weights delta: the version it applies to.
     pub base_version: u64,
+    /// For a gradient slice: the part of the step it answers.
+    pub part: u32,
     pub values: Vec<f32>,
 }
 
@@ -133,7 +144,7 @@ pub struct Buffer {
 #[derive(Debug)]
 pub struct ChunkReceiver {
     limit: u64,
-    current: Option<(i32, u64, u64, i32, u64)>,
+    current: Option<(i32, u64, u64, i32, u64, u32)>,
     values: Vec<f32>,
 }
 
@@ -164,6 +175,7 @@ impl ChunkReceiver {
             chunk.total_elements,
             wire.dtype() as i32,
             chunk.base_version,
+            chunk.part,
         );
         if chunk.offset == 0 {
             self.current = Some(key);
@@ -205,6 +217,7 @@ impl ChunkReceiver {
                 kind,
                 version: chunk.version,
                 base_version: chunk.base_version,
+                part: chunk.part,
                 values: std::mem::take(&mut self.values),
             }));
         }

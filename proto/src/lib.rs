@@ -22,7 +22,7 @@ pub use wire::{apply_delta, bf16_delta, ErrorFeedback, Wire};
 
 /// Version of the protocol spoken by this build; a node with another version
 /// is refused at `Join`.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest gRPC message either side accepts or sends (16 MiB). Buffers are
 /// chunked well below it (see [`DEFAULT_CHUNK_BYTES`]).

@@ -160,6 +160,7 @@ fn chunk() -> impl Strategy<Value = Chunk> {
                 offset,
                 data: Bytes::from(data),
                 base_version,
+                part: 0,
             },
         )
 }

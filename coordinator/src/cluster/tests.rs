@@ -22,7 +22,7 @@ fn cluster(min_nodes: usize) -> (Cluster, mpsc::Sender<Event>) {
         balance: false,
         wire: proto::Wire::F32,
     };
-    (Cluster::new(limits, rx, None), tx)
+    (Cluster::new(limits, rx, None, None), tx)
 }
 
 /// A node's Joined event with an outbox of `capacity` messages.
@@ -38,6 +38,7 @@ async fn join(events: &mpsc::Sender<Event>, node: u64, capacity: usize) -> Inbox
         outbox,
         info,
         shared: None,
+        secret: [0; 16],
     };
     events.send(joined).await.unwrap();
     inbox
@@ -173,6 +174,7 @@ fn work(version: u64, weights: &[f32]) -> Work<'_> {
         version,
         round: 0,
         weights,
+        parts: None,
     }
 }
 

@@ -1,0 +1,438 @@
+//! The coordinator's side of the shard aggregators: one control stream to
+//! each, over which it sets them up, names the members, plans and commits
+//! every step and gathers their slices for checkpoints.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use proto::v1::aggregator_client::AggregatorClient;
+use proto::v1::aggregator_message::Kind as Report;
+use proto::v1::control_message::Kind as Control;
+use proto::v1::{
+    AggregatorMessage, BufferKind, Commit, ControlMessage, Dump, L2Run, PlannedPart, ShardInfo,
+    ShardMember, ShardSetup, StepPlan, StepQuery, StepReady,
+};
+use proto::{ChunkReceiver, Chunker};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Endpoint;
+use tracing::{debug, info};
+
+use super::split;
+use crate::aggregate::L2Range;
+use crate::{CoordinatorError, Optimizer};
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+/// Messages queued to one aggregator.
+const OUTBOX: usize = 1024;
+/// How long aggregators that were asked what they lack may take to say.
+const QUERY_WAIT: Duration = Duration::from_secs(10);
+
+/// The aggregators' answers to one plan, put together.
+#[derive(Debug)]
+pub(crate) enum Readiness {
+    /// Every slice is in and averaged.
+    Ready {
+        /// Σ g² of the whole averaged gradient (with L2).
+        squares: f64,
+        /// Σ l2·w² over all the weights.
+        penalty: f64,
+        /// Σ g² of each part's whole gradient, in plan order.
+        part_squares: Vec<f64>,
+    },
+    /// Parts (part, node) whose slices did not come, or hold non-finite
+    /// values.
+    Problems {
+        missing: Vec<(u32, u64)>,
+        bad: Vec<(u32, u64)>,
+    },
+}
+
+/// Tells the aggregators who the members are (cheap to clone; never waits).
+#[derive(Clone)]
+pub(crate) struct MemberNotice(Vec<mpsc::Sender<ControlMessage>>);
+
+impl MemberNotice {
+    pub(crate) fn send(&self, node: u64, secret: &[u8], present: bool) {
+        for outbox in &self.0 {
+            let msg = ControlMessage {
+                kind: Some(Control::Member(ShardMember {
+                    node_id: node,
+                    session_secret: secret.to_vec().into(),
+                    present,
+                })),
+            };
+            if outbox.try_send(msg).is_err() {
+                debug!(node, "an aggregator's control queue is full or closed");
+            }
+        }
+    }
+}
+
+/// The connected aggregators, in slice order.
+pub(crate) struct Aggregators {
+    urls: Vec<String>,
+    ranges: Vec<Range<usize>>,
+    outboxes: Vec<mpsc::Sender<ControlMessage>>,
+    inbound: mpsc::Receiver<(usize, std::result::Result<AggregatorMessage, String>)>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Aggregators {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
+fn lost(url: &str, why: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Aggregator(format!(
+        "aggregator {url}: {why}; the run cannot go on without its slice (restart it and rerun with --resume)"
+    ))
+}
+
+impl Aggregators {
+    /// Opens the control stream of every aggregator in `urls` (retrying for
+    /// up to `wait`); aggregator *k* gets slice *k* of `len` values.
+    pub(crate) async fn connect(
+        urls: &[String],
+        token: Option<&str>,
+        len: usize,
+        wait: Duration,
+    ) -> Result<Self> {
+        let auth: Option<MetadataValue<Ascii>> = match token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                CoordinatorError::Config("the token must be printable ASCII".into())
+            })?),
+            None => None,
+        };
+        let started = Instant::now();
+        let (tx, inbound) = mpsc::channel(64);
+        let mut outboxes = Vec::new();
+        let mut readers = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| CoordinatorError::Config(format!("bad aggregator URL {url:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let mut delay = Duration::from_millis(100);
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(c) => break c,
+                    Err(e) if started.elapsed() < wait => {
+                        debug!("aggregator {url} not reachable yet ({e}); retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(lost(url, format!("unreachable ({e})"))),
+                }
+            };
+            let auth = auth.clone();
+            let mut client =
+                AggregatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                    if let Some(v) = &auth {
+                        req.metadata_mut().insert("authorization", v.clone());
+                    }
+                    Ok(req)
+                })
+                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+            let (otx, orx) = mpsc::channel(OUTBOX);
+            let mut stream = client
+                .control(ReceiverStream::new(orx))
+                .await
+                .map_err(|s| lost(url, s.message()))?
+                .into_inner();
+            let tx = tx.clone();
+            readers.push(tokio::spawn(async move {
+                loop {
+                    let msg = match stream.message().await {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => Err("closed its control stream".to_string()),
+                        Err(s) => Err(format!("control stream: {}", s.message())),
+                    };
+                    let end = msg.is_err();
+                    if tx.send((i, msg)).await.is_err() || end {
+                        return;
+                    }
+                }
+            }));
+            outboxes.push(otx);
+            info!("aggregator {url} connected (slice {})", i);
+        }
+        Ok(Self {
+            urls: urls.to_vec(),
+            ranges: split(len, urls.len()),
+            outboxes,
+            inbound,
+            readers,
+        })
+    }
+
+    /// Where nodes find each slice.
+    pub(crate) fn shards(&self) -> Vec<ShardInfo> {
+        self.urls
+            .iter()
+            .zip(&self.ranges)
+            .map(|(url, r)| ShardInfo {
+                url: url.clone(),
+                start: r.start as u64,
+                end: r.end as u64,
+            })
+            .collect()
+    }
+
+    pub(crate) fn notice(&self) -> MemberNotice {
+        MemberNotice(self.outboxes.clone())
+    }
+
+    async fn send(&self, i: usize, kind: Control) -> Result<()> {
+        self.outboxes[i]
+            .send(ControlMessage { kind: Some(kind) })
+            .await
+            .map_err(|_| lost(&self.urls[i], "its control stream is closed"))
+    }
+
+    async fn broadcast(&self, kind: Control) -> Result<()> {
+        for i in 0..self.outboxes.len() {
+            self.send(i, kind.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives each aggregator its slice of `weights` (version `version`) and
+    /// of the optimizer's state.
+    pub(crate) async fn setup(
+        &self,
+        weights: &[f32],
+        num_trainable: usize,
+        l2: &[L2Range],
+        optimizer: &dyn Optimizer,
+        version: u64,
+        max_parts: u32,
+    ) -> Result<()> {
+        let state = optimizer.state();
+        let size = proto::DEFAULT_CHUNK_BYTES;
+        for (i, r) in self.ranges.iter().enumerate() {
+            let setup = ShardSetup {
+                start: r.start as u64,
+                end: r.end as u64,
+                num_trainable: num_trainable as u64,
+                l2: l2
+                    .iter()
+                    .map(|l| L2Run {
+                        start: l.range.start as u64,
+                        end: l.range.end as u64,
+                        l2: l.l2,
+                    })
+                    .collect(),
+                optimizer: optimizer.kind().to_string(),
+                iterations: optimizer.iterations(),
+                version,
+                optimizer_state: !state.is_empty(),
+                max_parts,
+            };
+            self.send(i, Control::Setup(setup)).await?;
+            let chunker = Chunker::new(BufferKind::Weights, version, &weights[r.clone()], size);
+            for c in chunker.chunks() {
+                self.send(i, Control::Chunk(c)).await?;
+            }
+            if !state.is_empty() {
+                let t = r.start.min(num_trainable)..r.end.min(num_trainable);
+                let values: Vec<f32> = state
+                    .iter()
+                    .flat_map(|(_, v)| v[t.clone()].iter().copied())
+                    .collect();
+                let chunker = Chunker::new(BufferKind::Optimizer, version, &values, size);
+                for c in chunker.chunks() {
+                    self.send(i, Control::Chunk(c)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names the parts of step `step` (attempt `attempt`) and who computed
+    /// each.
+    pub(crate) async fn plan(
+        &self,
+        step: u64,
+        attempt: u32,
+        parts: Vec<PlannedPart>,
+    ) -> Result<()> {
+        self.broadcast(Control::Plan(StepPlan {
+            step,
+            parts,
+            attempt,
+        }))
+        .await
+    }
+
+    /// Waits for every aggregator's answer to the plan; after `wait`, asks
+    /// those that have not answered which slices they lack.
+    pub(crate) async fn ready(
+        &mut self,
+        step: u64,
+        attempt: u32,
+        parts: usize,
+        wait: Duration,
+    ) -> Result<Readiness> {
+        let k = self.outboxes.len();
+        let mut got: Vec<Option<StepReady>> = vec![None; k];
+        let mut deadline = Instant::now() + wait;
+        let mut queried = false;
+        loop {
+            if got.iter().all(Option::is_some) {
+                return Ok(combine(got.into_iter().flatten().collect(), parts));
+            }
+            let bad = got.iter().flatten().any(|r| !r.bad.is_empty());
+            if bad && !queried {
+                // The others may be waiting for slices that will not come.
+                self.query(step, attempt, &got).await?;
+                queried = true;
+                deadline = Instant::now() + QUERY_WAIT;
+            }
+            match tokio::time::timeout_at(deadline, self.inbound.recv()).await {
+                Ok(Some((i, Ok(AggregatorMessage { kind: Some(kind) })))) => match kind {
+                    Report::Ready(r) if r.step == step && r.attempt == attempt => got[i] = Some(r),
+                    Report::Error(e) => return Err(lost(&self.urls[i], e.message)),
+                    _ => debug!("ignoring a stale message from aggregator {i}"),
+                },
+                Ok(Some((_, Ok(_)))) => {}
+                Ok(Some((i, Err(why)))) => return Err(lost(&self.urls[i], why)),
+                Ok(None) => {
+                    return Err(CoordinatorError::Aggregator("every aggregator left".into()))
+                }
+                Err(_) if !queried => {
+                    self.query(step, attempt, &got).await?;
+                    queried = true;
+                    deadline = Instant::now() + QUERY_WAIT;
+                }
+                Err(_) => {
+                    let silent = got.iter().position(Option::is_none).unwrap_or(0);
+                    return Err(lost(&self.urls[silent], "does not answer"));
+                }
+            }
+        }
+    }
+
+    async fn query(&self, step: u64, attempt: u32, got: &[Option<StepReady>]) -> Result<()> {
+        for (i, g) in got.iter().enumerate() {
+            if g.is_none() {
+                self.send(i, Control::Query(StepQuery { step, attempt }))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies (or skips) step `step` on every slice.
+    pub(crate) async fn commit(&self, commit: Commit) -> Result<()> {
+        self.broadcast(Control::Commit(commit)).await
+    }
+
+    /// The whole weights buffer (`len` values) and optimizer state (`vectors`
+    /// vectors of `num_trainable`) as of `version`, gathered from the slices.
+    pub(crate) async fn dump(
+        &mut self,
+        version: u64,
+        len: usize,
+        num_trainable: usize,
+        vectors: usize,
+        wait: Duration,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        self.broadcast(Control::Dump(Dump { version })).await?;
+        let k = self.outboxes.len();
+        let mut weights = vec![0.0f32; len];
+        let mut state = vec![vec![0.0f32; num_trainable]; vectors];
+        let mut receivers: Vec<ChunkReceiver> = (0..k)
+            .map(|_| ChunkReceiver::new((len * (vectors + 1)) as u64))
+            .collect();
+        let mut done = vec![(false, false); k];
+        let deadline = Instant::now() + wait;
+        while done.iter().any(|&(w, s)| !(w && s)) {
+            let (i, msg) = match tokio::time::timeout_at(deadline, self.inbound.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(CoordinatorError::Aggregator("every aggregator left".into()))
+                }
+                Err(_) => {
+                    let silent = done.iter().position(|&(w, s)| !(w && s)).unwrap_or(0);
+                    return Err(lost(&self.urls[silent], "did not send its slice in time"));
+                }
+            };
+            let chunk = match msg {
+                Ok(AggregatorMessage {
+                    kind: Some(Report::Chunk(c)),
+                }) => c,
+                Ok(AggregatorMessage {
+                    kind: Some(Report::Error(e)),
+                }) => return Err(lost(&self.urls[i], e.message)),
+                Ok(_) => continue,
+                Err(why) => return Err(lost(&self.urls[i], why)),
+            };
+            let Some(buffer) = receivers[i]
+                .push(&chunk)
+                .map_err(|e| lost(&self.urls[i], e))?
+            else {
+                continue;
+            };
+            let r = self.ranges[i].clone();
+            let t = r.start.min(num_trainable)..r.end.min(num_trainable);
+            match buffer.kind {
+                BufferKind::Weights if buffer.values.len() == r.len() => {
+                    weights[r].copy_from_slice(&buffer.values);
+                    done[i].0 = true;
+                }
+                BufferKind::Optimizer if buffer.values.len() == vectors * t.len() => {
+                    for (v, values) in state.iter_mut().zip(buffer.values.chunks(t.len().max(1))) {
+                        v[t.clone()].copy_from_slice(values);
+                    }
+                    done[i].1 = true;
+                }
+                kind => {
+                    return Err(lost(
+                        &self.urls[i],
+                        format!("sent a {kind:?} buffer of {} values", buffer.values.len()),
+                    ))
+                }
+            }
+        }
+        Ok((weights, state))
+    }
+}
+
+/// Sums the slices' answers into the whole step's.
+fn combine(answers: Vec<StepReady>, parts: usize) -> Readiness {
+    let pairs =
+        |v: &[PlannedPart]| -> Vec<(u32, u64)> { v.iter().map(|p| (p.part, p.node_id)).collect() };
+    let mut missing: Vec<(u32, u64)> = answers.iter().flat_map(|r| pairs(&r.missing)).collect();
+    let mut bad: Vec<(u32, u64)> = answers.iter().flat_map(|r| pairs(&r.bad)).collect();
+    if !missing.is_empty() || !bad.is_empty() {
+        missing.sort_unstable();
+        missing.dedup();
+        bad.sort_unstable();
+        bad.dedup();
+        return Readiness::Problems { missing, bad };
+    }
+    let mut part_squares = vec![0.0f64; parts];
+    for r in &answers {
+        for (sum, s) in part_squares.iter_mut().zip(&r.part_squares) {
+            *sum += s;
+        }
+    }
+    Readiness::Ready {
+        squares: answers.iter().map(|r| r.squares).sum(),
+        penalty: answers.iter().map(|r| r.penalty).sum(),
+        part_squares,
+    }
+}

@@ -1,0 +1,296 @@
+//! A node's links to the shard aggregators (when the coordinator runs with
+//! them): each aggregator sends its slice of every new version of the
+//! weights, and gets this node's slice of each answer (gradients, then
+//! state). The coordinator still sends the tasks and gets the results.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::v1::aggregator_client::AggregatorClient;
+use proto::v1::shard_upload::Kind as Upload;
+use proto::v1::{BufferKind, ShardHello, ShardInfo, ShardUpload};
+use proto::{ChunkReceiver, Chunker};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::debug;
+
+use crate::client::Auth;
+use crate::{telemetry, NodeError};
+
+type Result<T> = std::result::Result<T, NodeError>;
+
+/// Chunks queued to one aggregator.
+const UPLOAD_QUEUE: usize = 64;
+/// How long to keep trying to reach an aggregator.
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// What this node holds of one slice.
+enum Slice {
+    Waiting,
+    Have(u64, Vec<f32>),
+    Lost(String),
+}
+
+struct Held {
+    slices: Mutex<Vec<Slice>>,
+    changed: Notify,
+}
+
+impl Held {
+    fn set(&self, i: usize, slice: Slice) {
+        if let Ok(mut s) = self.slices.lock() {
+            s[i] = slice;
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+struct Link {
+    url: String,
+    range: Range<usize>,
+    uploads: mpsc::Sender<ShardUpload>,
+    reader: JoinHandle<()>,
+}
+
+/// The open exchanges with every aggregator.
+pub(crate) struct ShardLinks {
+    links: Vec<Link>,
+    held: Arc<Held>,
+    len: usize,
+}
+
+impl Drop for ShardLinks {
+    fn drop(&mut self) {
+        for l in &self.links {
+            l.reader.abort();
+        }
+    }
+}
+
+/// Checks that `shards` cut `len` values into contiguous slices.
+fn ranges(shards: &[ShardInfo], len: usize) -> Result<Vec<Range<usize>>> {
+    let mut at = 0usize;
+    let mut out = Vec::with_capacity(shards.len());
+    for s in shards {
+        let (start, end) = (s.start as usize, s.end as usize);
+        if start != at || end < start || end > len {
+            return Err(NodeError::Protocol(format!(
+                "the coordinator's shards do not cut the {len} weights into slices ({}..{} after {at})",
+                s.start, s.end
+            )));
+        }
+        at = end;
+        out.push(start..end);
+    }
+    if at != len {
+        return Err(NodeError::Protocol(format!(
+            "the coordinator's shards cover {at} of {len} weights"
+        )));
+    }
+    Ok(out)
+}
+
+impl ShardLinks {
+    /// Opens an exchange with every aggregator as node `node`.
+    pub(crate) async fn connect(
+        shards: &[ShardInfo],
+        len: usize,
+        node: u64,
+        secret: &[u8],
+        auth: Auth,
+    ) -> Result<Self> {
+        let ranges = ranges(shards, len)?;
+        let held = Arc::new(Held {
+            slices: Mutex::new(shards.iter().map(|_| Slice::Waiting).collect()),
+            changed: Notify::new(),
+        });
+        let mut links = Vec::with_capacity(shards.len());
+        for (i, (shard, range)) in shards.iter().zip(ranges).enumerate() {
+            let url = shard.url.clone();
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| NodeError::Protocol(format!("bad aggregator URL {url:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let started = Instant::now();
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(c) => break c,
+                    Err(e) if started.elapsed() < CONNECT_WAIT => {
+                        debug!("aggregator {url} not reachable yet ({e}); retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        return Err(NodeError::Shard(format!(
+                            "cannot reach aggregator {url}: {e}"
+                        )))
+                    }
+                }
+            };
+            let mut client = AggregatorClient::with_interceptor(channel, auth.clone())
+                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+            let (uploads, queued) = mpsc::channel(UPLOAD_QUEUE);
+            let hello = ShardUpload {
+                kind: Some(Upload::Hello(ShardHello {
+                    node_id: node,
+                    session_secret: secret.to_vec().into(),
+                })),
+            };
+            uploads
+                .send(hello)
+                .await
+                .map_err(|_| NodeError::Shard(format!("aggregator {url}: stream closed")))?;
+            let mut inbound = client
+                .exchange(ReceiverStream::new(queued))
+                .await
+                .map_err(|s| NodeError::Shard(format!("aggregator {url}: {}", s.message())))?
+                .into_inner();
+            let slice_len = range.len();
+            let reader_held = held.clone();
+            let reader_url = url.clone();
+            let reader = tokio::spawn(async move {
+                let mut chunks = ChunkReceiver::new(slice_len as u64);
+                let lost = loop {
+                    let chunk = match inbound.message().await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break "closed the exchange".to_string(),
+                        Err(s) => break s.message().to_string(),
+                    };
+                    telemetry::received(chunk.data.len());
+                    match chunks.push(&chunk) {
+                        Ok(Some(b))
+                            if b.kind == BufferKind::Weights && b.values.len() == slice_len =>
+                        {
+                            reader_held.set(i, Slice::Have(b.version, b.values));
+                        }
+                        Ok(Some(b)) => {
+                            break format!(
+                                "sent a {:?} buffer of {} values",
+                                b.kind,
+                                b.values.len()
+                            )
+                        }
+                        Ok(None) => {}
+                        Err(e) => break format!("bad chunk: {e}"),
+                    }
+                };
+                debug!("aggregator {reader_url}: {lost}");
+                reader_held.set(i, Slice::Lost(format!("aggregator {reader_url}: {lost}")));
+            });
+            links.push(Link {
+                url,
+                range,
+                uploads,
+                reader,
+            });
+        }
+        Ok(Self { links, held, len })
+    }
+
+    /// The whole weights buffer of `version`, once every aggregator has
+    /// sent its slice of it (waiting at most `wait`).
+    pub(crate) async fn weights(&self, version: u64, wait: Duration) -> Result<Vec<f32>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let changed = self.held.changed.notified();
+            {
+                let slices = self
+                    .held
+                    .slices
+                    .lock()
+                    .map_err(|_| NodeError::Shard("slice lock poisoned".into()))?;
+                let mut complete = true;
+                for s in slices.iter() {
+                    match s {
+                        Slice::Lost(why) => return Err(NodeError::Shard(why.clone())),
+                        Slice::Have(v, _) if *v > version => {
+                            return Err(NodeError::Protocol(format!(
+                                "a task needs weights version {version}, but the aggregators are at {v}"
+                            )))
+                        }
+                        Slice::Have(v, _) if *v == version => {}
+                        _ => complete = false,
+                    }
+                }
+                if complete {
+                    let mut weights = Vec::with_capacity(self.len);
+                    for s in slices.iter() {
+                        if let Slice::Have(_, values) = s {
+                            weights.extend_from_slice(values);
+                        }
+                    }
+                    return Ok(weights);
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(NodeError::Shard(format!(
+                    "weights version {version} did not come from every aggregator within {wait:?}"
+                )));
+            }
+        }
+    }
+
+    /// Sends slice *k* of `answer` (gradients, then state, for part `part`
+    /// of step `step`) to aggregator *k*.
+    pub(crate) async fn push(&self, step: u64, part: u32, answer: &[f32]) -> Result<()> {
+        if answer.len() != self.len {
+            return Err(NodeError::Protocol(format!(
+                "an answer of {} values for {} weights",
+                answer.len(),
+                self.len
+            )));
+        }
+        for link in &self.links {
+            let chunker = Chunker::new(
+                BufferKind::Gradients,
+                step,
+                &answer[link.range.clone()],
+                proto::DEFAULT_CHUNK_BYTES,
+            )
+            .with_part(part);
+            for chunk in chunker.chunks() {
+                telemetry::sent(chunk.data.len());
+                let msg = ShardUpload {
+                    kind: Some(Upload::Chunk(chunk)),
+                };
+                link.uploads.send(msg).await.map_err(|_| {
+                    NodeError::Shard(format!("aggregator {}: exchange closed", link.url))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(start: u64, end: u64) -> ShardInfo {
+        ShardInfo {
+            url: "http://127.0.0.1:1".into(),
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn shards_must_cut_the_buffer_into_contiguous_slices() {
+        assert_eq!(
+            ranges(&[shard(0, 16), shard(16, 20)], 20).unwrap(),
+            vec![0..16, 16..20]
+        );
+        assert!(ranges(&[shard(0, 16), shard(17, 20)], 20).is_err());
+        assert!(ranges(&[shard(0, 16)], 20).is_err());
+        assert!(ranges(&[shard(0, 24)], 20).is_err());
+        assert!(ranges(&[shard(0, 16), shard(16, 8)], 20).is_err());
+    }
+}
