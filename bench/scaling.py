@@ -52,6 +52,26 @@ def star_bytes(trainable, state, nodes, per_node, wire):
     return down, up
 
 
+def sharded_bytes(trainable, state, nodes, per_node):
+    """Bytes through the busiest link per step with one aggregator beside
+    every node: a node host sends (N-1)/N of its answer to the other
+    aggregators and its aggregator gets N-1 slices of M/N from them (and
+    the same again for the weights, the other way); the coordinator's link
+    carries only the samples (sent a step ahead)."""
+    m = (trainable + state) * 4
+    each = (nodes - 1) * m / nodes
+    return each, each
+
+
+def predict_sharded(values, nodes, per_node, bandwidth, compute_s, update_s):
+    """Compute, then every host's answer out and its aggregator's slices in
+    at once (full duplex: (N-1)/N of M each way), the plan and commit round
+    trips (in update_s), then the new slices out to every node and in from
+    every aggregator ((N-1)/N of M again)."""
+    m = values * 4
+    return compute_s + 2 * (nodes - 1) * m / nodes / bandwidth + update_s
+
+
 def predict(down, up, bandwidth, compute_s, update_s):
     """Today's step is serial: weights and samples down, compute, gradients
     up, average + optimizer; nothing overlaps."""
@@ -75,8 +95,10 @@ def gradcast_run(a, nodes):
         "--shm-dir", "off", "--wire", a.wire, "--progress", "plain",
         "--step-timeout", "600",
     ]
+    aggregators = nodes if a.aggregators else 0
     out = netsim(["run", "--nodes", str(nodes), "--rate", a.rate,
-                  "--node-args", node_args, "--", *coordinator])
+                  "--node-args", node_args, "--aggregators", str(aggregators),
+                  "--", *coordinator])
     text = out.stdout + out.stderr
     if out.returncode != 0:
         sys.exit(f"netsim run failed ({out.returncode}):\n{text[-3000:]}")
@@ -135,6 +157,8 @@ def main():
     p.add_argument("--data", default=os.environ.get(
         "GRADCAST_DATA", os.path.join(ROOT, "..", "shared", "data", "cifar-10-binary.tar.gz")))
     p.add_argument("--ddp", action="store_true", help="also PyTorch DDP on the same links")
+    p.add_argument("--aggregators", action="store_true",
+                   help="one shard aggregator beside every node (gradcast aggregator)")
     a = p.parse_args()
     if not os.path.exists(a.data):
         sys.exit(f"no data at {a.data}; pass --data path/to/cifar-10-binary.tar.gz")
@@ -156,9 +180,15 @@ def main():
     rows = []
     for n in a.nodes:
         r = gradcast_run(a, n)
-        down, up = star_bytes(r["trainable"], r["state"], n, a.per_node, a.wire)
         compute_s = r["compute"] / 1000
-        r["predicted"] = 1000 * predict(down, up, bandwidth, compute_s, r["update"] / 1000)
+        if a.aggregators:
+            down, up = sharded_bytes(r["trainable"], r["state"], n, a.per_node)
+            r["predicted"] = 1000 * predict_sharded(
+                r["trainable"] + r["state"], n, a.per_node, bandwidth, compute_s,
+                r["update"] / 1000)
+        else:
+            down, up = star_bytes(r["trainable"], r["state"], n, a.per_node, a.wire)
+            r["predicted"] = 1000 * predict(down, up, bandwidth, compute_s, r["update"] / 1000)
         r["busiest_mb"] = (down + up) / 1e6
         r["n"] = n
         if a.ddp and n > 1:

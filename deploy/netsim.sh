@@ -7,13 +7,17 @@
 # done, interrupted or killed by a signal.
 #
 #   deploy/netsim.sh run --nodes N [--rate 1gbit] [--delay 0] [--loss 0%]
-#                        [--node-args "ARGS"] [--logs DIR] -- COORDINATOR-ARGS...
+#                        [--node-args "ARGS"] [--aggregators K] [--logs DIR]
+#                        -- COORDINATOR-ARGS...
 #       creates the coordinator's host (10.77.0.1) and N node hosts
 #       (10.77.0.11, .12, ...), runs `gradcast coordinator --listen
 #       10.77.0.1:50051 COORDINATOR-ARGS` on the first and `gradcast node
 #       --coordinator http://10.77.0.1:50051 --no-shared-memory ARGS` on the
 #       others, prints the coordinator's output, removes everything and exits
 #       with the coordinator's status. Node logs go to DIR/node-I.log.
+#       --aggregators K (K <= N) also runs `gradcast aggregator` on node
+#       hosts 1..K (port 50061, beside the node) and hands them to the
+#       coordinator (--aggregators); their logs go to DIR/aggregator-I.log.
 #   deploy/netsim.sh up --nodes N [--rate ..] [--delay ..] [--loss ..]
 #   deploy/netsim.sh exec HOST -- COMMAND...   HOST: coordinator, node1, node2, ...
 #   deploy/netsim.sh down
@@ -135,7 +139,7 @@ up() { # nodes rate delay loss
 }
 
 parse_link() { # sets nodes rate delay loss node_args logs, leaves the rest in rest[]
-    nodes=1 rate=1gbit delay=0 loss=0% node_args="" logs=""
+    nodes=1 rate=1gbit delay=0 loss=0% node_args="" logs="" aggregators=0
     rest=()
     while [ $# -gt 0 ]; do
         case "$1" in
@@ -145,11 +149,14 @@ parse_link() { # sets nodes rate delay loss node_args logs, leaves the rest in r
             --loss) loss="$2"; shift 2 ;;
             --node-args) node_args="$2"; shift 2 ;;
             --logs) logs="$2"; shift 2 ;;
+            --aggregators) aggregators="$2"; shift 2 ;;
             --) shift; rest=("$@"); break ;;
             *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
         esac
     done
     [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || { echo "--nodes must be a positive number" >&2; exit 2; }
+    [[ "$aggregators" =~ ^[0-9]+$ ]] && [ "$aggregators" -le "$nodes" ] ||
+        { echo "--aggregators must be a number from 0 to --nodes" >&2; exit 2; }
 }
 
 run() {
@@ -158,10 +165,22 @@ run() {
     own_logs=""
     if [ -z "$logs" ]; then logs=$(mktemp -d); own_logs=$logs; fi
     mkdir -p "$logs"
-    trap 'down; [ -z "$own_logs" ] || rm -rf "$own_logs"' EXIT
+    agg_pids=()
+    # Processes outlive a deleted namespace: the aggregators (which never
+    # end by themselves) are stopped before the network goes.
+    trap '[ ${#agg_pids[@]} = 0 ] || kill "${agg_pids[@]}" 2>/dev/null || true; down; [ -z "$own_logs" ] || rm -rf "$own_logs"' EXIT
     trap 'exit 130' INT TERM
     up "$nodes" "$rate" "$delay" "$loss"
-    local i status=0
+    local i status=0 urls=()
+    for i in $(seq "$aggregators"); do
+        ip netns exec "$prefix-n$i" "$bin" aggregator --listen "$subnet.$((10 + i)):50061" \
+            >"$logs/aggregator-$i.log" 2>&1 &
+        agg_pids+=($!)
+        urls+=("http://$subnet.$((10 + i)):50061")
+    done
+    if [ "$aggregators" -gt 0 ]; then
+        rest+=(--aggregators "$(IFS=,; echo "${urls[*]}")")
+    fi
     ip netns exec "$prefix-c" "$bin" coordinator --listen "$subnet.1:$port" "${rest[@]}" &
     local coordinator=$!
     for i in $(seq "$nodes"); do

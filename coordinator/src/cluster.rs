@@ -249,9 +249,15 @@ impl Cluster {
             .collect();
     }
 
-    /// Sends the queued samples ahead (nodes that left are skipped).
-    async fn send_ahead(&mut self) {
-        for (node, step, part, samples) in std::mem::take(&mut self.ahead) {
+    /// Sends the queued samples ahead (nodes that left are skipped); only
+    /// `node`'s if given.
+    async fn send_ahead(&mut self, node: Option<u64>) {
+        let queued = std::mem::take(&mut self.ahead);
+        let (now, later): (Vec<_>, Vec<_>) = queued
+            .into_iter()
+            .partition(|(n, ..)| node.is_none_or(|only| *n == only));
+        self.ahead = later;
+        for (node, step, part, samples) in now {
             telemetry::bytes(samples.images.len() + samples.labels.len(), 0);
             let msg = Out::Ahead(SamplesAhead {
                 step,
@@ -313,7 +319,7 @@ impl Cluster {
                 self.remove(node, "its stream is closed");
             }
         }
-        self.send_ahead().await;
+        self.send_ahead(None).await;
     }
 
     #[cfg(test)]
@@ -663,8 +669,10 @@ impl Cluster {
                 self.remove(node, "its stream is closed");
             }
         }
-        if staggered.receiving.is_none() {
-            self.send_ahead().await;
+        // With shard aggregators, each node's samples go once it says it
+        // has its weights (they would share its link with them).
+        if staggered.receiving.is_none() && self.shards.is_none() {
+            self.send_ahead(None).await;
         }
         let sent = Instant::now();
         while done.iter().any(|d| !d) {
@@ -711,6 +719,9 @@ impl Cluster {
             };
             let event = match event {
                 Some(Event::Received { node, version }) => {
+                    if self.shards.is_some() && version == work.version {
+                        self.send_ahead(Some(node)).await;
+                    }
                     if let Some((receiving, started)) = staggered.receiving {
                         if receiving == node && version == work.version {
                             // Smoothed, so one slow transfer does not make
@@ -797,6 +808,8 @@ impl Cluster {
                 done[part] = true;
             }
         }
+        // Samples not sent ahead go with their tasks.
+        self.ahead.clear();
         Ok((answers.into_iter().flatten().collect(), sent))
     }
 

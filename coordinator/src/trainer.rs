@@ -583,14 +583,16 @@ impl Trainer {
     /// names the parts to them, waits until every slice is in and averaged
     /// (computing again the parts whose nodes did not deliver, or delivered
     /// non-finite values, on other nodes: `answers` then holds the new
-    /// ones), decides whether the step is usable and commits it. Returns the
-    /// step's L2 penalty.
+    /// ones), decides whether the step is usable and commits it. `planned`:
+    /// the plan sent with the tasks (attempt 0). Returns the step's L2
+    /// penalty.
     async fn sharded_update(
         &mut self,
         answers: &mut [(u64, Answer)],
         tasks: &[Task],
         lr: f64,
         phase: &str,
+        mut planned: Vec<PlannedPart>,
     ) -> Result<f64> {
         let step = self.step;
         let wait = self.config.step_timeout.min(SHARD_WAIT);
@@ -611,7 +613,10 @@ impl Trainer {
             let Some(aggregators) = self.aggregators.as_mut() else {
                 return Ok(0.0);
             };
-            aggregators.plan(step, attempt, parts.clone()).await?;
+            if parts != planned {
+                attempt += 1;
+                aggregators.plan(step, attempt, parts.clone()).await?;
+            }
             let (missing, bad) = match aggregators.ready(step, attempt, parts.len(), wait).await? {
                 Readiness::Ready {
                     squares,
@@ -708,7 +713,8 @@ impl Trainer {
             for (&p, a) in redo.iter().zip(answered) {
                 answers[p] = a;
             }
-            attempt += 1;
+            // A new plan, whoever computed the parts this time.
+            planned.clear();
         }
     }
 
@@ -828,15 +834,34 @@ impl Trainer {
             weights: &self.weights,
             parts: None,
         };
+        // The aggregators learn the step's parts now, so each averages its
+        // slices as soon as they are in (a part that moves to another node
+        // makes a new plan).
+        let planned = match &self.aggregators {
+            Some(aggregators) => {
+                let parts: Vec<PlannedPart> = shares
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(node, count))| PlannedPart {
+                        part: i as u32,
+                        node_id: node,
+                        samples: count as u32,
+                    })
+                    .collect();
+                aggregators.plan(self.step, 0, parts.clone()).await?;
+                Some(parts)
+            }
+            None => None,
+        };
         let (mut answers, sent) = self.cluster.run(&work, &tasks, &owners).await?;
         let sent = sent.into_std();
         let gathered = Instant::now();
-        let sharded_penalty = match self.aggregators.is_some() {
-            true => Some(
-                self.sharded_update(&mut answers, &tasks, lr, &phase)
+        let sharded_penalty = match planned {
+            Some(planned) => Some(
+                self.sharded_update(&mut answers, &tasks, lr, &phase, planned)
                     .await?,
             ),
-            false => None,
+            None => None,
         };
         let mut tally = Tally::default();
         let mut slowest = 0.0f64;

@@ -588,6 +588,11 @@ impl Session {
                 "loaded the shards' weights in {:?}",
                 started.elapsed()
             );
+            // The coordinator sends the next step's samples now, so that
+            // they do not share this node's link with the weights.
+            if self.fault != Some(Fault::NoReceipt) {
+                self.send(Out::Received(Received { version })).await?;
+            }
             return Ok(());
         }
         if shared {
