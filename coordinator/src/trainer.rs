@@ -709,7 +709,13 @@ impl Trainer {
                 weights: &[],
                 parts: Some(&redo),
             };
-            let (answered, _) = self.cluster.run(&work, &again, &owners).await?;
+            let (answered, _) = match &mut self.aggregators {
+                Some(aggregators) => tokio::select! {
+                    r = self.cluster.run(&work, &again, &owners) => r?,
+                    e = aggregators.failed() => return Err(e),
+                },
+                None => self.cluster.run(&work, &again, &owners).await?,
+            };
             for (&p, a) in redo.iter().zip(answered) {
                 answers[p] = a;
             }
@@ -853,7 +859,14 @@ impl Trainer {
             }
             None => None,
         };
-        let (mut answers, sent) = self.cluster.run(&work, &tasks, &owners).await?;
+        let (mut answers, sent) = match &mut self.aggregators {
+            // A lost aggregator stops the step at once.
+            Some(aggregators) => tokio::select! {
+                r = self.cluster.run(&work, &tasks, &owners) => r?,
+                e = aggregators.failed() => return Err(e),
+            },
+            None => self.cluster.run(&work, &tasks, &owners).await?,
+        };
         let sent = sent.into_std();
         let gathered = Instant::now();
         let sharded_penalty = match planned {
@@ -1044,7 +1057,14 @@ impl Trainer {
             parts: None,
         };
         let mut tally = Tally::default();
-        for answer in self.cluster.run(&work, &tasks, &owners).await?.0 {
+        let answers = match &mut self.aggregators {
+            Some(aggregators) => tokio::select! {
+                r = self.cluster.run(&work, &tasks, &owners) => r?.0,
+                e = aggregators.failed() => return Err(e),
+            },
+            None => self.cluster.run(&work, &tasks, &owners).await?.0,
+        };
+        for answer in answers {
             if let (_, Answer::Eval(r)) = answer {
                 tally.add(r.loss_sum, r.correct, r.samples);
             }

@@ -2,6 +2,7 @@
 //! each, over which it sets them up, names the members, plans and commits
 //! every step and gathers their slices for checkpoints.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -78,9 +79,14 @@ pub(crate) struct Aggregators {
     urls: Vec<String>,
     ranges: Vec<Range<usize>>,
     outboxes: Vec<mpsc::Sender<ControlMessage>>,
-    inbound: mpsc::Receiver<(usize, std::result::Result<AggregatorMessage, String>)>,
+    inbound: mpsc::Receiver<Inbound>,
+    /// Messages read while watching for failures, not handled yet.
+    stash: VecDeque<Inbound>,
     readers: Vec<JoinHandle<()>>,
 }
+
+/// A message from aggregator `.0`, or why its stream ended.
+type Inbound = (usize, std::result::Result<AggregatorMessage, String>);
 
 impl Drop for Aggregators {
     fn drop(&mut self) {
@@ -174,8 +180,40 @@ impl Aggregators {
             ranges: split(len, urls.len()),
             outboxes,
             inbound,
+            stash: VecDeque::new(),
             readers,
         })
+    }
+
+    /// The next message (kept ones first); None once `deadline` passed.
+    async fn next(&mut self, deadline: Instant) -> Result<Option<Inbound>> {
+        if let Some(m) = self.stash.pop_front() {
+            return Ok(Some(m));
+        }
+        match tokio::time::timeout_at(deadline, self.inbound.recv()).await {
+            Ok(Some(m)) => Ok(Some(m)),
+            Ok(None) => Err(CoordinatorError::Aggregator("every aggregator left".into())),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Resolves only when an aggregator fails or leaves (with why); keeps
+    /// every other message for later. Run it beside anything that waits
+    /// on nodes, so a lost aggregator stops the run at once.
+    pub(crate) async fn failed(&mut self) -> CoordinatorError {
+        loop {
+            match self.inbound.recv().await {
+                Some((i, Err(why))) => return lost(&self.urls[i], why),
+                Some((
+                    i,
+                    Ok(AggregatorMessage {
+                        kind: Some(Report::Error(e)),
+                    }),
+                )) => return lost(&self.urls[i], e.message),
+                Some(m) => self.stash.push_back(m),
+                None => return CoordinatorError::Aggregator("every aggregator left".into()),
+            }
+        }
     }
 
     /// Where nodes find each slice.
@@ -301,23 +339,20 @@ impl Aggregators {
                 queried = true;
                 deadline = Instant::now() + QUERY_WAIT;
             }
-            match tokio::time::timeout_at(deadline, self.inbound.recv()).await {
-                Ok(Some((i, Ok(AggregatorMessage { kind: Some(kind) })))) => match kind {
+            match self.next(deadline).await? {
+                Some((i, Ok(AggregatorMessage { kind: Some(kind) }))) => match kind {
                     Report::Ready(r) if r.step == step && r.attempt == attempt => got[i] = Some(r),
                     Report::Error(e) => return Err(lost(&self.urls[i], e.message)),
                     _ => debug!("ignoring a stale message from aggregator {i}"),
                 },
-                Ok(Some((_, Ok(_)))) => {}
-                Ok(Some((i, Err(why)))) => return Err(lost(&self.urls[i], why)),
-                Ok(None) => {
-                    return Err(CoordinatorError::Aggregator("every aggregator left".into()))
-                }
-                Err(_) if !queried => {
+                Some((_, Ok(_))) => {}
+                Some((i, Err(why))) => return Err(lost(&self.urls[i], why)),
+                None if !queried => {
                     self.query(step, attempt, &got).await?;
                     queried = true;
                     deadline = Instant::now() + QUERY_WAIT;
                 }
-                Err(_) => {
+                None => {
                     let silent = got.iter().position(Option::is_none).unwrap_or(0);
                     return Err(lost(&self.urls[silent], "does not answer"));
                 }
@@ -360,12 +395,9 @@ impl Aggregators {
         let mut done = vec![(false, false); k];
         let deadline = Instant::now() + wait;
         while done.iter().any(|&(w, s)| !(w && s)) {
-            let (i, msg) = match tokio::time::timeout_at(deadline, self.inbound.recv()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    return Err(CoordinatorError::Aggregator("every aggregator left".into()))
-                }
-                Err(_) => {
+            let (i, msg) = match self.next(deadline).await? {
+                Some(m) => m,
+                None => {
                     let silent = done.iter().position(|&(w, s)| !(w && s)).unwrap_or(0);
                     return Err(lost(&self.urls[silent], "did not send its slice in time"));
                 }

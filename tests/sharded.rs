@@ -1,0 +1,272 @@
+//! Shard aggregators as real processes on 127.0.0.1: nodes killed, late,
+//! lying or sending NaN; an aggregator killed (the run stops with a clear
+//! message and resumes from its checkpoint to the very bits of a run that
+//! never stopped); a coordinator with the wrong token refused.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Starts an aggregator on `listen`; returns it and its URL.
+fn aggregator(listen: &str, env: &[(&str, &str)]) -> (std::process::Child, Lines, String) {
+    let (child, lines) = start(&["aggregator", "--listen", listen], env);
+    let addr = address(&lines);
+    (child, lines, format!("http://{addr}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn stop(children: impl IntoIterator<Item = std::process::Child>) {
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn a_sharded_cluster_survives_a_killed_node_and_a_late_joiner() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 300, 20);
+    let (a0, _, u0) = aggregator("127.0.0.1:0", &[]);
+    let (a1, _, u1) = aggregator("127.0.0.1:0", &[]);
+    let urls = format!("{u0},{u1}");
+    let extra = ["--aggregators", urls.as_str()];
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "2", "3", &extra),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut survivor, survivor_lines) = node(&addr, &[]);
+    let (mut victim, _) = node(&addr, &[]);
+    lines.wait_for("training starts", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    lines.wait_for("node removed", Duration::from_secs(10));
+    let (mut late, _) = node(&addr, &[]);
+    let ok = wait(&mut coordinator, Duration::from_secs(180), "coordinator").success();
+    stop([a0, a1]);
+    assert!(ok, "{}", lines.text());
+    assert_eq!(
+        epoch_samples(&lines),
+        vec![1500, 1500, 1500],
+        "{}",
+        lines.text()
+    );
+    let last = node_samples(&lines, 3);
+    assert_eq!(last.len(), 2, "{}", lines.text());
+    assert!(last.iter().all(|&(_, s)| s > 0));
+    assert!(wait(&mut survivor, Duration::from_secs(30), "survivor").success());
+    assert!(wait(&mut late, Duration::from_secs(30), "late node").success());
+    assert!(
+        survivor_lines.text().contains("shard aggregators"),
+        "{}",
+        survivor_lines.text()
+    );
+}
+
+/// A node whose slices hold NaN and a node that reports its tasks done
+/// without sending its slices are both evicted; their parts are computed
+/// again by the honest node, so every sample still counts once.
+#[test]
+fn nodes_that_send_nan_or_withhold_their_slices_are_evicted_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let history = dir.path().join("h.json");
+    let (a0, _, u0) = aggregator("127.0.0.1:0", &[]);
+    let (a1, _, u1) = aggregator("127.0.0.1:0", &[]);
+    let urls = format!("{u0},{u1}");
+    let extra = [
+        "--aggregators",
+        urls.as_str(),
+        "--history",
+        history.to_str().unwrap(),
+    ];
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "3", "2", &extra),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut good, _) = node(&addr, &[]);
+    let (mut nan, nan_lines) = node(&addr, &["--fault", "nan-gradients"]);
+    let (mut liar, liar_lines) = node(&addr, &["--fault", "withhold-slices"]);
+    let ok = wait(&mut coordinator, Duration::from_secs(180), "coordinator").success();
+    stop([a0, a1]);
+    assert!(ok, "{}", lines.text());
+    let text = lines.text();
+    assert!(
+        text.contains("sent non-finite values to a shard aggregator"),
+        "{text}"
+    );
+    assert!(
+        text.contains("did not deliver its answer to every shard aggregator"),
+        "{text}"
+    );
+    assert_eq!(epoch_samples(&lines), vec![200, 200], "{text}");
+    let h: serde_json::Value = serde_json::from_slice(&std::fs::read(&history).unwrap()).unwrap();
+    for key in ["loss", "val_loss"] {
+        for v in h[key].as_array().unwrap() {
+            assert!(v.as_f64().is_some_and(f64::is_finite), "{key}: {h}");
+        }
+    }
+    assert!(!wait(&mut nan, Duration::from_secs(30), "nan node").success());
+    assert!(nan_lines.text().contains("evicted"), "{}", nan_lines.text());
+    assert!(!wait(&mut liar, Duration::from_secs(30), "lying node").success());
+    assert!(
+        liar_lines.text().contains("evicted"),
+        "{}",
+        liar_lines.text()
+    );
+    assert!(wait(&mut good, Duration::from_secs(30), "good node").success());
+}
+
+fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = model::Checkpoint::load(&dir.join("final.safetensors")).unwrap();
+    let m = model::Model::new(
+        model::ModelSpec::new(model::ModelKind::SimpleCnn),
+        0,
+        &model::Device::Cpu,
+    )
+    .unwrap();
+    m.params()
+        .chain(m.buffers())
+        .map(|i| (i.name.clone(), ckpt.tensor(&i.name).unwrap().1.to_vec()))
+        .collect()
+}
+
+/// 2 epochs on 2 nodes from `dir/ckpt`, with `aggregators` (URLs, empty:
+/// none); returns the coordinator's arguments.
+fn run_args(dir: &Path, data: &Path, listen: &str, aggregators: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "coordinator",
+        "--listen",
+        listen,
+        "--data",
+        data.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--checkpoint-dir",
+        dir.join("ckpt").to_str().unwrap(),
+        "--checkpoint-every",
+        "5",
+        "--resume",
+        "--shm-dir",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !aggregators.is_empty() {
+        args.extend(["--aggregators".to_string(), aggregators.to_string()]);
+    }
+    args
+}
+
+/// Killing an aggregator stops the run with a message that says what to do;
+/// with the aggregator back and the coordinator restarted with --resume, the
+/// run ends with the same bits as a run without aggregators that never
+/// stopped.
+#[test]
+fn a_killed_aggregator_stops_the_run_clearly_and_resume_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 100, 20);
+
+    // The reference: no aggregators, no interruption.
+    let straight = dir.path().join("straight");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = run_args(&straight, &data, &listen, "");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let (mut a, _) = node(&addr, &[]);
+    let (mut b, _) = node(&addr, &[]);
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(180), "coordinator").success(),
+        "{}",
+        lines.text()
+    );
+    assert!(wait(&mut a, Duration::from_secs(30), "node").success());
+    assert!(wait(&mut b, Duration::from_secs(30), "node").success());
+
+    // Sharded, with aggregator 1 killed mid-epoch.
+    let sharded = dir.path().join("sharded");
+    let (a0, _, u0) = aggregator("127.0.0.1:0", &[]);
+    let port1 = free_port();
+    let listen1 = format!("127.0.0.1:{port1}");
+    let (mut a1, _, u1) = aggregator(&listen1, &[]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = run_args(&sharded, &data, &listen, &format!("{u0},{u1}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut coordinator, lines) = start(&args, &[]);
+    let addr = address(&lines);
+    let (a, _) = node(&addr, &[]);
+    let (b, _) = node(&addr, &[]);
+    let resume = sharded.join("ckpt").join(coordinator::RESUME_FILE);
+    let end = Instant::now() + Duration::from_secs(120);
+    while !resume.exists() {
+        assert!(Instant::now() < end, "no resume state:\n{}", lines.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a1.kill().unwrap();
+    a1.wait().unwrap();
+    let status = wait(&mut coordinator, Duration::from_secs(60), "coordinator");
+    assert!(!status.success(), "{}", lines.text());
+    let text = lines.text();
+    assert!(
+        text.contains(&format!("aggregator {u1}")) && text.contains("--resume"),
+        "the error should name the aggregator and say how to go on:\n{text}"
+    );
+    // Whether they were told the run is over or still try to reach it, the
+    // first nodes are not what this test is about.
+    stop([a, b]);
+    let (a1, _, _) = aggregator(&listen1, &[]);
+    let (mut coordinator, lines) = start(&args, &[]);
+    lines.wait_for("resuming from", Duration::from_secs(30));
+    let (mut c, _) = node(&addr, &[]);
+    let (mut d, _) = node(&addr, &[]);
+    let ok = wait(&mut coordinator, Duration::from_secs(180), "coordinator").success();
+    stop([a0, a1]);
+    assert!(ok, "{}", lines.text());
+    assert!(wait(&mut c, Duration::from_secs(30), "node c").success());
+    assert!(wait(&mut d, Duration::from_secs(30), "node d").success());
+
+    let want = final_weights(&straight.join("ckpt"));
+    let got = final_weights(&sharded.join("ckpt"));
+    assert_eq!(want.len(), got.len());
+    for ((name, x), (_, y)) in want.iter().zip(&got) {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{name} differs from the unsharded, uninterrupted run"
+        );
+    }
+}
+
+#[test]
+fn a_coordinator_with_the_wrong_token_is_refused_by_the_aggregator() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 10, 10);
+    let (a0, _, u0) = aggregator("127.0.0.1:0", &[("GRADCAST_TOKEN", "open-sesame")]);
+    let extra = ["--aggregators", u0.as_str(), "--join-timeout", "5"];
+    let args = coordinator_args(data.to_str().unwrap(), "1", "1", &extra);
+    let out = gradcast(&args, Duration::from_secs(60));
+    stop([a0]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("aggregator {u0}")) && err.contains("token"),
+        "{err}"
+    );
+}
