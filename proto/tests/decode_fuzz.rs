@@ -40,6 +40,7 @@ fn samples() -> Vec<Vec<u8>> {
                 compute_seconds: 0.1,
                 part: 1,
                 shared_memory: true,
+                sharded: false,
             })),
         }
         .encode_to_vec(),

@@ -173,7 +173,7 @@ enum Event {
     NodeOpened {
         node: u64,
         conn: u64,
-        versions: mpsc::Sender<Arc<Vec<Chunk>>>,
+        versions: Versions,
     },
     Upload {
         node: u64,
@@ -309,6 +309,9 @@ impl Aggregator for AggregatorService {
     }
 }
 
+/// Where the versions of the slice go to one node's exchange.
+type Versions = mpsc::Sender<Arc<Vec<Chunk>>>;
+
 /// A setup whose chunks are still arriving.
 struct Pending {
     setup: ShardSetup,
@@ -356,7 +359,7 @@ impl Slice {
         plan.parts
             .iter()
             .filter(|p| !self.uploads.contains_key(&(p.part, p.node_id)))
-            .cloned()
+            .copied()
             .collect()
     }
 
@@ -378,7 +381,7 @@ impl Slice {
             .iter()
             .zip(&slices)
             .filter(|(_, v)| !v.iter().all(|x| x.is_finite()))
-            .map(|(p, _)| p.clone())
+            .map(|(p, _)| *p)
             .collect();
         let (step, attempt) = (plan.step, plan.attempt);
         let ready = if bad.is_empty() {
@@ -459,7 +462,9 @@ impl Slice {
 struct Actor {
     members: Arc<Members>,
     control: Option<mpsc::Sender<Result<AggregatorMessage, Status>>>,
-    nodes: HashMap<u64, (u64, mpsc::Sender<Arc<Vec<Chunk>>>)>,
+    /// Each node's exchange (its connection number, and where its
+    /// versions go).
+    nodes: HashMap<u64, (u64, Versions)>,
     pending: Option<Pending>,
     slice: Option<Slice>,
 }
