@@ -8,8 +8,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use prost::Message;
 use proto::v1::{
-    node_message, BufferKind, Chunk, CoordinatorMessage, Dtype, EvalResult, Hello, JoinReply,
-    JoinRequest, NodeMessage, TrainResult,
+    aggregator_message, control_message, node_message, shard_upload, AggregatorMessage, BufferKind,
+    Chunk, ControlMessage, CoordinatorMessage, Dtype, EvalResult, Hello, JoinReply, JoinRequest,
+    NodeMessage, PlannedPart, ShardHello, ShardUpload, StepPlan, StepReady, TrainResult,
 };
 use proto::{ChunkReceiver, Chunker, Wire};
 
@@ -73,6 +74,34 @@ fn samples() -> Vec<Vec<u8>> {
         }
         .encode_to_vec(),
         chunk.encode_to_vec(),
+        ControlMessage {
+            kind: Some(control_message::Kind::Plan(StepPlan {
+                step: 4,
+                parts: vec![PlannedPart {
+                    part: 1,
+                    node_id: 2,
+                    samples: 16,
+                }],
+                attempt: 1,
+            })),
+        }
+        .encode_to_vec(),
+        AggregatorMessage {
+            kind: Some(aggregator_message::Kind::Ready(StepReady {
+                step: 4,
+                squares: 2.5,
+                part_squares: vec![1.0, 1.5],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec(),
+        ShardUpload {
+            kind: Some(shard_upload::Kind::Hello(ShardHello {
+                node_id: 2,
+                session_secret: vec![4u8; 16].into(),
+            })),
+        }
+        .encode_to_vec(),
     ]
 }
 
@@ -97,6 +126,9 @@ fn decode_all(bytes: &[u8]) -> Result<(), TestCaseError> {
     round::<CoordinatorMessage>(bytes)?;
     round::<JoinRequest>(bytes)?;
     round::<JoinReply>(bytes)?;
+    round::<ControlMessage>(bytes)?;
+    round::<AggregatorMessage>(bytes)?;
+    round::<ShardUpload>(bytes)?;
     round::<Chunk>(bytes)
 }
 
