@@ -463,7 +463,8 @@ pub struct NodeArgs {
     #[arg(long, env = "GRADCAST_TLS_DOMAIN")]
     pub tls_domain: Option<String>,
     /// Misbehave on purpose, to test the coordinator: nan-gradients, huge-gradient,
-    /// lie-about-counts, wrong-step, no-receipt or slow=MILLISECONDS.
+    /// lie-about-counts, wrong-step, no-receipt, withhold-slices, flood-slices
+    /// or slow=MILLISECONDS.
     #[arg(long, hide = true)]
     pub fault: Option<node::Fault>,
     /// Never use the coordinator's shared memory, even on its host (everything over gRPC).

@@ -270,3 +270,31 @@ fn a_coordinator_with_the_wrong_token_is_refused_by_the_aggregator() {
         "{err}"
     );
 }
+
+/// A member that sends an aggregator more slices in one step than there are
+/// parts is cut off by it; its parts are computed again by the honest node
+/// and the run ends with every sample counted once.
+#[test]
+fn an_aggregator_cuts_off_a_node_that_floods_it_with_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let (a0, a0_lines, u0) = aggregator("127.0.0.1:0", &[]);
+    let extra = ["--aggregators", u0.as_str()];
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "2", "2", &extra),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut good, _) = node(&addr, &[]);
+    let (flood, _) = node(&addr, &["--fault", "flood-slices"]);
+    let ok = wait(&mut coordinator, Duration::from_secs(180), "coordinator").success();
+    let aggregator_text = a0_lines.text();
+    stop([a0, flood]);
+    assert!(ok, "{}", lines.text());
+    assert!(
+        aggregator_text.contains("sent more slices in one step than there are parts"),
+        "{aggregator_text}"
+    );
+    assert_eq!(epoch_samples(&lines), vec![200, 200], "{}", lines.text());
+    assert!(wait(&mut good, Duration::from_secs(30), "good node").success());
+}

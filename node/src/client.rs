@@ -89,6 +89,8 @@ pub enum Fault {
     /// Reports every training task done without sending its gradient
     /// slices to the shard aggregators.
     WithholdSlices,
+    /// Sends each gradient slice to the shard aggregators 64 times.
+    FloodSlices,
 }
 
 impl std::str::FromStr for Fault {
@@ -102,13 +104,14 @@ impl std::str::FromStr for Fault {
             "wrong-step" => return Ok(Fault::WrongStep),
             "no-receipt" => return Ok(Fault::NoReceipt),
             "withhold-slices" => return Ok(Fault::WithholdSlices),
+            "flood-slices" => return Ok(Fault::FloodSlices),
             _ => {}
         }
         if let Some(ms) = s.strip_prefix("slow=").and_then(|ms| ms.parse().ok()) {
             return Ok(Fault::Slow(Duration::from_millis(ms)));
         }
         Err(format!(
-            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step, no-receipt, withhold-slices or slow=MILLISECONDS"
+            "unknown fault {s:?}; use nan-gradients, huge-gradient, lie-about-counts, wrong-step, no-receipt, withhold-slices, flood-slices or slow=MILLISECONDS"
         ))
     }
 }
@@ -776,7 +779,12 @@ impl Session {
         }
         let seconds = started.elapsed().as_secs_f64();
         telemetry::task("train", stats.samples, seconds);
-        if fault != Some(Fault::WithholdSlices) {
+        let copies = match fault {
+            Some(Fault::WithholdSlices) => 0,
+            Some(Fault::FloodSlices) => 64,
+            _ => 1,
+        };
+        for _ in 0..copies {
             links.push(step, task.part, &answer).await?;
         }
         self.send(Out::Train(TrainResult {

@@ -801,3 +801,117 @@ impl Actor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn members_are_checked_by_id_and_secret_and_strangers_wait_then_go() {
+        let m = Arc::new(Members::default());
+        m.reset(48);
+        m.set(3, Some(vec![7u8; 16]));
+        assert_eq!(m.admit(3, &[7u8; 16]).await.unwrap(), 48);
+        let wrong = m.admit(3, &[8u8; 16]).await.unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::PermissionDenied);
+        let empty = m.admit(3, &[]).await.unwrap_err();
+        assert_eq!(empty.code(), tonic::Code::PermissionDenied);
+        // A node the coordinator names while it waits gets in...
+        let late = {
+            let m = m.clone();
+            tokio::spawn(async move { m.admit(5, &[1u8; 16]).await })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        m.set(5, Some(vec![1u8; 16]));
+        assert_eq!(late.await.unwrap().unwrap(), 48);
+        // ...one it never names is refused after MEMBER_WAIT, and one it
+        // removed is a stranger again.
+        let started = Instant::now();
+        let stranger = m.admit(9, &[1u8; 16]).await.unwrap_err();
+        assert_eq!(stranger.code(), tonic::Code::NotFound);
+        assert!(started.elapsed() >= MEMBER_WAIT);
+        m.set(5, None);
+        assert!(!m.contains(5));
+    }
+
+    fn plan(parts: &[(u32, u64, u32)]) -> StepPlan {
+        StepPlan {
+            step: 0,
+            attempt: 0,
+            parts: parts
+                .iter()
+                .map(|&(part, node_id, samples)| PlannedPart {
+                    part,
+                    node_id,
+                    samples,
+                })
+                .collect(),
+        }
+    }
+
+    fn slice(len: usize, trainable: usize) -> Slice {
+        let mut s = Slice {
+            trainable,
+            l2: Vec::new(),
+            max_parts: 2,
+            version: 0,
+            weights: vec![1.0; len],
+            optimizer: new_optimizer(OptimizerKind::Sgd, trainable),
+            grads: vec![0.0; trainable],
+            state: vec![0.0; len - trainable],
+            current: Arc::new(Vec::new()),
+            uploads: HashMap::new(),
+            per_node: HashMap::new(),
+            plan: None,
+            answered: None,
+        };
+        s.encode();
+        s
+    }
+
+    /// The slice averages only what the plan names, weighted by samples and
+    /// in plan order; a NaN slice is reported as bad, not averaged; a commit
+    /// applies the optimizer to the trainable values and the mean to the
+    /// state, and moves to the next version.
+    #[test]
+    fn a_slice_averages_what_the_plan_names_and_commits_it() {
+        let mut s = slice(4, 3);
+        s.uploads.insert((0, 10), vec![1.0, 2.0, 3.0, 10.0]);
+        s.uploads.insert((1, 11), vec![3.0, 2.0, 1.0, 20.0]);
+        // An upload from a node the plan does not name is ignored.
+        s.uploads.insert((1, 12), vec![f32::NAN; 4]);
+        s.plan = Some(plan(&[(0, 10, 3), (1, 11, 1)]));
+        let ready = s.try_ready().expect("every planned slice is in");
+        assert!(ready.bad.is_empty() && ready.missing.is_empty());
+        assert_eq!(s.grads, vec![1.5, 2.0, 2.5]);
+        assert_eq!(s.state, vec![12.5]);
+        assert_eq!(ready.part_squares, vec![14.0, 14.0]);
+        assert!((ready.squares - (1.5f64 * 1.5 + 4.0 + 2.5 * 2.5)).abs() < 1e-9);
+        assert!(s.try_ready().is_none(), "answered once");
+        let commit = Commit {
+            step: 0,
+            lr: 0.5,
+            apply: true,
+            norm: 0.0,
+            clip_norm: 0.0,
+        };
+        s.commit(&commit).unwrap();
+        assert_eq!(s.weights, vec![0.25, 0.0, -0.25, 12.5]);
+        assert_eq!(s.version, 1);
+        assert!(s.uploads.is_empty() && s.plan.is_none());
+        assert!(s.commit(&commit).is_err(), "step 0 is done");
+
+        let mut s = slice(4, 3);
+        s.uploads.insert((0, 10), vec![f32::NAN, 0.0, 0.0, 0.0]);
+        s.plan = Some(plan(&[(0, 10, 1), (1, 11, 1)]));
+        assert!(s.try_ready().is_none(), "part 1 is missing");
+        assert_eq!(
+            s.missing(s.plan.as_ref().unwrap()),
+            plan(&[(1, 11, 1)]).parts
+        );
+        s.uploads.insert((1, 11), vec![0.0; 4]);
+        let ready = s.try_ready().unwrap();
+        assert_eq!(ready.bad, plan(&[(0, 10, 1)]).parts);
+        assert!(s.commit(&commit).is_err(), "a bad step is not committed");
+    }
+}
