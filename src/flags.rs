@@ -410,6 +410,10 @@ pub struct CoordinatorArgs {
     /// whose coordinator link would carry N copies of the model per step).
     #[arg(long, env = "GRADCAST_AGGREGATORS", value_delimiter = ',')]
     pub aggregators: Vec<String>,
+    /// CA certificate (PEM) that signed the aggregators' TLS certificates
+    /// (for https:// aggregator URLs).
+    #[arg(long, env = "GRADCAST_AGGREGATOR_CA")]
+    pub aggregator_ca: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -425,6 +429,15 @@ pub struct AggregatorArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9102; port 0 picks one).
     #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "GRADCAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "GRADCAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require the coordinator and nodes to present client certificates signed by this CA.
+    #[arg(long, env = "GRADCAST_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// Also write the bound address to this file, once listening.
     #[arg(long, hide = true)]
     pub address_file: Option<PathBuf>,

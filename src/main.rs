@@ -157,6 +157,11 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
         let security = coordinator::Security {
             token: t.token.clone().filter(|t| !t.is_empty()),
             tls: server_tls(&args)?,
+            aggregator_ca: args
+                .aggregator_ca
+                .as_deref()
+                .map(|p| read_pem(p, "aggregator CA"))
+                .transpose()?,
         };
         let report =
             coordinator::serve(listener, config, train, test, security, shutdown_signal()).await?;
@@ -224,7 +229,19 @@ fn aggregator_main(args: AggregatorArgs) -> Result<ExitCode> {
             launch::write_address(path, bound)?;
         }
         let token = args.token.clone().filter(|t| !t.is_empty());
-        coordinator::shard::aggregator::serve(listener, token, shutdown_signal()).await?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(coordinator::ServerTls {
+                cert: read_pem(cert, "TLS certificate")?,
+                key: read_pem(key, "TLS key")?,
+                client_ca: args
+                    .tls_ca
+                    .as_deref()
+                    .map(|p| read_pem(p, "client CA"))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
+        coordinator::shard::aggregator::serve(listener, token, tls, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

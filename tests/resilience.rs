@@ -386,27 +386,6 @@ fn soak_sixteen_nodes_five_hundred_steps() {
 
 /// Writes a CA (`ca.pem`) and a certificate for localhost/127.0.0.1 signed
 /// by it (`server.pem`, `server.key`) into `dir` (rcgen, ECDSA P-256).
-fn certificates(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "gradcast test CA");
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    server
-        .subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let server = server.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-}
 
 #[test]
 fn tls_nodes_train_and_plaintext_nodes_are_refused() {

@@ -298,3 +298,93 @@ fn an_aggregator_cuts_off_a_node_that_floods_it_with_slices() {
     assert_eq!(epoch_samples(&lines), vec![200, 200], "{}", lines.text());
     assert!(wait(&mut good, Duration::from_secs(30), "good node").success());
 }
+
+/// Aggregators serve TLS too: the coordinator checks their certificates
+/// with --aggregator-ca, nodes with the CA they trust for the coordinator;
+/// an https aggregator without a CA to check it is refused with a message
+/// that names the flag.
+#[test]
+fn tls_aggregators_train_and_need_a_ca_to_be_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let data = synthetic(dir.path(), 10, 10);
+    let pem = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (pem("server.pem"), pem("server.key"), pem("ca.pem"));
+    let (a0, a0_lines) = start(
+        &[
+            "aggregator",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let port = address(&a0_lines).rsplit(':').next().unwrap().to_string();
+    let url = format!("https://localhost:{port}");
+    let untrusted = coordinator_args(
+        data.to_str().unwrap(),
+        "1",
+        "1",
+        &[
+            "--aggregators",
+            &url,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    let out = gradcast(&untrusted, Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--aggregator-ca"),
+        "{}",
+        text(&out.stderr)
+    );
+    let args = coordinator_args(
+        data.to_str().unwrap(),
+        "1",
+        "1",
+        &[
+            "--aggregators",
+            &url,
+            "--aggregator-ca",
+            &ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    let (mut coordinator, lines) = start(&args, &[]);
+    let cport = address(&lines).rsplit(':').next().unwrap().to_string();
+    let curl = format!("https://localhost:{cport}");
+    let (mut secure, secure_lines) = start(
+        &[
+            "node",
+            "--coordinator",
+            &curl,
+            "--threads",
+            "1",
+            "--tls-ca",
+            &ca,
+        ],
+        &[],
+    );
+    let ok = wait(&mut coordinator, Duration::from_secs(120), "coordinator").success();
+    stop([a0]);
+    assert!(ok, "{}", lines.text());
+    assert!(
+        wait(&mut secure, Duration::from_secs(30), "TLS node").success(),
+        "{}",
+        secure_lines.text()
+    );
+    assert!(
+        secure_lines.text().contains("shard aggregators"),
+        "{}",
+        secure_lines.text()
+    );
+}

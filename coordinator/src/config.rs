@@ -242,6 +242,9 @@ pub struct Security {
     pub token: Option<String>,
     /// Serve gRPC over TLS with this certificate chain and key (PEM).
     pub tls: Option<ServerTls>,
+    /// CA (PEM) that signed the shard aggregators' certificates (for
+    /// `https://` aggregator URLs).
+    pub aggregator_ca: Option<Vec<u8>>,
 }
 
 /// PEM material for serving TLS.

@@ -143,15 +143,11 @@ pub async fn serve(
                 "--wire bf16 does not work with --aggregators yet; use --wire f32".into(),
             ));
         }
-        if security.tls.is_some() {
-            return Err(CoordinatorError::Config(
-                "TLS does not cover the shard aggregators yet; run --aggregators without --tls-cert (on a private network) or without aggregators".into(),
-            ));
-        }
         let wait = config.join_timeout.unwrap_or(Duration::from_secs(120));
         let aggregators = Aggregators::connect(
             &config.aggregators,
             security.token.as_deref(),
+            security.aggregator_ca.as_deref(),
             weights.len(),
             wait,
         )

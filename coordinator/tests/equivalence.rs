@@ -103,6 +103,7 @@ async fn train_with(
                 aggregators.push(tokio::spawn(coordinator::shard::aggregator::serve(
                     listener,
                     None,
+                    None,
                     std::future::pending(),
                 )));
             }

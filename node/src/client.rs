@@ -354,6 +354,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
             node_id,
             &reply.session_secret,
             auth(config)?,
+            config.tls.as_ref(),
         )
         .await?;
         Some(Arc::new(links))

@@ -15,10 +15,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::debug;
 
-use crate::client::Auth;
+use crate::client::{Auth, ClientTls};
 use crate::{telemetry, NodeError};
 
 type Result<T> = std::result::Result<T, NodeError>;
@@ -102,6 +102,7 @@ impl ShardLinks {
         node: u64,
         secret: &[u8],
         auth: Auth,
+        tls: Option<&ClientTls>,
     ) -> Result<Self> {
         let ranges = ranges(shards, len)?;
         let held = Arc::new(Held {
@@ -119,6 +120,28 @@ impl ShardLinks {
                 .initial_connection_window_size(Some(16 << 20))
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(20));
+            let endpoint = match (url.starts_with("https://"), tls) {
+                (false, _) => endpoint,
+                (true, Some(tls)) => {
+                    // The coordinator's CA and this node's client identity;
+                    // the name checked is the URL's host.
+                    let mut cfg = ClientTlsConfig::new();
+                    if let Some(ca) = &tls.ca {
+                        cfg = cfg.ca_certificate(Certificate::from_pem(ca));
+                    }
+                    if let Some((cert, key)) = &tls.identity {
+                        cfg = cfg.identity(Identity::from_pem(cert, key));
+                    }
+                    endpoint
+                        .tls_config(cfg)
+                        .map_err(|e| NodeError::Protocol(format!("TLS for {url}: {e}")))?
+                }
+                (true, None) => {
+                    return Err(NodeError::Protocol(format!(
+                        "aggregator {url} is https, but this node has no TLS settings (--tls-ca)"
+                    )))
+                }
+            };
             let started = Instant::now();
             let channel = loop {
                 match endpoint.connect().await {

@@ -34,7 +34,8 @@ use tracing::{debug, info, warn};
 use crate::aggregate::{average_block, average_gradients, factors, sum_of_squares, L2Range};
 use crate::optimizer::{clip_to_norm, from_buffer, new_optimizer};
 use crate::service::TokenCheck;
-use crate::{CoordinatorError, Optimizer, OptimizerKind};
+use crate::{CoordinatorError, Optimizer, OptimizerKind, ServerTls};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// How long a node's `Exchange` may wait for the coordinator to name it a
 /// member (its join and its first exchange race).
@@ -65,10 +66,12 @@ pub fn describe_metrics() {
 }
 
 /// Serves an aggregator on `listener` until `shutdown` resolves. `token`:
-/// the cluster token every call must carry.
+/// the cluster token every call must carry; `tls`: serve TLS (and, with its
+/// `client_ca`, require client certificates).
 pub async fn serve(
     listener: TcpListener,
     token: Option<String>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
     let (events_tx, events) = mpsc::channel(EVENTS);
@@ -81,7 +84,15 @@ pub async fn serve(
     };
     let actor = tokio::spawn(Actor::new(members).run(events));
     let token = TokenCheck::new(token.as_deref());
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key));
+        if let Some(ca) = tls.client_ca {
+            cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg)?;
+    }
+    let served = builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

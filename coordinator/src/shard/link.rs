@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{debug, info};
 
 use super::split;
@@ -105,9 +105,12 @@ fn lost(url: &str, why: impl std::fmt::Display) -> CoordinatorError {
 impl Aggregators {
     /// Opens the control stream of every aggregator in `urls` (retrying for
     /// up to `wait`); aggregator *k* gets slice *k* of `len` values.
+    /// `ca`: the CA that signed the aggregators' certificates, for https
+    /// URLs.
     pub(crate) async fn connect(
         urls: &[String],
         token: Option<&str>,
+        ca: Option<&[u8]>,
         len: usize,
         wait: Duration,
     ) -> Result<Self> {
@@ -130,6 +133,17 @@ impl Aggregators {
                 .initial_connection_window_size(Some(16 << 20))
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(20));
+            let endpoint = match (url.starts_with("https://"), ca) {
+                (false, _) => endpoint,
+                (true, Some(ca)) => endpoint
+                    .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+                    .map_err(|e| CoordinatorError::Config(format!("TLS for {url}: {e}")))?,
+                (true, None) => {
+                    return Err(CoordinatorError::Config(format!(
+                        "aggregator {url} is https: give the CA that signed its certificate (--aggregator-ca)"
+                    )))
+                }
+            };
             let mut delay = Duration::from_millis(100);
             let channel = loop {
                 match endpoint.connect().await {
