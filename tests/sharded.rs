@@ -34,12 +34,23 @@ fn stop(children: impl IntoIterator<Item = std::process::Child>) {
 
 #[test]
 fn a_sharded_cluster_survives_a_killed_node_and_a_late_joiner() {
+    killed_node_and_late_joiner("f32");
+}
+
+/// On the bf16 wire the late joiner first gets each slice whole (the values
+/// the other nodes hold), then the changes to it.
+#[test]
+fn a_sharded_cluster_on_the_bf16_wire_survives_a_killed_node_and_a_late_joiner() {
+    killed_node_and_late_joiner("bf16");
+}
+
+fn killed_node_and_late_joiner(wire: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic(dir.path(), 300, 20);
     let (a0, _, u0) = aggregator("127.0.0.1:0", &[]);
     let (a1, _, u1) = aggregator("127.0.0.1:0", &[]);
     let urls = format!("{u0},{u1}");
-    let extra = ["--aggregators", urls.as_str()];
+    let extra = ["--aggregators", urls.as_str(), "--wire", wire];
     let (mut coordinator, lines) = start(
         &coordinator_args(data.to_str().unwrap(), "2", "3", &extra),
         &[],
@@ -68,7 +79,8 @@ fn a_sharded_cluster_survives_a_killed_node_and_a_late_joiner() {
     assert!(wait(&mut survivor, Duration::from_secs(30), "survivor").success());
     assert!(wait(&mut late, Duration::from_secs(30), "late node").success());
     assert!(
-        survivor_lines.text().contains("shard aggregators"),
+        survivor_lines.text().contains("shard aggregators")
+            && survivor_lines.text().contains(&format!("wire={wire}")),
         "{}",
         survivor_lines.text()
     );

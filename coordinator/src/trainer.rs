@@ -138,11 +138,6 @@ pub async fn serve(
     let aggregators = if config.aggregators.is_empty() {
         None
     } else {
-        if config.wire != proto::Wire::F32 {
-            return Err(CoordinatorError::Config(
-                "--wire bf16 does not work with --aggregators yet; use --wire f32".into(),
-            ));
-        }
         let wait = config.join_timeout.unwrap_or(Duration::from_secs(120));
         let aggregators = Aggregators::connect(
             &config.aggregators,
@@ -224,6 +219,7 @@ pub async fn serve(
                 trainer.optimizer.as_ref(),
                 trainer.step,
                 max_parts,
+                trainer.config.wire,
             )
             .await?;
     }

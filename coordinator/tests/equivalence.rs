@@ -422,3 +422,42 @@ async fn shard_aggregators_give_bit_identical_weights() {
         assert!(loss < 1e-9, "{kind}: losses differ by {loss}");
     }
 }
+
+/// On the bf16 wire too: gradients rounded with error feedback by each node
+/// and weights sent as bf16 changes to what the nodes hold, slice by slice,
+/// give the very bits of the coordinator's own bf16 wire; and they differ
+/// from f32 (bf16 was really used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_aggregators_on_the_bf16_wire_match_the_coordinators_bf16_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train_set, test_set) = datasets(dir.path());
+    let adam = OptimizerKind::Adam;
+    let resnet20 = ModelKind::Resnet {
+        n: 3,
+        dropout: false,
+    };
+    for kind in [ModelKind::SimpleCnn, resnet20] {
+        let run = |plane, wire| {
+            train_with(
+                2,
+                4,
+                adam,
+                train_set.clone(),
+                test_set.clone(),
+                plane,
+                move |c| {
+                    c.model.kind = kind;
+                    c.wire = wire;
+                },
+            )
+        };
+        let star = run(Plane::Bf16, Wire::Bf16).await;
+        let sharded = run(Plane::Sharded(3), Wire::Bf16).await;
+        let f32_sharded = run(Plane::Sharded(3), Wire::F32).await;
+        assert_eq!(star.weights, sharded.weights, "{kind}");
+        assert_ne!(
+            star.weights, f32_sharded.weights,
+            "{kind}: bf16 changed nothing"
+        );
+    }
+}

@@ -351,6 +351,7 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
         let links = ShardLinks::connect(
             &reply.shards,
             len,
+            model.num_trainable(),
             node_id,
             &reply.session_secret,
             auth(config)?,
@@ -759,14 +760,27 @@ impl Session {
             _ => task.step,
         };
         let emulated = self.emulated.clone();
-        let (mut stats, answer) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let mut answer = vec![0.0f32; model.num_trainable() + model.num_state()];
+        let feedback = self.feedback.clone();
+        let (mut stats, answer, bf16) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let trainable = model.num_trainable();
+            let mut answer = vec![0.0f32; trainable + model.num_state()];
             let stats = match &emulated {
                 Some(e) => e.train_into(&model, s.count, &mut answer)?,
                 None => model.train_step_into(&s.images, &s.labels, task.seed, &mut answer)?,
             };
             corrupt(fault, &mut answer);
-            Ok((stats, answer))
+            // On the bf16 wire the gradients are rounded once, with error
+            // feedback, and each aggregator gets its slice of them.
+            let bf16 = match feedback {
+                Some(f) => {
+                    let mut f = f
+                        .lock()
+                        .map_err(|_| NodeError::Compute("error feedback poisoned".into()))?;
+                    Some(f.encode(&answer[..trainable]))
+                }
+                None => None,
+            };
+            Ok((stats, answer, bf16))
         })
         .await
         .map_err(|e| NodeError::Compute(e.to_string()))??;
@@ -786,7 +800,7 @@ impl Session {
             _ => 1,
         };
         for _ in 0..copies {
-            links.push(step, task.part, &answer).await?;
+            links.push(step, task.part, &answer, bf16.as_ref()).await?;
         }
         self.send(Out::Train(TrainResult {
             step,

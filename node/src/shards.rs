@@ -7,10 +7,11 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use proto::v1::aggregator_client::AggregatorClient;
 use proto::v1::shard_upload::Kind as Upload;
 use proto::v1::{BufferKind, ShardHello, ShardInfo, ShardUpload};
-use proto::{ChunkReceiver, Chunker};
+use proto::{ChunkReceiver, Chunker, Wire};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -47,6 +48,28 @@ impl Held {
         }
         self.changed.notify_waiters();
     }
+
+    /// Adds a change (bf16 wire) to the slice held, making it its version.
+    fn apply(&self, i: usize, delta: &proto::Buffer) -> std::result::Result<(), String> {
+        {
+            let mut s = self.slices.lock().map_err(|_| "slice lock poisoned")?;
+            match &mut s[i] {
+                Slice::Have(v, values) if *v == delta.base_version => {
+                    proto::apply_delta(values, &delta.values);
+                    *v = delta.version;
+                }
+                Slice::Have(v, _) => {
+                    return Err(format!(
+                        "sent a change to version {} while this node holds {v}",
+                        delta.base_version
+                    ))
+                }
+                _ => return Err("sent a change to a slice this node does not hold".into()),
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
 }
 
 struct Link {
@@ -61,6 +84,8 @@ pub(crate) struct ShardLinks {
     links: Vec<Link>,
     held: Arc<Held>,
     len: usize,
+    /// Values of the buffer before the state begins.
+    trainable: usize,
 }
 
 impl Drop for ShardLinks {
@@ -99,6 +124,7 @@ impl ShardLinks {
     pub(crate) async fn connect(
         shards: &[ShardInfo],
         len: usize,
+        trainable: usize,
         node: u64,
         secret: &[u8],
         auth: Auth,
@@ -194,6 +220,14 @@ impl ShardLinks {
                         {
                             reader_held.set(i, Slice::Have(b.version, b.values));
                         }
+                        Ok(Some(b))
+                            if b.kind == BufferKind::WeightsDelta
+                                && b.values.len() == slice_len =>
+                        {
+                            if let Err(why) = reader_held.apply(i, &b) {
+                                break why;
+                            }
+                        }
                         Ok(Some(b)) => {
                             break format!(
                                 "sent a {:?} buffer of {} values",
@@ -215,7 +249,12 @@ impl ShardLinks {
                 reader,
             });
         }
-        Ok(Self { links, held, len })
+        Ok(Self {
+            links,
+            held,
+            len,
+            trainable,
+        })
     }
 
     /// The whole weights buffer of `version`, once every aggregator has
@@ -262,31 +301,55 @@ impl ShardLinks {
     }
 
     /// Sends slice *k* of `answer` (gradients, then state, for part `part`
-    /// of step `step`) to aggregator *k*.
-    pub(crate) async fn push(&self, step: u64, part: u32, answer: &[f32]) -> Result<()> {
-        if answer.len() != self.len {
+    /// of step `step`) to aggregator *k*: the slice's gradients (taken from
+    /// `bf16`, the whole gradient already rounded with error feedback, when
+    /// given) and its state values (f32), each as a buffer of its own.
+    pub(crate) async fn push(
+        &self,
+        step: u64,
+        part: u32,
+        answer: &[f32],
+        bf16: Option<&Bytes>,
+    ) -> Result<()> {
+        if answer.len() != self.len || bf16.is_some_and(|b| b.len() != 2 * self.trainable) {
             return Err(NodeError::Protocol(format!(
                 "an answer of {} values for {} weights",
                 answer.len(),
                 self.len
             )));
         }
+        let size = proto::DEFAULT_CHUNK_BYTES;
+        let t = self.trainable;
         for link in &self.links {
-            let chunker = Chunker::new(
-                BufferKind::Gradients,
-                step,
-                &answer[link.range.clone()],
-                proto::DEFAULT_CHUNK_BYTES,
-            )
-            .with_part(part);
-            for chunk in chunker.chunks() {
-                telemetry::sent(chunk.data.len());
-                let msg = ShardUpload {
-                    kind: Some(Upload::Chunk(chunk)),
-                };
-                link.uploads.send(msg).await.map_err(|_| {
-                    NodeError::Shard(format!("aggregator {}: exchange closed", link.url))
-                })?;
+            let r = &link.range;
+            let grads = r.start.min(t)..r.end.min(t);
+            let state = r.start.max(t)..r.end.max(t);
+            let mut buffers = Vec::with_capacity(2);
+            if !grads.is_empty() {
+                buffers.push(match bf16 {
+                    Some(b) => Chunker::encoded(
+                        BufferKind::Gradients,
+                        step,
+                        Wire::Bf16,
+                        b.slice(2 * grads.start..2 * grads.end),
+                        size,
+                    ),
+                    None => Chunker::new(BufferKind::Gradients, step, &answer[grads], size),
+                });
+            }
+            if !state.is_empty() {
+                buffers.push(Chunker::new(BufferKind::State, step, &answer[state], size));
+            }
+            for chunker in buffers {
+                for chunk in chunker.with_part(part).chunks() {
+                    telemetry::sent(chunk.data.len());
+                    let msg = ShardUpload {
+                        kind: Some(Upload::Chunk(chunk)),
+                    };
+                    link.uploads.send(msg).await.map_err(|_| {
+                        NodeError::Shard(format!("aggregator {}: exchange closed", link.url))
+                    })?;
+                }
             }
         }
         Ok(())

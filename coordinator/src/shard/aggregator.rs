@@ -22,7 +22,7 @@ use proto::v1::{
     AggregatorMessage, BufferKind, Chunk, Commit, ControlMessage, NodeError as WireError,
     PlannedPart, ShardSetup, ShardUpload, StepPlan, StepReady,
 };
-use proto::{Buffer, ChunkReceiver, Chunker};
+use proto::{Buffer, ChunkReceiver, Chunker, Wire};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
@@ -344,8 +344,18 @@ struct Slice {
     grads: Vec<f32>,
     /// The averaged state of the planned step, once ready.
     state: Vec<f32>,
-    /// The chunks of `version`, encoded once for every node.
+    /// bf16 wire: the f32 values the nodes hold (what the changes sent so
+    /// far add up to), within half a bf16 step of `weights`.
+    held: Option<Vec<f32>>,
+    /// The whole slice of `version` as nodes get it when they hold no
+    /// earlier one (f32: `weights`; bf16: `held`), encoded once.
     current: Arc<Vec<Chunk>>,
+    /// bf16 wire: the change from the version before to `version`, for the
+    /// nodes that hold that one.
+    delta: Option<Arc<Vec<Chunk>>>,
+    /// Halves of slices received for this version's step, by (part, node):
+    /// gradients and state come as two buffers.
+    partial: HashMap<(u32, u64), (Option<Vec<f32>>, Option<Vec<f32>>)>,
     /// Slices received for this version's step, by (part, node).
     uploads: HashMap<(u32, u64), Vec<f32>>,
     /// Slices received per node this step.
@@ -356,14 +366,57 @@ struct Slice {
 }
 
 impl Slice {
-    fn encode(&mut self) {
-        let chunker = Chunker::new(
-            BufferKind::Weights,
-            self.version,
-            &self.weights,
-            proto::DEFAULT_CHUNK_BYTES,
-        );
+    /// Encodes `version` for the nodes: whole, and on the bf16 wire also as
+    /// the change from the version before (when `changed`).
+    fn encode(&mut self, changed: bool) {
+        let size = proto::DEFAULT_CHUNK_BYTES;
+        self.delta = None;
+        if let Some(held) = &mut self.held {
+            if changed {
+                let bytes = proto::bf16_delta(&self.weights, held);
+                let base = self.version - 1;
+                let delta = Chunker::encoded(
+                    BufferKind::WeightsDelta,
+                    self.version,
+                    Wire::Bf16,
+                    bytes,
+                    size,
+                )
+                .with_base(base);
+                self.delta = Some(Arc::new(delta.chunks().collect()));
+            }
+        }
+        let whole = self.held.as_deref().unwrap_or(&self.weights);
+        let chunker = Chunker::new(BufferKind::Weights, self.version, whole, size);
         self.current = Arc::new(chunker.chunks().collect());
+    }
+
+    /// Takes one buffer of a node's answer to part `part`: the gradients of
+    /// the slice's trainable values, or the state. Returns false if it
+    /// does not fit the slice.
+    fn take(&mut self, node: u64, buffer: Buffer) -> bool {
+        let t = self.trainable;
+        let state_len = self.weights.len() - t;
+        let key = (buffer.part, node);
+        let entry = self.partial.entry(key).or_default();
+        match buffer.kind {
+            BufferKind::Gradients if buffer.values.len() == t && t > 0 => {
+                entry.0 = Some(buffer.values)
+            }
+            BufferKind::State if buffer.values.len() == state_len && state_len > 0 => {
+                entry.1 = Some(buffer.values)
+            }
+            _ => return false,
+        }
+        let complete = (t == 0 || entry.0.is_some()) && (state_len == 0 || entry.1.is_some());
+        if complete {
+            if let Some((g, st)) = self.partial.remove(&key) {
+                let mut values = g.unwrap_or_default();
+                values.extend(st.unwrap_or_default());
+                self.uploads.insert(key, values);
+            }
+        }
+        true
     }
 
     fn missing(&self, plan: &StepPlan) -> Vec<PlannedPart> {
@@ -460,10 +513,11 @@ impl Slice {
         }
         self.version += 1;
         self.uploads.clear();
+        self.partial.clear();
         self.per_node.clear();
         self.plan = None;
         self.answered = None;
-        self.encode();
+        self.encode(true);
         counter!("gradcast_aggregator_steps_total").increment(1);
         Ok(())
     }
@@ -523,13 +577,18 @@ impl Actor {
         }
     }
 
-    /// Queues the current version to `node`; a node that does not keep up is
-    /// cut off.
-    fn offer(&mut self, node: u64) {
+    /// Queues the current version to `node` (whole, or as the change from
+    /// the version before when `follows`: it got that one); a node that
+    /// does not keep up is cut off.
+    fn offer(&mut self, node: u64, follows: bool) {
         let (Some(slice), Some((_, versions))) = (&self.slice, self.nodes.get(&node)) else {
             return;
         };
-        if versions.try_send(slice.current.clone()).is_err() {
+        let chunks = match (&slice.delta, follows) {
+            (Some(delta), true) => delta.clone(),
+            _ => slice.current.clone(),
+        };
+        if versions.try_send(chunks).is_err() {
             warn!(
                 node,
                 "node does not take its weight slices; disconnecting it"
@@ -539,10 +598,12 @@ impl Actor {
         }
     }
 
-    fn broadcast(&mut self) {
+    /// Queues the current version to every node; `follows`: each got the
+    /// version before.
+    fn broadcast(&mut self, follows: bool) {
         let nodes: Vec<u64> = self.nodes.keys().copied().collect();
         for node in nodes {
-            self.offer(node);
+            self.offer(node, follows);
         }
     }
 
@@ -565,7 +626,7 @@ impl Actor {
             } => {
                 if self.members.contains(node) {
                     self.nodes.insert(node, (conn, versions));
-                    self.offer(node);
+                    self.offer(node, false);
                 }
             }
             Event::NodeClosed { node, conn } => {
@@ -589,17 +650,6 @@ impl Actor {
             return None;
         }
         let slice = self.slice.as_mut()?;
-        if buffer.kind != BufferKind::Gradients || buffer.values.len() != slice.weights.len() {
-            warn!(
-                node,
-                "sent a {:?} buffer of {} values, expected gradients of {}; disconnecting it",
-                buffer.kind,
-                buffer.values.len(),
-                slice.weights.len()
-            );
-            self.nodes.remove(&node);
-            return None;
-        }
         if buffer.version != slice.version {
             debug!(
                 node,
@@ -610,7 +660,8 @@ impl Actor {
         }
         let count = slice.per_node.entry(node).or_default();
         *count += 1;
-        if *count > slice.max_parts {
+        // Two buffers (gradients, state) per part.
+        if *count > 2 * slice.max_parts {
             warn!(
                 node,
                 "sent more slices in one step than there are parts; disconnecting it"
@@ -619,7 +670,17 @@ impl Actor {
             self.nodes.remove(&node);
             return None;
         }
-        slice.uploads.insert((buffer.part, node), buffer.values);
+        let (kind, len) = (buffer.kind, buffer.values.len());
+        if !slice.take(node, buffer) {
+            warn!(
+                node,
+                "sent a {kind:?} buffer of {len} values, which fits no part of a slice of {} ({} trainable); disconnecting it",
+                slice.weights.len(),
+                slice.trainable
+            );
+            self.nodes.remove(&node);
+            return None;
+        }
         slice.try_ready()
     }
 
@@ -685,7 +746,7 @@ impl Actor {
             Some(Control::Commit(c)) => {
                 let slice = self.slice.as_mut().ok_or("a commit before the setup")?;
                 slice.commit(&c)?;
-                self.broadcast();
+                self.broadcast(true);
             }
             Some(Control::Dump(d)) => {
                 let slice = self.slice.as_ref().ok_or("a dump before the setup")?;
@@ -785,7 +846,11 @@ impl Actor {
                     })
                 })
                 .collect();
+        let wire = Wire::from_dtype(s.wire).unwrap_or(Wire::F32);
         let mut slice = Slice {
+            held: (wire == Wire::Bf16).then(|| weights.clone()),
+            delta: None,
+            partial: HashMap::new(),
             trainable,
             l2,
             max_parts: s.max_parts.max(1) as usize,
@@ -800,7 +865,7 @@ impl Actor {
             plan: None,
             answered: None,
         };
-        slice.encode();
+        slice.encode(false);
         info!(
             start = s.start,
             end = s.end,
@@ -808,7 +873,7 @@ impl Actor {
             "set up: {len} values ({trainable} trainable)"
         );
         self.slice = Some(slice);
-        self.broadcast();
+        self.broadcast(false);
         Ok(())
     }
 }
@@ -870,13 +935,16 @@ mod tests {
             optimizer: new_optimizer(OptimizerKind::Sgd, trainable),
             grads: vec![0.0; trainable],
             state: vec![0.0; len - trainable],
+            held: None,
             current: Arc::new(Vec::new()),
+            delta: None,
+            partial: HashMap::new(),
             uploads: HashMap::new(),
             per_node: HashMap::new(),
             plan: None,
             answered: None,
         };
-        s.encode();
+        s.encode(false);
         s
     }
 

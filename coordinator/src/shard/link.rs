@@ -271,6 +271,7 @@ impl Aggregators {
         optimizer: &dyn Optimizer,
         version: u64,
         max_parts: u32,
+        wire: proto::Wire,
     ) -> Result<()> {
         let state = optimizer.state();
         let size = proto::DEFAULT_CHUNK_BYTES;
@@ -292,6 +293,7 @@ impl Aggregators {
                 version,
                 optimizer_state: !state.is_empty(),
                 max_parts,
+                wire: wire.dtype() as i32,
             };
             self.send(i, Control::Setup(setup)).await?;
             let chunker = Chunker::new(BufferKind::Weights, version, &weights[r.clone()], size);
