@@ -24,7 +24,7 @@ use crate::optimizer::{from_buffer, new_optimizer};
 use crate::plane::SharedPlane;
 use crate::resume::{self, Position};
 use crate::service::{Service, TokenCheck, EVENT_QUEUE};
-use crate::shard::link::{Aggregators, Readiness};
+use crate::shard::link::{Aggregators, Readiness, Start};
 use crate::task::{samples, Answer, Gradients, Task};
 use crate::telemetry;
 use crate::{l2_value, CoordinatorError, History, Optimizer, Security, TrainConfig, WeightedSum};
@@ -212,15 +212,15 @@ pub async fn serve(
         // A node may be given every part of a step (when the others are lost).
         let max_parts = trainer.config.nodes.clamp(1, 1 << 16) as u32;
         aggregators
-            .setup(
-                &trainer.weights,
-                trainer.num_trainable,
-                &trainer.l2,
-                trainer.optimizer.as_ref(),
-                trainer.step,
+            .setup(Start {
+                weights: &trainer.weights,
+                num_trainable: trainer.num_trainable,
+                l2: &trainer.l2,
+                optimizer: trainer.optimizer.as_ref(),
+                version: trainer.step,
                 max_parts,
-                trainer.config.wire,
-            )
+                wire: trainer.config.wire,
+            })
             .await?;
     }
     let token = TokenCheck::new(security.token.as_deref());

@@ -320,6 +320,9 @@ impl Aggregator for AggregatorService {
     }
 }
 
+/// A part's gradients and state, as far as they came.
+type Halves = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// Where the versions of the slice go to one node's exchange.
 type Versions = mpsc::Sender<Arc<Vec<Chunk>>>;
 
@@ -355,7 +358,7 @@ struct Slice {
     delta: Option<Arc<Vec<Chunk>>>,
     /// Halves of slices received for this version's step, by (part, node):
     /// gradients and state come as two buffers.
-    partial: HashMap<(u32, u64), (Option<Vec<f32>>, Option<Vec<f32>>)>,
+    partial: HashMap<(u32, u64), Halves>,
     /// Slices received for this version's step, by (part, node).
     uploads: HashMap<(u32, u64), Vec<f32>>,
     /// Slices received per node this step.

@@ -53,6 +53,21 @@ pub(crate) enum Readiness {
     },
 }
 
+/// Where the aggregators start from (see [`Aggregators::setup`]).
+pub(crate) struct Start<'a> {
+    /// The whole buffer (trainable values, then state) of `version`.
+    pub weights: &'a [f32],
+    pub num_trainable: usize,
+    pub l2: &'a [L2Range],
+    /// Its state is cut into the slices too.
+    pub optimizer: &'a dyn Optimizer,
+    pub version: u64,
+    /// Most parts of one step a node may send slices of.
+    pub max_parts: u32,
+    /// How weight slices go to the nodes.
+    pub wire: proto::Wire,
+}
+
 /// Tells the aggregators who the members are (cheap to clone; never waits).
 #[derive(Clone)]
 pub(crate) struct MemberNotice(Vec<mpsc::Sender<ControlMessage>>);
@@ -261,18 +276,18 @@ impl Aggregators {
         Ok(())
     }
 
-    /// Gives each aggregator its slice of `weights` (version `version`) and
-    /// of the optimizer's state.
-    pub(crate) async fn setup(
-        &self,
-        weights: &[f32],
-        num_trainable: usize,
-        l2: &[L2Range],
-        optimizer: &dyn Optimizer,
-        version: u64,
-        max_parts: u32,
-        wire: proto::Wire,
-    ) -> Result<()> {
+    /// Gives each aggregator its slice of the weights and of the
+    /// optimizer's state.
+    pub(crate) async fn setup(&self, start: Start<'_>) -> Result<()> {
+        let Start {
+            weights,
+            num_trainable,
+            l2,
+            optimizer,
+            version,
+            max_parts,
+            wire,
+        } = start;
         let state = optimizer.state();
         let size = proto::DEFAULT_CHUNK_BYTES;
         for (i, r) in self.ranges.iter().enumerate() {
