@@ -52,24 +52,23 @@ def star_bytes(trainable, state, nodes, per_node, wire):
     return down, up
 
 
-def sharded_bytes(trainable, state, nodes, per_node):
+def sharded_bytes(trainable, state, nodes, per_node, wire="f32"):
     """Bytes through the busiest link per step with one aggregator beside
     every node: a node host sends (N-1)/N of its answer to the other
     aggregators and its aggregator gets N-1 slices of M/N from them (and
     the same again for the weights, the other way); the coordinator's link
     carries only the samples (sent a step ahead)."""
-    m = (trainable + state) * 4
+    m = trainable * (2 if wire == "bf16" else 4) + state * 4
     each = (nodes - 1) * m / nodes
     return each, each
 
 
-def predict_sharded(values, nodes, per_node, bandwidth, compute_s, update_s):
+def predict_sharded(model_bytes, nodes, bandwidth, compute_s, update_s):
     """Compute, then every host's answer out and its aggregator's slices in
     at once (full duplex: (N-1)/N of M each way), the plan and commit round
     trips (in update_s), then the new slices out to every node and in from
     every aggregator ((N-1)/N of M again)."""
-    m = values * 4
-    return compute_s + 2 * (nodes - 1) * m / nodes / bandwidth + update_s
+    return compute_s + 2 * (nodes - 1) * model_bytes / nodes / bandwidth + update_s
 
 
 def predict(down, up, bandwidth, compute_s, update_s):
@@ -182,10 +181,10 @@ def main():
         r = gradcast_run(a, n)
         compute_s = r["compute"] / 1000
         if a.aggregators:
-            down, up = sharded_bytes(r["trainable"], r["state"], n, a.per_node)
+            down, up = sharded_bytes(r["trainable"], r["state"], n, a.per_node, a.wire)
+            model_bytes = r["trainable"] * (2 if a.wire == "bf16" else 4) + r["state"] * 4
             r["predicted"] = 1000 * predict_sharded(
-                r["trainable"] + r["state"], n, a.per_node, bandwidth, compute_s,
-                r["update"] / 1000)
+                model_bytes, n, bandwidth, compute_s, r["update"] / 1000)
         else:
             down, up = star_bytes(r["trainable"], r["state"], n, a.per_node, a.wire)
             r["predicted"] = 1000 * predict(down, up, bandwidth, compute_s, r["update"] / 1000)
