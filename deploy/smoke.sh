@@ -5,7 +5,10 @@
 # docker-compose on synthetic data, checks the final accuracy line and that
 # Prometheus scraped all three nodes through Docker DNS; then runs again and
 # `docker kill`s a node mid-run: training must finish with the survivors,
-# every sample of every epoch still used. Tears everything down.
+# every sample of every epoch still used; then runs the `sharded` profile (two
+# shard aggregators, nodes exchanging gradients and weights with them) and
+# checks that it trains and that Prometheus scraped both aggregators. Tears
+# everything down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v docker >/dev/null || { echo "smoke: no docker" >&2; exit 1; }
@@ -85,4 +88,25 @@ grep -q 'node removed' <<<"$logs" || fail "the coordinator did not notice the lo
 epochs=$(grep -c '(2000 samples in' <<<"$logs" || true)
 [ "$epochs" = 3 ] || fail "expected 3 epochs of 2000 samples, saw $epochs"
 echo "$(grep -o 'final val_accuracy: [0-9.]*' <<<"$logs") after losing a node; every epoch used all 2000 samples"
+compose down -v >/dev/null 2>&1
+
+echo "== run 3: shard aggregators (profile sharded)"
+export GRADCAST_AGGREGATORS=http://aggregator-0:50061,http://aggregator-1:50061
+GRADCAST_EPOCHS=6 compose --profile sharded up -d --no-build --scale node=3 >/dev/null
+aggregators_seen=0
+agg_query='count by (instance) (count_over_time(gradcast_aggregator_steps_total{job="gradcast-aggregator"}[10m]))'
+for _ in $(seq 120); do
+  aggregators_seen=$(query "$agg_query" || echo 0)
+  [ "$aggregators_seen" -ge 2 ] && break
+  sleep 1
+done
+code=$(await_coordinator 600)
+logs=$(compose logs --no-color coordinator)
+[ "$code" = 0 ] || fail "coordinator exited with $code with shard aggregators"
+grep -q 'aggregator http://aggregator-1:50061 connected' <<<"$logs" || fail "the coordinator did not use the aggregators"
+epochs=$(grep -c '(2000 samples in' <<<"$logs" || true)
+[ "$epochs" = 6 ] || fail "expected 6 epochs of 2000 samples, saw $epochs"
+[ "$aggregators_seen" -ge 2 ] || aggregators_seen=$(query "$agg_query" || echo 0)
+[ "$aggregators_seen" -ge 2 ] || fail "Prometheus scraped $aggregators_seen of 2 aggregators"
+echo "$(grep -o 'final val_accuracy: [0-9.]*' <<<"$logs") through 2 shard aggregators, both scraped by Prometheus"
 echo "PASS: deploy smoke test"

@@ -390,12 +390,8 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9100; port 0 picks one).
     #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "GRADCAST_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) for --tls-cert.
-    #[arg(long, env = "GRADCAST_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     /// Require nodes to present client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "GRADCAST_TLS_CA", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
@@ -429,18 +425,22 @@ pub struct AggregatorArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9102; port 0 picks one).
     #[arg(long, env = "GRADCAST_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// Also write the bound address to this file, once listening.
+    #[arg(long, hide = true)]
+    pub address_file: Option<PathBuf>,
+}
+
+/// Serving gRPC over TLS (the coordinator, an aggregator).
+#[derive(Args)]
+pub struct ServerTlsArgs {
     /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "GRADCAST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) for --tls-cert.
     #[arg(long, env = "GRADCAST_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Require the coordinator and nodes to present client certificates signed by this CA.
-    #[arg(long, env = "GRADCAST_TLS_CA", requires = "tls_cert")]
-    pub tls_ca: Option<PathBuf>,
-    /// Also write the bound address to this file, once listening.
-    #[arg(long, hide = true)]
-    pub address_file: Option<PathBuf>,
 }
 
 #[derive(Args)]

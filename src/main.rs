@@ -24,7 +24,8 @@ use data::Dataset;
 use model::ModelSpec;
 
 use flags::{
-    AggregatorArgs, Cli, Command, CoordinatorArgs, DataAction, NodeArgs, PlotArgs, TrainArgs,
+    AggregatorArgs, Cli, Command, CoordinatorArgs, DataAction, NodeArgs, PlotArgs, ServerTlsArgs,
+    TrainArgs,
 };
 
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
@@ -45,18 +46,19 @@ fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
 }
 
-fn server_tls(args: &CoordinatorArgs) -> Result<Option<coordinator::ServerTls>> {
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+/// The TLS a server (the coordinator, an aggregator) serves, if asked;
+/// `client_ca`: require client certificates signed by it.
+fn server_tls(
+    tls: &ServerTlsArgs,
+    client_ca: Option<&std::path::Path>,
+) -> Result<Option<coordinator::ServerTls>> {
+    let (Some(cert), Some(key)) = (&tls.tls_cert, &tls.tls_key) else {
         return Ok(None);
     };
     Ok(Some(coordinator::ServerTls {
         cert: read_pem(cert, "TLS certificate")?,
         key: read_pem(key, "TLS key")?,
-        client_ca: args
-            .tls_ca
-            .as_deref()
-            .map(|p| read_pem(p, "client CA"))
-            .transpose()?,
+        client_ca: client_ca.map(|p| read_pem(p, "client CA")).transpose()?,
     }))
 }
 
@@ -156,7 +158,7 @@ fn coordinator_main(args: CoordinatorArgs) -> Result<ExitCode> {
         }
         let security = coordinator::Security {
             token: t.token.clone().filter(|t| !t.is_empty()),
-            tls: server_tls(&args)?,
+            tls: server_tls(&args.tls, args.tls_ca.as_deref())?,
             aggregator_ca: args
                 .aggregator_ca
                 .as_deref()
@@ -229,18 +231,7 @@ fn aggregator_main(args: AggregatorArgs) -> Result<ExitCode> {
             launch::write_address(path, bound)?;
         }
         let token = args.token.clone().filter(|t| !t.is_empty());
-        let tls = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(coordinator::ServerTls {
-                cert: read_pem(cert, "TLS certificate")?,
-                key: read_pem(key, "TLS key")?,
-                client_ca: args
-                    .tls_ca
-                    .as_deref()
-                    .map(|p| read_pem(p, "client CA"))
-                    .transpose()?,
-            }),
-            _ => None,
-        };
+        let tls = server_tls(&args.tls, None)?;
         coordinator::shard::aggregator::serve(listener, token, tls, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

@@ -298,6 +298,24 @@ pub async fn serve(
     })
 }
 
+/// [`Cluster::run`], stopped at once (with why) if a shard aggregator fails
+/// meanwhile.
+async fn run_watched(
+    cluster: &mut Cluster,
+    aggregators: Option<&mut Aggregators>,
+    work: &Work<'_>,
+    tasks: &[Task],
+    owners: &[u64],
+) -> Result<(Vec<(u64, Answer)>, tokio::time::Instant)> {
+    match aggregators {
+        Some(aggregators) => tokio::select! {
+            r = cluster.run(work, tasks, owners) => r,
+            e = aggregators.failed() => Err(e),
+        },
+        None => cluster.run(work, tasks, owners).await,
+    }
+}
+
 struct Trainer {
     config: TrainConfig,
     params: Vec<TensorInfo>,
@@ -701,13 +719,14 @@ impl Trainer {
                 weights: &[],
                 parts: Some(&redo),
             };
-            let (answered, _) = match &mut self.aggregators {
-                Some(aggregators) => tokio::select! {
-                    r = self.cluster.run(&work, &again, &owners) => r?,
-                    e = aggregators.failed() => return Err(e),
-                },
-                None => self.cluster.run(&work, &again, &owners).await?,
-            };
+            let (answered, _) = run_watched(
+                &mut self.cluster,
+                self.aggregators.as_mut(),
+                &work,
+                &again,
+                &owners,
+            )
+            .await?;
             for (&p, a) in redo.iter().zip(answered) {
                 answers[p] = a;
             }
@@ -851,14 +870,14 @@ impl Trainer {
             }
             None => None,
         };
-        let (mut answers, sent) = match &mut self.aggregators {
-            // A lost aggregator stops the step at once.
-            Some(aggregators) => tokio::select! {
-                r = self.cluster.run(&work, &tasks, &owners) => r?,
-                e = aggregators.failed() => return Err(e),
-            },
-            None => self.cluster.run(&work, &tasks, &owners).await?,
-        };
+        let (mut answers, sent) = run_watched(
+            &mut self.cluster,
+            self.aggregators.as_mut(),
+            &work,
+            &tasks,
+            &owners,
+        )
+        .await?;
         let sent = sent.into_std();
         let gathered = Instant::now();
         let sharded_penalty = match planned {
@@ -1049,13 +1068,14 @@ impl Trainer {
             parts: None,
         };
         let mut tally = Tally::default();
-        let answers = match &mut self.aggregators {
-            Some(aggregators) => tokio::select! {
-                r = self.cluster.run(&work, &tasks, &owners) => r?.0,
-                e = aggregators.failed() => return Err(e),
-            },
-            None => self.cluster.run(&work, &tasks, &owners).await?.0,
-        };
+        let (answers, _) = run_watched(
+            &mut self.cluster,
+            self.aggregators.as_mut(),
+            &work,
+            &tasks,
+            &owners,
+        )
+        .await?;
         for answer in answers {
             if let (_, Answer::Eval(r)) = answer {
                 tally.add(r.loss_sum, r.correct, r.samples);

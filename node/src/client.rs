@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tracing::{debug, info, warn};
 
 use crate::emulate::Emulated;
@@ -148,16 +148,9 @@ fn auth(config: &NodeConfig) -> Result<Auth> {
 async fn connect(config: &NodeConfig) -> Result<Client> {
     let started = Instant::now();
     let auth = auth(config)?.0;
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| {
-            NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator))
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let endpoint = proto::endpoint(&config.coordinator).map_err(|e| {
+        NodeError::Protocol(format!("bad coordinator URL {:?}: {e}", config.coordinator))
+    })?;
     let endpoint = match &config.tls {
         None => endpoint,
         Some(tls) => {
@@ -515,6 +508,19 @@ impl Shared {
     }
 }
 
+/// The faults that act once a training step is computed: waiting, or lying
+/// about its counts.
+async fn after_step(fault: Option<Fault>, stats: &mut StepStats) {
+    match fault {
+        Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+        Some(Fault::LieAboutCounts) => {
+            stats.correct = 1000 * stats.samples;
+            stats.loss_sum = -1e6;
+        }
+        _ => {}
+    }
+}
+
 /// The faults that change the gradients a node sends.
 fn corrupt(fault: Option<Fault>, gradients: &mut [f32]) {
     match (fault, gradients.first_mut()) {
@@ -720,14 +726,7 @@ impl Session {
         .await
         .map_err(|e| NodeError::Compute(e.to_string()))??;
         let (mut stats, buffers, encoding) = computed;
-        match fault {
-            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
-            Some(Fault::LieAboutCounts) => {
-                stats.correct = 1000 * stats.samples;
-                stats.loss_sum = -1e6;
-            }
-            _ => {}
-        }
+        after_step(fault, &mut stats).await;
         let seconds = started.elapsed().saturating_sub(encoding).as_secs_f64();
         telemetry::task("train", stats.samples, seconds);
         for chunker in buffers.iter().flatten() {
@@ -784,14 +783,7 @@ impl Session {
         })
         .await
         .map_err(|e| NodeError::Compute(e.to_string()))??;
-        match fault {
-            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
-            Some(Fault::LieAboutCounts) => {
-                stats.correct = 1000 * stats.samples;
-                stats.loss_sum = -1e6;
-            }
-            _ => {}
-        }
+        after_step(fault, &mut stats).await;
         let seconds = started.elapsed().as_secs_f64();
         telemetry::task("train", stats.samples, seconds);
         let copies = match fault {

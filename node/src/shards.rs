@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::debug;
 
 use crate::client::{Auth, ClientTls};
@@ -138,14 +138,8 @@ impl ShardLinks {
         let mut links = Vec::with_capacity(shards.len());
         for (i, (shard, range)) in shards.iter().zip(ranges).enumerate() {
             let url = shard.url.clone();
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| NodeError::Protocol(format!("bad aggregator URL {url:?}: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(8 << 20))
-                .initial_connection_window_size(Some(16 << 20))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20));
+            let endpoint = proto::endpoint(&url)
+                .map_err(|e| NodeError::Protocol(format!("bad aggregator URL {url:?}: {e}")))?;
             let endpoint = match (url.starts_with("https://"), tls) {
                 (false, _) => endpoint,
                 (true, Some(tls)) => {

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing::{debug, info};
 
 use super::split;
@@ -140,14 +140,9 @@ impl Aggregators {
         let mut outboxes = Vec::new();
         let mut readers = Vec::new();
         for (i, url) in urls.iter().enumerate() {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| CoordinatorError::Config(format!("bad aggregator URL {url:?}: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(8 << 20))
-                .initial_connection_window_size(Some(16 << 20))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20));
+            let endpoint = proto::endpoint(url).map_err(|e| {
+                CoordinatorError::Config(format!("bad aggregator URL {url:?}: {e}"))
+            })?;
             let endpoint = match (url.starts_with("https://"), ca) {
                 (false, _) => endpoint,
                 (true, Some(ca)) => endpoint
