@@ -103,10 +103,11 @@ fn nodes_that_send_nan_or_withhold_their_slices_are_evicted_and_nothing_is_lost(
         "--history",
         history.to_str().unwrap(),
     ];
-    let (mut coordinator, lines) = start(
-        &coordinator_args(data.to_str().unwrap(), "3", "2", &extra),
-        &[],
-    );
+    let mut args = coordinator_args(data.to_str().unwrap(), "3", "2", &extra);
+    // A withheld slice is asked for after the step timeout.
+    let at = args.iter().position(|a| *a == "--step-timeout").unwrap();
+    args[at + 1] = "10";
+    let (mut coordinator, lines) = start(&args, &[]);
     let addr = address(&lines);
     let (mut good, _) = node(&addr, &[]);
     let (mut nan, nan_lines) = node(&addr, &["--fault", "nan-gradients"]);

@@ -36,9 +36,6 @@ type Result<T> = std::result::Result<T, CoordinatorError>;
 
 /// Test samples per evaluation task.
 const EVAL_PART: usize = 1000;
-/// How long the shard aggregators may take to have every slice of a step
-/// after its last answer came (then they are asked which they lack).
-const SHARD_WAIT: Duration = Duration::from_secs(10);
 /// How long the shard aggregators may take to send their slices back.
 const DUMP_WAIT: Duration = Duration::from_secs(300);
 /// Seconds between progress lines within an epoch.
@@ -605,7 +602,9 @@ impl Trainer {
         mut planned: Vec<PlannedPart>,
     ) -> Result<f64> {
         let step = self.step;
-        let wait = self.config.step_timeout.min(SHARD_WAIT);
+        // As long as a node may take to answer: a slice that is merely slow
+        // on its link is not a missing one.
+        let wait = self.config.step_timeout;
         let mut attempt = 0u32;
         loop {
             let parts: Vec<PlannedPart> = answers
