@@ -401,3 +401,35 @@ fn tls_aggregators_train_and_need_a_ca_to_be_trusted() {
         secure_lines.text()
     );
 }
+
+/// `--balance` works through the aggregators too: the plan carries each
+/// part's samples, so shares that follow the nodes' speeds average right.
+#[test]
+fn balance_gives_a_straggler_a_smaller_share_through_the_aggregators() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let (a0, _, u0) = aggregator("127.0.0.1:0", &[]);
+    let (a1, _, u1) = aggregator("127.0.0.1:0", &[]);
+    let urls = format!("{u0},{u1}");
+    let extra = ["--aggregators", urls.as_str(), "--balance"];
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "2", "2", &extra),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut fast, _) = node(&addr, &[]);
+    let (mut slow, _) = node(&addr, &["--fault", "slow=150"]);
+    let ok = wait(&mut coordinator, Duration::from_secs(180), "coordinator").success();
+    stop([a0, a1]);
+    assert!(ok, "{}", lines.text());
+    let shares = node_samples(&lines, 2);
+    assert_eq!(shares.len(), 2, "{}", lines.text());
+    assert_eq!(shares.iter().map(|s| s.1).sum::<u64>(), 200);
+    let (more, less) = (shares[0].1.max(shares[1].1), shares[0].1.min(shares[1].1));
+    assert!(
+        (less as f64) < 0.7 * more as f64,
+        "shares {shares:?} did not follow speed"
+    );
+    assert!(wait(&mut fast, Duration::from_secs(30), "fast node").success());
+    assert!(wait(&mut slow, Duration::from_secs(30), "slow node").success());
+}
