@@ -433,3 +433,39 @@ fn balance_gives_a_straggler_a_smaller_share_through_the_aggregators() {
     assert!(wait(&mut fast, Duration::from_secs(30), "fast node").success());
     assert!(wait(&mut slow, Duration::from_secs(30), "slow node").success());
 }
+
+/// A node whose gradients are finite but huge makes its steps skipped, and
+/// after three in a row it is evicted, as without aggregators.
+#[test]
+fn a_node_sending_huge_gradients_through_the_aggregators_is_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let (a0, _, u0) = aggregator("127.0.0.1:0", &[]);
+    let (a1, _, u1) = aggregator("127.0.0.1:0", &[]);
+    let urls = format!("{u0},{u1}");
+    let extra = ["--aggregators", urls.as_str()];
+    let (mut coordinator, lines) = start(
+        &coordinator_args(data.to_str().unwrap(), "2", "2", &extra),
+        &[],
+    );
+    let addr = address(&lines);
+    let (mut good, _) = node(&addr, &[]);
+    let (mut huge, huge_lines) = node(&addr, &["--fault", "huge-gradient"]);
+    let ok = wait(&mut coordinator, Duration::from_secs(180), "coordinator").success();
+    stop([a0, a1]);
+    assert!(ok, "{}", lines.text());
+    let text = lines.text();
+    assert!(text.contains("skipping the update"), "{text}");
+    assert!(
+        text.contains("gradients in a row with a norm beyond"),
+        "{text}"
+    );
+    assert_eq!(epoch_samples(&lines), vec![200, 200], "{text}");
+    assert!(!wait(&mut huge, Duration::from_secs(30), "huge node").success());
+    assert!(
+        huge_lines.text().contains("evicted"),
+        "{}",
+        huge_lines.text()
+    );
+    assert!(wait(&mut good, Duration::from_secs(30), "good node").success());
+}

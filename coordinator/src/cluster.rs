@@ -831,14 +831,16 @@ impl Cluster {
                 return None;
             }
         };
+        if !matches!(
+            answer,
+            Answer::Train {
+                gradients: crate::task::Gradients::Sharded,
+                ..
+            }
+        ) {
+            self.note_norm(phase, node, norm);
+        }
         let m = self.members.get_mut(&node)?;
-        // A finite but huge gradient: its step will be skipped; a node that
-        // keeps sending them is broken (its last answer still counts).
-        m.huge = if norm > GRADIENT_NORM_LIMIT {
-            m.huge + 1
-        } else {
-            0
-        };
         if let Answer::Train {
             result, norm: n, ..
         } = &mut answer
@@ -849,6 +851,22 @@ impl Cluster {
                 m.speed = Some(m.speed.map_or(speed, |s| 0.8 * s + 0.2 * speed));
             }
         }
+        Some(answer)
+    }
+
+    /// Counts a node's gradient norm: a finite but huge gradient makes its
+    /// step skipped; a node that keeps sending them is broken and evicted
+    /// (its last answer still counts). With shard aggregators the norm is
+    /// known only once the slices are in.
+    pub(crate) fn note_norm(&mut self, phase: &str, node: u64, norm: f64) {
+        let Some(m) = self.members.get_mut(&node) else {
+            return;
+        };
+        m.huge = if norm > GRADIENT_NORM_LIMIT {
+            m.huge + 1
+        } else {
+            0
+        };
         if m.huge >= HUGE_STREAK {
             let reason = format!(
                 "{HUGE_STREAK} gradients in a row with a norm beyond {GRADIENT_NORM_LIMIT:e} (last {norm:e})"
@@ -856,7 +874,6 @@ impl Cluster {
             warn!(node, "{phase}: {reason}");
             self.evict(node, &reason);
         }
-        Some(answer)
     }
 
     /// Sends Finish to every member and forgets them.

@@ -295,8 +295,22 @@ pub async fn serve(
     })
 }
 
-/// [`Cluster::run`], stopped at once (with why) if a shard aggregator fails
-/// meanwhile.
+/// `wait`, stopped at once (with why) if a shard aggregator fails
+/// meanwhile: a lost aggregator must not leave the run waiting for nodes.
+async fn watched<T>(
+    aggregators: Option<&mut Aggregators>,
+    wait: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match aggregators {
+        Some(aggregators) => tokio::select! {
+            r = wait => r,
+            e = aggregators.failed() => Err(e),
+        },
+        None => wait.await,
+    }
+}
+
+/// [`Cluster::run`], [`watched`].
 async fn run_watched(
     cluster: &mut Cluster,
     aggregators: Option<&mut Aggregators>,
@@ -304,13 +318,7 @@ async fn run_watched(
     tasks: &[Task],
     owners: &[u64],
 ) -> Result<(Vec<(u64, Answer)>, tokio::time::Instant)> {
-    match aggregators {
-        Some(aggregators) => tokio::select! {
-            r = cluster.run(work, tasks, owners) => r,
-            e = aggregators.failed() => Err(e),
-        },
-        None => cluster.run(work, tasks, owners).await,
-    }
+    watched(aggregators, cluster.run(work, tasks, owners)).await
 }
 
 struct Trainer {
@@ -416,9 +424,11 @@ impl Trainer {
     }
 
     async fn run(&mut self, start: Position) -> Result<()> {
-        self.cluster
-            .wait_for(self.config.nodes, self.config.join_timeout, "--nodes")
-            .await?;
+        let nodes = self.config.nodes;
+        let wait = self
+            .cluster
+            .wait_for(nodes, self.config.join_timeout, "--nodes");
+        watched(self.aggregators.as_mut(), wait).await?;
         let n = self.train.len();
         let bs = self.config.batch_size;
         let steps_per_epoch = n.div_ceil(bs);
@@ -483,7 +493,9 @@ impl Trainer {
                 }
                 let every = self.config.checkpoint_every;
                 if every > 0 && self.step.is_multiple_of(every) && i + 1 < steps_per_epoch {
-                    self.sync_shards().await?;
+                    if self.config.checkpoint_dir.is_some() {
+                        self.sync_shards().await?;
+                    }
                     self.save_state(Position {
                         step: self.step,
                         epoch,
@@ -576,7 +588,7 @@ impl Trainer {
                 self.weights.len(),
                 self.num_trainable,
                 names.len(),
-                DUMP_WAIT,
+                DUMP_WAIT.max(self.config.step_timeout),
             )
             .await?;
         self.weights = weights;
@@ -606,7 +618,64 @@ impl Trainer {
         // on its link is not a missing one.
         let wait = self.config.step_timeout;
         let mut attempt = 0u32;
+        // Set when the aggregators named nodes to drop: those must be gone.
+        let mut dropped = false;
         loop {
+            // Parts of nodes that left (or were evicted) after answering are
+            // computed again: the aggregators dropped their slices.
+            let members = self.cluster.members();
+            let redo: Vec<usize> = answers
+                .iter()
+                .enumerate()
+                .filter(|(_, (node, _))| !members.contains(node))
+                .map(|(i, _)| i)
+                .collect();
+            if redo.is_empty() && dropped {
+                return Err(CoordinatorError::Aggregator(format!(
+                    "{phase}: the aggregators lack slices of nodes that are still members"
+                )));
+            }
+            dropped = false;
+            if !redo.is_empty() {
+                info!("{phase}: computing parts {redo:?} again on other nodes");
+                watched(self.aggregators.as_mut(), self.cluster.ensure_min(phase)).await?;
+                let members = self.cluster.members();
+                let owners: Vec<u64> = (0..redo.len())
+                    .map(|i| members[i % members.len().max(1)])
+                    .collect();
+                let again: Vec<Task> = redo
+                    .iter()
+                    .map(|&p| match &tasks[p] {
+                        Task::Train { samples, seed, .. } => Task::Train {
+                            samples: samples.clone(),
+                            seed: *seed,
+                            ahead: false,
+                        },
+                        other => other.clone(),
+                    })
+                    .collect();
+                let work = Work {
+                    phase,
+                    version: step,
+                    round: 0,
+                    weights: &[],
+                    parts: Some(&redo),
+                };
+                let (answered, _) = run_watched(
+                    &mut self.cluster,
+                    self.aggregators.as_mut(),
+                    &work,
+                    &again,
+                    &owners,
+                )
+                .await?;
+                for (&p, a) in redo.iter().zip(answered) {
+                    answers[p] = a;
+                }
+                // A new plan, whoever computed the parts this time.
+                planned.clear();
+                continue;
+            }
             let parts: Vec<PlannedPart> = answers
                 .iter()
                 .enumerate()
@@ -632,6 +701,11 @@ impl Trainer {
                     penalty,
                     part_squares,
                 } => {
+                    // A node that keeps sending huge gradients is evicted,
+                    // as without aggregators (its answer still counts).
+                    for (p, sq) in parts.iter().zip(&part_squares) {
+                        self.cluster.note_norm(phase, p.node_id, sq.sqrt());
+                    }
                     // The same test as without aggregators: the bound on the
                     // mean's norm from the parts' norms, or the mean's own.
                     let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
@@ -662,6 +736,9 @@ impl Trainer {
                         norm,
                         clip_norm: self.config.clip_norm.unwrap_or(0.0),
                     };
+                    let Some(aggregators) = self.aggregators.as_mut() else {
+                        return Ok(penalty);
+                    };
                     aggregators.commit(commit).await?;
                     return Ok(penalty);
                 }
@@ -675,62 +752,14 @@ impl Trainer {
             for &(part, node) in &missing {
                 warn!(
                     step,
-                    part, node, "a gradient slice never reached its aggregator"
+                    part,
+                    node,
+                    "a gradient slice did not reach its aggregator within --step-timeout"
                 );
                 self.cluster
                     .evict(node, "did not deliver its answer to every shard aggregator");
             }
-            // Every part of a node that is gone is computed again: the
-            // aggregators dropped what it sent.
-            let members = self.cluster.members();
-            let redo: Vec<usize> = answers
-                .iter()
-                .enumerate()
-                .filter(|(_, (node, _))| !members.contains(node))
-                .map(|(i, _)| i)
-                .collect();
-            if redo.is_empty() {
-                return Err(CoordinatorError::Aggregator(format!(
-                    "{phase}: the aggregators lack slices of nodes that are still members"
-                )));
-            }
-            info!("{phase}: computing parts {redo:?} again on other nodes");
-            self.cluster.ensure_min(phase).await?;
-            let members = self.cluster.members();
-            let owners: Vec<u64> = (0..redo.len())
-                .map(|i| members[i % members.len().max(1)])
-                .collect();
-            let again: Vec<Task> = redo
-                .iter()
-                .map(|&p| match &tasks[p] {
-                    Task::Train { samples, seed, .. } => Task::Train {
-                        samples: samples.clone(),
-                        seed: *seed,
-                        ahead: false,
-                    },
-                    other => other.clone(),
-                })
-                .collect();
-            let work = Work {
-                phase,
-                version: step,
-                round: 0,
-                weights: &[],
-                parts: Some(&redo),
-            };
-            let (answered, _) = run_watched(
-                &mut self.cluster,
-                self.aggregators.as_mut(),
-                &work,
-                &again,
-                &owners,
-            )
-            .await?;
-            for (&p, a) in redo.iter().zip(answered) {
-                answers[p] = a;
-            }
-            // A new plan, whoever computed the parts this time.
-            planned.clear();
+            dropped = true;
         }
     }
 
@@ -800,7 +829,7 @@ impl Trainer {
         lr: f64,
     ) -> Result<(Tally, f64)> {
         let phase = format!("step {}", self.step);
-        self.cluster.ensure_min(&phase).await?;
+        watched(self.aggregators.as_mut(), self.cluster.ensure_min(&phase)).await?;
         let started = Instant::now();
         let shares = self.cluster.shares(batch.len());
         // The samples cut a step ahead, if they were cut by these shares.
@@ -1042,7 +1071,7 @@ impl Trainer {
     /// Evaluates the current weights on the test set, split across the nodes.
     async fn evaluate(&mut self, round: u64) -> Result<Tally> {
         let phase = format!("evaluation {round}");
-        self.cluster.ensure_min(&phase).await?;
+        watched(self.aggregators.as_mut(), self.cluster.ensure_min(&phase)).await?;
         let mut tasks = Vec::new();
         let mut owners = Vec::new();
         let mut start = 0;

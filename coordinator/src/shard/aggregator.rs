@@ -38,8 +38,9 @@ use crate::{CoordinatorError, Optimizer, OptimizerKind, ServerTls};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// How long a node's `Exchange` may wait for the coordinator to name it a
-/// member (its join and its first exchange race).
-const MEMBER_WAIT: Duration = Duration::from_secs(10);
+/// member (its join and its first exchange race, and the coordinator takes
+/// in new nodes between its waits: a checkpoint may come first).
+const MEMBER_WAIT: Duration = Duration::from_secs(60);
 /// How long a new stream may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Versions of the weights queued to one node; a node further behind is
@@ -185,6 +186,7 @@ enum Event {
         node: u64,
         conn: u64,
         versions: Versions,
+        reader: tokio::task::AbortHandle,
     },
     Upload {
         node: u64,
@@ -268,10 +270,17 @@ impl Aggregator for AggregatorService {
         let node = hello.node_id;
         let limit = self.members.admit(node, &hello.session_secret).await?;
         let (tx, rx) = mpsc::channel::<Result<Chunk, Status>>(16);
-        let (versions, mut queued) = mpsc::channel::<Arc<Vec<Chunk>>>(VERSIONS_QUEUED);
+        let (versions, mut queued) = mpsc::channel(VERSIONS_QUEUED);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             while let Some(version) = queued.recv().await {
+                let version: Arc<Vec<Chunk>> = match version {
+                    Ok(v) => v,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
                 for c in version.iter() {
                     counter!("gradcast_aggregator_bytes_total", "direction" => "out")
                         .increment(c.data.len() as u64);
@@ -281,16 +290,8 @@ impl Aggregator for AggregatorService {
                 }
             }
         });
-        let opened = Event::NodeOpened {
-            node,
-            conn,
-            versions,
-        };
-        if self.events.send(opened).await.is_err() {
-            return Err(Status::unavailable("the aggregator is stopping"));
-        }
         let events = self.events.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut chunks = ChunkReceiver::new(limit);
             let reason = loop {
                 let chunk = match inbound.message().await {
@@ -316,6 +317,16 @@ impl Aggregator for AggregatorService {
             debug!(node, "exchange ended: {reason}");
             let _ = events.send(Event::NodeClosed { node, conn }).await;
         });
+        let opened = Event::NodeOpened {
+            node,
+            conn,
+            versions,
+            reader: reader.abort_handle(),
+        };
+        if self.events.send(opened).await.is_err() {
+            reader.abort();
+            return Err(Status::unavailable("the aggregator is stopping"));
+        }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -323,8 +334,23 @@ impl Aggregator for AggregatorService {
 /// A part's gradients and state, as far as they came.
 type Halves = (Option<Vec<f32>>, Option<Vec<f32>>);
 
-/// Where the versions of the slice go to one node's exchange.
-type Versions = mpsc::Sender<Arc<Vec<Chunk>>>;
+/// Where the versions of the slice go to one node's exchange (an error ends
+/// it, saying why).
+type Versions = mpsc::Sender<Result<Arc<Vec<Chunk>>, Status>>;
+
+/// One node's open exchange. Dropping it ends the exchange both ways.
+struct NodeLink {
+    conn: u64,
+    versions: Versions,
+    /// The task reading the node's uploads.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for NodeLink {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
 
 /// A setup whose chunks are still arriving.
 struct Pending {
@@ -425,6 +451,7 @@ impl Slice {
     fn missing(&self, plan: &StepPlan) -> Vec<PlannedPart> {
         plan.parts
             .iter()
+            .filter(|_| !self.weights.is_empty())
             .filter(|p| !self.uploads.contains_key(&(p.part, p.node_id)))
             .copied()
             .collect()
@@ -440,8 +467,12 @@ impl Slice {
         let slices: Vec<&[f32]> = plan
             .parts
             .iter()
-            .filter_map(|p| self.uploads.get(&(p.part, p.node_id)))
-            .map(|v| v.as_slice())
+            // (An empty slice gets nothing: every part is empty there.)
+            .map(|p| {
+                self.uploads
+                    .get(&(p.part, p.node_id))
+                    .map_or(&[][..], |v| v.as_slice())
+            })
             .collect();
         let bad: Vec<PlannedPart> = plan
             .parts
@@ -530,9 +561,8 @@ impl Slice {
 struct Actor {
     members: Arc<Members>,
     control: Option<mpsc::Sender<Result<AggregatorMessage, Status>>>,
-    /// Each node's exchange (its connection number, and where its
-    /// versions go).
-    nodes: HashMap<u64, (u64, Versions)>,
+    /// Each node's exchange (one per node: a newer one replaces it).
+    nodes: HashMap<u64, NodeLink>,
     pending: Option<Pending>,
     slice: Option<Slice>,
 }
@@ -584,20 +614,26 @@ impl Actor {
     /// the version before when `follows`: it got that one); a node that
     /// does not keep up is cut off.
     fn offer(&mut self, node: u64, follows: bool) {
-        let (Some(slice), Some((_, versions))) = (&self.slice, self.nodes.get(&node)) else {
+        let (Some(slice), Some(link)) = (&self.slice, self.nodes.get(&node)) else {
             return;
         };
         let chunks = match (&slice.delta, follows) {
             (Some(delta), true) => delta.clone(),
             _ => slice.current.clone(),
         };
-        if versions.try_send(chunks).is_err() {
-            warn!(
-                node,
-                "node does not take its weight slices; disconnecting it"
-            );
-            counter!("gradcast_aggregator_refused_total").increment(1);
-            self.nodes.remove(&node);
+        if link.versions.try_send(Ok(chunks)).is_err() {
+            self.cut_off(node, "does not take its weight slices");
+        }
+    }
+
+    /// Ends a node's exchange, telling it why (its reader stops too).
+    fn cut_off(&mut self, node: u64, why: &str) {
+        warn!(node, "{why}; cutting it off");
+        counter!("gradcast_aggregator_refused_total").increment(1);
+        if let Some(link) = self.nodes.remove(&node) {
+            let _ = link
+                .versions
+                .try_send(Err(Status::resource_exhausted(why.to_string())));
         }
     }
 
@@ -626,14 +662,22 @@ impl Actor {
                 node,
                 conn,
                 versions,
+                reader,
             } => {
+                let link = NodeLink {
+                    conn,
+                    versions,
+                    reader,
+                };
                 if self.members.contains(node) {
-                    self.nodes.insert(node, (conn, versions));
+                    // A newer exchange of the same node replaces the older
+                    // one (whose reader stops).
+                    self.nodes.insert(node, link);
                     self.offer(node, false);
                 }
             }
             Event::NodeClosed { node, conn } => {
-                if self.nodes.get(&node).is_some_and(|(c, _)| *c == conn) {
+                if self.nodes.get(&node).is_some_and(|l| l.conn == conn) {
                     self.nodes.remove(&node);
                 }
             }
@@ -653,6 +697,19 @@ impl Actor {
             return None;
         }
         let slice = self.slice.as_mut()?;
+        // Every buffer counts, whatever its step: two (gradients, state) per
+        // part, each part at most twice (sent again under a new plan).
+        let parts = slice
+            .plan
+            .as_ref()
+            .map_or(slice.max_parts, |p| p.parts.len().max(1));
+        let count = slice.per_node.entry(node).or_default();
+        *count += 1;
+        if *count > 4 * parts {
+            let why = "sent more slices in one step than there are parts";
+            self.cut_off(node, why);
+            return None;
+        }
         if buffer.version != slice.version {
             debug!(
                 node,
@@ -661,27 +718,14 @@ impl Actor {
             );
             return None;
         }
-        let count = slice.per_node.entry(node).or_default();
-        *count += 1;
-        // Two buffers (gradients, state) per part.
-        if *count > 2 * slice.max_parts {
-            warn!(
-                node,
-                "sent more slices in one step than there are parts; disconnecting it"
-            );
-            counter!("gradcast_aggregator_refused_total").increment(1);
-            self.nodes.remove(&node);
-            return None;
-        }
         let (kind, len) = (buffer.kind, buffer.values.len());
         if !slice.take(node, buffer) {
-            warn!(
-                node,
-                "sent a {kind:?} buffer of {len} values, which fits no part of a slice of {} ({} trainable); disconnecting it",
+            let why = format!(
+                "sent a {kind:?} buffer of {len} values, which fits no part of a slice of {} ({} trainable)",
                 slice.weights.len(),
                 slice.trainable
             );
-            self.nodes.remove(&node);
+            self.cut_off(node, &why);
             return None;
         }
         slice.try_ready()
@@ -995,5 +1039,34 @@ mod tests {
         let ready = s.try_ready().unwrap();
         assert_eq!(ready.bad, plan(&[(0, 10, 1)]).parts);
         assert!(s.commit(&commit).is_err(), "a bad step is not committed");
+
+        // An empty slice (more aggregators than a small model fills) gets
+        // nothing from the nodes and is ready at once.
+        let mut s = slice(0, 0);
+        s.plan = Some(plan(&[(0, 10, 1), (1, 11, 1)]));
+        let ready = s.try_ready().expect("nothing to wait for");
+        assert!(ready.missing.is_empty() && ready.bad.is_empty());
+        s.commit(&commit).unwrap();
+        assert_eq!(s.version, 1);
+    }
+
+    /// Gradients and state come as two buffers; a slice is in once both
+    /// are, and a buffer that fits neither half is refused.
+    #[test]
+    fn a_part_is_in_once_its_gradients_and_state_are() {
+        let mut s = slice(4, 3);
+        let buffer = |kind, values: Vec<f32>| Buffer {
+            kind,
+            version: 0,
+            base_version: 0,
+            part: 2,
+            values,
+        };
+        assert!(s.take(7, buffer(BufferKind::Gradients, vec![1.0, 2.0, 3.0])));
+        assert!(s.uploads.is_empty());
+        assert!(s.take(7, buffer(BufferKind::State, vec![4.0])));
+        assert_eq!(s.uploads[&(2, 7)], vec![1.0, 2.0, 3.0, 4.0]);
+        assert!(!s.take(7, buffer(BufferKind::Gradients, vec![1.0; 4])));
+        assert!(!s.take(7, buffer(BufferKind::Weights, vec![1.0; 3])));
     }
 }

@@ -17,7 +17,7 @@ use proto::{ChunkReceiver, Chunker};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing::{debug, info};
@@ -28,8 +28,6 @@ use crate::{CoordinatorError, Optimizer};
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
 
-/// Messages queued to one aggregator.
-const OUTBOX: usize = 1024;
 /// How long aggregators that were asked what they lack may take to say.
 const QUERY_WAIT: Duration = Duration::from_secs(10);
 
@@ -70,7 +68,7 @@ pub(crate) struct Start<'a> {
 
 /// Tells the aggregators who the members are (cheap to clone; never waits).
 #[derive(Clone)]
-pub(crate) struct MemberNotice(Vec<mpsc::Sender<ControlMessage>>);
+pub(crate) struct MemberNotice(Vec<mpsc::UnboundedSender<ControlMessage>>);
 
 impl MemberNotice {
     pub(crate) fn send(&self, node: u64, secret: &[u8], present: bool) {
@@ -82,8 +80,9 @@ impl MemberNotice {
                     present,
                 })),
             };
-            if outbox.try_send(msg).is_err() {
-                debug!(node, "an aggregator's control queue is full or closed");
+            // (Only fails once the aggregator is gone, which stops the run.)
+            if outbox.send(msg).is_err() {
+                debug!(node, "an aggregator's control stream is closed");
             }
         }
     }
@@ -93,7 +92,10 @@ impl MemberNotice {
 pub(crate) struct Aggregators {
     urls: Vec<String>,
     ranges: Vec<Range<usize>>,
-    outboxes: Vec<mpsc::Sender<ControlMessage>>,
+    /// What goes to each aggregator, in order. Unbounded: everything in it
+    /// is the coordinator's own (setup chunks, plans, notices), and a member
+    /// notice must never be dropped.
+    outboxes: Vec<mpsc::UnboundedSender<ControlMessage>>,
     inbound: mpsc::Receiver<Inbound>,
     /// Messages read while watching for failures, not handled yet.
     stash: VecDeque<Inbound>,
@@ -111,6 +113,14 @@ impl Drop for Aggregators {
     }
 }
 
+/// An aggregator the run cannot start with.
+fn unusable(url: &str, why: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Aggregator(format!(
+        "cannot use aggregator {url}: {why} (is `gradcast aggregator` running there, with the same token, and free of other coordinators?)"
+    ))
+}
+
+/// An aggregator lost mid-run.
 fn lost(url: &str, why: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Aggregator(format!(
         "aggregator {url}: {why}; the run cannot go on without its slice (restart it and rerun with --resume)"
@@ -163,7 +173,7 @@ impl Aggregators {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(2));
                     }
-                    Err(e) => return Err(lost(url, format!("unreachable ({e})"))),
+                    Err(e) => return Err(unusable(url, format!("unreachable ({e})"))),
                 }
             };
             let auth = auth.clone();
@@ -176,12 +186,22 @@ impl Aggregators {
                 })
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
-            let (otx, orx) = mpsc::channel(OUTBOX);
-            let mut stream = client
-                .control(ReceiverStream::new(orx))
-                .await
-                .map_err(|s| lost(url, s.message()))?
-                .into_inner();
+            // An aggregator still held by a coordinator that just died frees
+            // itself once that stream's keep-alive fails: retry meanwhile.
+            let (otx, mut stream) = loop {
+                let (otx, orx) = mpsc::unbounded_channel();
+                match client.control(UnboundedReceiverStream::new(orx)).await {
+                    Ok(r) => break (otx, r.into_inner()),
+                    Err(s)
+                        if s.code() == tonic::Code::FailedPrecondition
+                            && started.elapsed() < wait =>
+                    {
+                        debug!("aggregator {url} is busy ({}); retrying", s.message());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(s) => return Err(unusable(url, s.message())),
+                }
+            };
             let tx = tx.clone();
             readers.push(tokio::spawn(async move {
                 loop {
@@ -260,7 +280,6 @@ impl Aggregators {
     async fn send(&self, i: usize, kind: Control) -> Result<()> {
         self.outboxes[i]
             .send(ControlMessage { kind: Some(kind) })
-            .await
             .map_err(|_| lost(&self.urls[i], "its control stream is closed"))
     }
 
@@ -358,12 +377,19 @@ impl Aggregators {
             if got.iter().all(Option::is_some) {
                 return Ok(combine(got.into_iter().flatten().collect(), parts));
             }
-            let bad = got.iter().flatten().any(|r| !r.bad.is_empty());
-            if bad && !queried {
-                // The others may be waiting for slices that will not come.
-                self.query(step, attempt, &got).await?;
-                queried = true;
-                deadline = Instant::now() + QUERY_WAIT;
+            // Non-finite slices: their nodes go and their parts are planned
+            // anew at once (the other aggregators may still be receiving
+            // honest slices; they are not asked what they lack).
+            let bad: Vec<(u32, u64)> = got
+                .iter()
+                .flatten()
+                .flat_map(|r| r.bad.iter().map(|p| (p.part, p.node_id)))
+                .collect();
+            if !bad.is_empty() {
+                return Ok(Readiness::Problems {
+                    missing: Vec::new(),
+                    bad,
+                });
             }
             match self.next(deadline).await? {
                 Some((i, Ok(AggregatorMessage { kind: Some(kind) }))) => match kind {
