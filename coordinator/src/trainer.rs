@@ -939,16 +939,11 @@ impl Trainer {
             state.add(result.samples as f64, s);
             sources.push((node, result.samples as f64, gradients, norm));
         }
+        let phases = |done: Instant| {
+            telemetry::StepPhases::new(sent - started, slowest, gathered - sent, done - gathered)
+        };
         if let Some(penalty) = sharded_penalty {
-            self.step += 1;
-            let phases = telemetry::StepPhases::new(
-                sent - started,
-                slowest,
-                gathered - sent,
-                gathered.elapsed(),
-            );
-            phases.record();
-            self.epoch_phases.add(&phases);
+            self.finish_step(phases(Instant::now()));
             return Ok((tally, penalty));
         }
         // Shared gradients are read in place; a view that did not hold
@@ -1056,16 +1051,15 @@ impl Trainer {
             );
             telemetry::step_skipped();
         }
+        self.finish_step(phases(Instant::now()));
+        Ok((tally, penalty))
+    }
+
+    /// Moves to the next step, recording where this one's time went.
+    fn finish_step(&mut self, phases: telemetry::StepPhases) {
         self.step += 1;
-        let phases = telemetry::StepPhases::new(
-            sent - started,
-            slowest,
-            gathered - sent,
-            gathered.elapsed(),
-        );
         phases.record();
         self.epoch_phases.add(&phases);
-        Ok((tally, penalty))
     }
 
     /// Evaluates the current weights on the test set, split across the nodes.

@@ -508,6 +508,14 @@ impl Shared {
     }
 }
 
+/// The step a node's answer names (the wrong one with `Fault::WrongStep`).
+fn answered_step(fault: Option<Fault>, step: u64) -> u64 {
+    match fault {
+        Some(Fault::WrongStep) => step + 1000,
+        _ => step,
+    }
+}
+
 /// The faults that act once a training step is computed: waiting, or lying
 /// about its counts.
 async fn after_step(fault: Option<Fault>, stats: &mut StepStats) {
@@ -650,10 +658,7 @@ impl Session {
         let model = self.model.clone();
         let started = Instant::now();
         let fault = self.fault;
-        let step = match fault {
-            Some(Fault::WrongStep) => task.step + 1000,
-            _ => task.step,
-        };
+        let step = answered_step(fault, task.step);
         // Gradients and state go straight into the shared segment when the
         // task says so, else into vectors sent as chunks. The segment holds
         // one answer per step: the coordinator reads it in place until the
@@ -754,10 +759,7 @@ impl Session {
         let model = self.model.clone();
         let started = Instant::now();
         let fault = self.fault;
-        let step = match fault {
-            Some(Fault::WrongStep) => task.step + 1000,
-            _ => task.step,
-        };
+        let step = answered_step(fault, task.step);
         let emulated = self.emulated.clone();
         let feedback = self.feedback.clone();
         let (mut stats, answer, bf16) = tokio::task::spawn_blocking(move || -> Result<_> {
