@@ -616,6 +616,22 @@ impl Cluster {
         self.send(node, msg).await
     }
 
+    /// Waits until one of `nodes` is no longer a member (it left or broke
+    /// the protocol) and returns it; admits nodes that join meanwhile and
+    /// keeps answers for later, as [`Cluster::wait_for`] does. Cancel-safe.
+    pub(crate) async fn departure(&mut self, nodes: &[u64]) -> Result<u64> {
+        loop {
+            if let Some(&gone) = nodes.iter().find(|n| !self.members.contains_key(n)) {
+                return Ok(gone);
+            }
+            if let Some(event) = self.recv(None).await? {
+                if let Some(answer) = self.membership(event) {
+                    self.defer(answer);
+                }
+            }
+        }
+    }
+
     /// The connected nodes, in id order.
     pub(crate) fn members(&self) -> Vec<u64> {
         self.members.keys().copied().collect()

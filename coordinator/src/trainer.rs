@@ -695,7 +695,18 @@ impl Trainer {
                 attempt += 1;
                 aggregators.plan(step, attempt, parts.clone()).await?;
             }
-            let (missing, bad) = match aggregators.ready(step, attempt, parts.len(), wait).await? {
+            // A planned node that leaves now takes its slices with it: its
+            // parts are computed again at once, not after the wait.
+            let nodes: Vec<u64> = parts.iter().map(|p| p.node_id).collect();
+            let readiness = tokio::select! {
+                r = aggregators.ready(step, attempt, parts.len(), wait) => r?,
+                gone = self.cluster.departure(&nodes) => {
+                    let node = gone?;
+                    info!(step, node, "{phase}: a node left before every slice was in");
+                    continue;
+                }
+            };
+            let (missing, bad) = match readiness {
                 Readiness::Ready {
                     squares,
                     penalty,

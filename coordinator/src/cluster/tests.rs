@@ -662,3 +662,32 @@ async fn a_queued_part_whose_node_leaves_is_computed_once() {
     drop(cluster);
     assert_eq!(fake.await.unwrap(), vec![(1, 0), (1, 1), (2, 0)]);
 }
+
+/// While the shard aggregators are asked for a step, the cluster still
+/// notices at once a planned node that leaves (and admits one that joins).
+#[tokio::test(start_paused = true)]
+async fn a_departure_is_noticed_and_joins_are_admitted_meanwhile() {
+    let (mut cluster, events) = cluster(1);
+    let _a = join(&events, 1, 8).await;
+    let _b = join(&events, 2, 8).await;
+    cluster.wait_for(2, Some(TIMEOUT), "--nodes").await.unwrap();
+    let sender = events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _c = join(&sender, 3, 8).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sender
+            .send(Event::Left {
+                node: 2,
+                reason: "killed".into(),
+            })
+            .await
+            .unwrap();
+        // Keeps node 3's outbox open until the test is done.
+        tokio::time::sleep(TIMEOUT).await;
+    });
+    let started = Instant::now();
+    assert_eq!(cluster.departure(&[1, 2]).await.unwrap(), 2);
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(cluster.members(), vec![1, 3]);
+}

@@ -7,8 +7,9 @@
 //! link carries about one model's worth of bytes per step in each direction
 //! whatever the number of nodes, instead of the coordinator's link carrying
 //! N. The averaging and the optimizer are element-wise, so a sharded run
-//! computes exactly the bits of an unsharded one (the `--clip-norm` norm is
-//! summed in another order).
+//! computes exactly the bits of an unsharded one (the norms behind
+//! `--clip-norm` and the skip test are summed over slices, in another
+//! order: only a step right at a limit could go the other way).
 
 pub mod aggregator;
 pub(crate) mod link;
