@@ -508,6 +508,20 @@ impl Shared {
     }
 }
 
+/// The result of a training task (where its gradients went is for the
+/// caller to say).
+fn train_result(step: u64, part: u32, stats: &StepStats, seconds: f64) -> TrainResult {
+    TrainResult {
+        step,
+        samples: stats.samples,
+        loss_sum: stats.loss_sum,
+        correct: stats.correct,
+        compute_seconds: seconds,
+        part,
+        ..TrainResult::default()
+    }
+}
+
 /// The step a node's answer names (the wrong one with `Fault::WrongStep`).
 fn answered_step(fault: Option<Fault>, step: u64) -> u64 {
     match fault {
@@ -741,14 +755,8 @@ impl Session {
             }
         }
         self.send(Out::Train(TrainResult {
-            step,
-            samples: stats.samples,
-            loss_sum: stats.loss_sum,
-            correct: stats.correct,
-            compute_seconds: seconds,
-            part: task.part,
             shared_memory: in_segment,
-            sharded: false,
+            ..train_result(step, task.part, &stats, seconds)
         }))
         .await
     }
@@ -797,14 +805,8 @@ impl Session {
             links.push(step, task.part, &answer, bf16.as_ref()).await?;
         }
         self.send(Out::Train(TrainResult {
-            step,
-            samples: stats.samples,
-            loss_sum: stats.loss_sum,
-            correct: stats.correct,
-            compute_seconds: seconds,
-            part: task.part,
-            shared_memory: false,
             sharded: true,
+            ..train_result(step, task.part, &stats, seconds)
         }))
         .await
     }
