@@ -5,7 +5,8 @@
 # registry) on synthetic data, checks that Prometheus sees every node, kills
 # one node task mid-run, and requires the run to finish with every sample of
 # every epoch. Removes the stack and leaves the swarm afterwards. Refuses to
-# touch an engine that is already part of a swarm.
+# touch an engine that is already part of a swarm. With SHARDED=1 the run
+# goes through two shard aggregators (services aggregator-0/1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v docker >/dev/null || { echo "swarm-smoke: no docker" >&2; exit 1; }
@@ -45,6 +46,11 @@ read -r grpc_port prom_port < <(free_ports 2)
 export GRADCAST_IMAGE=gradcast:smoke PROMETHEUS_IMAGE=gradcast-prometheus:smoke
 export GRADCAST_DATA_DIR="$work/data" GRADCAST_NODES=3 GRADCAST_BATCH_SIZE=32
 export GRADCAST_EPOCHS=$EPOCHS GRADCAST_PORT=$grpc_port PROMETHEUS_PORT=$prom_port
+# SHARDED=1: the same run through two shard aggregators.
+if [ "${SHARDED:-0}" = 1 ]; then
+  export GRADCAST_AGGREGATOR_REPLICAS=1
+  export GRADCAST_AGGREGATORS=http://aggregator-0:50061,http://aggregator-1:50061
+fi
 docker stack deploy --resolve-image never -c deploy/docker-stack.yml "$stack" >/dev/null
 
 
@@ -81,4 +87,8 @@ grep -q 'node removed' <<<"$out" || fail "the coordinator did not notice the los
 epochs=$(grep -c '(2000 samples in' <<<"$out" || true)
 [ "$epochs" = "$EPOCHS" ] || fail "expected $EPOCHS epochs of 2000 samples, saw $epochs"
 echo "$(grep -o 'final val_accuracy: [0-9.]*' <<<"$out") after losing a node task; every epoch used all 2000 samples"
+if [ "${SHARDED:-0}" = 1 ]; then
+  grep -q 'aggregator http://aggregator-1:50061 connected' <<<"$out" || fail "the coordinator did not use the aggregators"
+  echo "trained through 2 shard aggregators"
+fi
 echo "PASS: swarm smoke test"
