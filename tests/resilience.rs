@@ -193,14 +193,6 @@ fn a_wrong_token_is_refused_and_the_right_one_admitted() {
     assert!(wait(&mut member, Duration::from_secs(30), "node with the token").success());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let ckpt = model::Checkpoint::load(&dir.join("final.safetensors")).unwrap();
     let m = model::Model::new(

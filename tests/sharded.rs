@@ -17,14 +17,6 @@ fn aggregator(listen: &str, env: &[(&str, &str)]) -> (std::process::Child, Lines
     (child, lines, format!("http://{addr}"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn stop(children: impl IntoIterator<Item = std::process::Child>) {
     for mut c in children {
         let _ = c.kill();

@@ -119,7 +119,7 @@ pub async fn serve(
     let params: Vec<TensorInfo> = model.params().cloned().collect();
     let layout: Vec<TensorInfo> = model.params().chain(model.buffers()).cloned().collect();
     let (num_trainable, num_state) = (model.num_trainable(), model.num_state());
-    let reply = JoinReply {
+    let mut reply = JoinReply {
         node_id: 0,
         model: config.model.kind.to_string(),
         params: specs(model.params().cloned()),
@@ -131,7 +131,6 @@ pub async fn serve(
         ..JoinReply::default()
     };
     let weights = model.weights()?;
-    let mut reply = reply;
     let aggregators = if config.aggregators.is_empty() {
         None
     } else {
@@ -643,17 +642,9 @@ impl Trainer {
                 let owners: Vec<u64> = (0..redo.len())
                     .map(|i| members[i % members.len().max(1)])
                     .collect();
-                let again: Vec<Task> = redo
-                    .iter()
-                    .map(|&p| match &tasks[p] {
-                        Task::Train { samples, seed, .. } => Task::Train {
-                            samples: samples.clone(),
-                            seed: *seed,
-                            ahead: false,
-                        },
-                        other => other.clone(),
-                    })
-                    .collect();
+                // As they were: samples went ahead only to the part's first
+                // node, and the cluster sends them to any other.
+                let again: Vec<Task> = redo.iter().map(|&p| tasks[p].clone()).collect();
                 let work = Work {
                     phase,
                     version: step,
