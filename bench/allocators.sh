@@ -35,7 +35,7 @@ export _RJEM_MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
-  "$(grep -q vp2intersect /proc/cpuinfo && echo 'Zen 5 variant' || echo 'Zen 4 variant'), $(nproc) cores" >&2
+  "$("$(dirname "$0")/cpu-variant.sh"), $(nproc) cores" >&2
 for _ in $(seq "$rounds"); do
   for m in $models; do
     for b in $batches; do

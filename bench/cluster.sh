@@ -40,7 +40,7 @@ python="${PYTHON:-bench/.venv/bin/python}"
 [ -e "$data" ] || { echo "no data at $data; pass --data path/to/cifar-10-binary.tar.gz" >&2; exit 1; }
 cargo build --release -q --bin gradcast
 gradcast=target/release/gradcast
-variant=$(grep -q vp2intersect /proc/cpuinfo && echo "Zen 5 variant (AVX-512 with VP2INTERSECT)" || echo "without VP2INTERSECT (Zen 4 variant on AMD)")
+variant=$(bench/cpu-variant.sh)
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) $(nproc) cores, $variant, load:$(uptime | sed 's/.*load average: //')"
 
 best() { # best of the numbers on stdin

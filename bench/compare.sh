@@ -48,7 +48,7 @@ steps_for() {
 
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
-echo "# $(date -u +%FT%TZ) load:$(uptime | sed 's/.*load average: //')" >&2
+echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD), $(bench/cpu-variant.sh), load:$(uptime | sed 's/.*load average: //')" >&2
 for m in $models; do
     read -r steps warmup <<<"$(steps_for "$m")"
     common=(--model "$m" --batch-size "$batch" --threads "$threads" --steps "$steps" --warmup "$warmup")

@@ -167,8 +167,8 @@ def main():
     check = netsim(["check"])
     if check.returncode != 0:
         sys.exit(f"SKIPPED: {check.stdout.strip()}")
-    with open("/proc/cpuinfo") as f:
-        variant = "Zen 5 variant" if "vp2intersect" in f.read() else "Zen 4 variant (no VP2INTERSECT)"
+    variant = subprocess.run([os.path.join(ROOT, "bench", "cpu-variant.sh")],
+                             capture_output=True, text=True).stdout.strip()
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     compute = f"emulated {a.compute_ms} ms" if a.compute_ms else "real, 1 thread per node"

@@ -32,7 +32,7 @@ done
 gradcast=${GRADCAST_BIN:-target/release/gradcast}
 [ -x "$gradcast" ] || cargo build --release -q --bin gradcast
 mkdir -p "$out"
-variant=$(grep -q vp2intersect /proc/cpuinfo && echo "Zen 5 variant" || echo "Zen 4 variant (no VP2INTERSECT)")
+variant=$("$(dirname "$0")/cpu-variant.sh")
 header="$(date -u +%F), commit $(git rev-parse --short HEAD), $(nproc)-core AMD EPYC VM, $variant"
 
 declare -A rate bytes

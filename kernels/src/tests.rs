@@ -558,6 +558,29 @@ fn max_pool_matches_candle_values_and_gradients() {
 }
 
 #[test]
+fn dense_matches_candle_values_and_gradients() {
+    let mut rng = Rng::new(11);
+    // (n, in, out): tiny, one sample, and large enough for threaded gemms.
+    for (n, fan_in, out) in [(3, 5, 4), (1, 7, 2), (32, 300, 40), (17, 64, 10)] {
+        let x = Var::from_tensor(&random(&[n, fan_in], &mut rng)).unwrap();
+        let w = Var::from_tensor(&random(&[out, fan_in], &mut rng)).unwrap();
+        let b = Var::from_tensor(&random(&[out], &mut rng)).unwrap();
+        let case = format!("dense {n}x{fan_in}->{out}");
+        let y = dense(&x, &w, &b).unwrap();
+        let yr = dense_reference(&x, &w, &b).unwrap();
+        assert_close(&format!("{case} forward"), &y, &yr);
+        let r = random(yr.dims(), &mut rng);
+        let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_gradients(&case, (&gf, &gr), vec![("dw", &w), ("db", &b)], (&x, true));
+    }
+    // Shapes that do not fit are an error, not a panic.
+    let x = random(&[2, 3], &mut rng);
+    assert!(dense(&x, &random(&[4, 5], &mut rng), &random(&[4], &mut rng)).is_err());
+    assert!(dense(&x, &random(&[4, 3], &mut rng), &random(&[3], &mut rng)).is_err());
+}
+
+#[test]
 fn relu_and_inference_batch_norm_match_candle() {
     let mut rng = Rng::new(13);
     let x = Var::from_tensor(&random(&[3, 4, 5, 6], &mut rng)).unwrap();

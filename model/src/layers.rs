@@ -207,6 +207,7 @@ impl Module for MaxPool2d {
 pub(crate) struct Dense {
     weight: Tensor,
     bias: Tensor,
+    fast: bool,
 }
 
 impl Dense {
@@ -227,13 +228,18 @@ impl Dense {
         Ok(Self {
             weight: weight.as_tensor().clone(),
             bias: bias.as_tensor().clone(),
+            fast: reg.fast,
         })
     }
 }
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        if self.fast {
+            kernels::dense(x, &self.weight, &self.bias)
+        } else {
+            kernels::dense_reference(x, &self.weight, &self.bias)
+        }
     }
 }
 
