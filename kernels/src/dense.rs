@@ -8,13 +8,21 @@
 //! alone took ~23 % of a batch-32 training step. Here the backward makes
 //! `dW = dyᵀ · x` directly in `W`'s own `(out, in)` layout.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use rayon::prelude::*;
 
 use crate::{cpu_slice, gemm, threads, with_values, Mat};
 
-struct DenseOp;
+/// Where [`dense_with_slot`]'s backward leaves the weight's gradient
+/// (instead of handing it to candle's gradient store).
+pub type GradSlot = Arc<Mutex<Option<Tensor>>>;
+
+struct DenseOp {
+    slot: Option<GradSlot>,
+}
 
 /// `(n, in, out)` of `x` `(n, in)` and `w` `(out, in)`, checked.
 fn dims(x: &[usize], w: &[usize], b: usize) -> Result<(usize, usize, usize)> {
@@ -172,9 +180,20 @@ impl CustomOp3 for DenseOp {
             })
         })?;
         let dev = x.device();
+        let dw = Tensor::from_vec(dw, w.shape(), dev)?;
+        let dw = match &self.slot {
+            Some(slot) => {
+                let mut held = slot
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("dense: gradient slot poisoned".into()))?;
+                *held = Some(dw);
+                None
+            }
+            None => Some(dw),
+        };
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            dw,
             Some(Tensor::from_vec(db, out, dev)?),
         ))
     }
@@ -183,11 +202,22 @@ impl CustomOp3 for DenseOp {
 /// `x · wᵀ + b` for `x` `(n, in)`, `w` `(out, in)`, `b` `(out)`: one op
 /// on the CPU (see the module's note), candle's `matmul` elsewhere.
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    dense_op(x, w, b, None)
+}
+
+/// [`dense`] whose backward puts the weight's gradient in `slot` (the
+/// gradient store then has none for `w`); candle's `matmul` off the CPU,
+/// where the slot stays empty and the store has the gradient.
+pub fn dense_with_slot(x: &Tensor, w: &Tensor, b: &Tensor, slot: &GradSlot) -> Result<Tensor> {
+    dense_op(x, w, b, Some(slot.clone()))
+}
+
+fn dense_op(x: &Tensor, w: &Tensor, b: &Tensor, slot: Option<GradSlot>) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return dense_reference(x, w, b);
     }
     x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, DenseOp)
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, DenseOp { slot })
 }
 
 /// [`dense`] with candle's own operations.

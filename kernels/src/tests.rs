@@ -573,6 +573,21 @@ fn dense_matches_candle_values_and_gradients() {
         let gf = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
         assert_gradients(&case, (&gf, &gr), vec![("dw", &w), ("db", &b)], (&x, true));
+        // With a slot, the weight's gradient lands there, not in the store.
+        let slot = GradSlot::default();
+        let ys = dense_with_slot(&x, &w, &b, &slot).unwrap();
+        let gs = (&ys * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            gs.get(&w).is_none(),
+            "{case}: the weight's gradient went to the store"
+        );
+        let held = slot.lock().unwrap().take().expect("the slot holds dW");
+        assert_close(&format!("{case} slot dw"), &held, gr.get(&w).unwrap());
+        assert_close(
+            &format!("{case} slot db"),
+            gs.get(&b).unwrap(),
+            gr.get(&b).unwrap(),
+        );
     }
     // Shapes that do not fit are an error, not a panic.
     let x = random(&[2, 3], &mut rng);

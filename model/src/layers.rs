@@ -207,7 +207,8 @@ impl Module for MaxPool2d {
 pub(crate) struct Dense {
     weight: Tensor,
     bias: Tensor,
-    fast: bool,
+    /// On the fast path, where the backward leaves the weight's gradient.
+    slot: Option<kernels::GradSlot>,
 }
 
 impl Dense {
@@ -224,21 +225,21 @@ impl Dense {
             kernel.init(fan_in, fan_out),
             0.0,
         )?;
+        let slot = reg.fast.then(|| reg.slot_for_last());
         let bias = reg.param(format!("{name}.bias"), &[fan_out], Init::Zeros, 0.0)?;
         Ok(Self {
             weight: weight.as_tensor().clone(),
             bias: bias.as_tensor().clone(),
-            fast: reg.fast,
+            slot,
         })
     }
 }
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.fast {
-            kernels::dense(x, &self.weight, &self.bias)
-        } else {
-            kernels::dense_reference(x, &self.weight, &self.bias)
+        match &self.slot {
+            Some(slot) => kernels::dense_with_slot(x, &self.weight, &self.bias, slot),
+            None => kernels::dense_reference(x, &self.weight, &self.bias),
         }
     }
 }

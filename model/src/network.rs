@@ -63,6 +63,9 @@ pub struct Model {
     fast: bool,
     params: Vec<(TensorInfo, candle_core::Var)>,
     buffers: Vec<(TensorInfo, candle_core::Var)>,
+    /// Per parameter, the slot its layer's backward fills instead of the
+    /// gradient store (see `kernels::dense_with_slot`).
+    slots: Vec<Option<kernels::GradSlot>>,
 }
 
 impl Model {
@@ -89,6 +92,7 @@ impl Model {
             fast: reg.fast,
             params: reg.params,
             buffers: reg.buffers,
+            slots: reg.slots,
         })
     }
 
@@ -260,12 +264,20 @@ impl Model {
             rng: Rng::new(seed),
             bn_stats: Vec::new(),
         };
+        // A slot holds only this step's gradient.
+        for slot in self.slots.iter().flatten() {
+            slot_take(slot)?;
+        }
         let logits = self.net.forward(&x, &mut pass)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let forward = start.elapsed();
         let grads = loss.backward()?;
-        for (info, v) in &self.params {
-            match grads.get(v.as_tensor()) {
+        for ((info, v), slot) in self.params.iter().zip(&self.slots) {
+            let direct = match slot {
+                Some(slot) => slot_take(slot)?,
+                None => None,
+            };
+            match direct.as_ref().or_else(|| grads.get(v.as_tensor())) {
                 Some(g) => sink.gradient(g)?,
                 None => sink.zeros(info.numel()),
             }
@@ -399,6 +411,14 @@ impl Sink for SliceSink<'_> {
     fn state(&mut self, t: &Tensor) -> Result<()> {
         self.put(t)
     }
+}
+
+/// Empties a gradient slot, returning what it held.
+fn slot_take(slot: &kernels::GradSlot) -> Result<Option<Tensor>> {
+    Ok(slot
+        .lock()
+        .map_err(|_| ModelError::BadInput("a gradient slot was poisoned".into()))?
+        .take())
 }
 
 /// Appends the values of an f32 tensor to `out`.

@@ -37,6 +37,9 @@ pub(crate) struct Registry {
     pub rng: Rng,
     pub params: Vec<(TensorInfo, Var)>,
     pub buffers: Vec<(TensorInfo, Var)>,
+    /// Per parameter, where its layer leaves its gradient when the layer
+    /// bypasses candle's gradient store (`kernels::dense_with_slot`).
+    pub slots: Vec<Option<kernels::GradSlot>>,
 }
 
 impl Registry {
@@ -47,6 +50,7 @@ impl Registry {
             rng: Rng::derive(seed, &[0x1217]),
             params: Vec::new(),
             buffers: Vec::new(),
+            slots: Vec::new(),
         }
     }
 
@@ -71,7 +75,17 @@ impl Registry {
             },
             var.clone(),
         ));
+        self.slots.push(None);
         Ok(var)
+    }
+
+    /// A gradient slot for the parameter registered last (see `slots`).
+    pub fn slot_for_last(&mut self) -> kernels::GradSlot {
+        let slot = kernels::GradSlot::default();
+        if let Some(s) = self.slots.last_mut() {
+            *s = Some(slot.clone());
+        }
+        slot
     }
 
     /// A non-trainable state tensor, and its index among the buffers.
