@@ -82,7 +82,7 @@ for m in $models; do
             p12+=("$(pytorch "$m" "$b" 1 2)")
             d21+=("$(pytorch "$m" "$b" 2 1)")
         done
-        E=$(printf '%s\n' "${e[@]}" | best)
+        E=$(printf '%s\n' "${e[@]}" | best | xargs printf '%.1f')
         R12=$(printf '%s\n' "${r12[@]}" | best)
         R21=$(printf '%s\n' "${r21[@]}" | best)
         P12=$(printf '%s\n' "${p12[@]}" | best)
