@@ -35,26 +35,43 @@ fn dims(x: &[usize], w: &[usize], b: usize) -> Result<(usize, usize, usize)> {
     Ok((n, fan_in, out))
 }
 
-/// Fills `dst`, `rows` rows of `len` values each a sum of `inner` products, by `f(first_row, rows_chunk)`
-/// over one contiguous run of rows per thread, each run a single-threaded
-/// gemm (measured on simple-cnn's 12544 → 128 layer: the gemm crate's own
-/// threads made the forward slower than one thread; split by rows, both
-/// threads work on independent outputs).
-fn by_rows(
+/// `dst` (`rows × len`, row-major) `= [dst +] lhs · rhs`, with `lhs`
+/// (`rows × inner`) given as a [`Mat`] over its rows from the first
+/// (`lhs_at(first_row)`: the view whose row 0 is that row) and `rhs`
+/// `inner × len`. One contiguous run of rows per thread, each a
+/// single-threaded gemm (measured on simple-cnn's 12544 → 128 layer: the
+/// gemm crate's own threads made the forward slower than one thread; split
+/// by rows, the threads work on independent outputs).
+fn product_by_rows<'a>(
     dst: &mut [f32],
     (rows, len, inner): (usize, usize, usize),
-    f: impl Fn(usize, &mut [f32]) + Sync,
+    accumulate: bool,
+    lhs_at: impl Fn(usize) -> Mat<'a> + Sync,
+    rhs: Mat<'a>,
 ) {
+    let run = |first: usize, out: &mut [f32]| {
+        let m = out.len() / len.max(1);
+        gemm(
+            m,
+            len,
+            inner,
+            out,
+            accumulate,
+            lhs_at(first),
+            rhs,
+            gemm::Parallelism::None,
+        );
+    };
     let t = threads();
     // Below ~2^20 multiply-adds a second thread costs more than it saves.
-    if t == 1 || rows < 2 || dst.len() * inner < 1 << 20 {
-        f(0, dst);
+    if t == 1 || rows < 2 || len == 0 || dst.len() * inner < 1 << 20 {
+        run(0, dst);
         return;
     }
     let per = rows.div_ceil(t);
     dst.par_chunks_mut(per * len)
         .enumerate()
-        .for_each(|(c, chunk)| f(c * per, chunk));
+        .for_each(|(c, chunk)| run(c * per, chunk));
 }
 
 impl CustomOp3 for DenseOp {
@@ -79,28 +96,18 @@ impl CustomOp3 for DenseOp {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        by_rows(&mut y, (n, out, fan_in), |first, rows| {
-            let m = rows.len() / out;
-            gemm(
-                m,
-                out,
-                fan_in,
-                rows,
-                true,
-                Mat {
-                    data: &x[first * fan_in..][..m * fan_in],
-                    rs: fan_in,
-                    cs: 1,
-                },
-                // Wᵀ: element (i, o) of the (in, out) matrix is w[o·in + i].
-                Mat {
-                    data: w,
-                    rs: 1,
-                    cs: fan_in,
-                },
-                gemm::Parallelism::None,
-            );
-        });
+        // Wᵀ: element (i, o) of the (in, out) matrix is w[o·in + i].
+        let wt = Mat {
+            data: w,
+            rs: 1,
+            cs: fan_in,
+        };
+        let x_at = |first: usize| Mat {
+            data: &x[first * fan_in..],
+            rs: fan_in,
+            cs: 1,
+        };
+        product_by_rows(&mut y, (n, out, fan_in), true, x_at, wt);
         Ok((CpuStorage::F32(y), Shape::from_dims(&[n, out])))
     }
 
@@ -126,50 +133,30 @@ impl CustomOp3 for DenseOp {
                     }
                     // dx (n, in) = dy (n, out) · W (out, in).
                     let mut dx = vec![0f32; n * fan_in];
-                    by_rows(&mut dx, (n, fan_in, out), |first, rows| {
-                        let m = rows.len() / fan_in;
-                        gemm(
-                            m,
-                            fan_in,
-                            out,
-                            rows,
-                            false,
-                            Mat {
-                                data: &dy[first * out..][..m * out],
-                                rs: out,
-                                cs: 1,
-                            },
-                            Mat {
-                                data: wv,
-                                rs: fan_in,
-                                cs: 1,
-                            },
-                            gemm::Parallelism::None,
-                        );
-                    });
-                    // dW (out, in) = dyᵀ (out, n) · x (n, in), by rows of dW.
+                    let dy_at = |first: usize| Mat {
+                        data: &dy[first * out..],
+                        rs: out,
+                        cs: 1,
+                    };
+                    let w = Mat {
+                        data: wv,
+                        rs: fan_in,
+                        cs: 1,
+                    };
+                    product_by_rows(&mut dx, (n, fan_in, out), false, dy_at, w);
+                    // dW (out, in) = dyᵀ (out, n) · x (n, in).
                     let mut dw = vec![0f32; out * fan_in];
-                    by_rows(&mut dw, (out, fan_in, n), |first, rows| {
-                        let m = rows.len() / fan_in;
-                        gemm(
-                            m,
-                            fan_in,
-                            n,
-                            rows,
-                            false,
-                            Mat {
-                                data: &dy[first..],
-                                rs: 1,
-                                cs: out,
-                            },
-                            Mat {
-                                data: xv,
-                                rs: fan_in,
-                                cs: 1,
-                            },
-                            gemm::Parallelism::None,
-                        );
-                    });
+                    let dyt_at = |first: usize| Mat {
+                        data: &dy[first..],
+                        rs: 1,
+                        cs: out,
+                    };
+                    let x = Mat {
+                        data: xv,
+                        rs: fan_in,
+                        cs: 1,
+                    };
+                    product_by_rows(&mut dw, (out, fan_in, n), false, dyt_at, x);
                     // db = Σ over the batch of dy, row after row.
                     let mut db = vec![0f32; out];
                     for row in dy.chunks_exact(out) {
