@@ -51,6 +51,14 @@ NOTES = {
         "of 81 (the run had started before seed-table.sh passed the ResNet "
         "schedule, and ran at a constant 1e-3 up to epoch 90)."
     ),
+    "resnet20": (
+        "resnet20: stopped at epoch 60 of 100, the curve flat since epoch ~11 "
+        "(test accuracy 0.68–0.77 from epoch 11 on, train accuracy 0.93–0.94 from "
+        "epoch 40): the overfitting the study reports, at a higher test "
+        "accuracy than its 66.2 %. Its last epochs (56–60) ran the build of "
+        "`fa2c907`; the learning-rate drop after epoch 80 has not been reached "
+        "(rerun `bench/seed-table.sh resnet20` to continue)."
+    ),
 }
 
 
