@@ -133,14 +133,25 @@ pub(crate) struct AdamStep {
 
 per_level! {
     /// One Adam update of a block of weights `w` with moments `m`, `v` and
-    /// gradient `g` (all of one length), Keras' rule.
+    /// gradient `g` (all of one length), Keras' rule, with moments below the
+    /// smallest normal f32 stored as zero.
+    ///
+    /// Without that flush, the first moment of a weight whose gradient stays
+    /// zero (a dead ReLU unit) decays by β₁ every step into subnormal values
+    /// and then stays at the smallest one forever (0.9 × 2⁻¹⁴⁹ rounds back
+    /// to 2⁻¹⁴⁹): after 20 epochs of simple-cnn 45 % of its first moments
+    /// were subnormal, and arithmetic on them takes microcode assists on
+    /// Intel CPUs (the update's time grew through every epoch there). A
+    /// flushed moment changes the weight by at most `α · 2⁻¹²⁶ / ε`, ~1e-34.
     fn adam(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: AdamStep) {
         let AdamStep { alpha, b1, b2, epsilon } = k;
         let n = w.len();
         let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
         for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
-            *m += (g - *m) * b1;
-            *v += (g * g - *v) * b2;
+            let mn = *m + (g - *m) * b1;
+            let vn = *v + (g * g - *v) * b2;
+            *m = if mn.abs() < f32::MIN_POSITIVE { 0.0 } else { mn };
+            *v = if vn < f32::MIN_POSITIVE { 0.0 } else { vn };
             *w -= *m * alpha / (v.sqrt() + epsilon);
         }
     }
@@ -210,6 +221,41 @@ mod tests {
             assert_eq!(out, [1.5, 1.75]);
             let x: Vec<f32> = (1..=11).map(|i| i as f32).collect();
             assert_eq!(squares(level, &x), 506.0);
+        }
+    }
+
+    /// Moments that decay towards zero reach it instead of lingering as
+    /// subnormals, on every level alike; moments of normal size are as
+    /// Keras' rule makes them.
+    #[test]
+    fn decaying_moments_reach_zero_instead_of_subnormals() {
+        let step = AdamStep {
+            alpha: 1e-3,
+            b1: 0.1,
+            b2: 0.001,
+            epsilon: 1e-7,
+        };
+        for level in Level::available() {
+            let n = 37;
+            let (mut w, mut m, mut v) = (vec![0.5f32; n], vec![1e-30f32; n], vec![1e-37f32; n]);
+            let zero = vec![0f32; n];
+            for _ in 0..3000 {
+                adam(level, &mut w, &mut m, &mut v, &zero, step);
+                for x in m.iter().chain(&v) {
+                    assert!(
+                        *x == 0.0 || x.is_normal(),
+                        "{level:?}: subnormal moment {x:e}"
+                    );
+                }
+            }
+            assert!(m.iter().chain(&v).all(|&x| x == 0.0), "{level:?}");
+            // A normal-sized moment follows the rule exactly.
+            let (mut w1, mut m1, mut v1) = (vec![0.5f32], vec![0.2f32], vec![0.04f32]);
+            adam(level, &mut w1, &mut m1, &mut v1, &[0.1], step);
+            let mn = 0.2f32 + (0.1 - 0.2) * 0.1;
+            let vn = 0.04f32 + (0.1 * 0.1 - 0.04) * 0.001;
+            assert_eq!((m1[0], v1[0]), (mn, vn));
+            assert_eq!(w1[0], 0.5 - mn * 1e-3 / (vn.sqrt() + 1e-7));
         }
     }
 }
