@@ -55,6 +55,7 @@ if [ "$SELF_TEST" = 1 ]; then
     "plain/coordinator.yaml|s/      port: 50051/      port: [50051]/|port"
     "plain/coordinator.yaml|s/      port: 50051/      number: 50051/|'port' is a required"
     "common/storage.yaml|s/accessModes:/acessModes:/|acessModes"
+    "components/sharded/kustomization.yaml|s/completionMode: Indexed/completionMod: Indexed/|completionMod"
   )
   for b in "${breakages[@]}"; do
     IFS='|' read -r file edit needle <<<"$b"
