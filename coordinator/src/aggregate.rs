@@ -30,6 +30,19 @@ pub(crate) fn sum_of_squares(values: &[f32]) -> f64 {
     vector::squares(vector::level(), values)
 }
 
+/// [`sum_of_squares`] over fixed blocks on all threads, the blocks' sums
+/// added in block order (the bits do not depend on the number of threads):
+/// the norm check of a node's whole gradient as it arrives.
+pub(crate) fn sum_of_squares_par(values: &[f32]) -> f64 {
+    let level = vector::level();
+    values
+        .par_chunks(BLOCK)
+        .map(|b| vector::squares(level, b))
+        .collect::<Vec<_>>()
+        .iter()
+        .sum()
+}
+
 /// Each part's share of the total weight, as the factor its values are
 /// multiplied by.
 pub(crate) fn factors<'a>(parts: &[(f64, &'a [f32])]) -> Vec<(f32, &'a [f32])> {
@@ -239,5 +252,19 @@ mod tests {
             }
         }
         assert_eq!(s.mean(), expected);
+    }
+
+    #[test]
+    fn the_parallel_norm_is_the_blocks_in_order_and_sees_a_nan() {
+        let n = 5 * BLOCK + 3;
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).cos() * 3.0).collect();
+        let by_blocks: f64 = v.chunks(BLOCK).map(sum_of_squares).sum();
+        assert_eq!(sum_of_squares_par(&v).to_bits(), by_blocks.to_bits());
+        let exact: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        assert!((sum_of_squares_par(&v) - exact).abs() < 1e-9 * exact);
+        let mut bad = v;
+        bad[4 * BLOCK + 1] = f32::NAN;
+        assert!(!sum_of_squares_par(&bad).is_finite());
+        assert_eq!(sum_of_squares_par(&[]), 0.0);
     }
 }

@@ -71,7 +71,7 @@ impl Gradients {
     /// The Euclidean norm (not finite if any value is not, or if shared
     /// values changed while they were read).
     fn norm(&self) -> f64 {
-        let norm = |v: &[f32]| crate::aggregate::sum_of_squares(v).sqrt();
+        let norm = |v: &[f32]| crate::aggregate::sum_of_squares_par(v).sqrt();
         match self {
             Gradients::Owned(v) => norm(v),
             Gradients::Sharded => 0.0,
