@@ -6,7 +6,12 @@
 //! transposed view, and candle's gradient store adds it to zeros with a
 //! strided loop: for simple-cnn's 1.6 M-value dense layer that addition
 //! alone took ~23 % of a batch-32 training step. Here the backward makes
-//! `dW = dyᵀ · x` directly in `W`'s own `(out, in)` layout.
+//! `dW = dyᵀ · x` directly in `W`'s own `(out, in)` layout, and with a
+//! [`GradSlot`] ([`dense_with_slot`]) keeps it out of candle's gradient
+//! store altogether: the store adds every gradient it is handed to a fresh
+//! tensor of zeros (a memset and an add over all 1.6 M values every step);
+//! the slot just holds it for the model to read. Both together took
+//! simple-cnn's batch-32 training step from ~1030 to ~1430 img/s.
 
 use std::sync::{Arc, Mutex};
 
