@@ -19,7 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use rayon::prelude::*;
 
-use crate::{cpu_slice, gemm, threads, with_values, Mat};
+use crate::{cpu_slice, gemm_store, threads, with_values, Mat};
 
 /// Where [`dense_with_slot`]'s backward leaves the weight's gradient
 /// (instead of handing it to candle's gradient store).
@@ -40,28 +40,25 @@ fn dims(x: &[usize], w: &[usize], b: usize) -> Result<(usize, usize, usize)> {
     Ok((n, fan_in, out))
 }
 
-/// `dst` (`rows × len`, row-major) `= [dst +] lhs · rhs`, with `lhs`
-/// (`rows × inner`) given as a [`Mat`] over its rows from the first
+/// The `rows × len` product `lhs · rhs` as a new buffer (row-major), with
+/// `lhs` (`rows × inner`) given as a [`Mat`] over its rows from the first
 /// (`lhs_at(first_row)`: the view whose row 0 is that row) and `rhs`
-/// `inner × len`. One contiguous run of rows per thread, each a
-/// single-threaded gemm (measured on simple-cnn's 12544 → 128 layer: the
-/// gemm crate's own threads made the forward slower than one thread; split
-/// by rows, the threads work on independent outputs).
+/// `inner × len`; written straight into unwritten memory, one contiguous
+/// run of rows per thread, each a single-threaded gemm (measured on
+/// simple-cnn's 12544 → 128 layer: the gemm crate's own threads made the
+/// forward slower than one thread; split by rows, the threads work on
+/// independent outputs).
 fn product_by_rows<'a>(
-    dst: &mut [f32],
     (rows, len, inner): (usize, usize, usize),
-    accumulate: bool,
     lhs_at: impl Fn(usize) -> Mat<'a> + Sync,
     rhs: Mat<'a>,
-) {
-    let run = |first: usize, out: &mut [f32]| {
+) -> Vec<f32> {
+    let mut dst = crate::uninit_buffer(rows * len);
+    let run = |first: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
         let m = out.len() / len.max(1);
-        gemm(
-            m,
-            len,
-            inner,
+        gemm_store(
+            (m, len, inner),
             out,
-            accumulate,
             lhs_at(first),
             rhs,
             gemm::Parallelism::None,
@@ -70,13 +67,16 @@ fn product_by_rows<'a>(
     let t = threads();
     // Below ~2^20 multiply-adds a second thread costs more than it saves.
     if t == 1 || rows < 2 || len == 0 || dst.len() * inner < 1 << 20 {
-        run(0, dst);
-        return;
+        run(0, &mut dst);
+    } else {
+        let per = rows.div_ceil(t);
+        dst.par_chunks_mut(per * len)
+            .enumerate()
+            .for_each(|(c, chunk)| run(c * per, chunk));
     }
-    let per = rows.div_ceil(t);
-    dst.par_chunks_mut(per * len)
-        .enumerate()
-        .for_each(|(c, chunk)| run(c * per, chunk));
+    // SAFETY: every run of rows went through `gemm_store`, which writes all
+    // of its values.
+    unsafe { crate::assume_init(dst) }
 }
 
 impl CustomOp3 for DenseOp {
@@ -96,11 +96,6 @@ impl CustomOp3 for DenseOp {
         let (n, fan_in, out) = dims(l1.dims(), l2.dims(), l3.shape().elem_count())?;
         let _t = crate::Prof::new("dense-fwd", &(n, fan_in, out));
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        // The bias in every row, then the product added onto it.
-        let mut y = Vec::with_capacity(n * out);
-        for _ in 0..n {
-            y.extend_from_slice(b);
-        }
         // Wᵀ: element (i, o) of the (in, out) matrix is w[o·in + i].
         let wt = Mat {
             data: w,
@@ -112,7 +107,10 @@ impl CustomOp3 for DenseOp {
             rs: fan_in,
             cs: 1,
         };
-        product_by_rows(&mut y, (n, out, fan_in), true, x_at, wt);
+        let mut y = product_by_rows((n, out, fan_in), x_at, wt);
+        for row in y.chunks_exact_mut(out.max(1)) {
+            row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
+        }
         Ok((CpuStorage::F32(y), Shape::from_dims(&[n, out])))
     }
 
@@ -120,11 +118,11 @@ impl CustomOp3 for DenseOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, fan_in, out) = dims(x.dims(), w.dims(), w.dim(0)?)?;
+        let (n, fan_in, out) = dims(x.dims(), w.dims(), b.elem_count())?;
         let _t = crate::Prof::new("dense-bwd", &(n, fan_in, out));
         let (dx, dw, db) = with_values(x, |xv| {
             with_values(w, |wv| {
@@ -137,7 +135,6 @@ impl CustomOp3 for DenseOp {
                         );
                     }
                     // dx (n, in) = dy (n, out) · W (out, in).
-                    let mut dx = vec![0f32; n * fan_in];
                     let dy_at = |first: usize| Mat {
                         data: &dy[first * out..],
                         rs: out,
@@ -148,9 +145,8 @@ impl CustomOp3 for DenseOp {
                         rs: fan_in,
                         cs: 1,
                     };
-                    product_by_rows(&mut dx, (n, fan_in, out), false, dy_at, w);
+                    let dx = product_by_rows((n, fan_in, out), dy_at, w);
                     // dW (out, in) = dyᵀ (out, n) · x (n, in).
-                    let mut dw = vec![0f32; out * fan_in];
                     let dyt_at = |first: usize| Mat {
                         data: &dy[first..],
                         rs: 1,
@@ -161,7 +157,7 @@ impl CustomOp3 for DenseOp {
                         rs: fan_in,
                         cs: 1,
                     };
-                    product_by_rows(&mut dw, (out, fan_in, n), false, dyt_at, x);
+                    let dw = product_by_rows((out, fan_in, n), dyt_at, x);
                     // db = Σ over the batch of dy, row after row.
                     let mut db = vec![0f32; out];
                     for row in dy.chunks_exact(out) {

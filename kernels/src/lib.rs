@@ -207,6 +207,40 @@ fn gemm(
     par: gemm::Parallelism,
 ) {
     assert!(dst.len() >= m * n);
+    // SAFETY: `dst` holds `m·n` initialised values.
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs, par) }
+}
+
+/// [`gemm`] storing into a buffer not written yet, `dst = lhs · rhs`:
+/// afterwards its first `m·n` values are written.
+fn gemm_store(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+    lhs: Mat,
+    rhs: Mat,
+    par: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n);
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, `dst` has room for
+    // `m·n` values, and without `accumulate` nothing is read from it.
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr().cast(), false, lhs, rhs, par) }
+}
+
+/// The body of [`gemm`] and [`gemm_store`]: writes all `m·n` values of
+/// `dst` (row stride `n`), reading them first only when `accumulate`.
+///
+/// # Safety
+///
+/// `dst` must be valid for writes of `m·n` values, and initialised when
+/// `accumulate`.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    par: gemm::Parallelism,
+) {
     assert!(m == 0 || k == 0 || lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
     assert!(k == 0 || n == 0 || rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
     if m == 0 || n == 0 {
@@ -214,17 +248,22 @@ fn gemm(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for i in 0..m * n {
+                // SAFETY: `dst` is valid for `m·n` writes (the caller's contract).
+                unsafe { dst.add(i).write(0.0) };
+            }
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the strides reach in bounds.
+    // SAFETY: the asserts above keep every index the strides reach in bounds,
+    // and the caller's contract covers `dst`; the gemm crate reads `dst` only
+    // when asked to (`accumulate`).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,

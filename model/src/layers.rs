@@ -219,13 +219,18 @@ impl Dense {
         fan_out: usize,
         kernel: Kernel,
     ) -> Result<Self> {
-        let weight = reg.param(
+        let (name_w, shape, init) = (
             format!("{name}.weight"),
-            &[fan_out, fan_in],
+            [fan_out, fan_in],
             kernel.init(fan_in, fan_out),
-            0.0,
-        )?;
-        let slot = reg.fast.then(|| reg.slot_for_last());
+        );
+        // On the fast path the weight's gradient comes back through a slot.
+        let (weight, slot) = if reg.fast {
+            let (w, slot) = reg.param_with_slot(name_w, &shape, init, 0.0)?;
+            (w, Some(slot))
+        } else {
+            (reg.param(name_w, &shape, init, 0.0)?, None)
+        };
         let bias = reg.param(format!("{name}.bias"), &[fan_out], Init::Zeros, 0.0)?;
         Ok(Self {
             weight: weight.as_tensor().clone(),

@@ -79,13 +79,21 @@ impl Registry {
         Ok(var)
     }
 
-    /// A gradient slot for the parameter registered last (see `slots`).
-    pub fn slot_for_last(&mut self) -> kernels::GradSlot {
+    /// [`Registry::param`] whose gradient its layer leaves in the returned
+    /// slot instead of candle's gradient store (see `slots`).
+    pub fn param_with_slot(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        l2: f32,
+    ) -> Result<(Var, kernels::GradSlot)> {
+        let var = self.param(name, shape, init, l2)?;
         let slot = kernels::GradSlot::default();
         if let Some(s) = self.slots.last_mut() {
             *s = Some(slot.clone());
         }
-        slot
+        Ok((var, slot))
     }
 
     /// A non-trainable state tensor, and its index among the buffers.
