@@ -581,13 +581,43 @@ fn dense_matches_candle_values_and_gradients() {
             gs.get(&w).is_none(),
             "{case}: the weight's gradient went to the store"
         );
-        let held = slot.lock().unwrap().take().expect("the slot holds dW");
+        let Taken::Held(held) = slot.take().unwrap() else {
+            panic!("{case}: the slot does not hold dW");
+        };
         assert_close(&format!("{case} slot dw"), &held, gr.get(&w).unwrap());
         assert_close(
             &format!("{case} slot db"),
             gs.get(&b).unwrap(),
             gr.get(&b).unwrap(),
         );
+        assert!(matches!(slot.take().unwrap(), Taken::Empty));
+        // Bound to memory, the op reads the weight from there (not from the
+        // tensor, here zeros) and writes dW there: the same values as the
+        // reference on those weights.
+        let bound: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let mut dw = vec![f32::NAN; bound.len()];
+        let zeros = Var::from_tensor(&w.zeros_like().unwrap()).unwrap();
+        // SAFETY: both buffers outlive the binding and are not touched
+        // until `unbind`.
+        unsafe { slot.bind(bound.as_ptr(), dw.as_mut_ptr(), bound.len()) }.unwrap();
+        let yb = dense_with_slot(&x, &zeros, &b, &slot).unwrap();
+        let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        slot.unbind();
+        assert_close(&format!("{case} bound forward"), &yb, &yr);
+        assert!(matches!(slot.take().unwrap(), Taken::Written));
+        let dw = Tensor::from_vec(dw, w.dims(), &Device::Cpu).unwrap();
+        assert_close(&format!("{case} bound dw"), &dw, gr.get(&w).unwrap());
+        assert_close(
+            &format!("{case} bound dx"),
+            gb.get(&x).unwrap(),
+            gr.get(&x).unwrap(),
+        );
+        // A binding of the wrong length is an error, not a read past it.
+        // SAFETY: as above; the op refuses before touching either.
+        let mut one = [0f32];
+        unsafe { slot.bind(bound.as_ptr(), one.as_mut_ptr(), 1) }.unwrap();
+        assert!(dense_with_slot(&x, &zeros, &b, &slot).is_err());
+        slot.unbind();
     }
     // Shapes that do not fit are an error, not a panic.
     let x = random(&[2, 3], &mut rng);

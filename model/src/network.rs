@@ -1,10 +1,12 @@
 //! [`Model`]: a network plus its parameters as flat buffers, and the two
 //! computations a node performs: a training step (gradients) and evaluation.
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use data::{Rng, IMAGE_BYTES, NUM_CLASSES};
+use kernels::Taken;
 
 use crate::layers::{correct, Pass, BN_MOMENTUM};
 use crate::nets::Net;
@@ -66,6 +68,9 @@ pub struct Model {
     /// Per parameter, the slot its layer's backward fills instead of the
     /// gradient store (see `kernels::dense_with_slot`).
     slots: Vec<Option<kernels::GradSlot>>,
+    /// Held through every pass: a pass may bind its slots to the caller's
+    /// memory ([`Model::train_step_in_place`]), which no other pass may see.
+    pass: Mutex<()>,
 }
 
 impl Model {
@@ -93,7 +98,14 @@ impl Model {
             params: reg.params,
             buffers: reg.buffers,
             slots: reg.slots,
+            pass: Mutex::new(()),
         })
+    }
+
+    /// Serialises passes (see `pass`); a poisoned lock only means a pass
+    /// panicked, which left nothing bound (the bindings' guard unbinds).
+    fn lock_pass(&self) -> MutexGuard<'_, ()> {
+        self.pass.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The model's name and switches.
@@ -149,10 +161,22 @@ impl Model {
                 got: weights.len(),
             });
         }
+        self.load(weights, false)
+    }
+
+    /// Copies `weights` (checked to be whole) into the variables, leaving
+    /// out the parameters with a gradient slot when `skip_slotted`.
+    fn load(&self, weights: &[f32], skip_slotted: bool) -> Result<()> {
+        let slotted = self.slots.iter().map(Option::is_some);
+        let skip = slotted.chain(std::iter::repeat(false));
         let mut off = 0;
-        for (info, v) in self.params.iter().chain(&self.buffers) {
+        for ((info, v), slotted) in self.params.iter().chain(&self.buffers).zip(skip) {
             let n = info.numel();
             let values = &weights[off..off + n];
+            off += n;
+            if slotted && skip_slotted {
+                continue;
+            }
             if self.device.is_cpu() {
                 // One copy, straight into the variable's storage.
                 v.as_tensor().inplace_op1(&CopyInto(values))?;
@@ -163,7 +187,6 @@ impl Model {
                     &self.device,
                 )?)?;
             }
-            off += n;
         }
         Ok(())
     }
@@ -208,6 +231,7 @@ impl Model {
         labels: &[u8],
         seed: u64,
     ) -> Result<(StepOutput, Duration, Duration)> {
+        let _pass = self.lock_pass();
         let mut gradients = Vec::with_capacity(self.num_trainable());
         let mut state = Vec::with_capacity(self.num_state());
         let (stats, forward, backward) =
@@ -232,6 +256,7 @@ impl Model {
         seed: u64,
         out: &mut [f32],
     ) -> Result<StepStats> {
+        let _pass = self.lock_pass();
         let expected = self.num_trainable() + self.num_state();
         if out.len() != expected {
             return Err(ModelError::BufferLength {
@@ -242,6 +267,70 @@ impl Model {
         }
         let mut sink = SliceSink { out, at: 0 };
         Ok(self.step(images, labels, seed, &mut sink)?.0)
+    }
+
+    /// [`Model::train_step_into`] on the weights in `weights` (as from
+    /// [`Model::weights`]) instead of those loaded: the layers with a
+    /// gradient slot (the dense layers, on the CPU) read their weight from
+    /// `weights` and write its gradient straight into `out`, without a copy
+    /// of either; the other parameters and the state are loaded from
+    /// `weights` first. Afterwards the model's own values of the slotted
+    /// weights are not `weights`'s: load them ([`Model::set_weights`])
+    /// before any other pass that must see them. Made for a node training
+    /// on the weights in a shared-memory segment.
+    pub fn train_step_in_place(
+        &self,
+        weights: &[f32],
+        images: &[u8],
+        labels: &[u8],
+        seed: u64,
+        out: &mut [f32],
+    ) -> Result<StepStats> {
+        let expected = self.num_trainable() + self.num_state();
+        for (what, got) in [
+            ("weights", weights.len()),
+            ("gradients and state", out.len()),
+        ] {
+            if got != expected {
+                return Err(ModelError::BufferLength {
+                    what,
+                    expected,
+                    got,
+                });
+            }
+        }
+        let _pass = self.lock_pass();
+        self.load(weights, self.device.is_cpu())?;
+        if !self.device.is_cpu() {
+            // Off the CPU the dense layers are candle's, which read the
+            // variables: all of `weights` was loaded above.
+            let mut sink = SliceSink { out, at: 0 };
+            return Ok(self.step(images, labels, seed, &mut sink)?.0);
+        }
+        let mut sink = SliceSink { out, at: 0 };
+        // (One pointer for every slot's range, taken before the pass: the
+        // sink writes through its slice only after the backward pass.)
+        let base = sink.base();
+        let mut bound = Bindings(Vec::new());
+        let mut off = 0;
+        for ((info, _), slot) in self.params.iter().zip(&self.slots) {
+            let n = info.numel();
+            if let Some(slot) = slot {
+                // SAFETY: `off + n ≤ num_trainable() ≤ out.len()` (checked
+                // above), so both ranges are in bounds; `weights` is borrowed
+                // for this whole call and only read; the sink writes `out`
+                // only after the backward pass and passes over this range
+                // (`step` skips it when the slot says `Written`); `bound`
+                // unbinds both before this returns, and the pass lock keeps
+                // other passes from seeing them.
+                unsafe { slot.bind(weights[off..].as_ptr(), base.add(off), n)? };
+                bound.0.push(slot.clone());
+            }
+            off += n;
+        }
+        let stats = self.step(images, labels, seed, &mut sink)?.0;
+        drop(bound);
+        Ok(stats)
     }
 
     fn step(
@@ -273,13 +362,15 @@ impl Model {
         let forward = start.elapsed();
         let grads = loss.backward()?;
         for ((info, v), slot) in self.params.iter().zip(&self.slots) {
-            let direct = match slot {
+            let taken = match slot {
                 Some(slot) => slot_take(slot)?,
-                None => None,
+                None => Taken::Empty,
             };
-            match direct.as_ref().or_else(|| grads.get(v.as_tensor())) {
-                Some(g) => sink.gradient(g)?,
-                None => sink.zeros(info.numel()),
+            match (taken, grads.get(v.as_tensor())) {
+                (Taken::Held(g), _) => sink.gradient(&g)?,
+                (Taken::Written, _) => sink.skip(info.numel())?,
+                (Taken::Empty, Some(g)) => sink.gradient(g)?,
+                (Taken::Empty, None) => sink.zeros(info.numel()),
             }
         }
         // Running statistics: r = momentum * r + (1 - momentum) * batch.
@@ -307,6 +398,7 @@ impl Model {
 
     /// Loss and accuracy in inference mode (running statistics, no dropout).
     pub fn evaluate(&self, images: &[u8], labels: &[u8]) -> Result<EvalOutput> {
+        let _pass = self.lock_pass();
         let mut out = EvalOutput::default();
         for start in (0..labels.len()).step_by(EVAL_CHUNK) {
             let end = (start + EVAL_CHUNK).min(labels.len());
@@ -328,6 +420,7 @@ impl Model {
 
     /// Class probabilities (N, 10) for images in inference mode.
     pub fn predict(&self, images: &[u8]) -> Result<Vec<[f32; NUM_CLASSES]>> {
+        let _pass = self.lock_pass();
         let n = images.len() / IMAGE_BYTES;
         let (x, _) = self.input(images, &vec![0; n])?;
         let mut pass = Pass::inference(self.fast);
@@ -360,6 +453,8 @@ pub struct StepStats {
 trait Sink {
     fn gradient(&mut self, t: &Tensor) -> Result<()>;
     fn zeros(&mut self, n: usize);
+    /// Passes over `n` values already written in place (a bound slot's).
+    fn skip(&mut self, n: usize) -> Result<()>;
     fn state(&mut self, t: &Tensor) -> Result<()>;
 }
 
@@ -370,6 +465,11 @@ impl Sink for (&mut Vec<f32>, &mut Vec<f32>) {
     }
     fn zeros(&mut self, n: usize) {
         self.0.extend(std::iter::repeat_n(0.0, n));
+    }
+    fn skip(&mut self, _: usize) -> Result<()> {
+        Err(ModelError::BadInput(
+            "a gradient was written in place for a pass that bound no memory".into(),
+        ))
     }
     fn state(&mut self, t: &Tensor) -> Result<()> {
         append_values(t, self.1)
@@ -397,6 +497,12 @@ impl SliceSink<'_> {
         self.at = end;
         Ok(())
     }
+
+    /// The start of the slice, for layers that write their own ranges of
+    /// it before the sink writes anything else (see `train_step_in_place`).
+    fn base(&mut self) -> *mut f32 {
+        self.out.as_mut_ptr()
+    }
 }
 
 impl Sink for SliceSink<'_> {
@@ -408,17 +514,30 @@ impl Sink for SliceSink<'_> {
         self.out[self.at..end].fill(0.0);
         self.at = end;
     }
+    fn skip(&mut self, n: usize) -> Result<()> {
+        self.at += n;
+        Ok(())
+    }
     fn state(&mut self, t: &Tensor) -> Result<()> {
         self.put(t)
     }
 }
 
 /// Empties a gradient slot, returning what it held.
-fn slot_take(slot: &kernels::GradSlot) -> Result<Option<Tensor>> {
-    Ok(slot
-        .lock()
-        .map_err(|_| ModelError::BadInput("a gradient slot was poisoned".into()))?
-        .take())
+fn slot_take(slot: &kernels::GradSlot) -> Result<Taken> {
+    Ok(slot.take()?)
+}
+
+/// Slots bound to a caller's memory for one pass; unbound when dropped,
+/// whatever way the pass ends.
+struct Bindings(Vec<kernels::GradSlot>);
+
+impl Drop for Bindings {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            slot.unbind();
+        }
+    }
 }
 
 /// Appends the values of an f32 tensor to `out`.
@@ -626,6 +745,74 @@ mod tests {
         assert!(m
             .train_step_into(&images, &labels, 11, &mut buf[1..])
             .is_err());
+    }
+
+    /// Training on a caller's weights in place gives the bits of loading
+    /// them first, for a network whose dense layers have gradient slots
+    /// and one with BatchNorm state.
+    #[test]
+    fn train_step_in_place_matches_loading_the_weights() {
+        for kind in [
+            ModelKind::SimpleCnn,
+            ModelKind::Resnet {
+                n: 1,
+                dropout: true,
+            },
+        ] {
+            let spec = ModelSpec {
+                kind,
+                dropout: true,
+            };
+            let (images, labels) = batch(5, 21);
+            let theirs = Model::new(spec, 5, &Device::Cpu)
+                .unwrap()
+                .weights()
+                .unwrap();
+            let len = theirs.len();
+            let loaded = Model::new(spec, 4, &Device::Cpu).unwrap();
+            loaded.set_weights(&theirs).unwrap();
+            let mut want = vec![f32::NAN; len];
+            let want_stats = loaded
+                .train_step_into(&images, &labels, 3, &mut want)
+                .unwrap();
+            let m = Model::new(spec, 4, &Device::Cpu).unwrap();
+            let mut got = vec![f32::NAN; len];
+            let stats = m
+                .train_step_in_place(&theirs, &images, &labels, 3, &mut got)
+                .unwrap();
+            assert_eq!(stats, want_stats, "{kind:?}");
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{kind:?}: gradients or state differ");
+            // Twice in a row (the slots unbound and emptied in between).
+            let again = m
+                .train_step_in_place(&theirs, &images, &labels, 3, &mut got)
+                .unwrap();
+            assert_eq!(again, want_stats);
+            assert!(got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            // The dense weights were read in place, not loaded; a full load
+            // makes the model whole again, and its ordinary step agrees.
+            assert_ne!(m.weights().unwrap(), theirs, "{kind:?}");
+            m.set_weights(&theirs).unwrap();
+            let mut plain = vec![f32::NAN; len];
+            m.train_step_into(&images, &labels, 3, &mut plain).unwrap();
+            assert!(plain
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            // Wrong lengths are errors.
+            assert!(m
+                .train_step_in_place(&theirs[1..], &images, &labels, 3, &mut got)
+                .is_err());
+            assert!(m
+                .train_step_in_place(&theirs, &images, &labels, 3, &mut got[1..])
+                .is_err());
+        }
     }
 
     #[test]

@@ -428,10 +428,16 @@ async fn serve_once(config: &NodeConfig, joined_at: &mut Instant) -> Result<()> 
                 }
                 let step = task.step;
                 let outcome = async {
-                    let shared = task.shared_memory;
-                    session
-                        .load(task.version, shared, &mut copy, &mut held)
-                        .await?;
+                    if session.in_place(&task) {
+                        // The step reads the shared weights where they are;
+                        // the model's own dense weights are left stale.
+                        held = None;
+                    } else {
+                        let shared = task.shared_memory;
+                        session
+                            .load(task.version, shared, &mut copy, &mut held)
+                            .await?;
+                    }
                     session.train(task).await
                 }
                 .await;
@@ -664,10 +670,25 @@ impl Session {
         }
     }
 
+    /// Whether training task `task` runs on the shared weights segment in
+    /// place (`Model::train_step_in_place`: the dense layers read their
+    /// weights there and write their gradients straight into this node's
+    /// segment) instead of loading the weights into the model first. Only
+    /// when its answer goes into the segment too (see `train`).
+    fn in_place(&self, task: &TrainTask) -> bool {
+        let step = answered_step(self.fault, task.step);
+        task.shared_memory
+            && self.shared.is_some()
+            && self.shards.is_none()
+            && self.emulated.is_none()
+            && self.slot_step.load(Ordering::Relaxed) != step + 1
+    }
+
     async fn train(&self, task: TrainTask) -> Result<()> {
         if let Some(links) = &self.shards {
             return self.train_sharded(task, links.clone()).await;
         }
+        let in_place = self.in_place(&task);
         let s = samples(task.samples)?;
         let model = self.model.clone();
         let started = Instant::now();
@@ -688,6 +709,7 @@ impl Session {
         let in_segment = shared.is_some();
         let feedback = self.feedback.clone();
         let emulated = self.emulated.clone();
+        let version = task.version;
         let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let (images, labels, seed) = (&s.images[..], &s.labels[..], task.seed);
             match shared {
@@ -695,6 +717,14 @@ impl Session {
                     let stats = segments.gradients.write_with(step, |out| {
                         let stats = match &emulated {
                             Some(e) => e.train_into(&model, s.count, out)?,
+                            None if in_place => segments
+                                .weights
+                                .with_values(version, |w| {
+                                    model.train_step_in_place(w, images, labels, seed, out)
+                                })
+                                .map_err(|e| {
+                                    NodeError::Protocol(format!("shared weights: {e}"))
+                                })??,
                             None => model.train_step_into(images, labels, seed, out)?,
                         };
                         corrupt(fault, out);
