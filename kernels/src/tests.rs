@@ -91,6 +91,14 @@ fn conv2d_matches_candle_values_and_gradients() {
         (5, 24, 8, 8, 40, 3, 1, [1, 1, 1, 1]),
         (2, 64, 8, 8, 64, 3, 1, [1, 1, 1, 1]),
         (3, 16, 7, 9, 12, 2, 1, [0, 1, 0, 1]),
+        // 32 or more channels in and out at stride 1, 3×3: Winograd's
+        // transforms on AVX-512 (forward and input gradient), with an even
+        // and an odd number of output rows, tile rows of more than one
+        // vector, "valid" padding (its input gradient pads by 2).
+        (2, 32, 6, 10, 40, 3, 1, [1, 1, 1, 1]),
+        (1, 32, 36, 36, 33, 3, 1, [1, 1, 1, 1]),
+        (2, 36, 14, 14, 32, 3, 1, [0, 0, 0, 0]),
+        (2, 32, 7, 8, 32, 3, 1, [1, 1, 1, 1]),
         // The gemm-shaped weight gradient: blocks of 32 and 16 output
         // channels with masked tails, input channels in blocks with remainders.
         (2, 20, 9, 9, 36, 2, 1, [0, 1, 0, 1]),
@@ -247,6 +255,8 @@ fn fused_conv_batch_norm_matches_candle_values_stats_and_gradients() {
         (3, 5, 6, 6, 7, 2, 1, [0, 1, 0, 1], true),
         (2, 16, 12, 12, 32, 3, 2, [0, 1, 0, 1], true),
         (3, 8, 9, 7, 12, 3, 2, [1, 1, 1, 1], false),
+        // Winograd's path (32 channels): the statistics see valid positions only.
+        (2, 32, 8, 8, 32, 3, 1, [1, 1, 1, 1], true),
     ];
     for (i, (n, cin, h, w, cout, k, stride, pad, input_grad)) in cases.into_iter().enumerate() {
         let relu = i % 2 == 0;

@@ -103,6 +103,12 @@ pub(crate) fn backward_values(
                     }
                 }
                 let wf = &wf;
+                let wino = if flipped && avx {
+                    direct::winograd_kernel(&tplan.wide(), wf)
+                } else {
+                    None
+                };
+                let wino = wino.as_deref();
                 {
                     let targets: Vec<(usize, Option<&mut [MaybeUninit<f32>]>)> = if input_grad {
                         dx.chunks_mut((per_chunk * g.image()).max(1))
@@ -248,11 +254,11 @@ pub(crate) fn backward_values(
                                     ph.run(&dyp, &mut out, dxi);
                                 } else if shared {
                                     let dyp = &dyw[slot * ds..][..tplan.xp_len()];
-                                    direct::forward(&tplan.wide(), dyp, wf, &mut out);
+                                    direct::forward_with(&tplan.wide(), dyp, wf, wino, &mut out);
                                     tplan.store(&out, None, false, dxi);
                                 } else if avx {
                                     tplan.load(Input::Plain(dyi), &mut dyp);
-                                    direct::forward(&tplan.wide(), &dyp, wf, &mut out);
+                                    direct::forward_with(&tplan.wide(), &dyp, wf, wino, &mut out);
                                     tplan.store(&out, None, false, dxi);
                                 } else {
                                     tplan.load(Input::Plain(dyi), &mut dyp);

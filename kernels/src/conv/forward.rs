@@ -98,6 +98,12 @@ pub(super) fn forward_residual(
             }
         }
         let wr = &wr;
+        let wino = if avx {
+            direct::winograd_kernel(&plan.wide(), wr)
+        } else {
+            None
+        };
+        let wino = wino.as_deref();
         let cols_len = if direct {
             xp_len + plan.l * cout
         } else if path == ConvPath::Identity {
@@ -128,7 +134,7 @@ pub(super) fn forward_residual(
             if avx {
                 let (xp, out) = cols.split_at_mut(xp_len);
                 plan.load(xi, xp);
-                direct::forward(&plan.wide(), xp, wr, out);
+                direct::forward_with(&plan.wide(), xp, wr, wino, out);
                 let r = residual.map(|r| &r[i * cout * p..][..cout * p]);
                 plan.store_with(out, Some(b), (relu, r), yi);
                 return;

@@ -112,6 +112,7 @@ impl InputGrad {
                         l,
                         stride: 1,
                         sp: 0,
+                        oh: 0,
                     },
                     w: packed,
                 });

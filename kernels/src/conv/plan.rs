@@ -107,6 +107,7 @@ impl Plan {
             l: self.l,
             stride: self.stride,
             sp: self.sp,
+            oh: self.oh,
         }
     }
 

@@ -139,6 +139,9 @@ pub(crate) struct Wide {
     pub stride: usize,
     /// Distance between the phase planes of one channel (stride 2).
     pub sp: usize,
+    /// Valid output rows (0 where no caller needs them: then the Winograd
+    /// path does not apply).
+    pub oh: usize,
 }
 
 impl Wide {
@@ -220,6 +223,23 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
         }
     }
     panic!("direct::forward needs AVX-512F or AVX2")
+}
+
+/// The kernel [`forward_with`] needs besides the packed one: Winograd's
+/// transform of it where that path applies to shape `g`
+/// ([`winograd::applies`]), made once per convolution.
+pub(crate) fn winograd_kernel(g: &Wide, w: &[f32]) -> Option<Vec<f32>> {
+    winograd::applies(g).then(|| winograd::kernel(g, w))
+}
+
+/// [`forward`], or with `u` from [`winograd_kernel`] its Winograd form,
+/// which writes only the valid output positions (the others are dropped
+/// by every caller).
+pub(crate) fn forward_with(g: &Wide, xp: &[f32], w: &[f32], u: Option<&[f32]>, out: &mut [f32]) {
+    match u {
+        Some(u) => winograd::forward(g, xp, u, out),
+        None => forward(g, xp, w, out),
+    }
 }
 
 /// `dw[ci][tap][co] += Σ_q dy[co][q] · xp[ci·s + offset(ky, kx) + q]`: the
@@ -365,3 +385,4 @@ pub(crate) fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub(crate) mod winograd;

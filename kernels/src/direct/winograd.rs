@@ -1,0 +1,402 @@
+//! Winograd's F(2×2, 3×3) for 3×3 stride-1 convolutions of many channels:
+//! each 2×2 block of outputs from a 4×4 block of inputs with 16
+//! multiplications per input and output channel instead of 36.
+//!
+//! With `Bᵀ`, `G` and `Aᵀ` the transforms of Lavin and Gray (2015), an
+//! image's output is `Y = Aᵀ [Σ_ci U ⊙ V] A` per 2×2 tile, where `U = G g Gᵀ`
+//! is the 4×4 transform of each 3×3 kernel (made once per convolution,
+//! [`kernel`]) and `V = Bᵀ d Bᵀᵀ` that of each 4×4 input tile `d`. The sum
+//! over input channels is, for each of the 16 positions ξ of a tile, the
+//! product of a `cout × cin` matrix `U_ξ` with a `cin × tiles` matrix `V_ξ`:
+//! a 1×1 convolution with `cin` input planes of one value per tile, which
+//! the register-blocked direct kernel ([`super::forward`]) already does at
+//! close to the CPU's peak. So this module only adds the transforms, and
+//! 2.25× fewer multiplications make the layer faster where the products
+//! dominate (wide layers; see [`applies`]).
+//!
+//! The results differ from the direct kernels' in the last bits (other
+//! arithmetic), and are fixed to the bit for a given CPU path like theirs.
+
+use super::{packed_index, packed_len, Wide};
+
+/// Fewest input and output channels for which the transforms pay (measured
+/// on the Zen 4 variant: at 16 channels the 1×1 products are too thin).
+const MIN_CHANNELS: usize = 32;
+
+/// Whether the convolution of shape `g` runs through Winograd's transforms:
+/// 3×3, stride 1, an even number of output rows and columns, at least
+/// [`MIN_CHANNELS`] channels in and out, on the AVX-512 kernels (the
+/// transforms are written for them), and not turned off with
+/// `GRADCAST_WINOGRAD=off`.
+pub(crate) fn applies(g: &Wide) -> bool {
+    let ow = g.wp.saturating_sub(2);
+    g.kh == 3
+        && g.kw == 3
+        && g.stride == 1
+        && g.oh > 0
+        && g.oh.is_multiple_of(2)
+        && ow > 0
+        && ow.is_multiple_of(2)
+        && g.cin >= MIN_CHANNELS
+        && g.cout >= MIN_CHANNELS
+        && super::isa() == Some(super::Isa::Avx512)
+        && enabled()
+}
+
+/// `GRADCAST_WINOGRAD=off` keeps every convolution on the direct kernels
+/// (read once).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GRADCAST_WINOGRAD").map_or(true, |v| v != "off"))
+}
+
+/// Tiles of an image: rows and columns of 2×2 output blocks, and their
+/// count rounded up to whole vectors (the length of a transformed plane).
+fn tiles(g: &Wide) -> (usize, usize, usize) {
+    let (th, tw) = (g.oh / 2, (g.wp - 2) / 2);
+    (th, tw, (th * tw).next_multiple_of(16))
+}
+
+/// The 1×1 convolution that multiplies the transformed planes: `cin` planes
+/// of `tp` values in, `cout` out.
+fn products(g: &Wide, tp: usize) -> Wide {
+    Wide {
+        cin: g.cin,
+        cout: g.cout,
+        s: tp,
+        wp: tp,
+        kh: 1,
+        kw: 1,
+        l: tp,
+        stride: 1,
+        sp: 0,
+        oh: 0,
+    }
+}
+
+/// The transformed kernel `U` of the packed 3×3 kernel `w` of shape `g`
+/// (see [`applies`]): 16 kernels packed for [`products`], one per tile
+/// position ξ.
+pub(crate) fn kernel(g: &Wide, w: &[f32]) -> Vec<f32> {
+    assert!(w.len() >= packed_len(g.cin, 9, g.cout), "kernel too short");
+    let len = packed_len(g.cin, 1, g.cout);
+    let mut u = vec![0f32; 16 * len];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let k = |ky: usize, kx: usize| w[packed_index(g.cin, 9, (ci, 3 * ky + kx, co))];
+            // G g (4×3), then (G g) Gᵀ (4×4).
+            let mut gg = [[0f32; 3]; 4];
+            for (c, col) in (0..3).map(|c| (c, [k(0, c), k(1, c), k(2, c)])) {
+                let [a, b, d] = col;
+                gg[0][c] = a;
+                gg[1][c] = 0.5 * (a + b + d);
+                gg[2][c] = 0.5 * (a - b + d);
+                gg[3][c] = d;
+            }
+            let at = packed_index(g.cin, 1, (ci, 0, co));
+            for (r, &[a, b, d]) in gg.iter().enumerate() {
+                let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                for (c, v) in row.into_iter().enumerate() {
+                    u[(4 * r + c) * len + at] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+thread_local! {
+    /// Each thread's transformed input and products, reused from image to
+    /// image (megabytes for wide layers).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`super::forward`] of one image through the transforms, with `u` the
+/// transformed kernel from [`kernel`]: writes every valid output position
+/// `q = oy·wp + ox` (`oy < oh`, `ox < wp − 2`) of each channel's wide plane
+/// (the wrapped columns past them are left as they were).
+pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(applies(g), "not a Winograd shape: {g:?}");
+    g.check(xp.len());
+    assert!(out.len() >= g.cout * g.l, "output too short");
+    let (th, tw, tp) = tiles(g);
+    let one = products(g, tp);
+    let len = packed_len(g.cin, 1, g.cout);
+    assert!(u.len() >= 16 * len, "transformed kernel too short");
+    SCRATCH.with_borrow_mut(|(v, m)| {
+        // Zeros past each plane's tiles (never overwritten): the products
+        // there are computed and ignored.
+        v.resize(16 * g.cin * tp, 0.0);
+        m.resize(16 * g.cout * tp, 0.0);
+        input(g, xp, (th, tw, tp), v);
+        for xi in 0..16 {
+            super::forward(
+                &one,
+                &v[xi * g.cin * tp..][..g.cin * tp],
+                &u[xi * len..][..len],
+                &mut m[xi * g.cout * tp..][..g.cout * tp],
+            );
+        }
+        output(g, m, (th, tw, tp), out);
+    });
+}
+
+/// `V = Bᵀ d B` of every 4×4 input tile `d` (tile `(ty, tx)` starts at
+/// padded row `2ty`, column `2tx`), into `v[ξ][ci][tile]`: sixteen tiles of
+/// a row at a time, one per vector lane.
+fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32]) {
+    let plane = g.cin * tp;
+    assert!(v.len() >= 16 * plane);
+    for ci in 0..g.cin {
+        for ty in 0..th {
+            for tx in (0..tw).step_by(16) {
+                let n = (tw - tx).min(16);
+                // The tiles' columns 2tx .. 2tx + 2n + 2 of rows 2ty .. 2ty + 4.
+                let at = ci * g.s + 2 * ty * g.wp + 2 * tx;
+                let need = 2 * n + 2;
+                assert!(at + 3 * g.wp + need <= xp.len());
+                // SAFETY: `applies` (checked by the caller) means AVX-512F;
+                // the rows read are inside `xp` (asserted above) and the
+                // stores inside `v` (tile `ty·tw + tx + n ≤ tp`, planes
+                // `16 · cin · tp`, asserted above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::input_tiles(
+                        xp.as_ptr().add(at),
+                        g.wp,
+                        need,
+                        v.as_mut_ptr().add(ci * tp + ty * tw + tx),
+                        plane,
+                        n,
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` of every tile's 4×4 products `M` (`m[ξ][co][tile]`), into
+/// the 2×2 outputs of the tile in `out`'s wide planes, sixteen tiles at a
+/// time.
+fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f32]) {
+    let plane = g.cout * tp;
+    assert!(m.len() >= 16 * plane && out.len() >= g.cout * g.l);
+    for co in 0..g.cout {
+        for ty in 0..th {
+            for tx in (0..tw).step_by(16) {
+                let n = (tw - tx).min(16);
+                let q = co * g.l + 2 * ty * g.wp + 2 * tx;
+                // Rows 2ty and 2ty + 1, columns up to 2tx + 2n ≤ ow < wp.
+                assert!(q + g.wp + 2 * n <= out.len());
+                // SAFETY: as in `input`: AVX-512F, and every access is
+                // inside `m` and `out` (asserted above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::output_tiles(
+                        m.as_ptr().add(co * tp + ty * tw + tx),
+                        plane,
+                        n,
+                        out.as_mut_ptr().add(q),
+                        g.wp,
+                    )
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// Columns `0, 2, …, 30` and `1, 3, …, 31` of the 32 values at `p`
+    /// (of which only the first `need` are read).
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, and `p .. p + need` readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn even_odd(p: *const f32, need: usize) -> (__m512, __m512) {
+        // SAFETY: the caller upholds this function's contract; the masks
+        // read nothing at or past `p + need`.
+        unsafe {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let a = _mm512_maskz_loadu_ps(lanes(need), p);
+            let b = _mm512_maskz_loadu_ps(lanes(need.saturating_sub(16)), p.wrapping_add(16));
+            (
+                _mm512_permutex2var_ps(a, even, b),
+                _mm512_permutex2var_ps(a, odd, b),
+            )
+        }
+    }
+
+    /// The input transform of `n` (≤ 16) tiles side by side: `x` points at
+    /// their first row's first column, rows `wp` apart, `need = 2n + 2`
+    /// columns of each of 4 rows read; `V_ξ` of tile `j` goes to
+    /// `v[ξ · plane + j]`.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, `x + r·wp .. + need` readable for `r < 4`, and `v + ξ·plane
+    /// .. + n` writable for `ξ < 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn input_tiles(
+        x: *const f32,
+        wp: usize,
+        need: usize,
+        v: *mut f32,
+        plane: usize,
+        n: usize,
+    ) {
+        // SAFETY: the caller upholds this function's contract.
+        unsafe {
+            // d[r][c]: column 2j + c of row r for tile j in lane j.
+            let mut d = [[_mm512_setzero_ps(); 4]; 4];
+            for (r, row) in d.iter_mut().enumerate() {
+                let p = x.add(r * wp);
+                (row[0], row[1]) = even_odd(p, need);
+                (row[2], row[3]) = even_odd(p.add(2), need - 2);
+            }
+            // Bᵀ d, column by column.
+            let mut bd = [[_mm512_setzero_ps(); 4]; 4];
+            for c in 0..4 {
+                bd[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
+                bd[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
+                bd[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
+                bd[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
+            }
+            // (Bᵀ d) B, row by row.
+            let mask = lanes(n);
+            for (r, [a, b, c, e]) in bd.into_iter().enumerate() {
+                let row = [
+                    _mm512_sub_ps(a, c),
+                    _mm512_add_ps(b, c),
+                    _mm512_sub_ps(c, b),
+                    _mm512_sub_ps(b, e),
+                ];
+                for (k, value) in row.into_iter().enumerate() {
+                    _mm512_mask_storeu_ps(v.add((4 * r + k) * plane), mask, value);
+                }
+            }
+        }
+    }
+
+    /// The output transform of `n` (≤ 16) tiles side by side: `M_ξ` of tile
+    /// `j` at `m[ξ · plane + j]`; the tile's 2×2 outputs go to `y + 2j`,
+    /// `y + 2j + 1` and the same a row (`wp`) below.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, `m + ξ·plane .. + n` readable for `ξ < 16`, and `y + r·wp ..
+    /// + 2n` writable for `r < 2`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn output_tiles(
+        m: *const f32,
+        plane: usize,
+        n: usize,
+        y: *mut f32,
+        wp: usize,
+    ) {
+        // SAFETY: the caller upholds this function's contract.
+        unsafe {
+            let mask = lanes(n);
+            let mm = |r: usize, c: usize| _mm512_maskz_loadu_ps(mask, m.add((4 * r + c) * plane));
+            // Aᵀ M (2×4), column by column.
+            let cols: [[__m512; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| mm(r, c)));
+            let am = [
+                cols.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
+                cols.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
+            ];
+            // (Aᵀ M) A, each output row's two columns interleaved.
+            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let hi =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for (r, [a, b, c, e]) in am.into_iter().enumerate() {
+                let left = _mm512_add_ps(_mm512_add_ps(a, b), c);
+                let right = _mm512_sub_ps(_mm512_sub_ps(b, c), e);
+                let row = y.add(r * wp);
+                _mm512_mask_storeu_ps(row, lanes(2 * n), _mm512_permutex2var_ps(left, lo, right));
+                _mm512_mask_storeu_ps(
+                    row.wrapping_add(16),
+                    lanes((2 * n).saturating_sub(16)),
+                    _mm512_permutex2var_ps(left, hi, right),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use data::Rng;
+
+    /// The transforms give the direct kernel's convolution at every valid
+    /// position, for tile rows of one vector, several, and a masked tail,
+    /// and tile counts that leave padding in the transformed planes.
+    #[test]
+    fn winograd_matches_the_direct_kernel() {
+        let mut rng = Rng::new(5);
+        for (cin, cout, oh, ow) in [
+            (32usize, 40, 6, 34),
+            (33, 32, 2, 2),
+            (48, 64, 8, 8),
+            (32, 32, 4, 30),
+        ] {
+            let wp: usize = ow + 2;
+            let l = ((oh - 1) * wp + ow).next_multiple_of(16);
+            let s = ((oh + 2) * wp).max(2 * wp + 2 + l);
+            let g = Wide {
+                cin,
+                cout,
+                s,
+                wp,
+                kh: 3,
+                kw: 3,
+                l,
+                stride: 1,
+                sp: 0,
+                oh,
+            };
+            if !applies(&g) {
+                eprintln!("SKIPPED: Winograd needs AVX-512 (and GRADCAST_WINOGRAD not off)");
+                return;
+            }
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
+            let xp = random(cin * s);
+            let w = random(packed_len(cin, 9, cout));
+            let mut want = vec![0f32; cout * l];
+            super::super::forward(&g, &xp, &w, &mut want);
+            let mut got = vec![f32::NAN; cout * l];
+            forward(&g, &xp, &kernel(&g, &w), &mut got);
+            // Relative to the largest output, like the kernel tests: the
+            // transforms round differently, not worse than the sums' scale.
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let mut worst = 0f32;
+            for co in 0..cout {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let q = co * l + oy * wp + ox;
+                        assert!(
+                            got[q].is_finite(),
+                            "{cin}x{cout} {oh}x{ow}: position {q} not written"
+                        );
+                        worst = worst.max((got[q] - want[q]).abs() / scale);
+                    }
+                }
+            }
+            assert!(
+                worst < 1e-5,
+                "{cin}x{cout} {oh}x{ow}: relative difference {worst}"
+            );
+        }
+    }
+}
