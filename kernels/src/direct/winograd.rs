@@ -19,8 +19,9 @@
 
 use super::{packed_index, packed_len, Wide};
 
-/// Fewest input and output channels for which the transforms pay (measured
-/// on the Zen 4 variant: at 16 channels the 1×1 products are too thin).
+/// Fewest input and output channels for which the transforms pay (on the
+/// Zen 4 variant resnet20 trained no faster with its 16-channel layers
+/// included: there the 1×1 products are thin next to the transforms).
 const MIN_CHANNELS: usize = 32;
 
 /// Whether the convolution of shape `g` runs through Winograd's transforms:
@@ -142,12 +143,44 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
     });
 }
 
+/// Tile rows that share a vector: `16 / tw` when rows of `tw` tiles fill
+/// one exactly (small maps, where a row alone would leave lanes empty),
+/// else 1.
+fn rows_per_vector(th: usize, tw: usize) -> usize {
+    match tw {
+        1 | 2 | 4 | 8 if th.is_multiple_of(16 / tw) => 16 / tw,
+        _ => 1,
+    }
+}
+
 /// `V = Bᵀ d B` of every 4×4 input tile `d` (tile `(ty, tx)` starts at
 /// padded row `2ty`, column `2tx`), into `v[ξ][ci][tile]`: sixteen tiles of
 /// a row at a time, one per vector lane.
 fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32]) {
     let plane = g.cin * tp;
     assert!(v.len() >= 16 * plane);
+    let k = rows_per_vector(th, tw);
+    if k > 1 {
+        for ci in 0..g.cin {
+            for ty in (0..th).step_by(k) {
+                let at = ci * g.s + 2 * ty * g.wp;
+                // Rows 2ty .. 2ty + 2k + 2, columns 0 .. 2tw + 2 = wp.
+                assert!(at + (2 * k + 1) * g.wp + 2 * tw + 2 <= xp.len());
+                // SAFETY: as below; the stores are the whole vector of
+                // tiles `ty·tw .. ty·tw + 16 ≤ tp`.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::input_rows(
+                        xp.as_ptr().add(at),
+                        (g.wp, tw, k),
+                        v.as_mut_ptr().add(ci * tp + ty * tw),
+                        plane,
+                    )
+                }
+            }
+        }
+        return;
+    }
     for ci in 0..g.cin {
         for ty in 0..th {
             for tx in (0..tw).step_by(16) {
@@ -182,6 +215,29 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
 fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f32]) {
     let plane = g.cout * tp;
     assert!(m.len() >= 16 * plane && out.len() >= g.cout * g.l);
+    let k = rows_per_vector(th, tw);
+    if k > 1 {
+        for co in 0..g.cout {
+            for ty in (0..th).step_by(k) {
+                let q = co * g.l + 2 * ty * g.wp;
+                // Rows 2ty .. 2ty + 2k, columns 0 .. 2tw = ow.
+                assert!(q + (2 * k - 1) * g.wp + 2 * tw <= out.len());
+                // SAFETY: AVX-512F (`applies`), and every access inside
+                // `m` (16 tiles from `ty·tw`, within `tp`) and `out`
+                // (asserted above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::output_rows(
+                        m.as_ptr().add(co * tp + ty * tw),
+                        plane,
+                        out.as_mut_ptr().add(q),
+                        (g.wp, tw, k),
+                    )
+                }
+            }
+        }
+        return;
+    }
     for co in 0..g.cout {
         for ty in 0..th {
             for tx in (0..tw).step_by(16) {
@@ -237,6 +293,183 @@ mod avx512 {
         }
     }
 
+    /// Columns `c0, c0 + 2, …` and `c0 + 1, c0 + 3, …` of row `r` of each
+    /// of `k` tile rows (`2·16/k` columns each, the tile rows two input rows
+    /// apart), the tile rows one after the other in the lanes.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, and rows `r, r + 2, …, r + 2(k − 1)` (`wp` apart from
+    /// `x`) readable at columns `c0 .. c0 + 2·16/k`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_pairs(
+        x: *const f32,
+        (wp, tw, k): (usize, usize, usize),
+        r: usize,
+        c0: usize,
+    ) -> (__m512, __m512) {
+        // SAFETY: the caller upholds this function's contract; a masked
+        // load reads only its lanes (the pointer is moved back by the lane
+        // offset, and the lanes before it are masked off).
+        unsafe {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let seg = 2 * tw;
+            let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for i in 0..k {
+                let p = x.add((2 * i + r) * wp + c0);
+                let start = i * seg;
+                let (reg, o) = if start < 16 {
+                    (&mut a, start)
+                } else {
+                    (&mut b, start - 16)
+                };
+                let mask = (((1u32 << seg) - 1) << o) as __mmask16;
+                *reg = _mm512_mask_loadu_ps(*reg, mask, p.wrapping_sub(o));
+            }
+            (
+                _mm512_permutex2var_ps(a, even, b),
+                _mm512_permutex2var_ps(a, odd, b),
+            )
+        }
+    }
+
+    /// [`input_tiles`] for `k` rows of `tw` tiles (`k · tw = 16`) at once,
+    /// `x` at the first tile row's first input row and column; their `V_ξ`
+    /// go to `v[ξ · plane .. + 16]`.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, input rows `0 .. 2k + 2` (`wp` apart from `x`) readable
+    /// at columns `0 .. 2tw + 2`, and `v + ξ·plane .. + 16` writable for
+    /// `ξ < 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn input_rows(
+        x: *const f32,
+        shape: (usize, usize, usize),
+        v: *mut f32,
+        plane: usize,
+    ) {
+        // SAFETY: the caller upholds this function's contract.
+        unsafe {
+            let mut d = [[_mm512_setzero_ps(); 4]; 4];
+            for (r, row) in d.iter_mut().enumerate() {
+                (row[0], row[1]) = row_pairs(x, shape, r, 0);
+                (row[2], row[3]) = row_pairs(x, shape, r, 2);
+            }
+            transform_input(&d, v, plane, lanes(16));
+        }
+    }
+
+    /// [`output_tiles`] for `k` rows of `tw` tiles (`k · tw = 16`): `M_ξ`
+    /// at `m[ξ · plane .. + 16]`, the outputs to `y` (the first tile row's
+    /// first output row), rows `wp` apart.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, `m + ξ·plane .. + 16` readable for `ξ < 16`, and output
+    /// rows `0 .. 2k` (`wp` apart from `y`) writable at columns `0 .. 2tw`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn output_rows(
+        m: *const f32,
+        plane: usize,
+        y: *mut f32,
+        (wp, tw, k): (usize, usize, usize),
+    ) {
+        // SAFETY: the caller upholds this function's contract; masked
+        // stores write only their lanes (see `row_pairs`).
+        unsafe {
+            let seg = 2 * tw;
+            for (r, (lo, hi)) in transform_output(m, plane, lanes(16))
+                .into_iter()
+                .enumerate()
+            {
+                for i in 0..k {
+                    let start = i * seg;
+                    let (reg, o) = if start < 16 {
+                        (lo, start)
+                    } else {
+                        (hi, start - 16)
+                    };
+                    let mask = (((1u32 << seg) - 1) << o) as __mmask16;
+                    _mm512_mask_storeu_ps(y.add((2 * i + r) * wp).wrapping_sub(o), mask, reg);
+                }
+            }
+        }
+    }
+
+    /// `(Bᵀ d) B` of 16 tiles in the lanes of `d[row][column]`, into
+    /// `v[ξ · plane]` (the lanes of `mask`).
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, and `v + ξ·plane` writable at the mask's lanes for `ξ < 16`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_input(d: &[[__m512; 4]; 4], v: *mut f32, plane: usize, mask: __mmask16) {
+        // SAFETY: the caller upholds this function's contract.
+        unsafe {
+            // Bᵀ d, column by column.
+            let bd: [[__m512; 4]; 4] = [
+                std::array::from_fn(|c| _mm512_sub_ps(d[0][c], d[2][c])),
+                std::array::from_fn(|c| _mm512_add_ps(d[1][c], d[2][c])),
+                std::array::from_fn(|c| _mm512_sub_ps(d[2][c], d[1][c])),
+                std::array::from_fn(|c| _mm512_sub_ps(d[1][c], d[3][c])),
+            ];
+            // (Bᵀ d) B, row by row.
+            for (r, [a, b, c, e]) in bd.into_iter().enumerate() {
+                let row = [
+                    _mm512_sub_ps(a, c),
+                    _mm512_add_ps(b, c),
+                    _mm512_sub_ps(c, b),
+                    _mm512_sub_ps(b, e),
+                ];
+                for (k, value) in row.into_iter().enumerate() {
+                    _mm512_mask_storeu_ps(v.add((4 * r + k) * plane), mask, value);
+                }
+            }
+        }
+    }
+
+    /// `Aᵀ M A` of 16 tiles (`M_ξ` at `m[ξ · plane]`, the lanes of `mask`
+    /// read): per output row, its 32 values (two per tile, interleaved) in
+    /// two registers.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, and `m + ξ·plane` readable at the mask's lanes for `ξ < 16`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_output(
+        m: *const f32,
+        plane: usize,
+        mask: __mmask16,
+    ) -> [(__m512, __m512); 2] {
+        // SAFETY: the caller upholds this function's contract.
+        unsafe {
+            let mm = |r: usize, c: usize| _mm512_maskz_loadu_ps(mask, m.add((4 * r + c) * plane));
+            // Aᵀ M (2×4), column by column.
+            let cols: [[__m512; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| mm(r, c)));
+            let am = [
+                cols.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
+                cols.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
+            ];
+            // (Aᵀ M) A, each output row's two columns interleaved.
+            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let hi =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            am.map(|[a, b, c, e]| {
+                let left = _mm512_add_ps(_mm512_add_ps(a, b), c);
+                let right = _mm512_sub_ps(_mm512_sub_ps(b, c), e);
+                (
+                    _mm512_permutex2var_ps(left, lo, right),
+                    _mm512_permutex2var_ps(left, hi, right),
+                )
+            })
+        }
+    }
+
     /// The input transform of `n` (≤ 16) tiles side by side: `x` points at
     /// their first row's first column, rows `wp` apart, `need = 2n + 2`
     /// columns of each of 4 rows read; `V_ξ` of tile `j` goes to
@@ -264,27 +497,7 @@ mod avx512 {
                 (row[0], row[1]) = even_odd(p, need);
                 (row[2], row[3]) = even_odd(p.add(2), need - 2);
             }
-            // Bᵀ d, column by column.
-            let mut bd = [[_mm512_setzero_ps(); 4]; 4];
-            for c in 0..4 {
-                bd[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
-                bd[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
-                bd[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
-                bd[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
-            }
-            // (Bᵀ d) B, row by row.
-            let mask = lanes(n);
-            for (r, [a, b, c, e]) in bd.into_iter().enumerate() {
-                let row = [
-                    _mm512_sub_ps(a, c),
-                    _mm512_add_ps(b, c),
-                    _mm512_sub_ps(c, b),
-                    _mm512_sub_ps(b, e),
-                ];
-                for (k, value) in row.into_iter().enumerate() {
-                    _mm512_mask_storeu_ps(v.add((4 * r + k) * plane), mask, value);
-                }
-            }
+            transform_input(&d, v, plane, lanes(n));
         }
     }
 
@@ -306,28 +519,10 @@ mod avx512 {
     ) {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
-            let mask = lanes(n);
-            let mm = |r: usize, c: usize| _mm512_maskz_loadu_ps(mask, m.add((4 * r + c) * plane));
-            // Aᵀ M (2×4), column by column.
-            let cols: [[__m512; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| mm(r, c)));
-            let am = [
-                cols.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
-                cols.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
-            ];
-            // (Aᵀ M) A, each output row's two columns interleaved.
-            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-            let hi =
-                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-            for (r, [a, b, c, e]) in am.into_iter().enumerate() {
-                let left = _mm512_add_ps(_mm512_add_ps(a, b), c);
-                let right = _mm512_sub_ps(_mm512_sub_ps(b, c), e);
+            for (r, (lo, hi)) in transform_output(m, plane, lanes(n)).into_iter().enumerate() {
                 let row = y.add(r * wp);
-                _mm512_mask_storeu_ps(row, lanes(2 * n), _mm512_permutex2var_ps(left, lo, right));
-                _mm512_mask_storeu_ps(
-                    row.wrapping_add(16),
-                    lanes((2 * n).saturating_sub(16)),
-                    _mm512_permutex2var_ps(left, hi, right),
-                );
+                _mm512_mask_storeu_ps(row, lanes(2 * n), lo);
+                _mm512_mask_storeu_ps(row.wrapping_add(16), lanes((2 * n).saturating_sub(16)), hi);
             }
         }
     }
@@ -349,6 +544,10 @@ mod tests {
             (33, 32, 2, 2),
             (48, 64, 8, 8),
             (32, 32, 4, 30),
+            // Several tile rows per vector: 2, 8 and 16 of them.
+            (32, 32, 16, 16),
+            (40, 32, 16, 4),
+            (32, 36, 32, 2),
         ] {
             let wp: usize = ow + 2;
             let l = ((oh - 1) * wp + ow).next_multiple_of(16);
