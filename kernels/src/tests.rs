@@ -99,6 +99,10 @@ fn conv2d_matches_candle_values_and_gradients() {
         (1, 32, 36, 36, 33, 3, 1, [1, 1, 1, 1]),
         (2, 36, 14, 14, 32, 3, 1, [0, 0, 0, 0]),
         (2, 32, 7, 8, 32, 3, 1, [1, 1, 1, 1]),
+        // ... and 2×2 kernels (Keras "same" pads after; "valid" makes an
+        // input gradient of odd size, which stays direct).
+        (2, 32, 8, 8, 40, 2, 1, [0, 1, 0, 1]),
+        (2, 40, 9, 9, 32, 2, 1, [0, 0, 0, 0]),
         // The gemm-shaped weight gradient: blocks of 32 and 16 output
         // channels with masked tails, input channels in blocks with remainders.
         (2, 20, 9, 9, 36, 2, 1, [0, 1, 0, 1]),

@@ -1,12 +1,15 @@
-//! Winograd's F(2×2, 3×3) for 3×3 stride-1 convolutions of many channels:
-//! each 2×2 block of outputs from a 4×4 block of inputs with 16
-//! multiplications per input and output channel instead of 36.
+//! Winograd's F(2×2, 3×3) and F(2×2, 2×2) for 3×3 and 2×2 stride-1
+//! convolutions of many channels: each 2×2 block of outputs from a 4×4
+//! (3×3) block of inputs with 16 (9) multiplications per input and output
+//! channel instead of 36 (16).
 //!
-//! With `Bᵀ`, `G` and `Aᵀ` the transforms of Lavin and Gray (2015), an
-//! image's output is `Y = Aᵀ [Σ_ci U ⊙ V] A` per 2×2 tile, where `U = G g Gᵀ`
-//! is the 4×4 transform of each 3×3 kernel (made once per convolution,
-//! [`kernel`]) and `V = Bᵀ d Bᵀᵀ` that of each 4×4 input tile `d`. The sum
-//! over input channels is, for each of the 16 positions ξ of a tile, the
+//! With `Bᵀ`, `G` and `Aᵀ` the transforms of Lavin and Gray (2015) (for
+//! 2×2 kernels: `Bᵀ = [1 −1 0; 0 1 0; 0 −1 1]`, `G = [1 0; 1 1; 0 1]`,
+//! `Aᵀ = [1 1 0; 0 1 1]`), an image's output is `Y = Aᵀ [Σ_ci U ⊙ V] A` per
+//! 2×2 tile, where `U = G g Gᵀ` is the transform of each kernel (made once
+//! per convolution, [`kernel`]) and `V = Bᵀ d B` that of each input tile
+//! `d`. The sum over input channels is, for each of the positions ξ of a
+//! tile (16, or 9), the
 //! product of a `cout × cin` matrix `U_ξ` with a `cin × tiles` matrix `V_ξ`:
 //! a 1×1 convolution with `cin` input planes of one value per tile, which
 //! the register-blocked direct kernel ([`super::forward`]) already does at
@@ -25,14 +28,14 @@ use super::{packed_index, packed_len, Wide};
 const MIN_CHANNELS: usize = 32;
 
 /// Whether the convolution of shape `g` runs through Winograd's transforms:
-/// 3×3, stride 1, an even number of output rows and columns, at least
+/// 3×3 or 2×2, stride 1, an even number of output rows and columns, at least
 /// [`MIN_CHANNELS`] channels in and out, on the AVX-512 kernels (the
 /// transforms are written for them), and not turned off with
 /// `GRADCAST_WINOGRAD=off`.
 pub(crate) fn applies(g: &Wide) -> bool {
-    let ow = g.wp.saturating_sub(2);
-    g.kh == 3
-        && g.kw == 3
+    let ow = g.wp.saturating_sub(g.kw.saturating_sub(1));
+    (g.kh == 3 || g.kh == 2)
+        && g.kw == g.kh
         && g.stride == 1
         && g.oh > 0
         && g.oh.is_multiple_of(2)
@@ -54,8 +57,13 @@ fn enabled() -> bool {
 /// Tiles of an image: rows and columns of 2×2 output blocks, and their
 /// count rounded up to whole vectors (the length of a transformed plane).
 fn tiles(g: &Wide) -> (usize, usize, usize) {
-    let (th, tw) = (g.oh / 2, (g.wp - 2) / 2);
+    let (th, tw) = (g.oh / 2, (g.wp - (g.kw - 1)) / 2);
     (th, tw, (th * tw).next_multiple_of(16))
+}
+
+/// Positions ξ of a transformed tile: 16 for 3×3 kernels, 9 for 2×2.
+fn positions(g: &Wide) -> usize {
+    (g.kh + 1) * (g.kh + 1)
 }
 
 /// The 1×1 convolution that multiplies the transformed planes: `cin` planes
@@ -75,30 +83,42 @@ fn products(g: &Wide, tp: usize) -> Wide {
     }
 }
 
-/// The transformed kernel `U` of the packed 3×3 kernel `w` of shape `g`
-/// (see [`applies`]): 16 kernels packed for [`products`], one per tile
-/// position ξ.
+/// The transformed kernel `U` of the packed kernel `w` of shape `g` (see
+/// [`applies`]): one kernel packed for [`products`] per tile position ξ.
 pub(crate) fn kernel(g: &Wide, w: &[f32]) -> Vec<f32> {
-    assert!(w.len() >= packed_len(g.cin, 9, g.cout), "kernel too short");
+    let (k, n) = (g.kh, g.kh + 1);
+    assert!(
+        w.len() >= packed_len(g.cin, k * k, g.cout),
+        "kernel too short"
+    );
     let len = packed_len(g.cin, 1, g.cout);
-    let mut u = vec![0f32; 16 * len];
+    let mut u = vec![0f32; n * n * len];
+    // G applied to the k values of a kernel row or column.
+    let transform = |x: [f32; 3]| -> [f32; 4] {
+        let [a, b, d] = x;
+        if k == 3 {
+            [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]
+        } else {
+            [a, a + b, b, 0.0]
+        }
+    };
     for co in 0..g.cout {
         for ci in 0..g.cin {
-            let k = |ky: usize, kx: usize| w[packed_index(g.cin, 9, (ci, 3 * ky + kx, co))];
-            // G g (4×3), then (G g) Gᵀ (4×4).
-            let mut gg = [[0f32; 3]; 4];
-            for (c, col) in (0..3).map(|c| (c, [k(0, c), k(1, c), k(2, c)])) {
-                let [a, b, d] = col;
-                gg[0][c] = a;
-                gg[1][c] = 0.5 * (a + b + d);
-                gg[2][c] = 0.5 * (a - b + d);
-                gg[3][c] = d;
-            }
+            let tap = |ky: usize, kx: usize| w[packed_index(g.cin, k * k, (ci, k * ky + kx, co))];
+            let column = |c: usize| std::array::from_fn(|r| if r < k { tap(r, c) } else { 0.0 });
+            // G g (n×k), then (G g) Gᵀ (n×n).
+            let gg: [[f32; 4]; 3] = std::array::from_fn(|c| {
+                if c < k {
+                    transform(column(c))
+                } else {
+                    [0.0; 4]
+                }
+            });
             let at = packed_index(g.cin, 1, (ci, 0, co));
-            for (r, &[a, b, d]) in gg.iter().enumerate() {
-                let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
-                for (c, v) in row.into_iter().enumerate() {
-                    u[(4 * r + c) * len + at] = v;
+            for r in 0..n {
+                let row = transform(std::array::from_fn(|c| gg[c][r]));
+                for (c, v) in row.into_iter().take(n).enumerate() {
+                    u[(n * r + c) * len + at] = v;
                 }
             }
         }
@@ -124,14 +144,15 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
     let (th, tw, tp) = tiles(g);
     let one = products(g, tp);
     let len = packed_len(g.cin, 1, g.cout);
-    assert!(u.len() >= 16 * len, "transformed kernel too short");
+    let xis = positions(g);
+    assert!(u.len() >= xis * len, "transformed kernel too short");
     SCRATCH.with_borrow_mut(|(v, m)| {
-        // Zeros past each plane's tiles (never overwritten): the products
-        // there are computed and ignored.
-        v.resize(16 * g.cin * tp, 0.0);
-        m.resize(16 * g.cout * tp, 0.0);
+        // Past each plane's tiles the values are whatever was there: the
+        // products there are computed and ignored.
+        v.resize(xis * g.cin * tp, 0.0);
+        m.resize(xis * g.cout * tp, 0.0);
         input(g, xp, (th, tw, tp), v);
-        for xi in 0..16 {
+        for xi in 0..xis {
             super::forward(
                 &one,
                 &v[xi * g.cin * tp..][..g.cin * tp],
@@ -158,24 +179,25 @@ fn rows_per_vector(th: usize, tw: usize) -> usize {
 /// a row at a time, one per vector lane.
 fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32]) {
     let plane = g.cin * tp;
-    assert!(v.len() >= 16 * plane);
+    assert!(v.len() >= positions(g) * plane);
+    let kh = g.kh;
     let k = rows_per_vector(th, tw);
     if k > 1 {
         for ci in 0..g.cin {
             for ty in (0..th).step_by(k) {
                 let at = ci * g.s + 2 * ty * g.wp;
-                // Rows 2ty .. 2ty + 2k + 2, columns 0 .. 2tw + 2 = wp.
-                assert!(at + (2 * k + 1) * g.wp + 2 * tw + 2 <= xp.len());
+                // Rows 2ty .. 2ty + 2k + kh − 1, columns 0 .. 2tw + kh − 1 = wp.
+                assert!(at + (2 * k + kh - 2) * g.wp + 2 * tw + kh - 1 <= xp.len());
                 // SAFETY: as below; the stores are the whole vector of
                 // tiles `ty·tw .. ty·tw + 16 ≤ tp`.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx512::input_rows(
-                        xp.as_ptr().add(at),
-                        (g.wp, tw, k),
-                        v.as_mut_ptr().add(ci * tp + ty * tw),
-                        plane,
-                    )
+                    let (x, vp) = (xp.as_ptr().add(at), v.as_mut_ptr().add(ci * tp + ty * tw));
+                    if kh == 3 {
+                        avx512::input_rows::<3>(x, (g.wp, tw, k), vp, plane)
+                    } else {
+                        avx512::input_rows::<2>(x, (g.wp, tw, k), vp, plane)
+                    }
                 }
             }
         }
@@ -185,24 +207,26 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
         for ty in 0..th {
             for tx in (0..tw).step_by(16) {
                 let n = (tw - tx).min(16);
-                // The tiles' columns 2tx .. 2tx + 2n + 2 of rows 2ty .. 2ty + 4.
+                // The tiles' columns 2tx .. 2tx + 2n + kh − 1 of rows
+                // 2ty .. 2ty + kh + 1.
                 let at = ci * g.s + 2 * ty * g.wp + 2 * tx;
-                let need = 2 * n + 2;
-                assert!(at + 3 * g.wp + need <= xp.len());
+                let need = 2 * n + kh - 1;
+                assert!(at + kh * g.wp + need <= xp.len());
                 // SAFETY: `applies` (checked by the caller) means AVX-512F;
                 // the rows read are inside `xp` (asserted above) and the
                 // stores inside `v` (tile `ty·tw + tx + n ≤ tp`, planes
                 // `16 · cin · tp`, asserted above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx512::input_tiles(
+                    let (x, vp) = (
                         xp.as_ptr().add(at),
-                        g.wp,
-                        need,
                         v.as_mut_ptr().add(ci * tp + ty * tw + tx),
-                        plane,
-                        n,
-                    )
+                    );
+                    if kh == 3 {
+                        avx512::input_tiles::<3>(x, g.wp, need, vp, plane, n)
+                    } else {
+                        avx512::input_tiles::<2>(x, g.wp, need, vp, plane, n)
+                    }
                 }
             }
         }
@@ -214,7 +238,7 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
 /// time.
 fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f32]) {
     let plane = g.cout * tp;
-    assert!(m.len() >= 16 * plane && out.len() >= g.cout * g.l);
+    assert!(m.len() >= positions(g) * plane && out.len() >= g.cout * g.l);
     let k = rows_per_vector(th, tw);
     if k > 1 {
         for co in 0..g.cout {
@@ -227,12 +251,12 @@ fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f
                 // (asserted above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx512::output_rows(
-                        m.as_ptr().add(co * tp + ty * tw),
-                        plane,
-                        out.as_mut_ptr().add(q),
-                        (g.wp, tw, k),
-                    )
+                    let (mp, y) = (m.as_ptr().add(co * tp + ty * tw), out.as_mut_ptr().add(q));
+                    if g.kh == 3 {
+                        avx512::output_rows::<3>(mp, plane, y, (g.wp, tw, k))
+                    } else {
+                        avx512::output_rows::<2>(mp, plane, y, (g.wp, tw, k))
+                    }
                 }
             }
         }
@@ -249,13 +273,15 @@ fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f
                 // inside `m` and `out` (asserted above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx512::output_tiles(
+                    let (mp, y) = (
                         m.as_ptr().add(co * tp + ty * tw + tx),
-                        plane,
-                        n,
                         out.as_mut_ptr().add(q),
-                        g.wp,
-                    )
+                    );
+                    if g.kh == 3 {
+                        avx512::output_tiles::<3>(mp, plane, n, y, g.wp)
+                    } else {
+                        avx512::output_tiles::<2>(mp, plane, n, y, g.wp)
+                    }
                 }
             }
         }
@@ -294,20 +320,21 @@ mod avx512 {
     }
 
     /// Columns `c0, c0 + 2, …` and `c0 + 1, c0 + 3, …` of row `r` of each
-    /// of `k` tile rows (`2·16/k` columns each, the tile rows two input rows
-    /// apart), the tile rows one after the other in the lanes.
+    /// of `k` tile rows (`2·16/k` columns each, of which the first `take`
+    /// are read and the rest are zero; the tile rows two input rows apart),
+    /// the tile rows one after the other in the lanes.
     ///
     /// # Safety
     ///
     /// AVX-512F, and rows `r, r + 2, …, r + 2(k − 1)` (`wp` apart from
-    /// `x`) readable at columns `c0 .. c0 + 2·16/k`.
+    /// `x`) readable at columns `c0 .. c0 + take`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn row_pairs(
         x: *const f32,
         (wp, tw, k): (usize, usize, usize),
         r: usize,
-        c0: usize,
+        (c0, take): (usize, usize),
     ) -> (__m512, __m512) {
         // SAFETY: the caller upholds this function's contract; a masked
         // load reads only its lanes (the pointer is moved back by the lane
@@ -325,7 +352,7 @@ mod avx512 {
                 } else {
                     (&mut b, start - 16)
                 };
-                let mask = (((1u32 << seg) - 1) << o) as __mmask16;
+                let mask = (((1u32 << take.min(seg)) - 1) << o) as __mmask16;
                 *reg = _mm512_mask_loadu_ps(*reg, mask, p.wrapping_sub(o));
             }
             (
@@ -345,7 +372,7 @@ mod avx512 {
     /// at columns `0 .. 2tw + 2`, and `v + ξ·plane .. + 16` writable for
     /// `ξ < 16`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_rows(
+    pub(super) unsafe fn input_rows<const K: usize>(
         x: *const f32,
         shape: (usize, usize, usize),
         v: *mut f32,
@@ -354,11 +381,13 @@ mod avx512 {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
             let mut d = [[_mm512_setzero_ps(); 4]; 4];
-            for (r, row) in d.iter_mut().enumerate() {
-                (row[0], row[1]) = row_pairs(x, shape, r, 0);
-                (row[2], row[3]) = row_pairs(x, shape, r, 2);
+            let two_tw = 2 * shape.1;
+            for (r, row) in d.iter_mut().enumerate().take(K + 1) {
+                (row[0], row[1]) = row_pairs(x, shape, r, (0, two_tw));
+                // (2×2 kernels need column 2j + 2 only: it ends at 2tw.)
+                (row[2], row[3]) = row_pairs(x, shape, r, (2, two_tw + K - 3));
             }
-            transform_input(&d, v, plane, lanes(16));
+            transform_input::<K>(&d, v, plane, lanes(16));
         }
     }
 
@@ -371,7 +400,7 @@ mod avx512 {
     /// AVX-512F, `m + ξ·plane .. + 16` readable for `ξ < 16`, and output
     /// rows `0 .. 2k` (`wp` apart from `y`) writable at columns `0 .. 2tw`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_rows(
+    pub(super) unsafe fn output_rows<const K: usize>(
         m: *const f32,
         plane: usize,
         y: *mut f32,
@@ -381,7 +410,7 @@ mod avx512 {
         // stores write only their lanes (see `row_pairs`).
         unsafe {
             let seg = 2 * tw;
-            for (r, (lo, hi)) in transform_output(m, plane, lanes(16))
+            for (r, (lo, hi)) in transform_output::<K>(m, plane, lanes(16))
                 .into_iter()
                 .enumerate()
             {
@@ -407,9 +436,29 @@ mod avx512 {
     /// AVX-512F, and `v + ξ·plane` writable at the mask's lanes for `ξ < 16`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transform_input(d: &[[__m512; 4]; 4], v: *mut f32, plane: usize, mask: __mmask16) {
+    unsafe fn transform_input<const K: usize>(
+        d: &[[__m512; 4]; 4],
+        v: *mut f32,
+        plane: usize,
+        mask: __mmask16,
+    ) {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
+            if K == 2 {
+                // Bᵀ d over the rows, then the same over the columns.
+                let bd: [[__m512; 4]; 3] = [
+                    std::array::from_fn(|c| _mm512_sub_ps(d[0][c], d[1][c])),
+                    d[1],
+                    std::array::from_fn(|c| _mm512_sub_ps(d[2][c], d[1][c])),
+                ];
+                for (r, [a, b, c, _]) in bd.into_iter().enumerate() {
+                    let row = [_mm512_sub_ps(a, b), b, _mm512_sub_ps(c, b)];
+                    for (k, value) in row.into_iter().enumerate() {
+                        _mm512_mask_storeu_ps(v.add((3 * r + k) * plane), mask, value);
+                    }
+                }
+                return;
+            }
             // Bᵀ d, column by column.
             let bd: [[__m512; 4]; 4] = [
                 std::array::from_fn(|c| _mm512_sub_ps(d[0][c], d[2][c])),
@@ -441,27 +490,47 @@ mod avx512 {
     /// AVX-512F, and `m + ξ·plane` readable at the mask's lanes for `ξ < 16`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transform_output(
+    unsafe fn transform_output<const K: usize>(
         m: *const f32,
         plane: usize,
         mask: __mmask16,
     ) -> [(__m512, __m512); 2] {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
-            let mm = |r: usize, c: usize| _mm512_maskz_loadu_ps(mask, m.add((4 * r + c) * plane));
-            // Aᵀ M (2×4), column by column.
+            let n = K + 1;
+            let mm = |r: usize, c: usize| {
+                if r < n && c < n {
+                    _mm512_maskz_loadu_ps(mask, m.add((n * r + c) * plane))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            };
+            // Aᵀ M (2×n), column by column.
             let cols: [[__m512; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| mm(r, c)));
-            let am = [
-                cols.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
-                cols.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
-            ];
+            let am = if K == 2 {
+                [
+                    cols.map(|[m0, m1, _, _]| _mm512_add_ps(m0, m1)),
+                    cols.map(|[_, m1, m2, _]| _mm512_add_ps(m1, m2)),
+                ]
+            } else {
+                [
+                    cols.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
+                    cols.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
+                ]
+            };
             // (Aᵀ M) A, each output row's two columns interleaved.
             let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
             let hi =
                 _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
             am.map(|[a, b, c, e]| {
-                let left = _mm512_add_ps(_mm512_add_ps(a, b), c);
-                let right = _mm512_sub_ps(_mm512_sub_ps(b, c), e);
+                let (left, right) = if K == 2 {
+                    (_mm512_add_ps(a, b), _mm512_add_ps(b, c))
+                } else {
+                    (
+                        _mm512_add_ps(_mm512_add_ps(a, b), c),
+                        _mm512_sub_ps(_mm512_sub_ps(b, c), e),
+                    )
+                };
                 (
                     _mm512_permutex2var_ps(left, lo, right),
                     _mm512_permutex2var_ps(left, hi, right),
@@ -480,7 +549,7 @@ mod avx512 {
     /// AVX-512F, `x + r·wp .. + need` readable for `r < 4`, and `v + ξ·plane
     /// .. + n` writable for `ξ < 16`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_tiles(
+    pub(super) unsafe fn input_tiles<const K: usize>(
         x: *const f32,
         wp: usize,
         need: usize,
@@ -492,12 +561,12 @@ mod avx512 {
         unsafe {
             // d[r][c]: column 2j + c of row r for tile j in lane j.
             let mut d = [[_mm512_setzero_ps(); 4]; 4];
-            for (r, row) in d.iter_mut().enumerate() {
+            for (r, row) in d.iter_mut().enumerate().take(K + 1) {
                 let p = x.add(r * wp);
                 (row[0], row[1]) = even_odd(p, need);
                 (row[2], row[3]) = even_odd(p.add(2), need - 2);
             }
-            transform_input(&d, v, plane, lanes(n));
+            transform_input::<K>(&d, v, plane, lanes(n));
         }
     }
 
@@ -510,7 +579,7 @@ mod avx512 {
     /// AVX-512F, `m + ξ·plane .. + n` readable for `ξ < 16`, and `y + r·wp ..
     /// + 2n` writable for `r < 2`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_tiles(
+    pub(super) unsafe fn output_tiles<const K: usize>(
         m: *const f32,
         plane: usize,
         n: usize,
@@ -519,7 +588,10 @@ mod avx512 {
     ) {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
-            for (r, (lo, hi)) in transform_output(m, plane, lanes(n)).into_iter().enumerate() {
+            for (r, (lo, hi)) in transform_output::<K>(m, plane, lanes(n))
+                .into_iter()
+                .enumerate()
+            {
                 let row = y.add(r * wp);
                 _mm512_mask_storeu_ps(row, lanes(2 * n), lo);
                 _mm512_mask_storeu_ps(row.wrapping_add(16), lanes((2 * n).saturating_sub(16)), hi);
@@ -539,26 +611,32 @@ mod tests {
     #[test]
     fn winograd_matches_the_direct_kernel() {
         let mut rng = Rng::new(5);
-        for (cin, cout, oh, ow) in [
-            (32usize, 40, 6, 34),
-            (33, 32, 2, 2),
-            (48, 64, 8, 8),
-            (32, 32, 4, 30),
+        for (k, cin, cout, oh, ow) in [
+            (3usize, 32usize, 40, 6, 34),
+            (3, 33, 32, 2, 2),
+            (3, 48, 64, 8, 8),
+            (3, 32, 32, 4, 30),
             // Several tile rows per vector: 2, 8 and 16 of them.
-            (32, 32, 16, 16),
-            (40, 32, 16, 4),
-            (32, 36, 32, 2),
+            (3, 32, 32, 16, 16),
+            (3, 40, 32, 16, 4),
+            (3, 32, 36, 32, 2),
+            // 2×2 kernels, one and several tile rows per vector.
+            (2, 32, 40, 6, 34),
+            (2, 48, 32, 4, 30),
+            (2, 32, 32, 16, 16),
+            (2, 36, 64, 8, 8),
+            (2, 32, 32, 32, 2),
         ] {
-            let wp: usize = ow + 2;
+            let wp: usize = ow + k - 1;
             let l = ((oh - 1) * wp + ow).next_multiple_of(16);
-            let s = ((oh + 2) * wp).max(2 * wp + 2 + l);
+            let s = ((oh + k - 1) * wp).max((k - 1) * (wp + 1) + l);
             let g = Wide {
                 cin,
                 cout,
                 s,
                 wp,
-                kh: 3,
-                kw: 3,
+                kh: k,
+                kw: k,
                 l,
                 stride: 1,
                 sp: 0,
@@ -571,7 +649,7 @@ mod tests {
             let mut random =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
             let xp = random(cin * s);
-            let w = random(packed_len(cin, 9, cout));
+            let w = random(packed_len(cin, k * k, cout));
             let mut want = vec![0f32; cout * l];
             super::super::forward(&g, &xp, &w, &mut want);
             let mut got = vec![f32::NAN; cout * l];
@@ -586,7 +664,7 @@ mod tests {
                         let q = co * l + oy * wp + ox;
                         assert!(
                             got[q].is_finite(),
-                            "{cin}x{cout} {oh}x{ow}: position {q} not written"
+                            "k{k} {cin}x{cout} {oh}x{ow}: position {q} not written"
                         );
                         worst = worst.max((got[q] - want[q]).abs() / scale);
                     }
@@ -594,7 +672,7 @@ mod tests {
             }
             assert!(
                 worst < 1e-5,
-                "{cin}x{cout} {oh}x{ow}: relative difference {worst}"
+                "k{k} {cin}x{cout} {oh}x{ow}: relative difference {worst}"
             );
         }
     }
