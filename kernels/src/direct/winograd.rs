@@ -61,6 +61,14 @@ fn tiles(g: &Wide) -> (usize, usize, usize) {
     (th, tw, (th * tw).next_multiple_of(16))
 }
 
+/// Distance between the transformed planes of two tile positions ξ, for
+/// `channels` planes of `tp` values: one cache line more than they fill, so
+/// that the sixteen (nine) planes a transform writes or reads at once do not
+/// all fall into the same cache set (their size is often a power of two).
+fn planes(channels: usize, tp: usize) -> usize {
+    channels * tp + 16
+}
+
 /// Positions ξ of a transformed tile: 16 for 3×3 kernels, 9 for 2×2.
 fn positions(g: &Wide) -> usize {
     (g.kh + 1) * (g.kh + 1)
@@ -149,15 +157,16 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
     SCRATCH.with_borrow_mut(|(v, m)| {
         // Past each plane's tiles the values are whatever was there: the
         // products there are computed and ignored.
-        v.resize(xis * g.cin * tp, 0.0);
-        m.resize(xis * g.cout * tp, 0.0);
+        let (pv, pm) = (planes(g.cin, tp), planes(g.cout, tp));
+        v.resize(xis * pv, 0.0);
+        m.resize(xis * pm, 0.0);
         input(g, xp, (th, tw, tp), v);
         for xi in 0..xis {
             super::forward(
                 &one,
-                &v[xi * g.cin * tp..][..g.cin * tp],
+                &v[xi * pv..][..g.cin * tp],
                 &u[xi * len..][..len],
-                &mut m[xi * g.cout * tp..][..g.cout * tp],
+                &mut m[xi * pm..][..g.cout * tp],
             );
         }
         output(g, m, (th, tw, tp), out);
@@ -178,7 +187,7 @@ fn rows_per_vector(th: usize, tw: usize) -> usize {
 /// padded row `2ty`, column `2tx`), into `v[ξ][ci][tile]`: sixteen tiles of
 /// a row at a time, one per vector lane.
 fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32]) {
-    let plane = g.cin * tp;
+    let plane = planes(g.cin, tp);
     assert!(v.len() >= positions(g) * plane);
     let kh = g.kh;
     let k = rows_per_vector(th, tw);
@@ -237,7 +246,7 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
 /// the 2×2 outputs of the tile in `out`'s wide planes, sixteen tiles at a
 /// time.
 fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f32]) {
-    let plane = g.cout * tp;
+    let plane = planes(g.cout, tp);
     assert!(m.len() >= positions(g) * plane && out.len() >= g.cout * g.l);
     let k = rows_per_vector(th, tw);
     if k > 1 {
