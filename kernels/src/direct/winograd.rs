@@ -183,7 +183,8 @@ fn rows_per_vector(th: usize, tw: usize) -> usize {
     }
 }
 
-/// `V = Bᵀ d B` of every 4×4 input tile `d` (tile `(ty, tx)` starts at
+/// `V = Bᵀ d B` of every input tile `d` (4×4, or 3×3 for 2×2 kernels;
+/// tile `(ty, tx)` starts at
 /// padded row `2ty`, column `2tx`), into `v[ξ][ci][tile]`: sixteen tiles of
 /// a row at a time, one per vector lane.
 fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32]) {
@@ -223,8 +224,8 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
                 assert!(at + kh * g.wp + need <= xp.len());
                 // SAFETY: `applies` (checked by the caller) means AVX-512F;
                 // the rows read are inside `xp` (asserted above) and the
-                // stores inside `v` (tile `ty·tw + tx + n ≤ tp`, planes
-                // `16 · cin · tp`, asserted above).
+                // stores inside `v` (tile `ty·tw + tx + n ≤ tp`, one
+                // plane per position ξ, asserted above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let (x, vp) = (
@@ -242,7 +243,8 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
     }
 }
 
-/// `Y = Aᵀ M A` of every tile's 4×4 products `M` (`m[ξ][co][tile]`), into
+/// `Y = Aᵀ M A` of every tile's products `M` (4×4, or 3×3 for 2×2
+/// kernels; `m[ξ][co][tile]`), into
 /// the 2×2 outputs of the tile in `out`'s wide planes, sixteen tiles at a
 /// time.
 fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f32]) {
