@@ -227,9 +227,11 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], w: &[f32], out: &mut [f32]) {
 
 /// The kernel [`forward_with`] needs besides the packed one: Winograd's
 /// transform of it where that path applies to shape `g`
-/// ([`winograd::applies`]), made once per convolution.
+/// ([`winograd::applies`]) and, with `GRADCAST_KERNEL_PATH=measure`, timed
+/// faster than the direct kernel on that shape ([`winograd::chosen`]),
+/// made once per convolution.
 pub(crate) fn winograd_kernel(g: &Wide, w: &[f32]) -> Option<Vec<f32>> {
-    winograd::applies(g).then(|| winograd::kernel(g, w))
+    (winograd::applies(g) && winograd::chosen(g)).then(|| winograd::kernel(g, w))
 }
 
 /// [`forward`], or with `u` from [`winograd_kernel`] its Winograd form,
