@@ -177,22 +177,22 @@ impl DenseOp {
             None => None,
         })
     }
+}
 
-    /// Runs `f` on the weight's values: the memory bound to the slot, if
-    /// any (checked to be as long as `own`), else `own`.
-    fn with_weights<R>(&self, own: &[f32], f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        match self.bound()? {
-            Some(b) if b.len != own.len() => bail!(
-                "dense: {} weights bound for a weight of {}",
-                b.len,
-                own.len()
-            ),
-            // SAFETY: `GradSlot::bind`'s caller keeps `b.weights` valid for
-            // `b.len` reads and unwritten until it unbinds, which is after
-            // the step that runs this op.
-            Some(b) => f(unsafe { std::slice::from_raw_parts(b.weights, b.len) }),
-            None => f(own),
-        }
+/// The weight's values: the memory bound to the slot, if any (checked to be
+/// as long as `own`), else `own`.
+fn weights(bound: Option<Bound>, own: &[f32]) -> Result<&[f32]> {
+    match bound {
+        Some(b) if b.len != own.len() => bail!(
+            "dense: {} weights bound for a weight of {}",
+            b.len,
+            own.len()
+        ),
+        // SAFETY: `GradSlot::bind`'s caller keeps `b.weights` valid for
+        // `b.len` reads and unwritten until it unbinds, which is after the
+        // step that runs this op (and so after `own`'s borrow here ends).
+        Some(b) => Ok(unsafe { std::slice::from_raw_parts(b.weights, b.len) }),
+        None => Ok(own),
     }
 }
 
@@ -213,20 +213,18 @@ impl CustomOp3 for DenseOp {
         let (n, fan_in, out) = dims(l1.dims(), l2.dims(), l3.shape().elem_count())?;
         let _t = crate::Prof::new("dense-fwd", &(n, fan_in, out));
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        let mut y = self.with_weights(w, |w| {
-            let x_at = |first: usize| Mat {
-                data: &x[first * fan_in..],
-                rs: fan_in,
-                cs: 1,
-            };
-            // Wᵀ: element (i, o) of the (in, out) matrix is w[o·in + i].
-            let wt = Mat {
-                data: w,
-                rs: 1,
-                cs: fan_in,
-            };
-            Ok(product_by_rows((n, out, fan_in), x_at, wt))
-        })?;
+        let x_at = |first: usize| Mat {
+            data: &x[first * fan_in..],
+            rs: fan_in,
+            cs: 1,
+        };
+        // Wᵀ: element (i, o) of the (in, out) matrix is w[o·in + i].
+        let wt = Mat {
+            data: weights(self.bound()?, w)?,
+            rs: 1,
+            cs: fan_in,
+        };
+        let mut y = product_by_rows((n, out, fan_in), x_at, wt);
         for row in y.chunks_exact_mut(out.max(1)) {
             row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
         }
@@ -243,82 +241,84 @@ impl CustomOp3 for DenseOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, fan_in, out) = dims(x.dims(), w.dims(), b.elem_count())?;
         let _t = crate::Prof::new("dense-bwd", &(n, fan_in, out));
-        // With memory bound to the slot, dW goes straight there.
-        let grad_to = self.bound()?.map(|b| b.grad);
+        // With memory bound to the slot, W comes from there and dW goes
+        // straight there.
+        let bound = self.bound()?;
         let (dx, dw, db) = with_values(x, |xv| {
             with_values(w, |own| {
-                self.with_weights(own, |wv| {
-                    with_values(grad, |dy| {
-                        if dy.len() != n * out {
-                            bail!(
-                                "dense backward: gradient of {} values for {}",
-                                dy.len(),
-                                n * out
-                            );
+                let wv = weights(bound, own)?;
+                with_values(grad, |dy| {
+                    if dy.len() != n * out {
+                        bail!(
+                            "dense backward: gradient of {} values for {}",
+                            dy.len(),
+                            n * out
+                        );
+                    }
+                    // dx (n, in) = dy (n, out) · W (out, in).
+                    let dy_at = |first: usize| Mat {
+                        data: &dy[first * out..],
+                        rs: out,
+                        cs: 1,
+                    };
+                    let w = Mat {
+                        data: wv,
+                        rs: fan_in,
+                        cs: 1,
+                    };
+                    let dx = product_by_rows((n, fan_in, out), dy_at, w);
+                    // dW (out, in) = dyᵀ (out, n) · x (n, in).
+                    let dyt_at = |first: usize| Mat {
+                        data: &dy[first..],
+                        rs: 1,
+                        cs: out,
+                    };
+                    let x = Mat {
+                        data: xv,
+                        rs: fan_in,
+                        cs: 1,
+                    };
+                    let dims = (out, fan_in, n);
+                    let dw = match bound {
+                        Some(b) => {
+                            // SAFETY: `GradSlot::bind`'s caller keeps
+                            // `b.grad` valid for the weight's `out·in`
+                            // values (`weights` checked the bound length)
+                            // and untouched by others until it unbinds.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    b.grad.cast::<std::mem::MaybeUninit<f32>>(),
+                                    out * fan_in,
+                                )
+                            };
+                            product_into(dims, dyt_at, x, dst);
+                            None
                         }
-                        // dx (n, in) = dy (n, out) · W (out, in).
-                        let dy_at = |first: usize| Mat {
-                            data: &dy[first * out..],
-                            rs: out,
-                            cs: 1,
-                        };
-                        let w = Mat {
-                            data: wv,
-                            rs: fan_in,
-                            cs: 1,
-                        };
-                        let dx = product_by_rows((n, fan_in, out), dy_at, w);
-                        // dW (out, in) = dyᵀ (out, n) · x (n, in).
-                        let dyt_at = |first: usize| Mat {
-                            data: &dy[first..],
-                            rs: 1,
-                            cs: out,
-                        };
-                        let x = Mat {
-                            data: xv,
-                            rs: fan_in,
-                            cs: 1,
-                        };
-                        let dims = (out, fan_in, n);
-                        let dw = match grad_to {
-                            Some(p) => {
-                                // SAFETY: `GradSlot::bind`'s caller keeps `p`
-                                // valid for the weight's `out·in` values
-                                // (`with_weights` checked the bound length)
-                                // and untouched by others until it unbinds.
-                                let dst = unsafe {
-                                    std::slice::from_raw_parts_mut(
-                                        p.cast::<std::mem::MaybeUninit<f32>>(),
-                                        out * fan_in,
-                                    )
-                                };
-                                product_into(dims, dyt_at, x, dst);
-                                None
-                            }
-                            None => Some(product_by_rows(dims, dyt_at, x)),
-                        };
-                        // db = Σ over the batch of dy, row after row.
-                        let mut db = vec![0f32; out];
-                        for row in dy.chunks_exact(out) {
-                            db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
-                        }
-                        Ok((dx, dw, db))
-                    })
+                        None => Some(product_by_rows(dims, dyt_at, x)),
+                    };
+                    // db = Σ over the batch of dy, row after row.
+                    let mut db = vec![0f32; out];
+                    for row in dy.chunks_exact(out) {
+                        db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+                    }
+                    Ok((dx, dw, db))
                 })
             })
         })?;
         let dev = x.device();
-        let dw = match (&self.slot, dw) {
-            (Some(slot), dw) => {
+        // (`dw` is `None` exactly when it was written to bound memory,
+        // which only a slot can have.)
+        let dw = dw
+            .map(|dw| Tensor::from_vec(dw, w.shape(), dev))
+            .transpose()?;
+        let dw = match &self.slot {
+            Some(slot) => {
                 let mut s = slot.state()?;
-                match dw {
-                    Some(dw) => s.held = Some(Tensor::from_vec(dw, w.shape(), dev)?),
-                    None => s.written = true,
-                }
+                s.written = dw.is_none();
+                s.held = dw;
                 None
             }
-            (None, Some(dw)) => Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            (None, None) => bail!("dense: a gradient written to memory without a slot"),
+            None => dw,
         };
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),

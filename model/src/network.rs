@@ -300,13 +300,10 @@ impl Model {
             }
         }
         let _pass = self.lock_pass();
-        self.load(weights, self.device.is_cpu())?;
-        if !self.device.is_cpu() {
-            // Off the CPU the dense layers are candle's, which read the
-            // variables: all of `weights` was loaded above.
-            let mut sink = SliceSink { out, at: 0 };
-            return Ok(self.step(images, labels, seed, &mut sink)?.0);
-        }
+        // Off the CPU the dense layers are candle's, which read the
+        // variables: there all of `weights` is loaded and nothing bound.
+        let cpu = self.device.is_cpu();
+        self.load(weights, cpu)?;
         let mut sink = SliceSink { out, at: 0 };
         // (One pointer for every slot's range, taken before the pass: the
         // sink writes through its slice only after the backward pass.)
@@ -315,7 +312,7 @@ impl Model {
         let mut off = 0;
         for ((info, _), slot) in self.params.iter().zip(&self.slots) {
             let n = info.numel();
-            if let Some(slot) = slot {
+            if let (true, Some(slot)) = (cpu, slot) {
                 // SAFETY: `off + n ≤ num_trainable() ≤ out.len()` (checked
                 // above), so both ranges are in bounds; `weights` is borrowed
                 // for this whole call and only read; the sink writes `out`
@@ -355,7 +352,7 @@ impl Model {
         };
         // A slot holds only this step's gradient.
         for slot in self.slots.iter().flatten() {
-            slot_take(slot)?;
+            slot.take()?;
         }
         let logits = self.net.forward(&x, &mut pass)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
@@ -363,7 +360,7 @@ impl Model {
         let grads = loss.backward()?;
         for ((info, v), slot) in self.params.iter().zip(&self.slots) {
             let taken = match slot {
-                Some(slot) => slot_take(slot)?,
+                Some(slot) => slot.take()?,
                 None => Taken::Empty,
             };
             match (taken, grads.get(v.as_tensor())) {
@@ -521,11 +518,6 @@ impl Sink for SliceSink<'_> {
     fn state(&mut self, t: &Tensor) -> Result<()> {
         self.put(t)
     }
-}
-
-/// Empties a gradient slot, returning what it held.
-fn slot_take(slot: &kernels::GradSlot) -> Result<Taken> {
-    Ok(slot.take()?)
 }
 
 /// Slots bound to a caller's memory for one pass; unbound when dropped,

@@ -673,8 +673,9 @@ impl Session {
     /// Whether training task `task` runs on the shared weights segment in
     /// place (`Model::train_step_in_place`: the dense layers read their
     /// weights there and write their gradients straight into this node's
-    /// segment) instead of loading the weights into the model first. Only
-    /// when its answer goes into the segment too (see `train`).
+    /// segment) instead of loading the weights into the model first:
+    /// exactly the tasks whose answer `train` writes into the segment,
+    /// unless the compute is emulated (which loads them).
     fn in_place(&self, task: &TrainTask) -> bool {
         let step = answered_step(self.fault, task.step);
         task.shared_memory
@@ -688,7 +689,6 @@ impl Session {
         if let Some(links) = &self.shards {
             return self.train_sharded(task, links.clone()).await;
         }
-        let in_place = self.in_place(&task);
         let s = samples(task.samples)?;
         let model = self.model.clone();
         let started = Instant::now();
@@ -715,9 +715,11 @@ impl Session {
             match shared {
                 Some(segments) => {
                     let stats = segments.gradients.write_with(step, |out| {
+                        // (Here the task is `in_place`: the serve loop did
+                        // not load the weights, the step reads them.)
                         let stats = match &emulated {
                             Some(e) => e.train_into(&model, s.count, out)?,
-                            None if in_place => segments
+                            None => segments
                                 .weights
                                 .with_values(version, |w| {
                                     model.train_step_in_place(w, images, labels, seed, out)
@@ -725,7 +727,6 @@ impl Session {
                                 .map_err(|e| {
                                     NodeError::Protocol(format!("shared weights: {e}"))
                                 })??,
-                            None => model.train_step_into(images, labels, seed, out)?,
                         };
                         corrupt(fault, out);
                         Ok::<_, NodeError>(stats)

@@ -229,60 +229,47 @@ fn rows_per_vector(th: usize, tw: usize) -> usize {
     }
 }
 
-/// `V = Bᵀ d B` of every input tile `d` (4×4, or 3×3 for 2×2 kernels;
-/// tile `(ty, tx)` starts at
-/// padded row `2ty`, column `2tx`), into `v[ξ][ci][tile]`: sixteen tiles of
-/// a row at a time, one per vector lane.
+/// The blocks of up to 16 tiles that share a vector, as `(ty, tx, n, k)`:
+/// `k` rows of tiles from row `ty` (all of each row: `k·tw = 16`, see
+/// [`rows_per_vector`]), or with `k = 1` the `n` tiles of row `ty` from
+/// column `tx`. Tiles `ty·tw + tx ..` of a block are consecutive.
+fn blocks(th: usize, tw: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let k = rows_per_vector(th, tw);
+    (0..th).step_by(k).flat_map(move |ty| {
+        (0..tw)
+            .step_by(16)
+            .map(move |tx| (ty, tx, if k > 1 { 16 } else { (tw - tx).min(16) }, k))
+    })
+}
+
+/// `V = Bᵀ d B` of every input tile `d` (4×4, or 3×3 for 2×2 kernels; tile
+/// `(ty, tx)` starts at padded row `2ty`, column `2tx`), into
+/// `v[ξ][ci][tile]`, a block of tiles ([`blocks`]) per vector.
 fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32]) {
     let plane = planes(g.cin, tp);
     assert!(v.len() >= positions(g) * plane);
     let kh = g.kh;
-    let k = rows_per_vector(th, tw);
-    if k > 1 {
-        for ci in 0..g.cin {
-            for ty in (0..th).step_by(k) {
-                let at = ci * g.s + 2 * ty * g.wp;
-                // Rows 2ty .. 2ty + 2k + kh − 1, columns 0 .. 2tw + kh − 1 = wp.
-                assert!(at + (2 * k + kh - 2) * g.wp + 2 * tw + kh - 1 <= xp.len());
-                // SAFETY: as below; the stores are the whole vector of
-                // tiles `ty·tw .. ty·tw + 16 ≤ tp`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let (x, vp) = (xp.as_ptr().add(at), v.as_mut_ptr().add(ci * tp + ty * tw));
-                    if kh == 3 {
-                        avx512::input_rows::<3>(x, (g.wp, tw, k), vp, plane)
-                    } else {
-                        avx512::input_rows::<2>(x, (g.wp, tw, k), vp, plane)
-                    }
-                }
-            }
-        }
-        return;
-    }
     for ci in 0..g.cin {
-        for ty in 0..th {
-            for tx in (0..tw).step_by(16) {
-                let n = (tw - tx).min(16);
-                // The tiles' columns 2tx .. 2tx + 2n + kh − 1 of rows
-                // 2ty .. 2ty + kh + 1.
-                let at = ci * g.s + 2 * ty * g.wp + 2 * tx;
-                let need = 2 * n + kh - 1;
-                assert!(at + kh * g.wp + need <= xp.len());
-                // SAFETY: `applies` (checked by the caller) means AVX-512F;
-                // the rows read are inside `xp` (asserted above) and the
-                // stores inside `v` (tile `ty·tw + tx + n ≤ tp`, one
-                // plane per position ξ, asserted above).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let (x, vp) = (
-                        xp.as_ptr().add(at),
-                        v.as_mut_ptr().add(ci * tp + ty * tw + tx),
-                    );
-                    if kh == 3 {
-                        avx512::input_tiles::<3>(x, g.wp, need, vp, plane, n)
-                    } else {
-                        avx512::input_tiles::<2>(x, g.wp, need, vp, plane, n)
-                    }
+        for (ty, tx, n, k) in blocks(th, tw) {
+            let at = ci * g.s + 2 * ty * g.wp + 2 * tx;
+            // Rows 2ty .. 2ty + 2k + kh − 1, the block's columns of each
+            // tile row and the kh − 1 past them (at most wp).
+            assert!(at + (2 * k + kh - 2) * g.wp + 2 * (n / k) + kh - 1 <= xp.len());
+            // SAFETY: `applies` (checked by the caller) means AVX-512F; the
+            // rows read are inside `xp` (asserted above) and the stores
+            // inside `v` (tiles `ty·tw + tx .. + n ≤ tp`, one plane per
+            // position ξ, asserted above).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let (x, vp) = (
+                    xp.as_ptr().add(at),
+                    v.as_mut_ptr().add(ci * tp + ty * tw + tx),
+                );
+                let shape = (g.wp, tw, k);
+                if kh == 3 {
+                    avx512::input_block::<3>(x, shape, n, vp, plane)
+                } else {
+                    avx512::input_block::<2>(x, shape, n, vp, plane)
                 }
             }
         }
@@ -290,55 +277,29 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
 }
 
 /// `Y = Aᵀ M A` of every tile's products `M` (4×4, or 3×3 for 2×2
-/// kernels; `m[ξ][co][tile]`), into
-/// the 2×2 outputs of the tile in `out`'s wide planes, sixteen tiles at a
-/// time.
+/// kernels; `m[ξ][co][tile]`), into the 2×2 outputs of the tile in `out`'s
+/// wide planes, a block of tiles ([`blocks`]) per vector.
 fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f32]) {
     let plane = planes(g.cout, tp);
     assert!(m.len() >= positions(g) * plane && out.len() >= g.cout * g.l);
-    let k = rows_per_vector(th, tw);
-    if k > 1 {
-        for co in 0..g.cout {
-            for ty in (0..th).step_by(k) {
-                let q = co * g.l + 2 * ty * g.wp;
-                // Rows 2ty .. 2ty + 2k, columns 0 .. 2tw = ow.
-                assert!(q + (2 * k - 1) * g.wp + 2 * tw <= out.len());
-                // SAFETY: AVX-512F (`applies`), and every access inside
-                // `m` (16 tiles from `ty·tw`, within `tp`) and `out`
-                // (asserted above).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let (mp, y) = (m.as_ptr().add(co * tp + ty * tw), out.as_mut_ptr().add(q));
-                    if g.kh == 3 {
-                        avx512::output_rows::<3>(mp, plane, y, (g.wp, tw, k))
-                    } else {
-                        avx512::output_rows::<2>(mp, plane, y, (g.wp, tw, k))
-                    }
-                }
-            }
-        }
-        return;
-    }
     for co in 0..g.cout {
-        for ty in 0..th {
-            for tx in (0..tw).step_by(16) {
-                let n = (tw - tx).min(16);
-                let q = co * g.l + 2 * ty * g.wp + 2 * tx;
-                // Rows 2ty and 2ty + 1, columns up to 2tx + 2n ≤ ow < wp.
-                assert!(q + g.wp + 2 * n <= out.len());
-                // SAFETY: as in `input`: AVX-512F, and every access is
-                // inside `m` and `out` (asserted above).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let (mp, y) = (
-                        m.as_ptr().add(co * tp + ty * tw + tx),
-                        out.as_mut_ptr().add(q),
-                    );
-                    if g.kh == 3 {
-                        avx512::output_tiles::<3>(mp, plane, n, y, g.wp)
-                    } else {
-                        avx512::output_tiles::<2>(mp, plane, n, y, g.wp)
-                    }
+        for (ty, tx, n, k) in blocks(th, tw) {
+            let q = co * g.l + 2 * ty * g.wp + 2 * tx;
+            // Rows 2ty .. 2ty + 2k, the block's 2·n/k columns (≤ ow < wp).
+            assert!(q + (2 * k - 1) * g.wp + 2 * (n / k) <= out.len());
+            // SAFETY: AVX-512F (`applies`), and every access inside `m`
+            // (tiles `ty·tw + tx .. + n ≤ tp`) and `out` (asserted above).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let (mp, y) = (
+                    m.as_ptr().add(co * tp + ty * tw + tx),
+                    out.as_mut_ptr().add(q),
+                );
+                let shape = (g.wp, tw, k);
+                if g.kh == 3 {
+                    avx512::output_block::<3>(mp, plane, shape, n, y)
+                } else {
+                    avx512::output_block::<2>(mp, plane, shape, n, y)
                 }
             }
         }
@@ -419,58 +380,78 @@ mod avx512 {
         }
     }
 
-    /// [`input_tiles`] for `k` rows of `tw` tiles (`k · tw = 16`) at once,
-    /// `x` at the first tile row's first input row and column; their `V_ξ`
-    /// go to `v[ξ · plane .. + 16]`.
+    /// The input transform of a block of `n` (≤ 16) tiles, one per lane:
+    /// `k` rows of `tw` tiles (`n = k·tw = 16`) or, with `k = 1`, `n`
+    /// tiles of one row; `x` at the block's first input row and column,
+    /// rows `wp` apart; `V_ξ` of the block's tile `j` to `v[ξ · plane + j]`.
     ///
     /// # Safety
     ///
-    /// AVX-512F, input rows `0 .. 2k + 2` (`wp` apart from `x`) readable
-    /// at columns `0 .. 2tw + 2`, and `v + ξ·plane .. + 16` writable for
-    /// `ξ < 16`.
+    /// AVX-512F, input rows `0 .. 2k + K − 1` readable at columns
+    /// `0 .. 2n/k + K − 1`, and `v + ξ·plane .. + n` writable for every ξ.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_rows<const K: usize>(
+    pub(super) unsafe fn input_block<const K: usize>(
         x: *const f32,
         shape: (usize, usize, usize),
+        n: usize,
         v: *mut f32,
         plane: usize,
     ) {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
+            let (wp, tw, k) = shape;
+            // d[r][c]: column 2j + c of row r of tile j, in lane j.
             let mut d = [[_mm512_setzero_ps(); 4]; 4];
-            let two_tw = 2 * shape.1;
             for (r, row) in d.iter_mut().enumerate().take(K + 1) {
-                (row[0], row[1]) = row_pairs(x, shape, r, (0, two_tw));
-                // (2×2 kernels need column 2j + 2 only: it ends at 2tw.)
-                (row[2], row[3]) = row_pairs(x, shape, r, (2, two_tw + K - 3));
+                if k > 1 {
+                    (row[0], row[1]) = row_pairs(x, shape, r, (0, 2 * tw));
+                    // (2×2 kernels need column 2j + 2 only: it ends at 2tw.)
+                    (row[2], row[3]) = row_pairs(x, shape, r, (2, 2 * tw + K - 3));
+                } else {
+                    let (p, need) = (x.add(r * wp), 2 * n + K - 1);
+                    (row[0], row[1]) = even_odd(p, need);
+                    (row[2], row[3]) = even_odd(p.add(2), need - 2);
+                }
             }
-            transform_input::<K>(&d, v, plane, lanes(16));
+            transform_input::<K>(&d, v, plane, lanes(n));
         }
     }
 
-    /// [`output_tiles`] for `k` rows of `tw` tiles (`k · tw = 16`): `M_ξ`
-    /// at `m[ξ · plane .. + 16]`, the outputs to `y` (the first tile row's
-    /// first output row), rows `wp` apart.
+    /// The output transform of a block of `n` tiles (as in [`input_block`]):
+    /// `M_ξ` of tile `j` at `m[ξ · plane + j]`, its 2×2 outputs to `y + 2j`
+    /// (the tile's row of the block moves the place by two output rows)
+    /// and the same one row (`wp`) below.
     ///
     /// # Safety
     ///
-    /// AVX-512F, `m + ξ·plane .. + 16` readable for `ξ < 16`, and output
-    /// rows `0 .. 2k` (`wp` apart from `y`) writable at columns `0 .. 2tw`.
+    /// AVX-512F, `m + ξ·plane .. + n` readable for every ξ, and output rows
+    /// `0 .. 2k` (`wp` apart from `y`) writable at columns `0 .. 2n/k`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_rows<const K: usize>(
+    pub(super) unsafe fn output_block<const K: usize>(
         m: *const f32,
         plane: usize,
-        y: *mut f32,
         (wp, tw, k): (usize, usize, usize),
+        n: usize,
+        y: *mut f32,
     ) {
-        // SAFETY: the caller upholds this function's contract; masked
-        // stores write only their lanes (see `row_pairs`).
+        // SAFETY: the caller upholds this function's contract; a masked
+        // store writes only its lanes (the pointer is moved back by the
+        // lane offset, and the lanes before it are masked off).
         unsafe {
-            let seg = 2 * tw;
-            for (r, (lo, hi)) in transform_output::<K>(m, plane, lanes(16))
-                .into_iter()
-                .enumerate()
-            {
+            let outputs = transform_output::<K>(m, plane, lanes(n));
+            for (r, (lo, hi)) in outputs.into_iter().enumerate() {
+                if k == 1 {
+                    let row = y.add(r * wp);
+                    _mm512_mask_storeu_ps(row, lanes(2 * n), lo);
+                    _mm512_mask_storeu_ps(
+                        row.wrapping_add(16),
+                        lanes((2 * n).saturating_sub(16)),
+                        hi,
+                    );
+                    continue;
+                }
+                // Tile row i's 2tw values start at lane 2tw·i of (lo, hi).
+                let seg = 2 * tw;
                 for i in 0..k {
                     let start = i * seg;
                     let (reg, o) = if start < 16 {
@@ -593,66 +574,6 @@ mod avx512 {
                     _mm512_permutex2var_ps(left, hi, right),
                 )
             })
-        }
-    }
-
-    /// The input transform of `n` (≤ 16) tiles side by side: `x` points at
-    /// their first row's first column, rows `wp` apart, `need = 2n + 2`
-    /// columns of each of 4 rows read; `V_ξ` of tile `j` goes to
-    /// `v[ξ · plane + j]`.
-    ///
-    /// # Safety
-    ///
-    /// AVX-512F, `x + r·wp .. + need` readable for `r < 4`, and `v + ξ·plane
-    /// .. + n` writable for `ξ < 16`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_tiles<const K: usize>(
-        x: *const f32,
-        wp: usize,
-        need: usize,
-        v: *mut f32,
-        plane: usize,
-        n: usize,
-    ) {
-        // SAFETY: the caller upholds this function's contract.
-        unsafe {
-            // d[r][c]: column 2j + c of row r for tile j in lane j.
-            let mut d = [[_mm512_setzero_ps(); 4]; 4];
-            for (r, row) in d.iter_mut().enumerate().take(K + 1) {
-                let p = x.add(r * wp);
-                (row[0], row[1]) = even_odd(p, need);
-                (row[2], row[3]) = even_odd(p.add(2), need - 2);
-            }
-            transform_input::<K>(&d, v, plane, lanes(n));
-        }
-    }
-
-    /// The output transform of `n` (≤ 16) tiles side by side: `M_ξ` of tile
-    /// `j` at `m[ξ · plane + j]`; the tile's 2×2 outputs go to `y + 2j`,
-    /// `y + 2j + 1` and the same a row (`wp`) below.
-    ///
-    /// # Safety
-    ///
-    /// AVX-512F, `m + ξ·plane .. + n` readable for `ξ < 16`, and `y + r·wp ..
-    /// + 2n` writable for `r < 2`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_tiles<const K: usize>(
-        m: *const f32,
-        plane: usize,
-        n: usize,
-        y: *mut f32,
-        wp: usize,
-    ) {
-        // SAFETY: the caller upholds this function's contract.
-        unsafe {
-            for (r, (lo, hi)) in transform_output::<K>(m, plane, lanes(n))
-                .into_iter()
-                .enumerate()
-            {
-                let row = y.add(r * wp);
-                _mm512_mask_storeu_ps(row, lanes(2 * n), lo);
-                _mm512_mask_storeu_ps(row.wrapping_add(16), lanes((2 * n).saturating_sub(16)), hi);
-            }
         }
     }
 }
