@@ -13,6 +13,9 @@
 #                             small enough to keep in git (< 20 MB; not
 #                             complex-cnn's ~140 MB)
 #
+# Meant to run in the background of a busy machine: a step may then wait long
+# for a core, so nodes get an hour per step (GRADCAST_STEP_TIMEOUT to change).
+#
 # Rerun the same command after an interruption (or on another machine with the
 # committed state) and it continues where it stopped: the resume is bit-exact.
 #
@@ -26,7 +29,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MODEL=${1:-}
 [ -n "$MODEL" ] && [ "$MODEL" != "--help" ] && [ "$MODEL" != "-h" ] || {
-  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 shift
@@ -96,7 +99,8 @@ set +e
 (
   "$BIN" run --nodes 2 --threads-per-node 1 --model "$NETWORK" --epochs "$EPOCHS" "${AUGMENT[@]}" \
     --batch-size 32 --lr-schedule "$SCHEDULE" --data "$DATA" --history "$RUN/history.json" \
-    --checkpoint-dir "$RUN" --checkpoint-every "$EVERY" --resume --progress plain 2>&1
+    --checkpoint-dir "$RUN" --checkpoint-every "$EVERY" --resume --progress plain \
+    --step-timeout "${GRADCAST_STEP_TIMEOUT:-3600}" 2>&1
   echo "exit $?"
 ) | while IFS= read -r line; do
   printf '%s\n' "$line" | tee -a "$log"
