@@ -13,7 +13,9 @@
 //!   convolution shape takes the faster of the two, timed once at its first
 //!   use (`GRADCAST_KERNEL_PROFILE=1` prints the timings and the choice). A
 //!   choice always gives the same bits, but the choice itself can differ
-//!   from run to run, so `measure` gives up bit-reproducible runs;
+//!   from run to run, so `measure` alone gives up bit-reproducible runs;
+//!   with `GRADCAST_KERNEL_PLAN=FILE` the choices are kept in FILE and a
+//!   rerun with it makes the same ones (`direct::choices`);
 //! - `portable`: as if the CPU had neither (the portable direct path and
 //!   im2col + gemm);
 //! - `im2col`: im2col + gemm only.

@@ -51,27 +51,12 @@ pub(crate) fn isa() -> Option<Isa> {
 /// The vectors for the kernels of shape `g`: this process's ([`isa`]), or
 /// with `GRADCAST_KERNEL_PATH=measure` the faster of AVX-512 and AVX2 for
 /// this shape, timed on its forward at its first use and kept for the
-/// process.
+/// process (or read from the plan file: see [`choices`]).
 fn isa_for(g: &Wide) -> Option<Isa> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
     if !crate::path::measuring() {
         return isa();
     }
-    static CHOICES: OnceLock<Mutex<HashMap<Wide, Isa>>> = OnceLock::new();
-    let choices = CHOICES.get_or_init(Default::default);
-    // (A poisoned map only means another thread panicked mid-choice: its
-    // entries are still whole.)
-    let mut choices = choices.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&isa) = choices.get(g) {
-        return Some(isa);
-    }
-    let (isa, timings) = time_isas(g);
-    if crate::profiling() {
-        eprintln!("PROF choice {isa:?} ({timings}) {g:?}");
-    }
-    choices.insert(*g, isa);
-    Some(isa)
+    Some(choices::choose("isa", g, || time_isas(g)))
 }
 
 /// Times the forward of shape `g` in both widths on zeros (three runs each,
@@ -387,4 +372,5 @@ pub(crate) fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub(crate) mod choices;
 pub(crate) mod winograd;

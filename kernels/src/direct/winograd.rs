@@ -58,46 +58,35 @@ fn enabled() -> bool {
 /// except with `GRADCAST_KERNEL_PATH=measure`, where the first use of each
 /// shape times one image's forward both ways (on zeros, best of three, the
 /// kernel's transform not counted: it is made once per batch) and keeps
-/// the faster for the process; `GRADCAST_KERNEL_PROFILE=1` prints the
-/// timings and the choice.
+/// the faster for the process (or reads it from the plan file: see
+/// [`super::choices`]); `GRADCAST_KERNEL_PROFILE=1` prints the timings and
+/// the choice.
 pub(crate) fn chosen(g: &Wide) -> bool {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
     if !crate::path::measuring() {
         return true;
     }
-    static CHOICES: OnceLock<Mutex<HashMap<Wide, bool>>> = OnceLock::new();
-    let choices = CHOICES.get_or_init(Default::default);
-    // (A poisoned map only means another thread panicked mid-choice: its
-    // entries are still whole.)
-    let mut choices = choices.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&winograd) = choices.get(g) {
-        return winograd;
-    }
-    let xp = vec![0f32; g.cin * g.s];
-    let w = vec![0f32; packed_len(g.cin, g.kh * g.kw, g.cout)];
-    let u = kernel(g, &w);
-    let mut out = vec![0f32; g.cout * g.l];
-    let mut best = |f: &mut dyn FnMut(&mut [f32])| {
-        (0..3)
-            .map(|_| {
-                let started = std::time::Instant::now();
-                f(&mut out);
-                started.elapsed()
-            })
-            .min()
-            .unwrap_or_default()
-    };
-    let direct = best(&mut |out| super::forward(g, &xp, &w, out));
-    let transformed = best(&mut |out| forward(g, &xp, &u, out));
-    let winograd = transformed < direct;
-    if crate::profiling() {
-        eprintln!(
-            "PROF choice winograd={winograd} (direct {direct:?}, winograd {transformed:?}) {g:?}"
-        );
-    }
-    choices.insert(*g, winograd);
-    winograd
+    super::choices::choose("winograd", g, || {
+        let xp = vec![0f32; g.cin * g.s];
+        let w = vec![0f32; packed_len(g.cin, g.kh * g.kw, g.cout)];
+        let u = kernel(g, &w);
+        let mut out = vec![0f32; g.cout * g.l];
+        let mut best = |f: &mut dyn FnMut(&mut [f32])| {
+            (0..3)
+                .map(|_| {
+                    let started = std::time::Instant::now();
+                    f(&mut out);
+                    started.elapsed()
+                })
+                .min()
+                .unwrap_or_default()
+        };
+        let direct = best(&mut |out| super::forward(g, &xp, &w, out));
+        let transformed = best(&mut |out| forward(g, &xp, &u, out));
+        (
+            transformed < direct,
+            format!("direct {direct:?}, winograd {transformed:?}"),
+        )
+    })
 }
 
 /// Tiles of an image: rows and columns of 2×2 output blocks, and their

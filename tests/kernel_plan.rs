@@ -1,0 +1,126 @@
+//! `GRADCAST_KERNEL_PATH=measure` with `GRADCAST_KERNEL_PLAN=FILE`: the
+//! first run times each convolution shape's choices and writes them to
+//! FILE; a run with that FILE makes the same choices without timing and ends
+//! with the same weights to the bit; and a run with edited choices follows
+//! the file, not its own timings.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{start, synthetic, wait};
+
+/// Trains simple-cnn for one epoch on a 2-node cluster with the measured
+/// kernel path and `plan`; returns the final weights.
+fn train(dir: &Path, data: &Path, plan: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = dir.join("ckpt");
+    let args = [
+        "run",
+        "--nodes",
+        "2",
+        "--threads-per-node",
+        "1",
+        "--model",
+        "simple-cnn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--data",
+        data.to_str().unwrap(),
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ];
+    let env = [
+        ("GRADCAST_KERNEL_PATH", "measure"),
+        ("GRADCAST_KERNEL_PLAN", plan.to_str().unwrap()),
+    ];
+    let (mut run, lines) = start(&args, &env);
+    assert!(
+        wait(&mut run, Duration::from_secs(240), "gradcast run").success(),
+        "{}",
+        lines.text()
+    );
+    let saved = model::Checkpoint::load(&ckpt.join("final.safetensors")).unwrap();
+    let m = model::Model::new(
+        model::ModelSpec::new(model::ModelKind::SimpleCnn),
+        0,
+        &model::Device::Cpu,
+    )
+    .unwrap();
+    m.params()
+        .chain(m.buffers())
+        .map(|i| (i.name.clone(), saved.tensor(&i.name).unwrap().1.to_vec()))
+        .collect()
+}
+
+fn same_bits(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((n, x), (m, y))| {
+            n == m && x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+        })
+}
+
+#[test]
+fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
+    #[cfg(target_arch = "x86_64")]
+    let both = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let both = false;
+    if !both {
+        eprintln!("SKIPPED: `measure` chooses only on a CPU with both AVX-512 and AVX2");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path(), 40, 20);
+    let plan = dir.path().join("kernels.plan");
+
+    let timed = train(&dir.path().join("timed"), &data, &plan);
+    let written = std::fs::read_to_string(&plan).unwrap();
+    for what in ["isa ", "winograd "] {
+        assert!(
+            written.lines().any(|l| l.starts_with(what)),
+            "no `{what}` choice in the plan:\n{written}"
+        );
+    }
+
+    let replayed = train(&dir.path().join("replayed"), &data, &plan);
+    assert_eq!(
+        std::fs::read_to_string(&plan).unwrap(),
+        written,
+        "a run with a complete plan timed and added choices"
+    );
+    assert!(
+        same_bits(&timed, &replayed),
+        "the replayed choices gave other weights"
+    );
+
+    // Every choice turned around: the run follows the file (other kernels,
+    // so other rounding) and times nothing.
+    let flipped: String = written
+        .lines()
+        .map(|l| {
+            let (key, value) = l.split_once(" = ").unwrap();
+            let other = match value {
+                "true" => "false",
+                "false" => "true",
+                "avx512" => "avx2",
+                "avx2" => "avx512",
+                v => panic!("unexpected choice {v:?} in {l:?}"),
+            };
+            format!("{key} = {other}\n")
+        })
+        .collect();
+    std::fs::write(&plan, &flipped).unwrap();
+    let followed = train(&dir.path().join("flipped"), &data, &plan);
+    assert_eq!(std::fs::read_to_string(&plan).unwrap(), flipped);
+    assert!(
+        !same_bits(&timed, &followed),
+        "the edited plan made no difference: its choices were not used"
+    );
+}
