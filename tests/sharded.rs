@@ -277,8 +277,10 @@ fn a_coordinator_with_the_wrong_token_is_refused_by_the_aggregator() {
 }
 
 /// A member that sends an aggregator more slices in one step than there are
-/// parts is cut off by it; its parts are computed again by the honest node
-/// and the run ends with every sample counted once.
+/// parts is cut off by it, and the aggregator tells the coordinator, which
+/// evicts the node at once (it does not wait for slices that cannot come);
+/// its parts are computed again by the honest node and the run ends with
+/// every sample counted once.
 #[test]
 fn an_aggregator_cuts_off_a_node_that_floods_it_with_slices() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,6 +301,13 @@ fn an_aggregator_cuts_off_a_node_that_floods_it_with_slices() {
     assert!(
         aggregator_text.contains("sent more slices in one step than there are parts"),
         "{aggregator_text}"
+    );
+    let coordinator_text = lines.text();
+    assert!(
+        coordinator_text.contains(&format!(
+            "aggregator {u0} cut the node off: sent more slices in one step than there are parts"
+        )),
+        "{coordinator_text}"
     );
     assert_eq!(epoch_samples(&lines), vec![200, 200], "{}", lines.text());
     assert!(wait(&mut good, Duration::from_secs(30), "good node").success());

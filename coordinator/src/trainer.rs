@@ -745,6 +745,23 @@ impl Trainer {
                     return Ok(penalty);
                 }
                 Readiness::Problems { missing, bad } => (missing, bad),
+                Readiness::CutOff {
+                    node,
+                    aggregator,
+                    reason,
+                } => {
+                    // The node can neither deliver nor receive slices now:
+                    // out at once, its parts (if planned) computed again.
+                    warn!(
+                        step,
+                        node, "aggregator {aggregator} cut the node off: {reason}"
+                    );
+                    self.cluster.evict(
+                        node,
+                        &format!("cut off by shard aggregator {aggregator}: {reason}"),
+                    );
+                    continue;
+                }
             };
             for &(part, node) in &bad {
                 warn!(step, part, node, "non-finite values in a gradient slice");

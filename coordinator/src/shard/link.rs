@@ -49,6 +49,12 @@ pub(crate) enum Readiness {
         missing: Vec<(u32, u64)>,
         bad: Vec<(u32, u64)>,
     },
+    /// An aggregator ended a node's exchange, saying why.
+    CutOff {
+        node: u64,
+        aggregator: String,
+        reason: String,
+    },
 }
 
 /// Where the aggregators start from (see [`Aggregators::setup`]).
@@ -99,6 +105,9 @@ pub(crate) struct Aggregators {
     inbound: mpsc::Receiver<Inbound>,
     /// Messages read while watching for failures, not handled yet.
     stash: VecDeque<Inbound>,
+    /// Cut-off notices read while waiting for something else (a dump), for
+    /// the next [`Aggregators::ready`].
+    cut_offs: VecDeque<Inbound>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -225,6 +234,7 @@ impl Aggregators {
             outboxes,
             inbound,
             stash: VecDeque::new(),
+            cut_offs: VecDeque::new(),
             readers,
         })
     }
@@ -391,10 +401,21 @@ impl Aggregators {
                     bad,
                 });
             }
-            match self.next(deadline).await? {
+            let next = match self.cut_offs.pop_front() {
+                Some(m) => Some(m),
+                None => self.next(deadline).await?,
+            };
+            match next {
                 Some((i, Ok(AggregatorMessage { kind: Some(kind) }))) => match kind {
                     Report::Ready(r) if r.step == step && r.attempt == attempt => got[i] = Some(r),
                     Report::Error(e) => return Err(lost(&self.urls[i], e.message)),
+                    Report::CutOff(c) => {
+                        return Ok(Readiness::CutOff {
+                            node: c.node_id,
+                            aggregator: self.urls[i].clone(),
+                            reason: c.reason,
+                        })
+                    }
                     _ => debug!("ignoring a stale message from aggregator {i}"),
                 },
                 Some((_, Ok(_))) => {}
@@ -461,6 +482,14 @@ impl Aggregators {
                 Ok(AggregatorMessage {
                     kind: Some(Report::Error(e)),
                 }) => return Err(lost(&self.urls[i], e.message)),
+                Ok(
+                    m @ AggregatorMessage {
+                        kind: Some(Report::CutOff(_)),
+                    },
+                ) => {
+                    self.cut_offs.push_back((i, Ok(m)));
+                    continue;
+                }
                 Ok(_) => continue,
                 Err(why) => return Err(lost(&self.urls[i], why)),
             };

@@ -7,8 +7,8 @@ use metrics::counter;
 use proto::v1::aggregator_message::Kind as Report;
 use proto::v1::control_message::Kind as Control;
 use proto::v1::{
-    AggregatorMessage, BufferKind, Chunk, ControlMessage, NodeError as WireError, ShardSetup,
-    StepReady,
+    AggregatorMessage, BufferKind, Chunk, ControlMessage, NodeCutOff, NodeError as WireError,
+    ShardSetup, StepReady,
 };
 use proto::{Buffer, ChunkReceiver, Chunker, Wire};
 use tokio::sync::mpsc;
@@ -56,6 +56,8 @@ pub(super) struct Actor {
     nodes: HashMap<u64, NodeLink>,
     pending: Option<Pending>,
     slice: Option<Slice>,
+    /// Nodes cut off while handling the current event, for the coordinator.
+    cut: Vec<NodeCutOff>,
 }
 
 impl Actor {
@@ -66,12 +68,17 @@ impl Actor {
             nodes: HashMap::new(),
             pending: None,
             slice: None,
+            cut: Vec::new(),
         }
     }
 
     pub(super) async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         while let Some(event) = events.recv().await {
-            if let Err(e) = self.handle(event).await {
+            let handled = self.handle(event).await;
+            for c in std::mem::take(&mut self.cut) {
+                self.report(Report::CutOff(c)).await;
+            }
+            if let Err(e) = handled {
                 warn!("control: {e}; dropping the coordinator's stream");
                 self.report(Report::Error(WireError {
                     step: self.slice.as_ref().map_or(0, |s| s.version),
@@ -117,7 +124,8 @@ impl Actor {
         }
     }
 
-    /// Ends a node's exchange, telling it why (its reader stops too).
+    /// Ends a node's exchange, telling it why (its reader stops too), and
+    /// tells the coordinator once this event is handled.
     fn cut_off(&mut self, node: u64, why: &str) {
         warn!(node, "{why}; cutting it off");
         counter!("gradcast_aggregator_refused_total").increment(1);
@@ -126,6 +134,10 @@ impl Actor {
                 .versions
                 .try_send(Err(Status::resource_exhausted(why.to_string())));
         }
+        self.cut.push(NodeCutOff {
+            node_id: node,
+            reason: why.to_string(),
+        });
     }
 
     /// Queues the current version to every node; `follows`: each got the
