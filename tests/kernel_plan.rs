@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{start, synthetic, wait};
+use common::{final_weights, first_difference, start, synthetic, wait};
 
 /// Trains simple-cnn for one epoch on a 2-node cluster with the measured
 /// kernel path and `plan`; returns the final weights.
@@ -44,24 +44,7 @@ fn train(dir: &Path, data: &Path, plan: &Path) -> Vec<(String, Vec<f32>)> {
         "{}",
         lines.text()
     );
-    let saved = model::Checkpoint::load(&ckpt.join("final.safetensors")).unwrap();
-    let m = model::Model::new(
-        model::ModelSpec::new(model::ModelKind::SimpleCnn),
-        0,
-        &model::Device::Cpu,
-    )
-    .unwrap();
-    m.params()
-        .chain(m.buffers())
-        .map(|i| (i.name.clone(), saved.tensor(&i.name).unwrap().1.to_vec()))
-        .collect()
-}
-
-fn same_bits(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|((n, x), (m, y))| {
-            n == m && x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
-        })
+    final_weights(&ckpt)
 }
 
 #[test]
@@ -95,10 +78,9 @@ fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
         written,
         "a run with a complete plan timed and added choices"
     );
-    assert!(
-        same_bits(&timed, &replayed),
-        "the replayed choices gave other weights"
-    );
+    if let Some(name) = first_difference(&timed, &replayed) {
+        panic!("the replayed choices gave other weights ({name})");
+    }
 
     // Every choice turned around: the run follows the file (other kernels,
     // so other rounding) and times nothing.
@@ -120,7 +102,7 @@ fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
     let followed = train(&dir.path().join("flipped"), &data, &plan);
     assert_eq!(std::fs::read_to_string(&plan).unwrap(), flipped);
     assert!(
-        !same_bits(&timed, &followed),
+        first_difference(&timed, &followed).is_some(),
         "the edited plan made no difference: its choices were not used"
     );
 }

@@ -265,3 +265,31 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// simple-cnn's weights and buffers, by name, from `DIR/final.safetensors`.
+pub fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = model::Checkpoint::load(&dir.join("final.safetensors")).unwrap();
+    let m = model::Model::new(
+        model::ModelSpec::new(model::ModelKind::SimpleCnn),
+        0,
+        &model::Device::Cpu,
+    )
+    .unwrap();
+    m.params()
+        .chain(m.buffers())
+        .map(|i| (i.name.clone(), ckpt.tensor(&i.name).unwrap().1.to_vec()))
+        .collect()
+}
+
+/// The first tensor (by name) whose bits differ between `a` and `b`, if any.
+pub fn first_difference<'a>(
+    a: &'a [(String, Vec<f32>)],
+    b: &[(String, Vec<f32>)],
+) -> Option<&'a str> {
+    assert_eq!(a.len(), b.len(), "different tensors");
+    a.iter().zip(b).find_map(|((name, x), (other, y))| {
+        assert_eq!(name, other);
+        let same = x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+        (!same).then_some(name.as_str())
+    })
+}
