@@ -46,6 +46,7 @@ pub fn main(a: &BenchArgs) -> Result<ExitCode> {
     // SAFETY: `bench` runs on the main thread before anything else starts
     // a thread (no runtime, no pool yet).
     unsafe { model::use_threads(a.threads) };
+    model::check_kernel_plan().map_err(anyhow::Error::msg)?;
     let options = BenchOptions {
         model: a.model,
         batch_size: a.batch_size,

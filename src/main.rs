@@ -191,6 +191,7 @@ fn node_main(args: NodeArgs) -> Result<ExitCode> {
     // SAFETY: still the only thread: the device (a CUDA driver starts
     // threads of its own) and the async runtime are opened below.
     unsafe { model::use_threads(threads) };
+    model::check_kernel_plan().map_err(anyhow::Error::msg)?;
     let device = args.device.open().map_err(anyhow::Error::msg)?;
     let config = node::NodeConfig {
         coordinator: args.coordinator.clone(),
@@ -287,9 +288,11 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => coordinator_main(a),
         Command::Node(a) => node_main(a),
         Command::Aggregator(a) => aggregator_main(a),
-        Command::Run(a) => {
-            launch::run_cluster(a.nodes, a.threads_per_node, a.metrics_port, &a.train)
-        }
+        Command::Run(a) => model::check_kernel_plan()
+            .map_err(anyhow::Error::msg)
+            .and_then(|()| {
+                launch::run_cluster(a.nodes, a.threads_per_node, a.metrics_port, &a.train)
+            }),
         Command::Eval(a) => {
             inspect::eval(&a.checkpoint, &a.data, a.test_limit).map(|_| ExitCode::SUCCESS)
         }

@@ -106,3 +106,65 @@ fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
         "the edited plan made no difference: its choices were not used"
     );
 }
+
+/// A plan that cannot be used stops `bench`, `run` and `node` at start with
+/// a message that says why: set without `measure`, or holding a line that is
+/// not a choice.
+#[test]
+fn an_unusable_plan_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("kernels.plan");
+    let bench = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::BIN)
+            .args([
+                "bench",
+                "--model",
+                "simple-cnn",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+            ])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (out.status.success(), common::text(&out.stderr))
+    };
+    let p = plan.to_str().unwrap();
+    let (ok, err) = bench(&[("GRADCAST_KERNEL_PLAN", p)]);
+    assert!(
+        !ok && err.contains("read only with GRADCAST_KERNEL_PATH=measure"),
+        "{err}"
+    );
+
+    std::fs::write(&plan, "winograd cin=32 is not a choice\n").unwrap();
+    let (ok, err) = bench(&[
+        ("GRADCAST_KERNEL_PATH", "measure"),
+        ("GRADCAST_KERNEL_PLAN", p),
+    ]);
+    assert!(
+        !ok && err.contains(p) && err.contains("line 1 is not"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(common::BIN)
+        .args(["run", "--nodes", "1", "--data", "nowhere.tar.gz"])
+        .env("GRADCAST_KERNEL_PATH", "measure")
+        .env("GRADCAST_KERNEL_PLAN", p)
+        .output()
+        .unwrap();
+    let err = common::text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("line 1 is not"),
+        "{err}"
+    );
+
+    // A good plan, or none, passes the check (and a missing file is made).
+    std::fs::remove_file(&plan).unwrap();
+    let (ok, err) = bench(&[
+        ("GRADCAST_KERNEL_PATH", "measure"),
+        ("GRADCAST_KERNEL_PLAN", p),
+    ]);
+    assert!(ok, "{err}");
+    assert!(plan.exists());
+}

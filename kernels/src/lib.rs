@@ -36,7 +36,7 @@ pub use conv::{conv2d_act, conv2d_add_relu_inference, conv2d_reference};
 pub use conv_bn::conv_bn_train;
 pub use conv_pool::conv2d_relu_pool;
 pub use dense::{dense, dense_reference, dense_with_slot, GradSlot, Taken};
-pub use direct::choices::KERNEL_PLAN_VAR;
+pub use direct::choices::{check_plan as check_kernel_plan, KERNEL_PLAN_VAR};
 pub use dropout::{dropout, dropout_reference};
 pub use path::{cpu_has_avx512, kernel_path, KernelPath, KERNEL_PATH_VAR};
 pub use pool::{max_pool2d, max_pool2d_reference};

@@ -27,6 +27,7 @@ pub use block_cache::BlockCache;
 pub use checkpoint::{save_checkpoint, Checkpoint, MODEL_KEY};
 pub use device::DeviceChoice;
 pub use error::ModelError;
+pub use kernels::check_kernel_plan;
 pub use layers::same_padding;
 pub use network::{Engine, EvalOutput, Model, StepOutput, StepStats};
 pub use params::TensorInfo;

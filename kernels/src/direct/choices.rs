@@ -60,6 +60,25 @@ impl Choice for Isa {
     }
 }
 
+/// Checks the plan file [`KERNEL_PLAN_VAR`] names, if any, before a process
+/// relies on it: it is read only with `GRADCAST_KERNEL_PATH=measure`, it
+/// can be opened to read and append (it is created if missing), and every
+/// line of it is a choice. The error says what is wrong, naming the file.
+pub fn check_plan() -> Result<(), String> {
+    let Some(path) = std::env::var_os(KERNEL_PLAN_VAR).map(PathBuf::from) else {
+        return Ok(());
+    };
+    if crate::kernel_path() != crate::KernelPath::Measure {
+        return Err(format!(
+            "{KERNEL_PLAN_VAR} is set, but a plan is read only with {}=measure",
+            crate::KERNEL_PATH_VAR
+        ));
+    }
+    // (No choice has an empty name: this reads every line.)
+    locked(&path, |_, text| lookup(text, "").map(|_| ()))
+        .map_err(|e| format!("{KERNEL_PLAN_VAR}={}: {e}", path.display()))
+}
+
 /// `what` for shape `g`: this process's earlier choice, else the plan
 /// file's (with [`KERNEL_PLAN_VAR`] set), else `time`'s (which returns the
 /// choice and its timings for the profile line), kept for the process and
