@@ -108,6 +108,10 @@ pub(crate) struct Aggregators {
     /// Cut-off notices read while waiting for something else (a dump), for
     /// the next [`Aggregators::ready`].
     cut_offs: VecDeque<Inbound>,
+    /// The answers to plan (step, attempt) already in when a cut-off made
+    /// [`Aggregators::ready`] return (an unchanged plan is not answered
+    /// again).
+    partial: Option<(u64, u32, Vec<Option<StepReady>>)>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -235,6 +239,7 @@ impl Aggregators {
             inbound,
             stash: VecDeque::new(),
             cut_offs: VecDeque::new(),
+            partial: None,
             readers,
         })
     }
@@ -380,7 +385,11 @@ impl Aggregators {
         wait: Duration,
     ) -> Result<Readiness> {
         let k = self.outboxes.len();
-        let mut got: Vec<Option<StepReady>> = vec![None; k];
+        // The answers a cut-off interrupted count for the same plan.
+        let mut got: Vec<Option<StepReady>> = match self.partial.take() {
+            Some((s, a, got)) if (s, a) == (step, attempt) => got,
+            _ => vec![None; k],
+        };
         let mut deadline = Instant::now() + wait;
         let mut queried = false;
         loop {
@@ -410,11 +419,12 @@ impl Aggregators {
                     Report::Ready(r) if r.step == step && r.attempt == attempt => got[i] = Some(r),
                     Report::Error(e) => return Err(lost(&self.urls[i], e.message)),
                     Report::CutOff(c) => {
+                        self.partial = Some((step, attempt, got));
                         return Ok(Readiness::CutOff {
                             node: c.node_id,
                             aggregator: self.urls[i].clone(),
                             reason: c.reason,
-                        })
+                        });
                     }
                     _ => debug!("ignoring a stale message from aggregator {i}"),
                 },
@@ -547,5 +557,105 @@ fn combine(answers: Vec<StepReady>, parts: usize) -> Readiness {
         squares: answers.iter().map(|r| r.squares).sum(),
         penalty: answers.iter().map(|r| r.penalty).sum(),
         part_squares,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::v1::NodeCutOff;
+
+    /// What the coordinator sends to the fake aggregators.
+    type Sent = Vec<mpsc::UnboundedReceiver<ControlMessage>>;
+
+    /// Aggregators whose messages the test writes itself.
+    fn fake(k: usize) -> (Aggregators, mpsc::Sender<Inbound>, Sent) {
+        let (tx, inbound) = mpsc::channel(16);
+        let (outboxes, sent): (Vec<_>, Vec<_>) = (0..k).map(|_| mpsc::unbounded_channel()).unzip();
+        let aggregators = Aggregators {
+            urls: (0..k).map(|i| format!("http://aggregator{i}")).collect(),
+            ranges: split(64, k),
+            outboxes,
+            inbound,
+            stash: VecDeque::new(),
+            cut_offs: VecDeque::new(),
+            partial: None,
+            readers: Vec::new(),
+        };
+        (aggregators, tx, sent)
+    }
+
+    fn ready(step: u64, squares: f64) -> Inbound {
+        let r = StepReady {
+            step,
+            squares,
+            part_squares: vec![squares],
+            ..StepReady::default()
+        };
+        (
+            0,
+            Ok(AggregatorMessage {
+                kind: Some(Report::Ready(r)),
+            }),
+        )
+    }
+
+    fn cut_off(node: u64) -> AggregatorMessage {
+        AggregatorMessage {
+            kind: Some(Report::CutOff(NodeCutOff {
+                node_id: node,
+                reason: "flooded".into(),
+            })),
+        }
+    }
+
+    /// A cut-off is handed up at once, and the answers to the same plan
+    /// that were in before it still count when the wait resumes (an
+    /// unchanged plan is not answered twice).
+    #[tokio::test]
+    async fn a_cut_off_interrupts_the_wait_without_losing_answers_in() {
+        let (mut aggregators, tx, _sent) = fake(2);
+        tx.send(ready(5, 1.0)).await.unwrap();
+        tx.send((1, Ok(cut_off(9)))).await.unwrap();
+        let wait = Duration::from_secs(5);
+        match aggregators.ready(5, 0, 1, wait).await.unwrap() {
+            Readiness::CutOff {
+                node,
+                aggregator,
+                reason,
+            } => {
+                assert_eq!((node, aggregator.as_str()), (9, "http://aggregator1"));
+                assert_eq!(reason, "flooded");
+            }
+            _ => panic!("the cut-off was not handed up"),
+        }
+        let mut second = ready(5, 2.0);
+        second.0 = 1;
+        tx.send(second).await.unwrap();
+        match aggregators.ready(5, 0, 1, wait).await.unwrap() {
+            Readiness::Ready { part_squares, .. } => assert_eq!(part_squares, vec![3.0]),
+            _ => panic!("not ready with both answers"),
+        }
+    }
+
+    /// A cut-off read while gathering a dump waits for the next step's
+    /// readiness, ahead of anything else.
+    #[tokio::test]
+    async fn a_cut_off_during_a_dump_is_kept_for_the_next_wait() {
+        let (mut aggregators, tx, _sent) = fake(1);
+        tx.send((0, Ok(cut_off(4)))).await.unwrap();
+        // Nothing else comes: the dump gives up, keeping the notice.
+        let dumped = aggregators
+            .dump(3, 64, 64, 0, Duration::from_millis(50))
+            .await;
+        assert!(dumped.is_err());
+        match aggregators
+            .ready(4, 0, 1, Duration::from_secs(5))
+            .await
+            .unwrap()
+        {
+            Readiness::CutOff { node, .. } => assert_eq!(node, 4),
+            _ => panic!("the cut-off read during the dump was lost"),
+        }
     }
 }
