@@ -46,6 +46,16 @@ MODEL --augment`); their study column gives the study's number without it.
 
 # What a reader of a row must know about how it was trained.
 NOTES = {
+    "complex-cnn": (
+        "complex-cnn: epochs 1–2 of 60 on the Intel variant, beside the PyTorch "
+        "agreement run of the same model on the same two cores (hence its node "
+        "compute share of 0.57 and ~32 min per epoch; alone it takes ~14). Its "
+        "complete resume state is 143 MB (47.7 MB of weights plus Adam's m and "
+        "v; zstd -19 saves 8 %), too large to keep in git: the next run starts "
+        "again from epoch 1 unless the state is carried along "
+        "(`SEED_TABLE_RUNS` puts the run folder on a persistent disk) or a GPU "
+        "machine runs it."
+    ),
     "resnet20-dropout": (
         "resnet20-dropout: the learning rate dropped to 1e-4 at epoch 91 instead "
         "of 81 (the run had started before seed-table.sh passed the ResNet "
