@@ -65,7 +65,7 @@ impl Choice for Isa {
 /// can be opened to read and append (it is created if missing), and every
 /// line of it is a choice. The error says what is wrong, naming the file.
 pub fn check_plan() -> Result<(), String> {
-    let Some(path) = std::env::var_os(KERNEL_PLAN_VAR).map(PathBuf::from) else {
+    let Some(path) = plan_path() else {
         return Ok(());
     };
     if crate::kernel_path() != crate::KernelPath::Measure {
@@ -74,9 +74,15 @@ pub fn check_plan() -> Result<(), String> {
             crate::KERNEL_PATH_VAR
         ));
     }
-    // (No choice has an empty name: this reads every line.)
-    locked(&path, |_, text| lookup(text, "").map(|_| ()))
+    locked(path, |_, text| entries(text).map(|_| ()))
         .map_err(|e| format!("{KERNEL_PLAN_VAR}={}: {e}", path.display()))
+}
+
+/// The plan file [`KERNEL_PLAN_VAR`] names, if any (read once).
+fn plan_path() -> Option<&'static Path> {
+    static PLAN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PLAN.get_or_init(|| std::env::var_os(KERNEL_PLAN_VAR).map(PathBuf::from))
+        .as_deref()
 }
 
 /// `what` for shape `g`: this process's earlier choice, else the plan
@@ -95,7 +101,6 @@ pub(crate) fn choose<T: Choice>(
     time: impl FnOnce() -> (T, String),
 ) -> T {
     static MADE: OnceLock<Mutex<HashMap<(&'static str, Wide), &'static str>>> = OnceLock::new();
-    static PLAN: OnceLock<Option<PathBuf>> = OnceLock::new();
     // (A poisoned map only means another thread panicked mid-choice: its
     // entries are still whole.)
     let made = || {
@@ -110,8 +115,7 @@ pub(crate) fn choose<T: Choice>(
     // timing runs the direct kernel in the vectors chosen for the shape).
     // Threads that time the same shape at once both time it (through the
     // plan file, if any, one after the other).
-    let plan = PLAN.get_or_init(|| std::env::var_os(KERNEL_PLAN_VAR).map(PathBuf::from));
-    let choice = match plan {
+    let choice = match plan_path() {
         Some(path) => from_plan(path, what, g, time)
             .unwrap_or_else(|e| panic!("{KERNEL_PLAN_VAR}={}: {e}", path.display())),
         None => timed(what, g, time),
@@ -190,24 +194,30 @@ fn planned<T: Choice>(text: &str, key: &str, what: &str) -> io::Result<Option<T>
         .transpose()
 }
 
-/// The value of `key` in a plan file's text (its first line for `key`).
-fn lookup<'a>(text: &'a str, key: &str) -> io::Result<Option<&'a str>> {
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((k, v)) = line.split_once(" = ") else {
-            return Err(io::Error::new(
+/// A plan file's lines as `(choice and shape, value)`, in file order
+/// (blank lines and `#` comments skipped); an error names the first line
+/// that is not a choice.
+fn entries(text: &str) -> io::Result<Vec<(&str, &str)>> {
+    text.lines()
+        .enumerate()
+        .map(|(n, line)| (n, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(n, line)| match line.split_once(" = ") {
+            Some((k, v)) => Ok((k.trim(), v.trim())),
+            None => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("line {} is not `CHOICE SHAPE = VALUE`: {line:?}", n + 1),
-            ));
-        };
-        if k.trim() == key {
-            return Ok(Some(v.trim()));
-        }
-    }
-    Ok(None)
+            )),
+        })
+        .collect()
+}
+
+/// The value of `key` in a plan file's text (its first line for `key`).
+fn lookup<'a>(text: &'a str, key: &str) -> io::Result<Option<&'a str>> {
+    Ok(entries(text)?
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v))
 }
 
 /// A choice's name in a plan file: what is chosen, and every field of the
