@@ -145,6 +145,8 @@ fn run_args(dir: &Path, data: &Path, listen: &str, aggregators: &str) -> Vec<Str
         data.to_str().unwrap(),
         "--nodes",
         "2",
+        "--model",
+        "resnet8",
         "--epochs",
         "2",
         "--batch-size",
@@ -169,7 +171,9 @@ fn run_args(dir: &Path, data: &Path, listen: &str, aggregators: &str) -> Vec<Str
 /// Killing an aggregator stops the run with a message that says what to do;
 /// with the aggregator back and the coordinator restarted with --resume, the
 /// run ends with the same bits as a run without aggregators that never
-/// stopped.
+/// stopped. The model is a ResNet for its L2 penalty and BatchNorm state:
+/// without aggregators the coordinator adds the L2 gradient inside Adam's
+/// pass, the aggregators add it to their averaged slice before theirs.
 #[test]
 fn a_killed_aggregator_stops_the_run_clearly_and_resume_ends_bit_identical() {
     let dir = tempfile::tempdir().unwrap();

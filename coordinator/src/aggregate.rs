@@ -43,6 +43,61 @@ pub(crate) fn sum_of_squares_par(values: &[f32]) -> f64 {
         .sum()
 }
 
+/// The runs of `l2` within the block of values `start..start + len`, as
+/// `(offset in the block, length, l2)`.
+fn l2_in_block(
+    start: usize,
+    len: usize,
+    l2: &[L2Range],
+) -> impl Iterator<Item = (usize, usize, f32)> + '_ {
+    let end = start + len;
+    l2.iter().filter_map(move |run| {
+        let (lo, hi) = (run.range.start.max(start), run.range.end.min(end));
+        (lo < hi).then(|| (lo - start, hi - lo, run.l2))
+    })
+}
+
+/// `Σ l2·w²` over the `l2` runs within the block `w` of the weights (which
+/// starts at value `start`).
+pub(crate) fn l2_block_penalty(w: &[f32], start: usize, l2: &[L2Range]) -> f64 {
+    let level = vector::level();
+    l2_in_block(start, w.len(), l2)
+        .map(|(at, len, l2)| vector::l2_squares(level, &w[at..at + len], l2))
+        .fold(0.0, |a, b| a + b)
+}
+
+/// Adds the L2 penalty's gradient `2·l2·w` to the block `g` of the gradient
+/// (values `start..`), `w` being the same block of the weights.
+pub(crate) fn add_l2_block(g: &mut [f32], w: &[f32], start: usize, l2: &[L2Range]) {
+    let level = vector::level();
+    for (at, len, l2) in l2_in_block(start, g.len(), l2) {
+        vector::add_l2_gradient(level, &mut g[at..at + len], &w[at..at + len], l2);
+    }
+}
+
+/// `Σ l2·w²` over the `l2` runs of `weights` (what Keras adds to the
+/// reported loss), by fixed blocks on all threads, the blocks' sums added in
+/// block order: the same bits as [`average_gradients`]' penalty.
+pub(crate) fn l2_penalty(weights: &[f32], l2: &[L2Range]) -> f64 {
+    if l2.is_empty() {
+        return 0.0;
+    }
+    weights
+        .par_chunks(BLOCK)
+        .enumerate()
+        .map(|(b, w)| l2_block_penalty(w, b * BLOCK, l2))
+        .collect::<Vec<_>>()
+        .iter()
+        .sum()
+}
+
+/// An upper bound of the norm of the L2 penalty's gradient `2·l2·w` over the
+/// runs, from the penalty `Σ l2·w²`: `Σ 4·l2²·w² ≤ 4·max(l2)·Σ l2·w²`.
+pub(crate) fn l2_gradient_norm_bound(penalty: f64, l2: &[L2Range]) -> f64 {
+    let max = l2.iter().map(|r| r.l2 as f64).fold(0.0, f64::max);
+    2.0 * (max * penalty).max(0.0).sqrt()
+}
+
 /// Each part's share of the total weight, as the factor its values are
 /// multiplied by.
 pub(crate) fn factors<'a>(parts: &[(f64, &'a [f32])]) -> Vec<(f32, &'a [f32])> {
@@ -86,15 +141,8 @@ pub(crate) fn average_gradients(
             let start = b * BLOCK;
             let end = start + out.len();
             average_block(out, start, &factors);
-            let mut penalty = 0.0f64;
-            for run in l2 {
-                let (lo, hi) = (run.range.start.max(start), run.range.end.min(end));
-                for i in lo..hi {
-                    let w = weights[i];
-                    penalty += (run.l2 * w * w) as f64;
-                    out[i - start] += 2.0 * run.l2 * w;
-                }
-            }
+            let penalty = l2_block_penalty(&weights[start..end], start, l2);
+            add_l2_block(out, &weights[start..end], start, l2);
             let squares = sum_of_squares(out);
             (penalty, squares)
         })

@@ -17,7 +17,9 @@ use tracing::{debug, info, warn};
 
 use std::sync::Arc;
 
-use crate::aggregate::{average_block, average_gradients, L2Range};
+use crate::aggregate::{
+    add_l2_block, average_block, average_gradients, l2_gradient_norm_bound, l2_penalty, L2Range,
+};
 use crate::cluster::{Cluster, Limits, Work};
 use crate::optimizer::GRADIENT_NORM_LIMIT;
 use crate::optimizer::{from_buffer, new_optimizer};
@@ -990,14 +992,18 @@ impl Trainer {
             })
             .collect();
         let (trainable, buffers) = self.weights.split_at_mut(self.num_trainable);
-        // Without L2 or clipping the mean is only needed inside Adam's pass,
-        // and the norm of a weighted mean is at most the weighted mean of the
-        // (checked) norms: average in that pass, two fewer passes over memory.
+        // Without clipping the mean is only needed inside Adam's pass, and
+        // the norm of a weighted mean is at most the weighted mean of the
+        // (checked) norms, plus at most the L2 gradient's bound: average
+        // (and add the L2 gradient) in that pass, two fewer passes over
+        // memory.
         let total: f64 = sources.iter().map(|s| s.1).sum();
         let bound: f64 = sources.iter().map(|s| s.1 / total.max(1e-300) * s.3).sum();
-        let fused = self.l2.is_empty() && self.config.clip_norm.is_none();
+        let fused = self.config.clip_norm.is_none();
+        let l2 = &self.l2;
         let (penalty, norm) = if fused {
-            (0.0, bound)
+            let penalty = l2_penalty(trainable, l2);
+            (penalty, bound + l2_gradient_norm_bound(penalty, l2))
         } else {
             let sums = average_gradients(&mut self.grads, &parts, trainable, &self.l2);
             (sums.penalty, sums.squares.sqrt())
@@ -1011,8 +1017,9 @@ impl Trainer {
             let factors = crate::aggregate::factors(&parts);
             let mut update = |trainable: &mut [f32], mirror: Option<&mut [f32]>| {
                 if fused {
-                    optimizer.step_with(trainable, lr, mirror, &|start, g| {
-                        average_block(g, start, &factors)
+                    optimizer.step_with(trainable, lr, mirror, &|start, w, g| {
+                        average_block(g, start, &factors);
+                        add_l2_block(g, w, start, l2);
                     });
                 } else {
                     if let Some(max) = clip {

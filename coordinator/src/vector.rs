@@ -106,6 +106,35 @@ per_level! {
 }
 
 per_level! {
+    /// `Σ l2·x²` in f64, each term rounded to f32 first (`(l2·x·x) as f64`),
+    /// over eight independent accumulators in a fixed order.
+    fn l2_squares(values: &[f32], l2: f32) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let chunks = values.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..8 {
+                acc[i] += (l2 * c[i] * c[i]) as f64;
+            }
+        }
+        let mut sum: f64 = acc.iter().sum();
+        for &x in rest {
+            sum += (l2 * x * x) as f64;
+        }
+        sum
+    }
+}
+
+per_level! {
+    /// `g += 2·l2·w` (the gradient of `l2·w²`), value by value.
+    fn add_l2_gradient(g: &mut [f32], w: &[f32], l2: f32) {
+        for (g, &w) in g.iter_mut().zip(w) {
+            *g += 2.0 * l2 * w;
+        }
+    }
+}
+
+per_level! {
     /// `out = Σ f·values[start..start + out.len()]` over `factors`, summed in
     /// their order from zero for every value.
     fn weighted_sum(out: &mut [f32], start: usize, factors: &[(f32, &[f32])]) {
@@ -194,10 +223,18 @@ mod tests {
             let mut g = vec![f32::NAN; n - 5];
             weighted_sum(level, &mut g, 5, &factors);
             let norm = squares(level, &g);
+            let penalty = l2_squares(level, &g, 1e-2);
+            add_l2_gradient(level, &mut g, &w0[5..], 1e-2);
             let (mut w, mut m, mut v) = (w0[5..].to_vec(), m0[5..].to_vec(), v0[5..].to_vec());
             adam(level, &mut w, &mut m, &mut v, &g, step);
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            (bits(&g), norm.to_bits(), bits(&w), bits(&m), bits(&v))
+            (
+                bits(&g),
+                [norm.to_bits(), penalty.to_bits()],
+                bits(&w),
+                bits(&m),
+                bits(&v),
+            )
         };
         let baseline = run(Level::Baseline);
         // The loops did something.
@@ -205,7 +242,8 @@ mod tests {
             baseline.2,
             w0[5..].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
-        assert!(f64::from_bits(baseline.1) > 0.0);
+        assert!(f64::from_bits(baseline.1[0]) > 0.0);
+        assert!(f64::from_bits(baseline.1[1]) > 0.0);
         for &level in &levels[1..] {
             assert_eq!(run(level), baseline, "{level:?} differs from the baseline");
         }

@@ -266,15 +266,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// simple-cnn's weights and buffers, by name, from `DIR/final.safetensors`.
+/// The weights and buffers of the model `DIR/final.safetensors` was written
+/// for, by name.
 pub fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let ckpt = model::Checkpoint::load(&dir.join("final.safetensors")).unwrap();
-    let m = model::Model::new(
-        model::ModelSpec::new(model::ModelKind::SimpleCnn),
-        0,
-        &model::Device::Cpu,
-    )
-    .unwrap();
+    let kind = ckpt.model_kind().unwrap();
+    let m = model::Model::new(model::ModelSpec::new(kind), 0, &model::Device::Cpu).unwrap();
     m.params()
         .chain(m.buffers())
         .map(|i| (i.name.clone(), ckpt.tensor(&i.name).unwrap().1.to_vec()))

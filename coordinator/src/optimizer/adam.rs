@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{in_blocks, take_state, Optimizer, OptimizerKind};
+use super::{in_blocks, take_state, GradientSource, Optimizer, OptimizerKind};
 use crate::aggregate::BLOCK;
 use crate::vector::{self, AdamStep};
 
@@ -64,7 +64,7 @@ impl Optimizer for Adam {
         weights: &mut [f32],
         lr: f64,
         mirror: Option<&mut [f32]>,
-        gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+        gradient: &GradientSource<'_>,
     ) {
         assert_eq!(
             weights.len(),

@@ -45,6 +45,10 @@ impl fmt::Display for OptimizerKind {
     }
 }
 
+/// Writes the gradient of the block of values starting at `start` into
+/// `g`, given that block's weights before the update: `(start, weights, g)`.
+pub type GradientSource<'a> = dyn Fn(usize, &[f32], &mut [f32]) + Sync + 'a;
+
 /// An optimizer with its state: what the coordinator applies after each
 /// step's average. Its state is a set of named vectors as long as the
 /// trainable weights (Adam's `adam.m`, `adam.v`), saved and restored by name,
@@ -70,9 +74,11 @@ pub trait Optimizer: fmt::Debug + Send {
     ) -> Result<(), String>;
 
     /// One update whose gradient for the block of values starting at `start`
-    /// is written by `gradient(start, block)` (copied from a buffer, or the
-    /// weighted mean of the nodes' parts made right there, which saves two
-    /// passes over memory); optionally also writes the new weights into
+    /// is written by `gradient(start, weights, block)`, `weights` being that
+    /// block's weights before the update (copied from a buffer, or the
+    /// weighted mean of the nodes' parts made right there, with the L2
+    /// penalty's gradient added, which saves two passes over memory);
+    /// optionally also writes the new weights into
     /// `mirror` (e.g. the shared-memory segment) in the same pass. Blocks are
     /// fixed ([`BLOCK`]), so the bits do not depend on the threads. The
     /// caller must know the gradient is usable (finite, within the norm
@@ -82,7 +88,7 @@ pub trait Optimizer: fmt::Debug + Send {
         weights: &mut [f32],
         lr: f64,
         mirror: Option<&mut [f32]>,
-        gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+        gradient: &GradientSource<'_>,
     );
 
     /// One update of `weights` with `grads` at learning rate `lr`.
@@ -121,19 +127,20 @@ pub(crate) fn take_state(
 }
 
 /// A gradient source for [`Optimizer::step_with`] that copies from `grads`.
-pub fn from_buffer(grads: &[f32]) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
-    move |start, g| g.copy_from_slice(&grads[start..start + g.len()])
+pub fn from_buffer(grads: &[f32]) -> impl Fn(usize, &[f32], &mut [f32]) + Sync + '_ {
+    move |start, _, g| g.copy_from_slice(&grads[start..start + g.len()])
 }
 
 /// Runs `update(weights, state, g)` on every block of [`BLOCK`] weights (in
 /// parallel), with the block's optimizer state (`blocks` yields each block of
-/// weights with its state) and its gradient `g` as `gradient` writes it;
+/// weights with its state) and its gradient `g` as `gradient(start,
+/// weights, g)` writes it;
 /// the block's new weights are also copied into the same block of `mirror`
 /// if given.
 pub(crate) fn in_blocks<'a, S, I>(
     blocks: I,
     mirror: Option<&mut [f32]>,
-    gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+    gradient: &GradientSource<'_>,
     update: impl Fn(&mut [f32], S, &[f32]) + Sync + Send,
 ) where
     I: IndexedParallelIterator<Item = (&'a mut [f32], S)>,
@@ -145,7 +152,7 @@ pub(crate) fn in_blocks<'a, S, I>(
     let run = |b: usize, (w, state): (&'a mut [f32], S)| {
         BLOCK_GRADIENT.with_borrow_mut(|g| {
             g.resize(w.len(), 0.0);
-            gradient(b * BLOCK, g);
+            gradient(b * BLOCK, w, g);
             update(&mut *w, state, g);
         });
         w
@@ -351,28 +358,83 @@ mod tests {
 
     #[test]
     fn averaging_inside_the_update_gives_the_same_bits() {
-        use crate::aggregate::{average_gradients, factors};
+        use crate::aggregate::{
+            add_l2_block, average_block, average_gradients, factors, l2_penalty, L2Range,
+        };
         let n = 2 * BLOCK + 11;
         let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
         let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
         let parts: Vec<(f64, &[f32])> = vec![(14.0, &a), (13.0, &b)];
-        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
-            let (mut two, mut one) = (new_optimizer(kind, n), new_optimizer(kind, n));
-            let (mut w2, mut w1) = (vec![0.5f32; n], vec![0.5f32; n]);
-            let (mut m2, mut m1) = (vec![0.0f32; n], vec![0.0f32; n]);
-            let mut grads = vec![0.0f32; n];
-            for _ in 0..3 {
-                average_gradients(&mut grads, &parts, &w2, &[]);
-                two.step_with(&mut w2, 1e-2, Some(&mut m2), &from_buffer(&grads));
-                let f = factors(&parts);
-                one.step_with(&mut w1, 1e-2, Some(&mut m1), &|s, g| {
-                    crate::aggregate::average_block(g, s, &f)
-                });
+        // Without L2, and with two runs of it, one across a block boundary.
+        let runs = [
+            L2Range {
+                range: 3..40,
+                l2: 1e-4,
+            },
+            L2Range {
+                range: BLOCK - 5..BLOCK + 7,
+                l2: 0.5,
+            },
+        ];
+        for l2 in [&[][..], &runs[..]] {
+            for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+                let (mut two, mut one) = (new_optimizer(kind, n), new_optimizer(kind, n));
+                let w0: Vec<f32> = (0..n).map(|i| 0.5 + (i as f32 * 0.01).sin()).collect();
+                let (mut w2, mut w1) = (w0.clone(), w0);
+                let (mut m2, mut m1) = (vec![0.0f32; n], vec![0.0f32; n]);
+                let mut grads = vec![0.0f32; n];
+                for _ in 0..3 {
+                    let sums = average_gradients(&mut grads, &parts, &w2, l2);
+                    assert_eq!(sums.penalty.to_bits(), l2_penalty(&w1, l2).to_bits());
+                    two.step_with(&mut w2, 1e-2, Some(&mut m2), &from_buffer(&grads));
+                    let f = factors(&parts);
+                    one.step_with(&mut w1, 1e-2, Some(&mut m1), &|s, w, g| {
+                        average_block(g, s, &f);
+                        add_l2_block(g, w, s, l2);
+                    });
+                }
+                assert_eq!(w1, w2);
+                assert_eq!(m1, m2);
+                assert_eq!(m1, w1);
             }
-            assert_eq!(w1, w2);
-            assert_eq!(m1, m2);
-            assert_eq!(m1, w1);
         }
+    }
+
+    #[test]
+    fn the_l2_penalty_and_its_gradient_bound() {
+        use crate::aggregate::{l2_gradient_norm_bound, l2_penalty, L2Range};
+        let n = 3 * BLOCK + 2;
+        let w: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).cos() * 2.0).collect();
+        let runs = [
+            L2Range {
+                range: 10..BLOCK + 10,
+                l2: 1e-4,
+            },
+            L2Range {
+                range: 2 * BLOCK..n,
+                l2: 3e-4,
+            },
+        ];
+        let (mut exact, mut grad2) = (0.0f64, 0.0f64);
+        for r in &runs {
+            for &x in &w[r.range.clone()] {
+                exact += r.l2 as f64 * (x as f64).powi(2);
+                grad2 += (2.0 * r.l2 as f64 * x as f64).powi(2);
+            }
+        }
+        let penalty = l2_penalty(&w, &runs);
+        assert!(
+            (penalty - exact).abs() < 1e-6 * exact,
+            "{penalty} vs {exact}"
+        );
+        let bound = l2_gradient_norm_bound(penalty, &runs);
+        assert!(
+            bound >= grad2.sqrt() * (1.0 - 1e-6),
+            "{bound} < {}",
+            grad2.sqrt()
+        );
+        assert!(bound < 2.0 * grad2.sqrt(), "a loose bound: {bound}");
+        assert_eq!(l2_penalty(&w, &[]), 0.0);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{in_blocks, Optimizer, OptimizerKind};
+use super::{in_blocks, GradientSource, Optimizer, OptimizerKind};
 use crate::aggregate::BLOCK;
 
 /// Plain SGD, `w -= lr · g`: no state, and it does not count its updates.
@@ -35,7 +35,7 @@ impl Optimizer for Sgd {
         weights: &mut [f32],
         lr: f64,
         mirror: Option<&mut [f32]>,
-        gradient: &(dyn Fn(usize, &mut [f32]) + Sync),
+        gradient: &GradientSource<'_>,
     ) {
         let lr = lr as f32;
         let blocks = weights.par_chunks_mut(BLOCK).map(|w| (w, ()));
