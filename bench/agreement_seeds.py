@@ -89,6 +89,33 @@ def table(model, by_engine):
     return lines
 
 
+def summary(folder):
+    """One line per model: the difference of the means per epoch with its
+    standard error (for the seed table's agreement section)."""
+    lines = []
+    if not os.path.isdir(folder):
+        return lines
+    for model, by_engine in sorted(runs(folder).items()):
+        ours, theirs = by_engine.get("gradcast", {}), by_engine.get("pytorch", {})
+        if not ours or not theirs:
+            continue
+        epochs = min(max(len(a) for a in ours.values()), max(len(a) for a in theirs.values()))
+        cells = []
+        for e in range(epochs):
+            a = [h[e] for h in ours.values() if len(h) > e]
+            b = [h[e] for h in theirs.values() if len(h) > e]
+            (ma, sa), (mb, sb) = stats(a), stats(b)
+            text = f"epoch {e + 1}: {100 * (ma - mb):+.1f} pt"
+            if sa is not None and sb is not None:
+                se = 100 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+                text += f" (standard error {se:.1f})"
+            cells.append(text)
+        lines.append(
+            f"- {model}, gradcast {len(ours)} runs against PyTorch {len(theirs)}: " + "; ".join(cells) + "."
+        )
+    return lines
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)

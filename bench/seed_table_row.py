@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+import agreement_seeds
+
 ORDER = ["simple-cnn", "complex-cnn", "resnet20", "resnet20-dropout", "resnet50-dropout"]
 # Beyond the study: the same networks with --augment, below the study's rows.
 ORDER += [m + "-augment" for m in ORDER]
@@ -85,6 +87,15 @@ def row(model, history, planned, wall, compute, commit):
         f"{val[best]:.4f} ({best + 1}) | {train[-1]:.4f} | {hours:.1f} h | {share:.2f} | {commit} |"
     )
 
+
+SEEDS_HEADER = """
+One run against one run differs by several points by chance alone in these
+first epochs (initialisation, order and dropout draws). Over several seeds per engine
+(`bench/agreement-seeds.sh MODEL`, table in `seeds/README.md`), the
+difference of the mean test accuracies, gradcast minus PyTorch, with its
+standard error:
+
+"""
 
 AGREEMENT_EPOCHS = 3
 AGREEMENT_HEADER = """
@@ -203,6 +214,9 @@ def main():
         lines = agreement(out)
         if lines:
             f.write(AGREEMENT_HEADER + "\n".join(lines) + "\n")
+        seeds = agreement_seeds.summary(os.path.join(out, "seeds"))
+        if seeds:
+            f.write(SEEDS_HEADER + "\n".join(seeds) + "\n")
     os.replace(path + ".tmp", path)
 
 

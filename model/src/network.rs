@@ -161,19 +161,59 @@ impl Model {
                 got: weights.len(),
             });
         }
-        self.load(weights, false)
+        self.load(&[weights], false)
     }
 
-    /// Copies `weights` (checked to be whole) into the variables, leaving
-    /// out the parameters with a gradient slot when `skip_slotted`.
-    fn load(&self, weights: &[f32], skip_slotted: bool) -> Result<()> {
+    /// [`Model::set_weights`] from the weights buffer given as consecutive
+    /// parts (the slices of several shard aggregators), without joining them
+    /// first: only a tensor that lies across two parts is copied twice.
+    pub fn set_weights_parts(&self, parts: &[&[f32]]) -> Result<()> {
+        let expected = self.num_trainable() + self.num_state();
+        let got = parts.iter().map(|p| p.len()).sum();
+        if got != expected {
+            return Err(ModelError::BufferLength {
+                what: "weights",
+                expected,
+                got,
+            });
+        }
+        self.load(parts, false)
+    }
+
+    /// Copies the weights buffer, given as consecutive `parts` (checked to
+    /// be whole), into the variables, leaving out the parameters with a
+    /// gradient slot when `skip_slotted`.
+    fn load(&self, parts: &[&[f32]], skip_slotted: bool) -> Result<()> {
         let slotted = self.slots.iter().map(Option::is_some);
         let skip = slotted.chain(std::iter::repeat(false));
-        let mut off = 0;
+        let mut rest = parts.iter().copied().filter(|p| !p.is_empty());
+        let mut part: &[f32] = &[];
+        // A tensor's values when they lie across parts.
+        let mut joined = Vec::new();
         for ((info, v), slotted) in self.params.iter().chain(&self.buffers).zip(skip) {
             let n = info.numel();
-            let values = &weights[off..off + n];
-            off += n;
+            if part.is_empty() {
+                part = rest.next().unwrap_or_default();
+            }
+            let values = if part.len() >= n {
+                let (values, after) = part.split_at(n);
+                part = after;
+                values
+            } else {
+                joined.clear();
+                while joined.len() < n {
+                    if part.is_empty() {
+                        part = rest.next().unwrap_or_default();
+                        if part.is_empty() {
+                            break;
+                        }
+                    }
+                    let take = (n - joined.len()).min(part.len());
+                    joined.extend_from_slice(&part[..take]);
+                    part = &part[take..];
+                }
+                &joined[..]
+            };
             if slotted && skip_slotted {
                 continue;
             }
@@ -303,7 +343,7 @@ impl Model {
         // Off the CPU the dense layers are candle's, which read the
         // variables: there all of `weights` is loaded and nothing bound.
         let cpu = self.device.is_cpu();
-        self.load(weights, cpu)?;
+        self.load(&[weights], cpu)?;
         let mut sink = SliceSink { out, at: 0 };
         // (One pointer for every slot's range, taken before the pass: the
         // sink writes through its slice only after the backward pass.)
@@ -637,6 +677,37 @@ mod tests {
         assert_eq!(a.weights().unwrap(), c.weights().unwrap());
         assert!(matches!(
             c.set_weights(&[1.0]),
+            Err(ModelError::BufferLength { .. })
+        ));
+    }
+
+    /// Weights handed over in parts cut anywhere (inside tensors, empty
+    /// parts, one value) load as the whole buffer does.
+    #[test]
+    fn weights_load_from_parts_cut_anywhere() {
+        let spec = ModelSpec::new(ModelKind::Resnet {
+            n: 1,
+            dropout: false,
+        });
+        let a = Model::new(spec, 5, &Device::Cpu).unwrap();
+        let w = a.weights().unwrap();
+        let n = w.len();
+        let cuts = [
+            vec![0, n],
+            vec![0, 0, 1, 1, 7, n / 3, n / 3 + 1, n - 1, n, n],
+            vec![0, 433, 434, 2 * n / 3, n],
+        ];
+        for cut in cuts {
+            let b = Model::new(spec, 6, &Device::Cpu).unwrap();
+            assert_ne!(b.weights().unwrap(), w);
+            let parts: Vec<&[f32]> = cut.windows(2).map(|c| &w[c[0]..c[1]]).collect();
+            b.set_weights_parts(&parts).unwrap();
+            assert_eq!(b.weights().unwrap(), w, "cut at {cut:?}");
+        }
+        let b = Model::new(spec, 6, &Device::Cpu).unwrap();
+        let short = [&w[..10], &w[11..]];
+        assert!(matches!(
+            b.set_weights_parts(&short),
             Err(ModelError::BufferLength { .. })
         ));
     }

@@ -616,11 +616,12 @@ impl Session {
         }
         let started = Instant::now();
         if let Some(links) = &self.shards {
-            let weights = links.weights(version, SHARD_WAIT).await?;
-            let model = self.model.clone();
-            tokio::task::spawn_blocking(move || model.set_weights(&weights))
-                .await
-                .map_err(|e| NodeError::Compute(e.to_string()))??;
+            // Straight from the slices into the model: one copy of the
+            // weights, not a joined buffer first.
+            let model = &self.model;
+            links
+                .with_weights(version, SHARD_WAIT, |parts| model.set_weights_parts(parts))
+                .await??;
             *held = Some(version);
             debug!(
                 version,

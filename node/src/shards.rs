@@ -251,9 +251,16 @@ impl ShardLinks {
         })
     }
 
-    /// The whole weights buffer of `version`, once every aggregator has
-    /// sent its slice of it (waiting at most `wait`).
-    pub(crate) async fn weights(&self, version: u64, wait: Duration) -> Result<Vec<f32>> {
+    /// `f` of the slices of weights `version`, in order (the whole weights
+    /// buffer in parts), once every aggregator has sent its slice of it
+    /// (waiting at most `wait`); the slices stay where they are, locked,
+    /// while `f` reads them.
+    pub(crate) async fn with_weights<R>(
+        &self,
+        version: u64,
+        wait: Duration,
+        f: impl FnOnce(&[&[f32]]) -> R,
+    ) -> Result<R> {
         let deadline = Instant::now() + wait;
         loop {
             let changed = self.held.changed.notified();
@@ -277,13 +284,14 @@ impl ShardLinks {
                     }
                 }
                 if complete {
-                    let mut weights = Vec::with_capacity(self.len);
-                    for s in slices.iter() {
-                        if let Slice::Have(_, values) = s {
-                            weights.extend_from_slice(values);
-                        }
-                    }
-                    return Ok(weights);
+                    let parts: Vec<&[f32]> = slices
+                        .iter()
+                        .filter_map(|s| match s {
+                            Slice::Have(_, values) => Some(values.as_slice()),
+                            _ => None,
+                        })
+                        .collect();
+                    return Ok(f(&parts));
                 }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
