@@ -104,8 +104,9 @@ AGREEMENT_HEADER = """
 The same network and recipe trained by `bench/pytorch_reference.py --train
 MODEL` (PyTorch, the same data, batch 32, Adam 1e-3, the same schedule; its own
 initialisation, order and dropout draws): test accuracy after each of the first
-epochs. A wrong BatchNorm, dropout or loss shows up here as a gap of more than
-a couple of points. Histories: `pytorch/MODEL.json`; made by
+epochs, one run each. A wrong BatchNorm, dropout or loss shows up as a gap
+beyond what seeds alone give (measured below the table). Histories:
+`pytorch/MODEL.json`; made by
 `bench/pytorch-agreement.sh MODEL`.
 
 | model | epoch | gradcast | PyTorch | difference |
