@@ -1071,9 +1071,10 @@ impl Trainer {
         } else if !usable {
             // Finite per node but not usable together (or huge): applying it
             // would make the weights or Adam's state non-finite for good.
+            let what = if fused { "norm may reach" } else { "norm is" };
             warn!(
                 step = self.step,
-                "skipping the update: the averaged gradient's norm is {norm:e} (limit {GRADIENT_NORM_LIMIT:e})"
+                "skipping the update: the averaged gradient's {what} {norm:e} (limit {GRADIENT_NORM_LIMIT:e})"
             );
             telemetry::step_skipped();
         }
