@@ -357,6 +357,7 @@ impl ConvBnOp {
                     mu: mean[ch],
                 })
             };
+            let sums_timer = super::Prof::new("conv-bn-sums", &g);
             let sums = (0..n)
                 .into_par_iter()
                 .fold(
@@ -380,6 +381,7 @@ impl ConvBnOp {
                         a
                     },
                 );
+            drop(sums_timer);
             let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
             let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
             let gamma = &pv[c..2 * c];

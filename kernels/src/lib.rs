@@ -309,6 +309,76 @@ impl Prof {
     }
 }
 
+/// The time inside one op split into its parts, summed over the threads
+/// that run them (a profiling aid: inert unless `GRADCAST_KERNEL_PROFILE`
+/// is set). Each task keeps a [`Lap`]; [`Laps::print`] writes one `PROF
+/// <op>-parts` line of CPU milliseconds per part.
+pub(crate) struct Laps<const N: usize> {
+    names: [&'static str; N],
+    ms: std::sync::Mutex<[f64; N]>,
+}
+
+impl<const N: usize> Laps<N> {
+    pub(crate) fn new(names: [&'static str; N]) -> Self {
+        Self {
+            names,
+            ms: std::sync::Mutex::new([0.0; N]),
+        }
+    }
+
+    /// A task's clock (stopped unless profiling).
+    pub(crate) fn lap(&self) -> Lap<'_, N> {
+        Lap {
+            laps: self,
+            at: profiling().then(std::time::Instant::now),
+            ms: [0.0; N],
+        }
+    }
+
+    /// Writes the line, if profiling.
+    pub(crate) fn print(&self, what: &str, shape: &impl std::fmt::Debug) {
+        if !profiling() {
+            return;
+        }
+        let Ok(ms) = self.ms.lock() else { return };
+        let parts: Vec<String> = self
+            .names
+            .iter()
+            .zip(ms.iter())
+            .map(|(n, v)| format!("{n} {v:.2}"))
+            .collect();
+        eprintln!("PROF {what}-parts ms (CPU): {} {shape:?}", parts.join(", "));
+    }
+}
+
+/// One task's share of [`Laps`], added to them when dropped.
+pub(crate) struct Lap<'a, const N: usize> {
+    laps: &'a Laps<N>,
+    at: Option<std::time::Instant>,
+    ms: [f64; N],
+}
+
+impl<const N: usize> Lap<'_, N> {
+    /// Charges the time since the previous mark to part `i`.
+    pub(crate) fn mark(&mut self, i: usize) {
+        if let Some(at) = self.at {
+            let now = std::time::Instant::now();
+            self.ms[i] += (now - at).as_secs_f64() * 1e3;
+            self.at = Some(now);
+        }
+    }
+}
+
+impl<const N: usize> Drop for Lap<'_, N> {
+    fn drop(&mut self) {
+        if self.at.is_some() {
+            if let Ok(mut ms) = self.laps.ms.lock() {
+                ms.iter_mut().zip(self.ms).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+}
+
 impl Drop for Prof {
     fn drop(&mut self) {
         let ms = self.2.elapsed().as_secs_f64() * 1e3;

@@ -725,3 +725,33 @@ fn each_convolution_shape_takes_the_path_the_override_allows() {
     assert_eq!(got, want, "{:?}", kernel_path());
     assert_eq!(three.path().is_direct(), want[0] != ConvPath::Im2col);
 }
+
+/// The profiling laps charge each stretch of time to the part it is marked
+/// with and add every task's share into the op's total.
+#[test]
+fn laps_charge_each_part_its_time() {
+    let laps = crate::Laps::new(["sleep", "nothing"]);
+    for _ in 0..2 {
+        // A running clock, as `Laps::lap` makes one when profiling.
+        let mut lap = crate::Lap {
+            laps: &laps,
+            at: Some(std::time::Instant::now()),
+            ms: [0.0; 2],
+        };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        lap.mark(0);
+        lap.mark(1);
+    }
+    let ms = *laps.ms.lock().unwrap();
+    assert!(ms[0] >= 10.0, "{ms:?}");
+    assert!(ms[1] < ms[0] / 10.0, "{ms:?}");
+    // A stopped clock (not profiling) adds nothing.
+    let mut idle = crate::Lap {
+        laps: &laps,
+        at: None,
+        ms: [0.0; 2],
+    };
+    idle.mark(0);
+    drop(idle);
+    assert_eq!(*laps.ms.lock().unwrap(), ms);
+}

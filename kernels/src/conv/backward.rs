@@ -35,6 +35,16 @@ pub(crate) fn backward_values(
         // A few chunks per thread, so that work stealing evens out a busy core.
         let chunks = (4 * t).min(g.n).max(1);
         let per_chunk = g.n.div_ceil(chunks).max(1);
+        // Where the direct path's time goes, with GRADCAST_KERNEL_PROFILE.
+        let laps = crate::Laps::new([
+            "dy",
+            "x-planes",
+            "dy-planes",
+            "transpose",
+            "weight-grad",
+            "input-grad",
+            "epilogue",
+        ]);
         let inner = if g.n < t {
             parallelism(t)
         } else {
@@ -176,14 +186,17 @@ pub(crate) fn backward_values(
                         let view = if shared { ttop * tplan.wp + tleft } else { 0 };
                         let first = c * per_chunk;
                         let last = (first + per_chunk).min(g.n);
+                        let mut lap = laps.lap();
                         for i in first..last {
                             let dyi = dy.image(i, cout * p, &mut scratch);
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
                                 *d += crate::sum(row);
                             }
+                            lap.mark(0);
                             let xi = x.image(i, g.image());
                             let slot = (i - first) % group;
                             plan.load(xi, &mut xp[slot * xs..][..plan.xp_len()]);
+                            lap.mark(1);
                             if shared {
                                 tplan.load(
                                     Input::Plain(dyi),
@@ -199,6 +212,7 @@ pub(crate) fn backward_values(
                                     }
                                 }
                             }
+                            lap.mark(2);
                             if gemm_grad {
                                 direct::transpose_gradient(
                                     &plan.wide(),
@@ -207,6 +221,7 @@ pub(crate) fn backward_values(
                                     &mut dyt[slot * ts..][..ts],
                                 );
                             }
+                            lap.mark(3);
                             if gemm_grad && (slot + 1 == group || i + 1 == last) {
                                 direct::weight_grad_gemm(
                                     &plan.wide(),
@@ -247,6 +262,7 @@ pub(crate) fn backward_values(
                                     inner,
                                 );
                             }
+                            lap.mark(4);
                             if let Some(dxc) = dxc.as_deref_mut() {
                                 let dxi = &mut dxc[(i - first) * g.image()..][..g.image()];
                                 if let Some(ph) = &strided {
@@ -268,11 +284,14 @@ pub(crate) fn backward_values(
                                 }
                                 // SAFETY: each branch above stored (or added to) every value.
                                 let dxi = unsafe { crate::assume_init_mut(dxi) };
+                                lap.mark(5);
                                 if let Some(after) = after {
                                     after(i, dxi);
                                 }
+                                lap.mark(6);
                             }
                         }
+                        drop(lap);
                         // Into the im2col path's `[cin·kh·kw][cout]`.
                         let mut dwt = vec![0f32; k * cout];
                         if avx {
@@ -376,6 +395,7 @@ pub(crate) fn backward_values(
             }
         };
         let partials = partials?;
+        laps.print("conv-bwd", &g);
         let mut parts = partials.into_iter();
         let (mut dwt, mut db) = parts
             .next()
