@@ -47,6 +47,22 @@ def runs(folder):
     return out
 
 
+def compare(by_engine, e):
+    """Epoch `e` of every run of both engines: (gradcast values, PyTorch
+    values, difference of the means in points, its standard error in points
+    or None when an engine has a single run); None when either has no run
+    that long."""
+    a = [h[e] for h in by_engine.get("gradcast", {}).values() if len(h) > e]
+    b = [h[e] for h in by_engine.get("pytorch", {}).values() if len(h) > e]
+    if not a or not b:
+        return None
+    (ma, sa), (mb, sb) = stats(a), stats(b)
+    se = None
+    if sa is not None and sb is not None:
+        se = 100 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    return a, b, 100 * (ma - mb), se
+
+
 def cell(values):
     mean, sd = stats(values)
     spread = f" ± {100 * sd:.1f}" if sd is not None else ""
@@ -68,22 +84,14 @@ def table(model, by_engine):
         "|---:|---:|---:|---:|---:|:---:|:---:|",
     ]
     for e in range(epochs):
-        per = {
-            eng: [a[e] for a in by_engine.get(eng, {}).values() if len(a) > e]
-            for eng in ENGINES
-        }
-        if not per["gradcast"] or not per["pytorch"]:
+        found = compare(by_engine, e)
+        if found is None:
             continue
-        (ma, sa), (mb, sb) = stats(per["gradcast"]), stats(per["pytorch"])
-        diff = 100 * (ma - mb)
-        if sa is None or sb is None:
-            se_text, within_se = "", ""
-        else:
-            se = 100 * math.sqrt(sa**2 / len(per["gradcast"]) + sb**2 / len(per["pytorch"]))
-            se_text = f"{se:.1f} pt"
-            within_se = "yes" if abs(diff) <= 2 * se else "no"
+        a, b, diff, se = found
+        se_text = "" if se is None else f"{se:.1f} pt"
+        within_se = "" if se is None else ("yes" if abs(diff) <= 2 * se else "no")
         lines.append(
-            f"| {e + 1} | {cell(per['gradcast'])} | {cell(per['pytorch'])} | {diff:+.1f} pt | {se_text} | {within_se} | {'yes' if abs(diff) <= 2 else 'no'} |"
+            f"| {e + 1} | {cell(a)} | {cell(b)} | {diff:+.1f} pt | {se_text} | {within_se} | {'yes' if abs(diff) <= 2 else 'no'} |"
         )
     lines.append("")
     return lines
@@ -102,12 +110,9 @@ def summary(folder):
         epochs = min(max(len(a) for a in ours.values()), max(len(a) for a in theirs.values()))
         cells = []
         for e in range(epochs):
-            a = [h[e] for h in ours.values() if len(h) > e]
-            b = [h[e] for h in theirs.values() if len(h) > e]
-            (ma, sa), (mb, sb) = stats(a), stats(b)
-            text = f"epoch {e + 1}: {100 * (ma - mb):+.1f} pt"
-            if sa is not None and sb is not None:
-                se = 100 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+            _, _, diff, se = compare(by_engine, e)
+            text = f"epoch {e + 1}: {diff:+.1f} pt"
+            if se is not None:
                 text += f" (standard error {se:.1f})"
             cells.append(text)
         lines.append(
