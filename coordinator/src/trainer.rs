@@ -182,6 +182,16 @@ pub async fn serve(
         num_trainable,
         params,
         layout,
+        // Only clipping needs the averaged gradient whole (the update
+        // makes it block by block otherwise).
+        grads: vec![
+            0.0;
+            if config.clip_norm.is_some() {
+                num_trainable
+            } else {
+                0
+            }
+        ],
         config,
         train,
         test,
@@ -189,7 +199,6 @@ pub async fn serve(
         history: History::default(),
         epoch_work: BTreeMap::new(),
         epoch_phases: telemetry::StepPhases::default(),
-        grads: vec![0.0; num_trainable],
         l2: Vec::new(),
         ahead: None,
     };
@@ -342,7 +351,8 @@ struct Trainer {
     epoch_work: BTreeMap<u64, (u64, f64)>,
     /// Where the current epoch's step time went.
     epoch_phases: telemetry::StepPhases,
-    /// The averaged gradient of the current step.
+    /// The averaged gradient of the current step, with clipping (empty
+    /// without: the update makes it block by block).
     grads: Vec<f32>,
     /// The runs of trainable parameters with L2 regularisation.
     l2: Vec<L2Range>,
