@@ -131,14 +131,10 @@ pub(crate) fn backward_values(
                     let work_direct = |(c, mut dxc): (usize, Option<&mut [MaybeUninit<f32>]>)| {
                         // dW as `[kh·kw][cout][cin]` (the gemm crate's), or
                         // as lane sums `[cin][kh·kw][cout][16]` (direct kernels).
-                        // The gemm-shaped weight gradient where it applies,
+                        // The gemm-shaped weight gradient where it pays,
                         // else lane sums on large maps only (see
                         // `direct::weight_grad`).
-                        // (With a single vector of output channels the gemm
-                        // form is bound by its broadcasts: resnet20 trains at
-                        // 893 img/s with the row kernel for its 16-channel
-                        // layers against 842 with the gemm, medians of 4.)
-                        let gemm_grad = avx && direct::gemm_grad_supported(g.kh, g.kw) && cout > 16;
+                        let gemm_grad = avx && direct::gemm_grad_pays(g.kh, g.kw, cout);
                         let lanes = if avx && !gemm_grad && plan.l >= 512 {
                             16
                         } else {

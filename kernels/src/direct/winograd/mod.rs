@@ -22,17 +22,33 @@
 
 use super::{packed_index, packed_len, Wide};
 
-/// Fewest input and output channels for which the transforms pay (on the
-/// Zen 4 variant resnet20 trained no faster with its 16-channel layers
-/// included: there the 1×1 products are thin next to the transforms).
-const MIN_CHANNELS: usize = 32;
+/// Fewest input and output channels for which the transforms `t` pay: on
+/// the Zen 4 variant resnet20 trained no faster with its 16-channel layers
+/// on the AVX-512 transforms (there the 1×1 products are thin next to the
+/// transforms); on a CPU with AVX2 only (AMD EPYC family 23), whose FMAs
+/// cost more next to the transforms' adds, those layers' forward took 14.6
+/// ms instead of 19.0 and resnet20 trained 4–5 % faster with them.
+fn min_channels(t: Transforms) -> usize {
+    match t {
+        Transforms::Avx512 => 32,
+        Transforms::Rows => 16,
+    }
+}
 
 /// Whether the convolution of shape `g` runs through Winograd's transforms:
-/// 3×3 or 2×2, stride 1, an even number of output rows and columns, at least
-/// [`MIN_CHANNELS`] channels in and out, on the AVX-512 kernels (the
-/// transforms are written for them), and not turned off with
+/// a shape they compute ([`fits`]) with at least [`min_channels`] in and
+/// out, on the direct kernels (AVX-512 or AVX2), and not turned off with
 /// `GRADCAST_WINOGRAD=off`.
 pub(crate) fn applies(g: &Wide) -> bool {
+    fits(g)
+        && super::isa().is_some()
+        && g.cin.min(g.cout) >= min_channels(transforms())
+        && enabled()
+}
+
+/// Whether the transforms compute shape `g`: 3×3 or 2×2, stride 1, an even
+/// number of output rows and columns.
+fn fits(g: &Wide) -> bool {
     let ow = g.wp.saturating_sub(g.kw.saturating_sub(1));
     (g.kh == 3 || g.kh == 2)
         && g.kw == g.kh
@@ -41,10 +57,41 @@ pub(crate) fn applies(g: &Wide) -> bool {
         && g.oh.is_multiple_of(2)
         && ow > 0
         && ow.is_multiple_of(2)
-        && g.cin >= MIN_CHANNELS
-        && g.cout >= MIN_CHANNELS
-        && super::isa() == Some(super::Isa::Avx512)
-        && enabled()
+        && g.cin > 0
+        && g.cout > 0
+}
+
+/// How the transforms run: in AVX-512 registers, 16 tiles per vector
+/// ([`avx512`]), or over planes of one value per tile compiled for AVX2
+/// ([`rows`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transforms {
+    Avx512,
+    Rows,
+}
+
+/// The transforms this process uses: AVX-512 ones where the direct kernels
+/// run in AVX-512, else the AVX2 rows (also under `GRADCAST_KERNEL_PATH=avx2`
+/// on a CPU that has AVX-512).
+fn transforms() -> Transforms {
+    if super::isa() == Some(super::Isa::Avx512) {
+        Transforms::Avx512
+    } else {
+        Transforms::Rows
+    }
+}
+
+/// Which transforms this CPU can run (for the tests of each).
+#[cfg(test)]
+pub(crate) fn runnable() -> Vec<Transforms> {
+    let mut all = Vec::new();
+    if crate::path::cpu_has_avx512() {
+        all.push(Transforms::Avx512);
+    }
+    if crate::path::cpu_has_avx2() {
+        all.push(Transforms::Rows);
+    }
+    all
 }
 
 /// `GRADCAST_WINOGRAD=off` keeps every convolution on the direct kernels
@@ -172,8 +219,8 @@ pub(crate) fn kernel(g: &Wide, w: &[f32]) -> Vec<f32> {
 thread_local! {
     /// Each thread's transformed input and products, reused from image to
     /// image (megabytes for wide layers).
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, rows::Scratch)> =
+        std::cell::RefCell::new(Default::default());
 }
 
 /// [`super::forward`] of one image through the transforms, with `u` the
@@ -181,7 +228,12 @@ thread_local! {
 /// `q = oy·wp + ox` (`oy < oh`, `ox < wp − 2`) of each channel's wide plane
 /// (the wrapped columns past them are left as they were).
 pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
-    assert!(applies(g), "not a Winograd shape: {g:?}");
+    forward_using(transforms(), g, xp, u, out)
+}
+
+/// [`forward`] with the transforms `t` (which the CPU must run).
+fn forward_using(t: Transforms, g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(fits(g), "not a Winograd shape: {g:?}");
     g.check(xp.len());
     assert!(out.len() >= g.cout * g.l, "output too short");
     let (th, tw, tp) = tiles(g);
@@ -189,13 +241,13 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
     let len = packed_len(g.cin, 1, g.cout);
     let xis = positions(g);
     assert!(u.len() >= xis * len, "transformed kernel too short");
-    SCRATCH.with_borrow_mut(|(v, m)| {
+    SCRATCH.with_borrow_mut(|(v, m, rows)| {
         // Past each plane's tiles the values are whatever was there: the
         // products there are computed and ignored.
         let (pv, pm) = (planes(g.cin, tp), planes(g.cout, tp));
         v.resize(xis * pv, 0.0);
         m.resize(xis * pm, 0.0);
-        input(g, xp, (th, tw, tp), v);
+        transform_input(t, g, xp, (th, tw, tp), v, rows);
         for xi in 0..xis {
             super::forward(
                 &one,
@@ -204,7 +256,7 @@ pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
                 &mut m[xi * pm..][..g.cout * tp],
             );
         }
-        output(g, m, (th, tw, tp), out);
+        transform_output(t, g, m, (th, tw, tp), out);
     });
 }
 
@@ -231,6 +283,56 @@ fn blocks(th: usize, tw: usize) -> impl Iterator<Item = (usize, usize, usize, us
     })
 }
 
+/// The input transform of one image with the transforms `t`.
+fn transform_input(
+    t: Transforms,
+    g: &Wide,
+    xp: &[f32],
+    tiles: (usize, usize, usize),
+    v: &mut [f32],
+    scratch: &mut rows::Scratch,
+) {
+    match t {
+        Transforms::Avx512 => input(g, xp, tiles, v),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Rows` is only used where the CPU has AVX2 and FMA (the
+        // direct kernels run in AVX2, or a test checked it).
+        Transforms::Rows => unsafe {
+            if g.kh == 3 {
+                rows::input::<3>(g, xp, tiles, v, scratch)
+            } else {
+                rows::input::<2>(g, xp, tiles, v, scratch)
+            }
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        Transforms::Rows => unreachable!("the transforms need x86-64"),
+    }
+}
+
+/// The output transform of one image with the transforms `t`.
+fn transform_output(
+    t: Transforms,
+    g: &Wide,
+    m: &[f32],
+    tiles: (usize, usize, usize),
+    out: &mut [f32],
+) {
+    match t {
+        Transforms::Avx512 => output(g, m, tiles, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `transform_input`.
+        Transforms::Rows => unsafe {
+            if g.kh == 3 {
+                rows::output::<3>(g, m, tiles, out)
+            } else {
+                rows::output::<2>(g, m, tiles, out)
+            }
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        Transforms::Rows => unreachable!("the transforms need x86-64"),
+    }
+}
+
 /// `V = Bᵀ d B` of every input tile `d` (4×4, or 3×3 for 2×2 kernels; tile
 /// `(ty, tx)` starts at padded row `2ty`, column `2tx`), into
 /// `v[ξ][ci][tile]`, a block of tiles ([`blocks`]) per vector.
@@ -244,7 +346,8 @@ fn input(g: &Wide, xp: &[f32], (th, tw, tp): (usize, usize, usize), v: &mut [f32
             // Rows 2ty .. 2ty + 2k + kh − 1, the block's columns of each
             // tile row and the kh − 1 past them (at most wp).
             assert!(at + (2 * k + kh - 2) * g.wp + 2 * (n / k) + kh - 1 <= xp.len());
-            // SAFETY: `applies` (checked by the caller) means AVX-512F; the
+            // SAFETY: `Transforms::Avx512` is only used where the CPU has
+            // AVX-512F (the direct kernels run in it, or a test checked); the
             // rows read are inside `xp` (asserted above) and the stores
             // inside `v` (tiles `ty·tw + tx .. + n ≤ tp`, one plane per
             // position ξ, asserted above).
@@ -276,7 +379,7 @@ fn output(g: &Wide, m: &[f32], (th, tw, tp): (usize, usize, usize), out: &mut [f
             let q = co * g.l + 2 * ty * g.wp + 2 * tx;
             // Rows 2ty .. 2ty + 2k, the block's 2·n/k columns (≤ ow < wp).
             assert!(q + (2 * k - 1) * g.wp + 2 * (n / k) <= out.len());
-            // SAFETY: AVX-512F (`applies`), and every access inside `m`
+            // SAFETY: AVX-512F (as in `input`), and every access inside `m`
             // (tiles `ty·tw + tx .. + n ≤ tp`) and `out` (asserted above).
             #[cfg(target_arch = "x86_64")]
             unsafe {
@@ -567,6 +670,15 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod rows;
+#[cfg(not(target_arch = "x86_64"))]
+mod rows {
+    /// The transforms' scratch (no transforms run off x86-64).
+    #[derive(Default)]
+    pub(super) struct Scratch;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,6 +699,10 @@ mod tests {
             (3, 32, 32, 16, 16),
             (3, 40, 32, 16, 4),
             (3, 32, 36, 32, 2),
+            // Narrow layers (the AVX2 transforms take them), 8 + 4 + 1 + 1
+            // tiles a row.
+            (3, 16, 16, 32, 32),
+            (3, 16, 24, 4, 28),
             // 2×2 kernels, one and several tile rows per vector.
             (2, 32, 40, 6, 34),
             (2, 48, 32, 4, 30),
@@ -610,7 +726,9 @@ mod tests {
                 oh,
             };
             if !applies(&g) {
-                eprintln!("SKIPPED: Winograd needs AVX-512 (and GRADCAST_WINOGRAD not off)");
+                eprintln!(
+                    "SKIPPED: Winograd needs AVX-512 or AVX2 (and GRADCAST_WINOGRAD not off)"
+                );
                 return;
             }
             let mut random =
@@ -619,28 +737,41 @@ mod tests {
             let w = random(packed_len(cin, k * k, cout));
             let mut want = vec![0f32; cout * l];
             super::super::forward(&g, &xp, &w, &mut want);
-            let mut got = vec![f32::NAN; cout * l];
-            forward(&g, &xp, &kernel(&g, &w), &mut got);
-            // Relative to the largest output, like the kernel tests: the
-            // transforms round differently, not worse than the sums' scale.
-            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-            let mut worst = 0f32;
-            for co in 0..cout {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let q = co * l + oy * wp + ox;
-                        assert!(
-                            got[q].is_finite(),
-                            "k{k} {cin}x{cout} {oh}x{ow}: position {q} not written"
-                        );
-                        worst = worst.max((got[q] - want[q]).abs() / scale);
-                    }
+            for t in runnable() {
+                let mut got = vec![f32::NAN; cout * l];
+                forward_using(t, &g, &xp, &kernel(&g, &w), &mut got);
+                check(&got, &want, (k, cin, cout, oh, ow, l, wp), t);
+            }
+        }
+    }
+
+    /// Panics unless `got` is written and within 1e-5 of `want` (relative
+    /// to its largest value) at every valid position.
+    fn check(
+        got: &[f32],
+        want: &[f32],
+        (k, cin, cout, oh, ow, l, wp): (usize, usize, usize, usize, usize, usize, usize),
+        t: Transforms,
+    ) {
+        // Relative to the largest output, like the kernel tests: the
+        // transforms round differently, not worse than the sums' scale.
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let mut worst = 0f32;
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let q = co * l + oy * wp + ox;
+                    assert!(
+                        got[q].is_finite(),
+                        "{t:?} k{k} {cin}x{cout} {oh}x{ow}: position {q} not written"
+                    );
+                    worst = worst.max((got[q] - want[q]).abs() / scale);
                 }
             }
-            assert!(
-                worst < 1e-5,
-                "k{k} {cin}x{cout} {oh}x{ow}: relative difference {worst}"
-            );
         }
+        assert!(
+            worst < 1e-5,
+            "{t:?} k{k} {cin}x{cout} {oh}x{ow}: relative difference {worst}"
+        );
     }
 }
