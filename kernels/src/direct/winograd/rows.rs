@@ -182,7 +182,7 @@ unsafe fn input_tiles<V: Tiles, const K: usize>(
     // SAFETY: the caller's contract.
     unsafe {
         let d = |r: usize, c: usize| {
-            let half = if c % 2 == 0 { even } else { odd };
+            let half = if c.is_multiple_of(2) { even } else { odd };
             V::load(half.add(r * hw + c / 2))
         };
         if K == 2 {
@@ -292,7 +292,7 @@ unsafe fn split(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
         }
     }
     for (j, &v) in src.iter().enumerate().skip(16 * whole) {
-        if j % 2 == 0 {
+        if j.is_multiple_of(2) {
             even[j / 2] = v;
         } else {
             odd[j / 2] = v;
