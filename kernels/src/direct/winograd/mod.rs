@@ -61,9 +61,9 @@ fn fits(g: &Wide) -> bool {
         && g.cout > 0
 }
 
-/// How the transforms run: in AVX-512 registers, 16 tiles per vector
-/// ([`avx512`]), or over planes of one value per tile compiled for AVX2
-/// ([`rows`]).
+/// How the transforms run: in AVX-512 registers, 16 tiles per vector with
+/// masked loads and lane permutes ([`avx512`]), or in AVX2 registers from
+/// the input planes split into even and odd columns ([`rows`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Transforms {
     Avx512,

@@ -1,19 +1,18 @@
-//! Winograd's input and output transforms in AVX2 over planes of one value
-//! per tile: the transforms for CPUs without AVX-512 (those of the parent
-//! module use AVX-512's masked loads and lane permutes).
+//! Winograd's input and output transforms in AVX2: the transforms for CPUs
+//! without AVX-512 (those of the parent module use AVX-512's masked loads
+//! and lane permutes).
 //!
-//! Per input channel the padded plane is split into its even and odd
-//! columns ([`split`]); column `2tx + c` of a tile row is then value
-//! `tx + c/2` of one of the halves, so `W = Bᵀ d` of a tile row is a few
-//! adds of contiguous runs, and `V = W B` a few adds of whole planes of
-//! tiles. The output transform is the same two passes of `Aᵀ`, then each
-//! tile's two output columns interleaved back into the rows
-//! ([`interleave`]). Every pass runs eight tiles per vector, then four,
-//! then one, so narrow maps (four tiles a row) waste no lanes.
-//!
-//! The coefficients are 0 and ±1, applied as `acc + (±1)·x` by fused
-//! multiply-adds, in the order of the matrices' columns: exact up to the
-//! additions, and the same bits whatever the number of tiles.
+//! Per input channel the padded plane is split once into its even and odd
+//! columns ([`split`]); column `2tx + c` of a tile row is then value `tx +
+//! c/2` of one of the halves, so a vector of consecutive tiles of a row
+//! loads each of its `(K + 1)²` values with one unaligned load, and
+//! `Bᵀ d B` is a few adds and subtracts in registers ([`input_tiles`]),
+//! stored to the tile's planes of the parent's layout. The output transform
+//! loads the products' planes the same way and interleaves each tile's two
+//! output columns back into the rows ([`output_tiles`]). A row runs eight
+//! tiles per vector, then four, then one ([`blocks`]), so narrow maps (four
+//! tiles a row) waste no lanes, and the arithmetic of a tile is the same
+//! whatever its vector: the bits do not depend on the map's width.
 
 use std::arch::x86_64::*;
 
