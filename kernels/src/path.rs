@@ -9,9 +9,11 @@
 //!   rest;
 //! - `avx2`: the direct kernels in AVX2 even where AVX-512 is present (as on
 //!   a CPU without it; refused on a CPU without AVX2 and FMA);
-//! - `measure`: as `auto`, but on a CPU with both AVX-512 and AVX2 each
-//!   convolution shape takes the faster of the two, timed once at its first
-//!   use (`GRADCAST_KERNEL_PROFILE=1` prints the timings and the choice). A
+//! - `measure`: as `auto`, but each convolution shape takes the faster of
+//!   the paths open to it, timed once at its first use: on a CPU with both
+//!   AVX-512 and AVX2 the vector width, and on any CPU with either the
+//!   direct kernel or Winograd's transforms and the weight gradient's form
+//!   (`GRADCAST_KERNEL_PROFILE=1` prints the timings and the choice). A
 //!   choice always gives the same bits, but the choice itself can differ
 //!   from run to run, so `measure` alone gives up bit-reproducible runs;
 //!   with `GRADCAST_KERNEL_PLAN=FILE` the choices are kept in FILE and a
@@ -103,6 +105,13 @@ pub fn direct_isa() -> Option<Isa> {
 /// that has both).
 pub(crate) fn measuring() -> bool {
     kernel_path() == KernelPath::Measure && cpu_has_avx512() && cpu_has_avx2()
+}
+
+/// Whether the choices within one vector width (Winograd or the direct
+/// kernel, the weight gradient's form) are made by timing each shape:
+/// `measure`, on any CPU the direct kernels run on.
+pub(crate) fn measuring_shapes() -> bool {
+    kernel_path() == KernelPath::Measure && direct_isa().is_some()
 }
 
 /// Whether a direct (im2col-free) path may be taken at all.

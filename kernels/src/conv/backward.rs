@@ -134,7 +134,7 @@ pub(crate) fn backward_values(
                         // The gemm-shaped weight gradient where it pays,
                         // else lane sums on large maps only (see
                         // `direct::weight_grad`).
-                        let gemm_grad = avx && direct::gemm_grad_pays(g.kh, g.kw, cout);
+                        let gemm_grad = avx && direct::gemm_grad_pays(&plan.wide());
                         let lanes = if avx && !gemm_grad && plan.l >= 512 {
                             16
                         } else {

@@ -280,18 +280,63 @@ pub(crate) fn gemm_grad_supported(kh: usize, kw: usize) -> bool {
     matches!((kh, kw), (3, 3) | (2, 2))
 }
 
-/// Whether the weight gradient of a `kh×kw` kernel with `cout` output
-/// channels takes [`weight_grad_gemm`] rather than [`weight_grad`]: where
-/// it handles the kernel, with more than one vector of output channels,
-/// in AVX-512. With a single vector of output channels the gemm form is
-/// bound by its broadcasts (resnet20 trained at 893 img/s with the row
-/// kernel for its 16-channel layers against 842 with the gemm, Zen 5); in
-/// AVX2 the transposed gradient it needs costs more than it saves (on an
-/// AMD EPYC of family 23, resnet20's 64-channel 8×8 layers: 24.6 ms of
-/// gemm + 3.9 of transpose against 21.0 of row kernel, and training 224 →
-/// 234 img/s).
-pub(crate) fn gemm_grad_pays(kh: usize, kw: usize, cout: usize) -> bool {
-    gemm_grad_supported(kh, kw) && cout > 16 && isa() == Some(Isa::Avx512)
+/// Whether the weight gradient of shape `g` takes [`weight_grad_gemm`]
+/// rather than [`weight_grad`]: where it handles the kernel, with more than
+/// one vector of output channels, in AVX-512; with
+/// `GRADCAST_KERNEL_PATH=measure` where it was the faster of the two on
+/// that shape, timed at its first use ([`time_weight_grads`], kept for the
+/// process or in the plan file, see [`choices`]). With a single vector of
+/// output channels the gemm form is bound by its broadcasts (resnet20
+/// trained at 893 img/s with the row kernel for its 16-channel layers
+/// against 842 with the gemm, Zen 5); in AVX2 the transposed gradient it
+/// needs costs more than it saves (on an AMD EPYC of family 23, resnet20's
+/// 64-channel 8×8 layers: 24.6 ms of gemm + 3.9 of transpose against 21.0
+/// of row kernel, and training 224 → 234 img/s).
+pub(crate) fn gemm_grad_pays(g: &Wide) -> bool {
+    if !(gemm_grad_supported(g.kh, g.kw) && g.cout > 16) {
+        return false;
+    }
+    if !crate::path::measuring_shapes() {
+        return isa() == Some(Isa::Avx512);
+    }
+    choices::choose("gemm-grad", g, || time_weight_grads(g))
+}
+
+/// Times the weight gradient of shape `g` both ways on zeros, over a group
+/// of images as the backward runs it (~1,024 wide positions; best of three
+/// each): the gradients transposed and [`weight_grad_gemm`], and
+/// [`weight_grad`] with as many partial sums as the backward gives it.
+/// Returns whether the gemm was faster, and the timings for the log.
+fn time_weight_grads(g: &Wide) -> (bool, String) {
+    let np = transposed_width(g.cout);
+    let images = (1024 / g.l).max(1);
+    let (xs, ds, ts) = (g.cin * g.s, g.cout * g.l, g.l * np);
+    let xp = vec![0f32; images * xs];
+    let dy = vec![0f32; images * ds];
+    let mut t = vec![0f32; images * ts];
+    let lanes = if g.l >= 512 { 16 } else { 1 };
+    let mut dw = vec![0f32; lanes * g.cin * g.taps() * g.cout];
+    let mut best = |f: &mut dyn FnMut(&mut [f32])| {
+        (0..3)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                f(&mut dw);
+                started.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    };
+    let gemm = best(&mut |dw| {
+        for (dy, t) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
+            transpose_gradient(g, dy, g.l, t);
+        }
+        weight_grad_gemm(g, (images, xs, ts), &xp, &t, dw);
+    });
+    let rows = best(&mut |dw| weight_grad(g, (images, xs, ds, g.l), &xp, &dy, dw, lanes));
+    (
+        gemm < rows,
+        format!("{images} images: gemm {gemm:?} (transposes included), rows {rows:?}"),
+    )
 }
 
 /// Columns of a transposed gradient (output channels rounded up to whole vectors).

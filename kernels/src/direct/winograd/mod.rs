@@ -109,7 +109,7 @@ fn enabled() -> bool {
 /// [`super::choices`]); `GRADCAST_KERNEL_PROFILE=1` prints the timings and
 /// the choice.
 pub(crate) fn chosen(g: &Wide) -> bool {
-    if !crate::path::measuring() {
+    if !crate::path::measuring_shapes() {
         return true;
     }
     super::choices::choose("winograd", g, || {
