@@ -60,6 +60,18 @@ impl Choice for Isa {
     }
 }
 
+/// The shortest of three runs of `f`: how a choice times each candidate.
+pub(crate) fn best_of_three(mut f: impl FnMut()) -> std::time::Duration {
+    (0..3)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            f();
+            started.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
 /// Checks the plan file [`KERNEL_PLAN_VAR`] names, if any, before a process
 /// relies on it: it is read only with `GRADCAST_KERNEL_PATH=measure`, it
 /// can be opened to read and append (it is created if missing), and every

@@ -68,21 +68,16 @@ fn time_isas(g: &Wide) -> (Isa, String) {
     let mut out = vec![0f32; g.cout * g.l];
     g.check(xp.len());
     let mut best = |isa: Isa| {
-        (0..3)
-            .map(|_| {
-                let started = std::time::Instant::now();
-                // SAFETY: `measuring` checked that the CPU has both widths,
-                // and `check` bounds every access of the buffers made above.
-                unsafe {
-                    match isa {
-                        Isa::Avx512 => avx512::forward(g, &xp, &w, &mut out),
-                        Isa::Avx2 => avx2::forward(g, &xp, &w, &mut out),
-                    }
+        choices::best_of_three(|| {
+            // SAFETY: `measuring` checked that the CPU has both widths, and
+            // `check` bounds every access of the buffers made above.
+            unsafe {
+                match isa {
+                    Isa::Avx512 => avx512::forward(g, &xp, &w, &mut out),
+                    Isa::Avx2 => avx2::forward(g, &xp, &w, &mut out),
                 }
-                started.elapsed()
-            })
-            .min()
-            .unwrap_or_default()
+            }
+        })
     };
     let (wide, narrow) = (best(Isa::Avx512), best(Isa::Avx2));
     let isa = if narrow < wide {
@@ -316,23 +311,14 @@ fn time_weight_grads(g: &Wide) -> (bool, String) {
     let mut t = vec![0f32; images * ts];
     let lanes = if g.l >= 512 { 16 } else { 1 };
     let mut dw = vec![0f32; lanes * g.cin * g.taps() * g.cout];
-    let mut best = |f: &mut dyn FnMut(&mut [f32])| {
-        (0..3)
-            .map(|_| {
-                let started = std::time::Instant::now();
-                f(&mut dw);
-                started.elapsed()
-            })
-            .min()
-            .unwrap_or_default()
-    };
-    let gemm = best(&mut |dw| {
+    let gemm = choices::best_of_three(|| {
         for (dy, t) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
             transpose_gradient(g, dy, g.l, t);
         }
-        weight_grad_gemm(g, (images, xs, ts), &xp, &t, dw);
+        weight_grad_gemm(g, (images, xs, ts), &xp, &t, &mut dw);
     });
-    let rows = best(&mut |dw| weight_grad(g, (images, xs, ds, g.l), &xp, &dy, dw, lanes));
+    let rows =
+        choices::best_of_three(|| weight_grad(g, (images, xs, ds, g.l), &xp, &dy, &mut dw, lanes));
     (
         gemm < rows,
         format!("{images} images: gemm {gemm:?} (transposes included), rows {rows:?}"),

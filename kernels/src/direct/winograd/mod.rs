@@ -117,18 +117,8 @@ pub(crate) fn chosen(g: &Wide) -> bool {
         let w = vec![0f32; packed_len(g.cin, g.kh * g.kw, g.cout)];
         let u = kernel(g, &w);
         let mut out = vec![0f32; g.cout * g.l];
-        let mut best = |f: &mut dyn FnMut(&mut [f32])| {
-            (0..3)
-                .map(|_| {
-                    let started = std::time::Instant::now();
-                    f(&mut out);
-                    started.elapsed()
-                })
-                .min()
-                .unwrap_or_default()
-        };
-        let direct = best(&mut |out| super::forward(g, &xp, &w, out));
-        let transformed = best(&mut |out| forward(g, &xp, &u, out));
+        let direct = super::choices::best_of_three(|| super::forward(g, &xp, &w, &mut out));
+        let transformed = super::choices::best_of_three(|| forward(g, &xp, &u, &mut out));
         (
             transformed < direct,
             format!("direct {direct:?}, winograd {transformed:?}"),
