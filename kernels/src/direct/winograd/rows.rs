@@ -319,18 +319,19 @@ pub(super) unsafe fn input<const K: usize>(
     let plane = planes(g.cin, tp);
     assert!(v.len() >= n * n * plane && th * tw <= tp && g.cin > 0);
     // Rows 0 .. oh + K − 1 of a padded plane, each split in halves of `hw`
-    // (a tile row's columns 2tx + c: half c mod 2 at tx + c/2 < tw + 1 ≤ hw).
+    // (a tile row's column 2tx + c is value tx + c/2 ≤ tw < hw of half c
+    // mod 2).
     let (rows, hw) = (g.oh + K - 1, g.wp.div_ceil(2));
     assert!(2 * th + K - 1 <= rows && tw < hw);
     let Scratch { even, odd } = scratch;
-    even.resize(rows * hw + 1, 0.0);
-    odd.resize(rows * hw + 1, 0.0);
+    even.resize(rows * hw, 0.0);
+    odd.resize(rows * hw, 0.0);
     for ci in 0..g.cin {
         let x = &xp[ci * g.s..][..rows * g.wp];
         // SAFETY: AVX2 (this function's contract). `split` checks its
         // slices; the tiles read rows 2ty .. 2ty + K of the halves (below
-        // `rows`, asserted) at columns up to tw + 1 ≤ hw (the last row's
-        // one past it is the halves' extra value), and write tiles
+        // `rows`, asserted) at values tx + c/2 .. + lanes, up to tw < hw
+        // (asserted), and write tiles
         // `ty·tw + tx .. + lanes ≤ th·tw ≤ tp` of channel `ci`'s part of
         // each of the n² planes of `v` (asserted).
         unsafe {
