@@ -135,8 +135,8 @@ pub(crate) fn backward_values(
                         // else lane sums on large maps only (see
                         // `direct::weight_grad`).
                         let gemm_grad = avx && direct::gemm_grad_pays(&plan.wide());
-                        let lanes = if avx && !gemm_grad && plan.l >= 512 {
-                            16
+                        let lanes = if avx && !gemm_grad {
+                            direct::weight_grad_lanes(plan.l)
                         } else {
                             1
                         };
@@ -145,9 +145,12 @@ pub(crate) fn backward_values(
                         let mut db = vec![0f32; cout];
                         let mut scratch = Vec::new();
                         // The direct kernels' weight gradient runs over a group of
-                        // images at a time (one flush of its sums per group:
-                        // 8×8 maps have only 80 wide positions per image).
-                        let group = if avx { (1024 / plan.l).max(1) } else { 1 };
+                        // images at a time.
+                        let group = if avx {
+                            direct::weight_grad_group(plan.l)
+                        } else {
+                            1
+                        };
                         // When dy's padded planes for the input gradient
                         // have the wide layout's row width, its wide rows are
                         // a view into them (the padding supplies the zeros

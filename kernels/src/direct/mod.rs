@@ -304,12 +304,12 @@ pub(crate) fn gemm_grad_pays(g: &Wide) -> bool {
 /// Returns whether the gemm was faster, and the timings for the log.
 fn time_weight_grads(g: &Wide) -> (bool, String) {
     let np = transposed_width(g.cout);
-    let images = (1024 / g.l).max(1);
+    let images = weight_grad_group(g.l);
     let (xs, ds, ts) = (g.cin * g.s, g.cout * g.l, g.l * np);
     let xp = vec![0f32; images * xs];
     let dy = vec![0f32; images * ds];
     let mut t = vec![0f32; images * ts];
-    let lanes = if g.l >= 512 { 16 } else { 1 };
+    let lanes = weight_grad_lanes(g.l);
     let mut dw = vec![0f32; lanes * g.cin * g.taps() * g.cout];
     let gemm = choices::best_of_three(|| {
         for (dy, t) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
@@ -323,6 +323,24 @@ fn time_weight_grads(g: &Wide) -> (bool, String) {
         gemm < rows,
         format!("{images} images: gemm {gemm:?} (transposes included), rows {rows:?}"),
     )
+}
+
+/// Images per call of the weight-gradient kernels, for wide planes of `l`
+/// positions: ~1,024 positions, one flush of the sums per group (8×8 maps
+/// have only 80 wide positions per image).
+pub(crate) fn weight_grad_group(l: usize) -> usize {
+    (1024 / l).max(1)
+}
+
+/// Partial sums per weight for [`weight_grad`] on wide planes of `l`
+/// positions: 16 on large maps, where the 16-fold `dw` stays in cache, else
+/// 1 (see [`weight_grad`]).
+pub(crate) fn weight_grad_lanes(l: usize) -> usize {
+    if l >= 512 {
+        16
+    } else {
+        1
+    }
 }
 
 /// Columns of a transposed gradient (output channels rounded up to whole vectors).
