@@ -250,6 +250,94 @@ fn forward_using(t: Transforms, g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]
     });
 }
 
+/// Adds and subtracts of a vector of tiles, one tile per lane: the only
+/// arithmetic of the transforms, written once for both ([`input_transform`],
+/// [`output_transform`]) whatever the vector.
+trait Lanes: Copy {
+    /// # Safety
+    /// The CPU has the vector's instructions.
+    unsafe fn add(self, b: Self) -> Self;
+    /// # Safety
+    /// The CPU has the vector's instructions.
+    unsafe fn sub(self, b: Self) -> Self;
+}
+
+/// `V = Bᵀ d B` of a vector of tiles: `d(r, c)` is value `(r, c)` of the
+/// tiles, `store(ξ, V_ξ)` takes each of the `(K + 1)²` results.
+///
+/// # Safety
+///
+/// The CPU has `V`'s instructions, and `d` and `store` may be called.
+#[inline(always)]
+unsafe fn input_transform<V: Lanes, const K: usize>(
+    d: impl Fn(usize, usize) -> V,
+    mut store: impl FnMut(usize, V),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if K == 2 {
+            // Bᵀ d over the rows, then the same over the columns.
+            let row = |r: usize| [d(r, 0), d(r, 1), d(r, 2)];
+            let (r0, r1, r2) = (row(0), row(1), row(2));
+            let bd: [[V; 3]; 3] = [
+                std::array::from_fn(|c| r0[c].sub(r1[c])),
+                r1,
+                std::array::from_fn(|c| r2[c].sub(r1[c])),
+            ];
+            for (i, [a, b, c]) in bd.into_iter().enumerate() {
+                for (j, value) in [a.sub(b), b, c.sub(b)].into_iter().enumerate() {
+                    store(3 * i + j, value);
+                }
+            }
+            return;
+        }
+        let rows: [[V; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|c| d(r, c)));
+        // Bᵀ d, column by column.
+        let bd: [[V; 4]; 4] = [
+            std::array::from_fn(|c| rows[0][c].sub(rows[2][c])),
+            std::array::from_fn(|c| rows[1][c].add(rows[2][c])),
+            std::array::from_fn(|c| rows[2][c].sub(rows[1][c])),
+            std::array::from_fn(|c| rows[1][c].sub(rows[3][c])),
+        ];
+        // (Bᵀ d) B, row by row.
+        for (i, [a, b, c, e]) in bd.into_iter().enumerate() {
+            for (j, value) in [a.sub(c), b.add(c), c.sub(b), b.sub(e)]
+                .into_iter()
+                .enumerate()
+            {
+                store(4 * i + j, value);
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` of a vector of tiles: `m(r, c)` is `M_ξ` at `ξ = (K + 1)r
+/// + c`; returns each output row's two columns.
+///
+/// # Safety
+///
+/// The CPU has `V`'s instructions, and `m` may be called for `r, c ≤ K`.
+#[inline(always)]
+unsafe fn output_transform<V: Lanes, const K: usize>(m: impl Fn(usize, usize) -> V) -> [(V, V); 2] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if K == 2 {
+            // Aᵀ M (2×3), then the two output columns of each row.
+            let am: [[V; 3]; 2] = [
+                std::array::from_fn(|c| m(0, c).add(m(1, c))),
+                std::array::from_fn(|c| m(1, c).add(m(2, c))),
+            ];
+            return am.map(|[a, b, c]| (a.add(b), b.add(c)));
+        }
+        let cols: [[V; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| m(r, c)));
+        let am: [[V; 4]; 2] = [
+            cols.map(|[m0, m1, m2, _]| m0.add(m1).add(m2)),
+            cols.map(|[_, m1, m2, m3]| m1.sub(m2).sub(m3)),
+        ];
+        am.map(|[a, b, c, e]| (a.add(b).add(c), b.sub(c).sub(e)))
+    }
+}
+
 /// Tile rows that share a vector: `16 / tw` when rows of `tw` tiles fill
 /// one exactly (small maps, where a row alone would leave lanes empty),
 /// else 1.
@@ -548,6 +636,19 @@ mod avx512 {
         }
     }
 
+    impl super::Lanes for __m512 {
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_add_ps(self, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_sub_ps(self, b) }
+        }
+    }
+
     /// `(Bᵀ d) B` of 16 tiles in the lanes of `d[row][column]`, into
     /// `v[ξ · plane]` (the lanes of `mask`).
     ///
@@ -564,40 +665,10 @@ mod avx512 {
     ) {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
-            if K == 2 {
-                // Bᵀ d over the rows, then the same over the columns.
-                let bd: [[__m512; 4]; 3] = [
-                    std::array::from_fn(|c| _mm512_sub_ps(d[0][c], d[1][c])),
-                    d[1],
-                    std::array::from_fn(|c| _mm512_sub_ps(d[2][c], d[1][c])),
-                ];
-                for (r, [a, b, c, _]) in bd.into_iter().enumerate() {
-                    let row = [_mm512_sub_ps(a, b), b, _mm512_sub_ps(c, b)];
-                    for (k, value) in row.into_iter().enumerate() {
-                        _mm512_mask_storeu_ps(v.add((3 * r + k) * plane), mask, value);
-                    }
-                }
-                return;
-            }
-            // Bᵀ d, column by column.
-            let bd: [[__m512; 4]; 4] = [
-                std::array::from_fn(|c| _mm512_sub_ps(d[0][c], d[2][c])),
-                std::array::from_fn(|c| _mm512_add_ps(d[1][c], d[2][c])),
-                std::array::from_fn(|c| _mm512_sub_ps(d[2][c], d[1][c])),
-                std::array::from_fn(|c| _mm512_sub_ps(d[1][c], d[3][c])),
-            ];
-            // (Bᵀ d) B, row by row.
-            for (r, [a, b, c, e]) in bd.into_iter().enumerate() {
-                let row = [
-                    _mm512_sub_ps(a, c),
-                    _mm512_add_ps(b, c),
-                    _mm512_sub_ps(c, b),
-                    _mm512_sub_ps(b, e),
-                ];
-                for (k, value) in row.into_iter().enumerate() {
-                    _mm512_mask_storeu_ps(v.add((4 * r + k) * plane), mask, value);
-                }
-            }
+            super::input_transform::<__m512, K>(
+                |r, c| d[r][c],
+                |xi, value| _mm512_mask_storeu_ps(v.add(xi * plane), mask, value),
+            )
         }
     }
 
@@ -618,39 +689,14 @@ mod avx512 {
         // SAFETY: the caller upholds this function's contract.
         unsafe {
             let n = K + 1;
-            let mm = |r: usize, c: usize| {
-                if r < n && c < n {
-                    _mm512_maskz_loadu_ps(mask, m.add((n * r + c) * plane))
-                } else {
-                    _mm512_setzero_ps()
-                }
-            };
-            // Aᵀ M (2×n), column by column.
-            let cols: [[__m512; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| mm(r, c)));
-            let am = if K == 2 {
-                [
-                    cols.map(|[m0, m1, _, _]| _mm512_add_ps(m0, m1)),
-                    cols.map(|[_, m1, m2, _]| _mm512_add_ps(m1, m2)),
-                ]
-            } else {
-                [
-                    cols.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
-                    cols.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
-                ]
-            };
-            // (Aᵀ M) A, each output row's two columns interleaved.
+            let rows = super::output_transform::<__m512, K>(|r, c| {
+                _mm512_maskz_loadu_ps(mask, m.add((n * r + c) * plane))
+            });
+            // Each output row's two columns interleaved.
             let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
             let hi =
                 _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-            am.map(|[a, b, c, e]| {
-                let (left, right) = if K == 2 {
-                    (_mm512_add_ps(a, b), _mm512_add_ps(b, c))
-                } else {
-                    (
-                        _mm512_add_ps(_mm512_add_ps(a, b), c),
-                        _mm512_sub_ps(_mm512_sub_ps(b, c), e),
-                    )
-                };
+            rows.map(|(left, right)| {
                 (
                     _mm512_permutex2var_ps(left, lo, right),
                     _mm512_permutex2var_ps(left, hi, right),

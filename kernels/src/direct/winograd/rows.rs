@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{planes, Wide};
+use super::{input_transform, output_transform, planes, Lanes, Wide};
 
 /// Each thread's split planes.
 #[derive(Default)]
@@ -28,7 +28,7 @@ pub(super) struct Scratch {
 /// A vector of tiles, one per lane: eight (`__m256`), four (`__m128`) or
 /// one (`f32`), so that every width of map runs in whole vectors and a
 /// tail.
-trait Tiles: Copy {
+trait Tiles: Lanes {
     /// # Safety
     /// AVX2; as many values from `p` as the vector has lanes readable.
     unsafe fn load(p: *const f32) -> Self;
@@ -40,12 +40,19 @@ trait Tiles: Copy {
     /// # Safety
     /// AVX2; twice as many values from `p` as the vector has lanes writable.
     unsafe fn store_pairs(left: Self, right: Self, p: *mut f32);
-    /// # Safety
-    /// AVX2.
-    unsafe fn add(self, b: Self) -> Self;
-    /// # Safety
-    /// AVX2.
-    unsafe fn sub(self, b: Self) -> Self;
+}
+
+impl Lanes for __m256 {
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_add_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_sub_ps(self, b) }
+    }
 }
 
 impl Tiles for __m256 {
@@ -72,15 +79,18 @@ impl Tiles for __m256 {
             _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
         }
     }
+}
+
+impl Lanes for __m128 {
     #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller's contract.
-        unsafe { _mm256_add_ps(self, b) }
+        unsafe { _mm_add_ps(self, b) }
     }
     #[inline(always)]
     unsafe fn sub(self, b: Self) -> Self {
         // SAFETY: the caller's contract.
-        unsafe { _mm256_sub_ps(self, b) }
+        unsafe { _mm_sub_ps(self, b) }
     }
 }
 
@@ -103,15 +113,16 @@ impl Tiles for __m128 {
             _mm_storeu_ps(p.add(4), _mm_unpackhi_ps(left, right));
         }
     }
+}
+
+impl Lanes for f32 {
     #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
-        // SAFETY: the caller's contract.
-        unsafe { _mm_add_ps(self, b) }
+        self + b
     }
     #[inline(always)]
     unsafe fn sub(self, b: Self) -> Self {
-        // SAFETY: the caller's contract.
-        unsafe { _mm_sub_ps(self, b) }
+        self - b
     }
 }
 
@@ -133,14 +144,6 @@ impl Tiles for f32 {
             p.write(left);
             p.add(1).write(right);
         }
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        self + b
-    }
-    #[inline(always)]
-    unsafe fn sub(self, b: Self) -> Self {
-        self - b
     }
 }
 
@@ -184,41 +187,7 @@ unsafe fn input_tiles<V: Tiles, const K: usize>(
             let half = if c.is_multiple_of(2) { even } else { odd };
             V::load(half.add(r * hw + c / 2))
         };
-        if K == 2 {
-            // Bᵀ d over the rows, then the same over the columns.
-            let (r0, r1, r2) = (
-                [d(0, 0), d(0, 1), d(0, 2)],
-                [d(1, 0), d(1, 1), d(1, 2)],
-                [d(2, 0), d(2, 1), d(2, 2)],
-            );
-            let bd: [[V; 3]; 3] = [
-                std::array::from_fn(|c| r0[c].sub(r1[c])),
-                r1,
-                std::array::from_fn(|c| r2[c].sub(r1[c])),
-            ];
-            for (i, [a, b, c]) in bd.into_iter().enumerate() {
-                let row = [a.sub(b), b, c.sub(b)];
-                for (j, value) in row.into_iter().enumerate() {
-                    value.store(v.add((3 * i + j) * plane));
-                }
-            }
-            return;
-        }
-        let rows: [[V; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|c| d(r, c)));
-        // Bᵀ d, column by column.
-        let bd: [[V; 4]; 4] = [
-            std::array::from_fn(|c| rows[0][c].sub(rows[2][c])),
-            std::array::from_fn(|c| rows[1][c].add(rows[2][c])),
-            std::array::from_fn(|c| rows[2][c].sub(rows[1][c])),
-            std::array::from_fn(|c| rows[1][c].sub(rows[3][c])),
-        ];
-        // (Bᵀ d) B, row by row.
-        for (i, [a, b, c, e]) in bd.into_iter().enumerate() {
-            let row = [a.sub(c), b.add(c), c.sub(b), b.sub(e)];
-            for (j, value) in row.into_iter().enumerate() {
-                value.store(v.add((4 * i + j) * plane));
-            }
-        }
+        input_transform::<V, K>(d, |xi, value| value.store(v.add(xi * plane)));
     }
 }
 
@@ -240,25 +209,9 @@ unsafe fn output_tiles<V: Tiles, const K: usize>(
     // SAFETY: the caller's contract.
     unsafe {
         let n = K + 1;
-        let mm = |r: usize, c: usize| V::load(m.add((n * r + c) * plane));
-        if K == 2 {
-            // Aᵀ M (2×3), then the two output columns of each row.
-            let am: [[V; 3]; 2] = [
-                std::array::from_fn(|c| mm(0, c).add(mm(1, c))),
-                std::array::from_fn(|c| mm(1, c).add(mm(2, c))),
-            ];
-            for (r, [a, b, c]) in am.into_iter().enumerate() {
-                V::store_pairs(a.add(b), b.add(c), y.add(r * wp));
-            }
-            return;
-        }
-        let cols: [[V; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| mm(r, c)));
-        let am: [[V; 4]; 2] = [
-            cols.map(|[m0, m1, m2, _]| m0.add(m1).add(m2)),
-            cols.map(|[_, m1, m2, m3]| m1.sub(m2).sub(m3)),
-        ];
-        for (r, [a, b, c, e]) in am.into_iter().enumerate() {
-            V::store_pairs(a.add(b).add(c), b.sub(c).sub(e), y.add(r * wp));
+        let rows = output_transform::<V, K>(|r, c| V::load(m.add((n * r + c) * plane)));
+        for (r, (left, right)) in rows.into_iter().enumerate() {
+            V::store_pairs(left, right, y.add(r * wp));
         }
     }
 }
