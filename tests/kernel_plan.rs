@@ -1,7 +1,7 @@
 //! `GRADCAST_KERNEL_PATH=measure` with `GRADCAST_KERNEL_PLAN=FILE`: the
 //! first run times each convolution shape's choices (vector width,
-//! Winograd, the weight gradient's form) and writes them to
-//! FILE; a run with that FILE makes the same choices without timing and ends
+//! Winograd and its transforms, the weight gradient's form) and writes them
+//! to FILE; a run with that FILE makes the same choices without timing and ends
 //! with the same weights to the bit; and a run with edited choices follows
 //! the file, not its own timings.
 
@@ -50,8 +50,9 @@ fn train(dir: &Path, data: &Path, plan: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
-    // The vector width is chosen on a CPU with both widths; Winograd and
-    // the weight gradient's form on any CPU with the direct kernels.
+    // The vector width and Winograd's transforms are chosen on a CPU with
+    // both widths; Winograd and the weight gradient's form on any CPU with
+    // the direct kernels.
     #[cfg(target_arch = "x86_64")]
     let (avx512, avx2) = (
         std::is_x86_feature_detected!("avx512f"),
@@ -70,9 +71,9 @@ fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
     let timed = train(&dir.path().join("timed"), &data, &plan);
     let written = std::fs::read_to_string(&plan).unwrap();
     let isa = avx512 && avx2;
-    for what in ["isa ", "winograd ", "gemm-grad "]
+    for what in ["isa ", "transforms ", "winograd ", "gemm-grad "]
         .into_iter()
-        .filter(|&w| isa || w != "isa ")
+        .filter(|&w| isa || !matches!(w, "isa " | "transforms "))
     {
         assert!(
             written.lines().any(|l| l.starts_with(what)),
@@ -96,9 +97,12 @@ fn a_kernel_plan_repeats_measured_choices_to_the_bit_and_is_followed() {
         .lines()
         .map(|l| {
             let (key, value) = l.split_once(" = ").unwrap();
+            let transforms = key.starts_with("transforms ");
             let other = match value {
                 "true" => "false",
                 "false" => "true",
+                "avx512" if transforms => "rows",
+                "rows" => "avx512",
                 "avx512" => "avx2",
                 "avx2" => "avx512",
                 v => panic!("unexpected choice {v:?} in {l:?}"),

@@ -25,9 +25,10 @@ use super::{packed_index, packed_len, Wide};
 /// Fewest input and output channels for which the transforms `t` pay: on
 /// the Zen 4 variant resnet20 trained no faster with its 16-channel layers
 /// on the AVX-512 transforms (there the 1×1 products are thin next to the
-/// transforms); on a CPU with AVX2 only (AMD EPYC family 23), whose FMAs
-/// cost more next to the transforms' adds, those layers' forward took 14.6
-/// ms instead of 19.0 and resnet20 trained 4–5 % faster with them.
+/// transforms); the AVX2 rows, cheaper per tile, take them: on a CPU with
+/// AVX2 only (AMD EPYC family 23) those layers' forward took 14.6 ms
+/// instead of 19.0, and on the Zen 4 variant 7.4 instead of 9.3 (batch
+/// 128, one thread, forward with its BatchNorm).
 fn min_channels(t: Transforms) -> usize {
     match t {
         Transforms::Avx512 => 32,
@@ -37,13 +38,16 @@ fn min_channels(t: Transforms) -> usize {
 
 /// Whether the convolution of shape `g` runs through Winograd's transforms:
 /// a shape they compute ([`fits`]) with at least [`min_channels`] in and
-/// out, on the direct kernels (AVX-512 or AVX2), and not turned off with
+/// out for the transforms it takes ([`transforms_for`]), on the direct
+/// kernels (AVX-512 or AVX2), and not turned off with
 /// `GRADCAST_WINOGRAD=off`.
 pub(crate) fn applies(g: &Wide) -> bool {
+    let narrowest = g.cin.min(g.cout);
     fits(g)
         && super::isa().is_some()
-        && g.cin.min(g.cout) >= min_channels(transforms())
         && enabled()
+        && narrowest >= min_channels(Transforms::Rows).min(min_channels(Transforms::Avx512))
+        && narrowest >= min_channels(transforms_for(g))
 }
 
 /// Whether the transforms compute shape `g`: 3×3 or 2×2, stride 1, an even
@@ -55,7 +59,6 @@ fn fits(g: &Wide) -> bool {
         && g.stride == 1
         && g.oh > 0
         && g.oh.is_multiple_of(2)
-        && ow > 0
         && ow.is_multiple_of(2)
         && g.cin > 0
         && g.cout > 0
@@ -63,22 +66,74 @@ fn fits(g: &Wide) -> bool {
 
 /// How the transforms run: in AVX-512 registers, 16 tiles per vector with
 /// masked loads and lane permutes ([`avx512`]), or in AVX2 registers from
-/// the input planes split into even and odd columns ([`rows`]).
+/// the input planes split into even and odd columns ([`rows`]). Both do
+/// the same additions in the same order ([`input_transform`],
+/// [`output_transform`]), so they give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Transforms {
     Avx512,
     Rows,
 }
 
-/// The transforms this process uses: AVX-512 ones where the direct kernels
-/// run in AVX-512, else the AVX2 rows (also under `GRADCAST_KERNEL_PATH=avx2`
-/// on a CPU that has AVX-512).
-fn transforms() -> Transforms {
-    if super::isa() == Some(super::Isa::Avx512) {
-        Transforms::Avx512
-    } else {
-        Transforms::Rows
+impl super::choices::Choice for Transforms {
+    fn name(self) -> &'static str {
+        match self {
+            Transforms::Avx512 => "avx512",
+            Transforms::Rows => "rows",
+        }
     }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "avx512" => Some(Transforms::Avx512),
+            "rows" => Some(Transforms::Rows),
+            _ => None,
+        }
+    }
+}
+
+/// The transforms this process uses: the AVX2 rows wherever the CPU has
+/// AVX2 and FMA, whichever width the products run in (on the Zen 4
+/// variant they beat the AVX-512 transforms on every resnet20 layer:
+/// 32-channel 16×16 forward 5.2 ms against 7.1, its backward 12.4 against
+/// 14.3; resnet20 trained 686–700 img/s against 630–652 on 2 threads),
+/// else the AVX-512 ones. `GRADCAST_KERNEL_PATH=measure` chooses per
+/// shape on a CPU with both ([`transforms_for`]).
+fn transforms() -> Transforms {
+    if crate::path::cpu_has_avx2() {
+        Transforms::Rows
+    } else {
+        Transforms::Avx512
+    }
+}
+
+/// The transforms for shape `g`: [`transforms`], or with
+/// `GRADCAST_KERNEL_PATH=measure` on a CPU with AVX-512 and AVX2 the faster
+/// of the two for this shape, timed on one image's forward at its first
+/// use (on zeros, best of three) and kept like the other choices (see
+/// [`super::choices`]). Either gives the same bits.
+fn transforms_for(g: &Wide) -> Transforms {
+    if !(crate::path::measuring_shapes()
+        && crate::path::cpu_has_avx512()
+        && crate::path::cpu_has_avx2())
+    {
+        return transforms();
+    }
+    super::choices::choose("transforms", g, || {
+        let xp = vec![0f32; g.cin * g.s];
+        let u = vec![0f32; positions(g) * packed_len(g.cin, 1, g.cout)];
+        let mut out = vec![0f32; g.cout * g.l];
+        let [avx512, rows] = [Transforms::Avx512, Transforms::Rows]
+            .map(|t| super::choices::best_of_three(|| forward_using(t, g, &xp, &u, &mut out)));
+        (
+            if avx512 < rows {
+                Transforms::Avx512
+            } else {
+                Transforms::Rows
+            },
+            format!("avx512 {avx512:?}, rows {rows:?}"),
+        )
+    })
 }
 
 /// Which transforms this CPU can run (for the tests of each).
@@ -218,7 +273,7 @@ thread_local! {
 /// `q = oy·wp + ox` (`oy < oh`, `ox < wp − 2`) of each channel's wide plane
 /// (the wrapped columns past them are left as they were).
 pub(crate) fn forward(g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]) {
-    forward_using(transforms(), g, xp, u, out)
+    forward_using(transforms_for(g), g, xp, u, out)
 }
 
 /// [`forward`] with the transforms `t` (which the CPU must run).
@@ -373,8 +428,8 @@ fn transform_input(
     match t {
         Transforms::Avx512 => input(g, xp, tiles, v),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Rows` is only used where the CPU has AVX2 and FMA (the
-        // direct kernels run in AVX2, or a test checked it).
+        // SAFETY: `Rows` is only used where the CPU has AVX2 and FMA
+        // ([`transforms`], [`transforms_for`], or a test checked it).
         Transforms::Rows => unsafe {
             if g.kh == 3 {
                 rows::input::<3>(g, xp, tiles, v, scratch)
@@ -774,6 +829,7 @@ mod tests {
             let w = random(packed_len(cin, k * k, cout));
             let mut want = vec![0f32; cout * l];
             super::super::forward(&g, &xp, &w, &mut want);
+            let mut first: Option<Vec<f32>> = None;
             for t in runnable() {
                 let mut got = vec![f32::NAN; cout * l];
                 forward_using(t, &g, &xp, &kernel(&g, &w), &mut got);
@@ -797,6 +853,20 @@ mod tests {
                     worst < 1e-5,
                     "{t:?} k{k} {cin}x{cout} {oh}x{ow}: relative difference {worst}"
                 );
+                // Every transform gives the same bits at the valid positions
+                // (so `measure` may choose either).
+                let valid = |v: &[f32]| -> Vec<u32> {
+                    (0..cout * oh * ow)
+                        .map(|i| v[(i / (oh * ow)) * l + (i / ow % oh) * wp + i % ow].to_bits())
+                        .collect()
+                };
+                match &first {
+                    None => first = Some(got),
+                    Some(other) => assert!(
+                        valid(other) == valid(&got),
+                        "{t:?} k{k} {cin}x{cout} {oh}x{ow}: other bits than the first transforms"
+                    ),
+                }
             }
         }
     }
