@@ -134,8 +134,12 @@ pub(crate) fn backward_values(
                         // The gemm-shaped weight gradient where it pays,
                         // else lane sums on large maps only (see
                         // `direct::weight_grad`).
-                        let gemm_grad = avx && direct::gemm_grad_pays(&plan.wide());
-                        let lanes = if avx && !gemm_grad {
+                        // Or through Winograd's transforms, where the
+                        // forward takes them.
+                        let wino_grad = avx && direct::winograd::weight_grad_applies(&plan.wide());
+                        let gemm_grad = avx && !wino_grad && direct::gemm_grad_pays(&plan.wide());
+                        let transposed = gemm_grad || wino_grad;
+                        let lanes = if avx && !transposed {
                             direct::weight_grad_lanes(plan.l)
                         } else {
                             1
@@ -170,7 +174,15 @@ pub(crate) fn backward_values(
                             (cout * plan.l + 16, plan.l)
                         };
                         let mut xp = vec![0f32; group * xs];
-                        let mut dyt = vec![0f32; if gemm_grad { group * ts } else { 0 }];
+                        let mut dyt = vec![0f32; if transposed { group * ts } else { 0 }];
+                        let mut du = vec![
+                            0f32;
+                            if wino_grad {
+                                direct::winograd::grad_len(&plan.wide())
+                            } else {
+                                0
+                            }
+                        ];
                         // dy in rows of the padded width, zero past each row
                         // (or dy's padded planes, when shared).
                         let mut dyw = vec![0f32; group * ds];
@@ -212,7 +224,7 @@ pub(crate) fn backward_values(
                                 }
                             }
                             lap.mark(2);
-                            if gemm_grad {
+                            if transposed {
                                 direct::transpose_gradient(
                                     &plan.wide(),
                                     &dyw[slot * ds + view..],
@@ -221,7 +233,15 @@ pub(crate) fn backward_values(
                                 );
                             }
                             lap.mark(3);
-                            if gemm_grad && (slot + 1 == group || i + 1 == last) {
+                            if wino_grad && (slot + 1 == group || i + 1 == last) {
+                                direct::winograd::weight_grad(
+                                    &plan.wide(),
+                                    (slot + 1, xs, ts),
+                                    &xp,
+                                    &dyt,
+                                    &mut du,
+                                );
+                            } else if gemm_grad && (slot + 1 == group || i + 1 == last) {
                                 direct::weight_grad_gemm(
                                     &plan.wide(),
                                     (slot + 1, xs, ts),
@@ -294,6 +314,9 @@ pub(crate) fn backward_values(
                         // Into the im2col path's `[cin·kh·kw][cout]`.
                         let mut dwt = vec![0f32; k * cout];
                         if avx {
+                            if wino_grad {
+                                direct::winograd::kernel_grad(&plan.wide(), &du, &mut dwk);
+                            }
                             if lanes == 1 {
                                 return (dwk, db);
                             }

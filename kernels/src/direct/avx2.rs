@@ -282,6 +282,10 @@ pub(super) unsafe fn weight_grad_gemm(
                 let left = g.cin - ci;
                 let a = (g, n, xp, t, np, dw, ci, co);
                 ci += match (g.stride, g.kh, left) {
+                    // 1×1: Winograd's products.
+                    (1, 1, 12..) => gemm_block::<1, 1, 12, 12, 1>(a),
+                    (1, 1, 4..) => gemm_block::<1, 1, 4, 4, 1>(a),
+                    (1, 1, _) => gemm_block::<1, 1, 1, 1, 1>(a),
                     (1, 3, _) => gemm_block::<3, 3, 1, 9, 1>(a),
                     (1, _, 3..) => gemm_block::<2, 2, 3, 12, 1>(a),
                     (1, _, _) => gemm_block::<2, 2, 1, 4, 1>(a),

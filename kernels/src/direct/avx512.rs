@@ -266,6 +266,14 @@ pub(super) unsafe fn weight_grad_gemm(
                 let left = g.cin - ci;
                 let a = (g, n, xp, t, np, dw, ci, co);
                 ci += match (g.stride, g.kh, nv, left) {
+                    // 1×1: Winograd's products.
+                    (1, 1, 2, 12..) => gemm_block::<1, 1, 12, 12, 2, 1>(a),
+                    (1, 1, 2, 4..) => gemm_block::<1, 1, 4, 4, 2, 1>(a),
+                    (1, 1, 2, _) => gemm_block::<1, 1, 1, 1, 2, 1>(a),
+                    (1, 1, 1, 24..) => gemm_block::<1, 1, 24, 24, 1, 1>(a),
+                    (1, 1, 1, 16..) => gemm_block::<1, 1, 16, 16, 1, 1>(a),
+                    (1, 1, 1, 4..) => gemm_block::<1, 1, 4, 4, 1, 1>(a),
+                    (1, 1, 1, _) => gemm_block::<1, 1, 1, 1, 1, 1>(a),
                     (1, 3, 2, _) => gemm_block::<3, 3, 1, 9, 2, 1>(a),
                     (1, 3, 1, 2..) => gemm_block::<3, 3, 2, 18, 1, 1>(a),
                     (1, 3, 1, _) => gemm_block::<3, 3, 1, 9, 1, 1>(a),

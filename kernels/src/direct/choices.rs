@@ -1,7 +1,7 @@
 //! The choices `GRADCAST_KERNEL_PATH=measure` makes for each convolution
 //! shape (the vector width, Winograd or the direct kernel, Winograd's
-//! transforms, the weight gradient's form), and the plan file that makes
-//! them repeatable.
+//! transforms, the weight gradient through them or not and its direct
+//! form), and the plan file that makes them repeatable.
 //!
 //! A choice is timed once per process, at the shape's first use. With
 //! `GRADCAST_KERNEL_PLAN=FILE` each choice also goes into FILE, one line

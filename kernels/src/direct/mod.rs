@@ -372,7 +372,8 @@ pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32])
 /// reduced across lanes and the sums stay in registers over all the
 /// positions of all `images` (inputs `xs` apart, gradients `ts` apart).
 /// `dw` is plain `[cin][kh·kw][cout]`. Only for [`gemm_grad_supported`]
-/// kernels; call only when [`available`].
+/// kernels and 1×1 ones (Winograd's products); call only when
+/// [`available`].
 pub(crate) fn weight_grad_gemm(
     g: &Wide,
     (images, xs, ts): (usize, usize, usize),
@@ -380,7 +381,7 @@ pub(crate) fn weight_grad_gemm(
     t: &[f32],
     dw: &mut [f32],
 ) {
-    assert!(gemm_grad_supported(g.kh, g.kw) && images > 0);
+    assert!((gemm_grad_supported(g.kh, g.kw) || (g.kh, g.kw) == (1, 1)) && images > 0);
     let np = transposed_width(g.cout);
     assert!(xs >= g.cin * g.s && ts >= g.l * np);
     assert!(xp.len() >= (images - 1) * xs + g.cin * g.s);

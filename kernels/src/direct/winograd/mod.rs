@@ -22,32 +22,20 @@
 
 use super::{packed_index, packed_len, Wide};
 
-/// Fewest input and output channels for which the transforms `t` pay: on
-/// the Zen 4 variant resnet20 trained no faster with its 16-channel layers
-/// on the AVX-512 transforms (there the 1×1 products are thin next to the
-/// transforms); the AVX2 rows, cheaper per tile, take them: on a CPU with
-/// AVX2 only (AMD EPYC family 23) those layers' forward took 14.6 ms
-/// instead of 19.0, and on the Zen 4 variant 7.4 instead of 9.3 (batch
-/// 128, one thread, forward with its BatchNorm).
-fn min_channels(t: Transforms) -> usize {
-    match t {
-        Transforms::Avx512 => 32,
-        Transforms::Rows => 16,
-    }
-}
+/// Fewest input and output channels for which the transforms pay: on the
+/// Zen 4 variant resnet20's 16-channel layers' forward took 7.4 ms through
+/// them instead of 9.3 on the direct kernel, and on a CPU with AVX2 only
+/// (AMD EPYC family 23) 14.6 instead of 19.0 (batch 128, one thread,
+/// forward with its BatchNorm); 8 channels would leave the products a
+/// single half-empty register block.
+const MIN_CHANNELS: usize = 16;
 
 /// Whether the convolution of shape `g` runs through Winograd's transforms:
-/// a shape they compute ([`fits`]) with at least [`min_channels`] in and
-/// out for the transforms it takes ([`transforms_for`]), on the direct
-/// kernels (AVX-512 or AVX2), and not turned off with
+/// a shape they compute ([`fits`]) with at least [`MIN_CHANNELS`] in and
+/// out, on the direct kernels (AVX-512 or AVX2), and not turned off with
 /// `GRADCAST_WINOGRAD=off`.
 pub(crate) fn applies(g: &Wide) -> bool {
-    let narrowest = g.cin.min(g.cout);
-    fits(g)
-        && super::isa().is_some()
-        && enabled()
-        && narrowest >= min_channels(Transforms::Rows).min(min_channels(Transforms::Avx512))
-        && narrowest >= min_channels(transforms_for(g))
+    fits(g) && super::isa().is_some() && enabled() && g.cin.min(g.cout) >= MIN_CHANNELS
 }
 
 /// Whether the transforms compute shape `g`: 3×3 or 2×2, stride 1, an even
@@ -93,12 +81,13 @@ impl super::choices::Choice for Transforms {
 }
 
 /// The transforms this process uses: the AVX2 rows wherever the CPU has
-/// AVX2 and FMA, whichever width the products run in (on the Zen 4
-/// variant they beat the AVX-512 transforms on every resnet20 layer:
-/// 32-channel 16×16 forward 5.2 ms against 7.1, its backward 12.4 against
-/// 14.3; resnet20 trained 686–700 img/s against 630–652 on 2 threads),
-/// else the AVX-512 ones. `GRADCAST_KERNEL_PATH=measure` chooses per
-/// shape on a CPU with both ([`transforms_for`]).
+/// AVX2 and FMA, whichever width the products run in, else the AVX-512
+/// ones. On the Zen 4 variant the two are level (one image's forward:
+/// 16-channel 32×32 30 µs and 31, 32-channel 16×16 28 and 27, 64-channel
+/// 8×8 26 and 27; resnet20 trained within the machine's noise either way),
+/// and the rows are the ones every x86-64 CPU with direct kernels can run.
+/// `GRADCAST_KERNEL_PATH=measure` chooses per shape on a CPU with both
+/// ([`transforms_for`]).
 fn transforms() -> Transforms {
     if crate::path::cpu_has_avx2() {
         Transforms::Rows
@@ -305,6 +294,274 @@ fn forward_using(t: Transforms, g: &Wide, xp: &[f32], u: &[f32], out: &mut [f32]
     });
 }
 
+/// Whether the weight gradient of shape `g` runs through the transforms
+/// ([`weight_grad`]): where the forward does ([`applies`]) with more than
+/// one vector of output channels, unless `GRADCAST_WINOGRAD_GRAD=off`.
+/// With a single vector (16 channels) the gemm-shaped products are bound
+/// by their broadcasts, one per multiply-add, and the row kernel does as
+/// well (resnet20's 16-channel layers, Zen 4: 15.2 against 15.4 ms of
+/// backward). On the Zen 4 variant: resnet20's 32-channel layers' backward
+/// 12.9 → 10.9 ms, the 64-channel ones' 12.8 → 9.9 (batch 128, one
+/// thread); complex-cnn trained 66–67 → 77–78 img/s (2 threads). With
+/// `GRADCAST_KERNEL_PATH=measure` each shape the forward runs through the
+/// transforms (16 channels included) takes the faster of the two, timed
+/// at its first use ([`time_weight_grads`]).
+pub(crate) fn weight_grad_applies(g: &Wide) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("GRADCAST_WINOGRAD_GRAD").map_or(true, |v| v != "off"))
+        || !applies(g)
+    {
+        return false;
+    }
+    if !crate::path::measuring_shapes() {
+        return g.cout > 16;
+    }
+    super::choices::choose("winograd-grad", g, || time_weight_grads(g))
+}
+
+/// Times shape `g`'s weight gradient over a group of images as the
+/// backward runs it (on zeros, best of three each, the gradients'
+/// transposes included where a form needs them): through the transforms,
+/// and in the form the direct kernels would take
+/// ([`super::gemm_grad_pays`]). Returns whether the transforms were
+/// faster, and the timings for the log.
+fn time_weight_grads(g: &Wide) -> (bool, String) {
+    let np = super::transposed_width(g.cout);
+    let images = super::weight_grad_group(g.l);
+    let (xs, ds, ts) = (g.cin * g.s, g.cout * g.l, g.l * np);
+    let xp = vec![0f32; images * xs];
+    let dy = vec![0f32; images * ds];
+    let mut t = vec![0f32; images * ts];
+    let transpose = |t: &mut [f32]| {
+        for (dy, t) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
+            super::transpose_gradient(g, dy, g.l, t);
+        }
+    };
+    let mut du = vec![0f32; grad_len(g)];
+    let mut dw = vec![0f32; 16 * g.cin * g.taps() * g.cout];
+    let winograd = super::choices::best_of_three(|| {
+        transpose(&mut t);
+        weight_grad(g, (images, xs, ts), &xp, &t, &mut du);
+        kernel_grad(g, &du, &mut dw);
+    });
+    let direct = if super::gemm_grad_pays(g) {
+        super::choices::best_of_three(|| {
+            transpose(&mut t);
+            super::weight_grad_gemm(g, (images, xs, ts), &xp, &t, &mut dw);
+        })
+    } else {
+        let lanes = super::weight_grad_lanes(g.l);
+        super::choices::best_of_three(|| {
+            super::weight_grad(g, (images, xs, ds, g.l), &xp, &dy, &mut dw, lanes)
+        })
+    };
+    (
+        winograd < direct,
+        format!("{images} images: winograd {winograd:?}, direct {direct:?}"),
+    )
+}
+
+/// Values of the transformed kernel gradient [`weight_grad`] accumulates:
+/// `[ξ][cin][cout]`.
+pub(crate) fn grad_len(g: &Wide) -> usize {
+    positions(g) * g.cin * g.cout
+}
+
+thread_local! {
+    /// Each thread's transformed inputs and gradients for [`weight_grad`].
+    static GRAD_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, rows::Scratch)> =
+        std::cell::RefCell::new(Default::default());
+}
+
+/// `dU_ξ[ci][co] += Σ_images Σ_tiles V_ξ[ci][tile] · (A dY Aᵀ)_ξ[tile][co]`:
+/// the gradient of the transformed kernel `U` (see [`kernel_grad`] for the
+/// kernel's), for `images` images whose padded input planes lie `xs` apart
+/// in `xp` and whose wide output gradients, transposed (`[q][co]`, rows
+/// of [`super::transposed_width`] values), lie `ts` apart in `t`. `V` is
+/// the forward's input transform; `A dY Aᵀ` the adjoint of its output
+/// transform; the products are the 1×1 gemm-shaped weight gradient over
+/// the tiles of all the images.
+pub(crate) fn weight_grad(
+    g: &Wide,
+    (images, xs, ts): (usize, usize, usize),
+    xp: &[f32],
+    t: &[f32],
+    du: &mut [f32],
+) {
+    assert!(fits(g) && images > 0);
+    let np = super::transposed_width(g.cout);
+    let (th, tw, tp) = tiles(g);
+    let xis = positions(g);
+    let pv = planes(g.cin, tp);
+    let (vs, ms) = (xis * pv, xis * tp * np);
+    assert!(xp.len() >= (images - 1) * xs + g.cin * g.s);
+    assert!(t.len() >= (images - 1) * ts + g.l * np);
+    assert!(du.len() >= grad_len(g));
+    let one = products(g, tp);
+    let transforms = transforms_for(g);
+    GRAD_SCRATCH.with_borrow_mut(|(v, m, rows)| {
+        v.resize(images * vs, 0.0);
+        m.resize(images * ms, 0.0);
+        for i in 0..images {
+            let vi = &mut v[i * vs..][..vs];
+            transform_input(
+                transforms,
+                g,
+                &xp[i * xs..][..g.cin * g.s],
+                (th, tw, tp),
+                vi,
+                rows,
+            );
+            // The products run over whole vectors of tiles: zeros past the
+            // last tile of each plane (the transforms leave them as they were).
+            for plane in vi.chunks_exact_mut(pv) {
+                for ch in plane[..g.cin * tp].chunks_exact_mut(tp) {
+                    ch[th * tw..].fill(0.0);
+                }
+            }
+            gradient_transform(
+                g,
+                &t[i * ts..][..g.l * np],
+                (th, tw, tp),
+                &mut m[i * ms..][..ms],
+            );
+        }
+        let len = g.cin * g.cout;
+        for xi in 0..xis {
+            super::weight_grad_gemm(
+                &one,
+                (images, vs, ms),
+                &v[xi * pv..],
+                &m[xi * tp * np..],
+                &mut du[xi * len..][..len],
+            );
+        }
+    });
+}
+
+/// `M_ξ[tile][co] = (A dY Aᵀ)_ξ` of every tile of one image's transposed
+/// wide gradient `t` (`[q][co]`, `np` values a row), into `m`
+/// (`[ξ][tile][co]`, `tp` tiles of `np` values per ξ; the tiles past the
+/// last are zero). `A` is `Aᵀ`'s transpose: `Aᵀ = [1 1 1 0; 0 1 −1 −1]`
+/// (3×3 kernels) or `[1 1 0; 0 1 1]` (2×2).
+fn gradient_transform(g: &Wide, t: &[f32], tiles: (usize, usize, usize), m: &mut [f32]) {
+    let (th, tw, tp) = tiles;
+    let np = super::transposed_width(g.cout);
+    let n = g.kh + 1;
+    assert!(m.len() >= n * n * tp * np && (2 * th - 1) * g.wp + 2 * tw <= g.l);
+    assert!(t.len() >= g.l * np);
+    #[cfg(target_arch = "x86_64")]
+    if crate::path::cpu_has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just now).
+        unsafe { gradient_transform_avx2(g, t, tiles, m) };
+        return;
+    }
+    gradient_transform_lanes(g, t, tiles, m);
+}
+
+/// [`gradient_transform_lanes`] compiled for AVX2.
+///
+/// # Safety
+///
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gradient_transform_avx2(
+    g: &Wide,
+    t: &[f32],
+    tiles: (usize, usize, usize),
+    m: &mut [f32],
+) {
+    gradient_transform_lanes(g, t, tiles, m)
+}
+
+/// [`gradient_transform`]'s arithmetic, 16 output channels at a time.
+#[inline(always)]
+fn gradient_transform_lanes(
+    g: &Wide,
+    t: &[f32],
+    (th, tw, tp): (usize, usize, usize),
+    m: &mut [f32],
+) {
+    type L = [f32; 16];
+    let np = super::transposed_width(g.cout);
+    let n = g.kh + 1;
+    // A's rows applied to a pair (a, b): a tile's column (then row) of 2
+    // values becomes n.
+    let expand = |a: L, b: L| -> [L; 4] {
+        let f = |op: fn(f32, f32) -> f32| -> L { std::array::from_fn(|i| op(a[i], b[i])) };
+        if n == 4 {
+            [a, f(|x, y| x + y), f(|x, y| x - y), f(|_, y| -y)]
+        } else {
+            [a, f(|x, y| x + y), b, [0.0; 16]]
+        }
+    };
+    for ty in 0..th {
+        for tx in 0..tw {
+            let tile = ty * tw + tx;
+            let q = 2 * ty * g.wp + 2 * tx;
+            for co in (0..np).step_by(16) {
+                let load = |q: usize| -> L {
+                    let mut v = [0f32; 16];
+                    v.copy_from_slice(&t[q * np + co..][..16]);
+                    v
+                };
+                // Z = A dY (n×2), then Z Aᵀ (n×n).
+                let z0 = expand(load(q), load(q + g.wp));
+                let z1 = expand(load(q + 1), load(q + g.wp + 1));
+                for r in 0..n {
+                    let row = expand(z0[r], z1[r]);
+                    for (c, values) in row.iter().enumerate().take(n) {
+                        m[((n * r + c) * tp + tile) * np + co..][..16].copy_from_slice(values);
+                    }
+                }
+            }
+        }
+    }
+    for xi in 0..n * n {
+        m[(xi * tp + th * tw) * np..(xi + 1) * tp * np].fill(0.0);
+    }
+}
+
+/// `dw[ci][tap][co] += (Gᵀ dU G)` of the transformed kernel gradient `du`
+/// from [`weight_grad`]: the adjoint of [`kernel`]'s `U = G g Gᵀ`, into
+/// the plain `[cin][kh·kw][cout]` layout.
+pub(crate) fn kernel_grad(g: &Wide, du: &[f32], dw: &mut [f32]) {
+    let (k, n) = (g.kh, g.kh + 1);
+    let len = g.cin * g.cout;
+    assert!(du.len() >= n * n * len && dw.len() >= g.cin * k * k * g.cout);
+    // Gᵀ applied to the n values of a row or column of dU.
+    let reduce = |x: [f32; 4]| -> [f32; 3] {
+        let [a, b, c, d] = x;
+        if k == 3 {
+            [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d]
+        } else {
+            [a + b, b + c, 0.0]
+        }
+    };
+    for ci in 0..g.cin {
+        for co in 0..g.cout {
+            let at = ci * g.cout + co;
+            let u = |r: usize, c: usize| {
+                if r < n && c < n {
+                    du[(n * r + c) * len + at]
+                } else {
+                    0.0
+                }
+            };
+            // Gᵀ dU (k×n), then (Gᵀ dU) G (k×k).
+            let gu: [[f32; 3]; 4] =
+                std::array::from_fn(|c| reduce(std::array::from_fn(|r| u(r, c))));
+            for ky in 0..k {
+                let row = reduce(std::array::from_fn(|c| gu[c][ky]));
+                for (kx, v) in row.into_iter().take(k).enumerate() {
+                    dw[(ci * k * k + k * ky + kx) * g.cout + co] += v;
+                }
+            }
+        }
+    }
+}
+
 /// Adds and subtracts of a vector of tiles, one tile per lane: the only
 /// arithmetic of the transforms, written once for both ([`input_transform`],
 /// [`output_transform`]) whatever the vector.
@@ -328,40 +585,65 @@ unsafe fn input_transform<V: Lanes, const K: usize>(
     d: impl Fn(usize, usize) -> V,
     mut store: impl FnMut(usize, V),
 ) {
+    // Written out without closures handed to library functions (`map`,
+    // `from_fn`): a closure the compiler keeps out of line loses the
+    // caller's vector instructions, and each add becomes a call.
     // SAFETY: the caller's contract.
     unsafe {
         if K == 2 {
             // Bᵀ d over the rows, then the same over the columns.
-            let row = |r: usize| [d(r, 0), d(r, 1), d(r, 2)];
-            let (r0, r1, r2) = (row(0), row(1), row(2));
+            let (a, b, c) = (
+                [d(0, 0), d(0, 1), d(0, 2)],
+                [d(1, 0), d(1, 1), d(1, 2)],
+                [d(2, 0), d(2, 1), d(2, 2)],
+            );
             let bd: [[V; 3]; 3] = [
-                std::array::from_fn(|c| r0[c].sub(r1[c])),
-                r1,
-                std::array::from_fn(|c| r2[c].sub(r1[c])),
+                [a[0].sub(b[0]), a[1].sub(b[1]), a[2].sub(b[2])],
+                b,
+                [c[0].sub(b[0]), c[1].sub(b[1]), c[2].sub(b[2])],
             ];
             for (i, [a, b, c]) in bd.into_iter().enumerate() {
-                for (j, value) in [a.sub(b), b, c.sub(b)].into_iter().enumerate() {
-                    store(3 * i + j, value);
-                }
+                store(3 * i, a.sub(b));
+                store(3 * i + 1, b);
+                store(3 * i + 2, c.sub(b));
             }
             return;
         }
-        let rows: [[V; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|c| d(r, c)));
+        let row = |r: usize| [d(r, 0), d(r, 1), d(r, 2), d(r, 3)];
+        let (x0, x1, x2, x3) = (row(0), row(1), row(2), row(3));
         // Bᵀ d, column by column.
         let bd: [[V; 4]; 4] = [
-            std::array::from_fn(|c| rows[0][c].sub(rows[2][c])),
-            std::array::from_fn(|c| rows[1][c].add(rows[2][c])),
-            std::array::from_fn(|c| rows[2][c].sub(rows[1][c])),
-            std::array::from_fn(|c| rows[1][c].sub(rows[3][c])),
+            [
+                x0[0].sub(x2[0]),
+                x0[1].sub(x2[1]),
+                x0[2].sub(x2[2]),
+                x0[3].sub(x2[3]),
+            ],
+            [
+                x1[0].add(x2[0]),
+                x1[1].add(x2[1]),
+                x1[2].add(x2[2]),
+                x1[3].add(x2[3]),
+            ],
+            [
+                x2[0].sub(x1[0]),
+                x2[1].sub(x1[1]),
+                x2[2].sub(x1[2]),
+                x2[3].sub(x1[3]),
+            ],
+            [
+                x1[0].sub(x3[0]),
+                x1[1].sub(x3[1]),
+                x1[2].sub(x3[2]),
+                x1[3].sub(x3[3]),
+            ],
         ];
         // (Bᵀ d) B, row by row.
         for (i, [a, b, c, e]) in bd.into_iter().enumerate() {
-            for (j, value) in [a.sub(c), b.add(c), c.sub(b), b.sub(e)]
-                .into_iter()
-                .enumerate()
-            {
-                store(4 * i + j, value);
-            }
+            store(4 * i, a.sub(c));
+            store(4 * i + 1, b.add(c));
+            store(4 * i + 2, c.sub(b));
+            store(4 * i + 3, b.sub(e));
         }
     }
 }
@@ -374,22 +656,33 @@ unsafe fn input_transform<V: Lanes, const K: usize>(
 /// The CPU has `V`'s instructions, and `m` may be called for `r, c ≤ K`.
 #[inline(always)]
 unsafe fn output_transform<V: Lanes, const K: usize>(m: impl Fn(usize, usize) -> V) -> [(V, V); 2] {
+    // (Written out as `input_transform` is.)
     // SAFETY: the caller's contract.
     unsafe {
         if K == 2 {
             // Aᵀ M (2×3), then the two output columns of each row.
-            let am: [[V; 3]; 2] = [
-                std::array::from_fn(|c| m(0, c).add(m(1, c))),
-                std::array::from_fn(|c| m(1, c).add(m(2, c))),
+            let (m0, m1, m2) = (
+                [m(0, 0), m(0, 1), m(0, 2)],
+                [m(1, 0), m(1, 1), m(1, 2)],
+                [m(2, 0), m(2, 1), m(2, 2)],
+            );
+            let a = [m0[0].add(m1[0]), m0[1].add(m1[1]), m0[2].add(m1[2])];
+            let b = [m1[0].add(m2[0]), m1[1].add(m2[1]), m1[2].add(m2[2])];
+            return [
+                (a[0].add(a[1]), a[1].add(a[2])),
+                (b[0].add(b[1]), b[1].add(b[2])),
             ];
-            return am.map(|[a, b, c]| (a.add(b), b.add(c)));
         }
-        let cols: [[V; 4]; 4] = std::array::from_fn(|c| std::array::from_fn(|r| m(r, c)));
-        let am: [[V; 4]; 2] = [
-            cols.map(|[m0, m1, m2, _]| m0.add(m1).add(m2)),
-            cols.map(|[_, m1, m2, m3]| m1.sub(m2).sub(m3)),
-        ];
-        am.map(|[a, b, c, e]| (a.add(b).add(c), b.sub(c).sub(e)))
+        let column = |c: usize| (m(0, c), m(1, c), m(2, c), m(3, c));
+        let (c0, c1, c2, c3) = (column(0), column(1), column(2), column(3));
+        let top = |(m0, m1, m2, _): (V, V, V, V)| m0.add(m1).add(m2);
+        let bottom = |(_, m1, m2, m3): (V, V, V, V)| m1.sub(m2).sub(m3);
+        let [a, b, c, e] = [top(c0), top(c1), top(c2), top(c3)];
+        let [f, g, h, k] = [bottom(c0), bottom(c1), bottom(c2), bottom(c3)];
+        [
+            (a.add(b).add(c), b.sub(c).sub(e)),
+            (f.add(g).add(h), g.sub(h).sub(k)),
+        ]
     }
 }
 
@@ -868,6 +1161,89 @@ mod tests {
                     ),
                 }
             }
+        }
+    }
+
+    /// The shape of a stride-1 convolution with `oh × ow` outputs in the
+    /// wide layout the kernels use.
+    fn shape(k: usize, cin: usize, cout: usize, oh: usize, ow: usize) -> Wide {
+        let wp: usize = ow + k - 1;
+        let l = ((oh - 1) * wp + ow).next_multiple_of(16);
+        let s = ((oh + k - 1) * wp).max((k - 1) * (wp + 1) + l);
+        Wide {
+            cin,
+            cout,
+            s,
+            wp,
+            kh: k,
+            kw: k,
+            l,
+            stride: 1,
+            sp: 0,
+            oh,
+        }
+    }
+
+    /// The weight gradient through the transforms equals the direct
+    /// kernel's (relative to its largest value), summed over several
+    /// images spaced apart, for 3×3 and 2×2 kernels, one and several
+    /// vectors of output channels and a partial one, and tiles that leave
+    /// padding in the transformed planes.
+    #[test]
+    fn winograd_weight_gradient_matches_the_direct_kernel() {
+        if super::super::isa().is_none() {
+            eprintln!("SKIPPED: the direct kernels need AVX-512 or AVX2");
+            return;
+        }
+        let mut rng = Rng::new(7);
+        for (k, cin, cout, oh, ow) in [
+            (3usize, 32usize, 40, 6, 34),
+            (3, 16, 24, 4, 28),
+            (3, 48, 64, 8, 8),
+            (3, 33, 17, 2, 2),
+            (3, 32, 32, 16, 16),
+            (2, 32, 40, 6, 34),
+            (2, 36, 64, 8, 8),
+        ] {
+            let g = shape(k, cin, cout, oh, ow);
+            let images = 3;
+            let np = super::super::transposed_width(cout);
+            let (xs, ds, ts) = (cin * g.s + 5, cout * g.l + 3, g.l * np + 16);
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
+            let xp = random(images * xs);
+            // The wide gradient, zero past each row's `ow` valid columns.
+            let mut dy = random(images * ds);
+            for image in dy.chunks_exact_mut(ds) {
+                for (q, v) in image[..cout * g.l].iter_mut().enumerate() {
+                    let q = q % g.l;
+                    if q % g.wp >= ow || q / g.wp >= oh {
+                        *v = 0.0;
+                    }
+                }
+            }
+            let mut t = vec![0f32; images * ts];
+            for (dyi, ti) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
+                super::super::transpose_gradient(&g, dyi, g.l, ti);
+            }
+            let taps = k * k;
+            let mut want = vec![0f32; cin * taps * cout];
+            super::super::weight_grad(&g, (images, xs, ds, g.l), &xp, &dy, &mut want, 1);
+            let mut du = vec![0f32; grad_len(&g)];
+            // Two calls, as the backward makes one per group of images.
+            weight_grad(&g, (2, xs, ts), &xp, &t, &mut du);
+            weight_grad(&g, (1, xs, ts), &xp[2 * xs..], &t[2 * ts..], &mut du);
+            let mut got = vec![0f32; cin * taps * cout];
+            kernel_grad(&g, &du, &mut got);
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+            assert!(
+                worst < 1e-5,
+                "k{k} {cin}x{cout} {oh}x{ow}: relative difference {worst}"
+            );
         }
     }
 }
