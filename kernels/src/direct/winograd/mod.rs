@@ -26,8 +26,7 @@ use super::{packed_index, packed_len, Wide};
 /// Zen 4 variant resnet20's 16-channel layers' forward took 7.4 ms through
 /// them instead of 9.3 on the direct kernel, and on a CPU with AVX2 only
 /// (AMD EPYC family 23) 14.6 instead of 19.0 (batch 128, one thread,
-/// forward with its BatchNorm); 8 channels would leave the products a
-/// single half-empty register block.
+/// forward with its BatchNorm).
 const MIN_CHANNELS: usize = 16;
 
 /// Whether the convolution of shape `g` runs through Winograd's transforms:
@@ -1094,21 +1093,8 @@ mod tests {
             (2, 36, 64, 8, 8),
             (2, 32, 32, 32, 2),
         ] {
-            let wp: usize = ow + k - 1;
-            let l = ((oh - 1) * wp + ow).next_multiple_of(16);
-            let s = ((oh + k - 1) * wp).max((k - 1) * (wp + 1) + l);
-            let g = Wide {
-                cin,
-                cout,
-                s,
-                wp,
-                kh: k,
-                kw: k,
-                l,
-                stride: 1,
-                sp: 0,
-                oh,
-            };
+            let g = shape(k, cin, cout, oh, ow);
+            let (s, wp, l) = (g.s, g.wp, g.l);
             // Every shape is one the transforms compute, whether or not
             // this CPU's channel minimum sends it through them.
             assert!(fits(&g));
