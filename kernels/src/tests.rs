@@ -91,10 +91,12 @@ fn conv2d_matches_candle_values_and_gradients() {
         (5, 24, 8, 8, 40, 3, 1, [1, 1, 1, 1]),
         (2, 64, 8, 8, 64, 3, 1, [1, 1, 1, 1]),
         (3, 16, 7, 9, 12, 2, 1, [0, 1, 0, 1]),
-        // 32 or more channels in and out at stride 1, 3×3: Winograd's
-        // transforms on AVX-512 (forward and input gradient), with an even
-        // and an odd number of output rows, tile rows of more than one
-        // vector, "valid" padding (its input gradient pads by 2).
+        // 16 or more channels in and out at stride 1, 3×3 (the 16-channel
+        // rows above too): Winograd's transforms (forward and input
+        // gradient, and the weight gradient with more than 16 output
+        // channels), with an even and an odd number of output rows, tile
+        // rows of more than one vector, "valid" padding (its input
+        // gradient pads by 2).
         (2, 32, 6, 10, 40, 3, 1, [1, 1, 1, 1]),
         (1, 32, 36, 36, 33, 3, 1, [1, 1, 1, 1]),
         (2, 36, 14, 14, 32, 3, 1, [0, 0, 0, 0]),
