@@ -270,9 +270,10 @@ pub(crate) fn weight_grad(
     panic!("direct::weight_grad needs AVX-512F or AVX2")
 }
 
-/// Whether [`weight_grad_gemm`] handles a `kh×kw` kernel.
-pub(crate) fn gemm_grad_supported(kh: usize, kw: usize) -> bool {
-    matches!((kh, kw), (3, 3) | (2, 2))
+/// Whether [`weight_grad_gemm`] handles shape `g`: 3×3 and 2×2 kernels at
+/// either stride, and 1×1 kernels at stride 1 (Winograd's products).
+pub(crate) fn gemm_grad_handles(g: &Wide) -> bool {
+    matches!((g.kh, g.kw), (3, 3) | (2, 2)) || (g.kh, g.kw, g.stride) == (1, 1, 1)
 }
 
 /// Whether the weight gradient of shape `g` takes [`weight_grad_gemm`]
@@ -288,7 +289,9 @@ pub(crate) fn gemm_grad_supported(kh: usize, kw: usize) -> bool {
 /// 64-channel 8×8 layers: 24.6 ms of gemm + 3.9 of transpose against 21.0
 /// of row kernel, and training 224 → 234 img/s).
 pub(crate) fn gemm_grad_pays(g: &Wide) -> bool {
-    if !(gemm_grad_supported(g.kh, g.kw) && g.cout > 16) {
+    // (A layer's own 1×1 convolutions keep the row kernel: the gemm's 1×1
+    // blocks were made and measured for Winograd's products.)
+    if !(gemm_grad_handles(g) && g.kh > 1 && g.cout > 16) {
         return false;
     }
     if !crate::path::measuring_shapes() {
@@ -298,31 +301,94 @@ pub(crate) fn gemm_grad_pays(g: &Wide) -> bool {
 }
 
 /// Times the weight gradient of shape `g` both ways on zeros, over a group
-/// of images as the backward runs it (~1,024 wide positions; best of three
-/// each): the gradients transposed and [`weight_grad_gemm`], and
-/// [`weight_grad`] with as many partial sums as the backward gives it.
-/// Returns whether the gemm was faster, and the timings for the log.
+/// of images as the backward runs it ([`GradTiming`]): the gradients
+/// transposed and [`weight_grad_gemm`], and [`weight_grad`] with as many
+/// partial sums as the backward gives it. Returns whether the gemm was
+/// faster, and the timings for the log.
 fn time_weight_grads(g: &Wide) -> (bool, String) {
-    let np = transposed_width(g.cout);
-    let images = weight_grad_group(g.l);
-    let (xs, ds, ts) = (g.cin * g.s, g.cout * g.l, g.l * np);
-    let xp = vec![0f32; images * xs];
-    let dy = vec![0f32; images * ds];
-    let mut t = vec![0f32; images * ts];
-    let lanes = weight_grad_lanes(g.l);
-    let mut dw = vec![0f32; lanes * g.cin * g.taps() * g.cout];
-    let gemm = choices::best_of_three(|| {
-        for (dy, t) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
-            transpose_gradient(g, dy, g.l, t);
-        }
-        weight_grad_gemm(g, (images, xs, ts), &xp, &t, &mut dw);
-    });
-    let rows =
-        choices::best_of_three(|| weight_grad(g, (images, xs, ds, g.l), &xp, &dy, &mut dw, lanes));
+    let mut timing = GradTiming::new(g);
+    let (gemm, rows) = (timing.gemm(), timing.rows());
     (
         gemm < rows,
-        format!("{images} images: gemm {gemm:?} (transposes included), rows {rows:?}"),
+        format!(
+            "{} images: gemm {gemm:?} (transposes included), rows {rows:?}",
+            timing.images
+        ),
     )
+}
+
+/// Zeros laid out as the backward hands a group of images of shape `g` to
+/// the weight-gradient kernels (~1,024 wide positions, [`weight_grad_group`]),
+/// for `measure`'s timings of their forms (best of three each).
+struct GradTiming<'a> {
+    g: &'a Wide,
+    images: usize,
+    /// Padded inputs, wide gradients and transposed gradients: `images`
+    /// of each, `xs`, `ds` and `ts` apart.
+    xs: usize,
+    ds: usize,
+    ts: usize,
+    xp: Vec<f32>,
+    dy: Vec<f32>,
+    t: Vec<f32>,
+    /// Room for any form's weight gradient (16 partial sums per weight).
+    dw: Vec<f32>,
+}
+
+impl<'a> GradTiming<'a> {
+    fn new(g: &'a Wide) -> Self {
+        let images = weight_grad_group(g.l);
+        let (xs, ds, ts) = (g.cin * g.s, g.cout * g.l, g.l * transposed_width(g.cout));
+        GradTiming {
+            g,
+            images,
+            xs,
+            ds,
+            ts,
+            xp: vec![0f32; images * xs],
+            dy: vec![0f32; images * ds],
+            t: vec![0f32; images * ts],
+            dw: vec![0f32; 16 * g.cin * g.taps() * g.cout],
+        }
+    }
+
+    /// The gradients transposed for the gemm-shaped forms.
+    fn transpose(&mut self) {
+        for (dy, t) in self
+            .dy
+            .chunks_exact(self.ds)
+            .zip(self.t.chunks_exact_mut(self.ts))
+        {
+            transpose_gradient(self.g, dy, self.g.l, t);
+        }
+    }
+
+    /// [`weight_grad_gemm`], the transposes included.
+    fn gemm(&mut self) -> std::time::Duration {
+        choices::best_of_three(|| {
+            self.transpose();
+            let n = (self.images, self.xs, self.ts);
+            weight_grad_gemm(self.g, n, &self.xp, &self.t, &mut self.dw);
+        })
+    }
+
+    /// [`weight_grad`] with the backward's partial sums.
+    fn rows(&mut self) -> std::time::Duration {
+        let lanes = weight_grad_lanes(self.g.l);
+        choices::best_of_three(|| {
+            let n = (self.images, self.xs, self.ds, self.g.l);
+            weight_grad(self.g, n, &self.xp, &self.dy, &mut self.dw, lanes);
+        })
+    }
+
+    /// The form the backward takes without Winograd ([`gemm_grad_pays`]).
+    fn direct(&mut self) -> std::time::Duration {
+        if gemm_grad_pays(self.g) {
+            self.gemm()
+        } else {
+            self.rows()
+        }
+    }
 }
 
 /// Images per call of the weight-gradient kernels, for wide planes of `l`
@@ -371,9 +437,8 @@ pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32])
 /// per kernel tap, and the positions as the reduction, so that nothing is
 /// reduced across lanes and the sums stay in registers over all the
 /// positions of all `images` (inputs `xs` apart, gradients `ts` apart).
-/// `dw` is plain `[cin][kh·kw][cout]`. Only for [`gemm_grad_supported`]
-/// kernels and 1×1 ones (Winograd's products); call only when
-/// [`available`].
+/// `dw` is plain `[cin][kh·kw][cout]`. Only for the shapes
+/// [`gemm_grad_handles`]; call only when [`available`].
 pub(crate) fn weight_grad_gemm(
     g: &Wide,
     (images, xs, ts): (usize, usize, usize),
@@ -381,7 +446,7 @@ pub(crate) fn weight_grad_gemm(
     t: &[f32],
     dw: &mut [f32],
 ) {
-    assert!((gemm_grad_supported(g.kh, g.kw) || (g.kh, g.kw) == (1, 1)) && images > 0);
+    assert!(gemm_grad_handles(g) && images > 0);
     let np = transposed_width(g.cout);
     assert!(xs >= g.cin * g.s && ts >= g.l * np);
     assert!(xp.len() >= (images - 1) * xs + g.cin * g.s);

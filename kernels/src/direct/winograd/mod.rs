@@ -319,44 +319,26 @@ pub(crate) fn weight_grad_applies(g: &Wide) -> bool {
 }
 
 /// Times shape `g`'s weight gradient over a group of images as the
-/// backward runs it (on zeros, best of three each, the gradients'
-/// transposes included where a form needs them): through the transforms,
-/// and in the form the direct kernels would take
-/// ([`super::gemm_grad_pays`]). Returns whether the transforms were
-/// faster, and the timings for the log.
+/// backward runs it ([`super::GradTiming`]): through the transforms (the
+/// gradients' transposes included), and in the form the direct kernels
+/// would take. Returns whether the transforms were faster, and the
+/// timings for the log.
 fn time_weight_grads(g: &Wide) -> (bool, String) {
-    let np = super::transposed_width(g.cout);
-    let images = super::weight_grad_group(g.l);
-    let (xs, ds, ts) = (g.cin * g.s, g.cout * g.l, g.l * np);
-    let xp = vec![0f32; images * xs];
-    let dy = vec![0f32; images * ds];
-    let mut t = vec![0f32; images * ts];
-    let transpose = |t: &mut [f32]| {
-        for (dy, t) in dy.chunks_exact(ds).zip(t.chunks_exact_mut(ts)) {
-            super::transpose_gradient(g, dy, g.l, t);
-        }
-    };
+    let mut timing = super::GradTiming::new(g);
     let mut du = vec![0f32; grad_len(g)];
-    let mut dw = vec![0f32; 16 * g.cin * g.taps() * g.cout];
     let winograd = super::choices::best_of_three(|| {
-        transpose(&mut t);
-        weight_grad(g, (images, xs, ts), &xp, &t, &mut du);
-        kernel_grad(g, &du, &mut dw);
+        timing.transpose();
+        let n = (timing.images, timing.xs, timing.ts);
+        weight_grad(g, n, &timing.xp, &timing.t, &mut du);
+        kernel_grad(g, &du, &mut timing.dw);
     });
-    let direct = if super::gemm_grad_pays(g) {
-        super::choices::best_of_three(|| {
-            transpose(&mut t);
-            super::weight_grad_gemm(g, (images, xs, ts), &xp, &t, &mut dw);
-        })
-    } else {
-        let lanes = super::weight_grad_lanes(g.l);
-        super::choices::best_of_three(|| {
-            super::weight_grad(g, (images, xs, ds, g.l), &xp, &dy, &mut dw, lanes)
-        })
-    };
+    let direct = timing.direct();
     (
         winograd < direct,
-        format!("{images} images: winograd {winograd:?}, direct {direct:?}"),
+        format!(
+            "{} images: winograd {winograd:?}, direct {direct:?}",
+            timing.images
+        ),
     )
 }
 
@@ -474,6 +456,30 @@ unsafe fn gradient_transform_avx2(
     gradient_transform_lanes(g, t, tiles, m)
 }
 
+/// Sixteen lanes of a transform's values.
+type Sixteen = [f32; 16];
+
+/// `A`'s rows applied lane by lane to a pair `(a, b)` (a tile's column,
+/// then row, of two gradient values): `n` values out. A plain function
+/// with loops, not closures handed to `from_fn` or `map`, so that it is
+/// compiled inside its AVX2 caller (see [`input_transform`]).
+#[inline(always)]
+fn expand(n: usize, a: &Sixteen, b: &Sixteen) -> [Sixteen; 4] {
+    let mut out = [[0f32; 16]; 4];
+    for i in 0..16 {
+        let (x, y) = (a[i], b[i]);
+        out[0][i] = x;
+        out[1][i] = x + y;
+        if n == 4 {
+            out[2][i] = x - y;
+            out[3][i] = -y;
+        } else {
+            out[2][i] = y;
+        }
+    }
+    out
+}
+
 /// [`gradient_transform`]'s arithmetic, 16 output channels at a time.
 #[inline(always)]
 fn gradient_transform_lanes(
@@ -482,34 +488,23 @@ fn gradient_transform_lanes(
     (th, tw, tp): (usize, usize, usize),
     m: &mut [f32],
 ) {
-    type L = [f32; 16];
     let np = super::transposed_width(g.cout);
     let n = g.kh + 1;
-    // A's rows applied to a pair (a, b): a tile's column (then row) of 2
-    // values becomes n.
-    let expand = |a: L, b: L| -> [L; 4] {
-        let f = |op: fn(f32, f32) -> f32| -> L { std::array::from_fn(|i| op(a[i], b[i])) };
-        if n == 4 {
-            [a, f(|x, y| x + y), f(|x, y| x - y), f(|_, y| -y)]
-        } else {
-            [a, f(|x, y| x + y), b, [0.0; 16]]
-        }
+    let load = |q: usize, co: usize| -> Sixteen {
+        let mut v = [0f32; 16];
+        v.copy_from_slice(&t[q * np + co..][..16]);
+        v
     };
     for ty in 0..th {
         for tx in 0..tw {
             let tile = ty * tw + tx;
             let q = 2 * ty * g.wp + 2 * tx;
             for co in (0..np).step_by(16) {
-                let load = |q: usize| -> L {
-                    let mut v = [0f32; 16];
-                    v.copy_from_slice(&t[q * np + co..][..16]);
-                    v
-                };
                 // Z = A dY (n×2), then Z Aᵀ (n×n).
-                let z0 = expand(load(q), load(q + g.wp));
-                let z1 = expand(load(q + 1), load(q + g.wp + 1));
+                let z0 = expand(n, &load(q, co), &load(q + g.wp, co));
+                let z1 = expand(n, &load(q + 1, co), &load(q + g.wp + 1, co));
                 for r in 0..n {
-                    let row = expand(z0[r], z1[r]);
+                    let row = expand(n, &z0[r], &z1[r]);
                     for (c, values) in row.iter().enumerate().take(n) {
                         m[((n * r + c) * tp + tile) * np + co..][..16].copy_from_slice(values);
                     }
