@@ -57,6 +57,37 @@ fn pool_plane(y: &[f32], w: usize, out: &mut [f32], codes: &mut [u8]) {
     }
 }
 
+/// The inverse of [`pool_plane`] for gradients: `plane` (`h × w`, every
+/// value written) gets each window's pooled gradient `dp` at the position
+/// its code names and zero at the other three (all four for [`NONE`]), and
+/// zero in the last row and column an odd size leaves outside the windows.
+/// Branch-free window by window, row pair by row pair, so that it
+/// vectorises (one pass over the plane instead of a fill and a scatter).
+fn unpool_plane(codes: &[u8], dp: &[f32], w: usize, plane: &mut [f32]) {
+    let pw = w / 2;
+    let ph = codes.len().checked_div(pw).unwrap_or(0);
+    assert!(codes.len() == ph * pw && dp.len() == codes.len() && plane.len() >= 2 * ph * w);
+    let pick = |code: u8, at: u8, v: f32| if code == at { v } else { 0.0 };
+    for (py, rows) in plane.chunks_exact_mut(2 * w).take(ph).enumerate() {
+        let (top, bottom) = rows.split_at_mut(w);
+        let (c, d) = (&codes[py * pw..][..pw], &dp[py * pw..][..pw]);
+        for (((t, b), &code), &v) in top
+            .chunks_exact_mut(2)
+            .zip(bottom.chunks_exact_mut(2))
+            .zip(c)
+            .zip(d)
+        {
+            t[0] = pick(code, 0, v);
+            t[1] = pick(code, 1, v);
+            b[0] = pick(code, 2, v);
+            b[1] = pick(code, 3, v);
+        }
+        top[2 * pw..].fill(0.0);
+        bottom[2 * pw..].fill(0.0);
+    }
+    plane[2 * ph * w..].fill(0.0);
+}
+
 impl CustomOp3 for ConvReluPoolOp {
     fn name(&self) -> &'static str {
         "gradcast-conv-relu-pool"
@@ -119,18 +150,10 @@ impl CustomOp3 for ConvReluPoolOp {
                     // The convolution's output gradient of image i: each
                     // pooled gradient at its window's maximum, zero elsewhere.
                     let make = |i: usize, out: &mut [f32]| {
-                        out.fill(0.0);
                         for ch in 0..g.cout {
-                            let plane = &mut out[ch * p..][..p];
                             let at = (i * g.cout + ch) * ph * pw;
                             let (codes, dp) = (&codes[at..][..ph * pw], &dp[at..][..ph * pw]);
-                            for (o, (&c, &d)) in codes.iter().zip(dp).enumerate() {
-                                if c != NONE {
-                                    let (py, px) = (o / pw, o % pw);
-                                    let (dy, dx) = (usize::from(c / 2), usize::from(c % 2));
-                                    plane[(2 * py + dy) * ow + 2 * px + dx] = d;
-                                }
-                            }
+                            unpool_plane(codes, dp, ow, &mut out[ch * p..][..p]);
                         }
                     };
                     let x = Input::Plain(xv);
@@ -165,4 +188,33 @@ pub fn conv2d_relu_pool(
     };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &bias.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value of the plane is written (it starts as NaN): the pooled
+    /// gradient at its code's position, zero elsewhere, zero in an odd
+    /// size's last row and column; as the plain scatter would.
+    #[test]
+    fn unpool_plane_writes_every_value_where_the_codes_say() {
+        for (h, w) in [(4, 4), (5, 7), (2, 3), (3, 2), (1, 1)] {
+            let (ph, pw) = (h / 2, w / 2);
+            let codes: Vec<u8> = (0..ph * pw).map(|i| (i * 3 % 5) as u8).collect();
+            let dp: Vec<f32> = (0..ph * pw).map(|i| i as f32 + 0.5).collect();
+            let mut plane = vec![f32::NAN; h * w];
+            unpool_plane(&codes, &dp, w, &mut plane);
+            let mut expected = vec![0f32; h * w];
+            for (o, (&c, &d)) in codes.iter().zip(&dp).enumerate() {
+                if c != NONE {
+                    let (py, px) = (o / pw, o % pw);
+                    let (dy, dx) = (usize::from(c / 2), usize::from(c % 2));
+                    expected[(2 * py + dy) * w + 2 * px + dx] = d;
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plane), bits(&expected), "{h}x{w}");
+        }
+    }
 }

@@ -45,6 +45,77 @@ pub(super) unsafe fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
     }
 }
 
+/// The 16 × 16 transpose of `r` (row `i` of the result is lane `i` of
+/// every row of `r`), in registers: interleaving pairs of rows, then pairs
+/// of pairs within 128-bit lanes, then 128-bit lanes twice.
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // Lane k of u[4g + j]: value 4k + j of rows 4g .. 4g + 4.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let b = 4 * g;
+        u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
+        u[b + 1] = _mm512_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+        u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm512_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+    }
+    for j in 0..4 {
+        t[j] = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+        t[4 + j] = _mm512_shuffle_f32x4::<0xDD>(u[j], u[4 + j]);
+        t[8 + j] = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+        t[12 + j] = _mm512_shuffle_f32x4::<0xDD>(u[8 + j], u[12 + j]);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        out[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+        out[8 + j] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[8 + j]);
+        out[4 + j] = _mm512_shuffle_f32x4::<0x88>(t[4 + j], t[12 + j]);
+        out[12 + j] = _mm512_shuffle_f32x4::<0xDD>(t[4 + j], t[12 + j]);
+    }
+    out
+}
+
+/// [`super::transpose_gradient`] 16 positions by 16 channels at a time,
+/// through registers; the channels past `cout` of the last block are
+/// written as zero (the padding columns of `t`).
+///
+/// # Safety
+///
+/// AVX-512F must be present; `l` a multiple of 16, `dy` holding `(cout −
+/// 1)·dc + l` values and `t` `l·np` with `np ≥ cout` a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose_gradient(
+    (l, cout, np): (usize, usize, usize),
+    dy: &[f32],
+    dc: usize,
+    t: &mut [f32],
+) {
+    debug_assert!(l.is_multiple_of(16) && np.is_multiple_of(16) && np >= cout);
+    debug_assert!(dy.len() >= (cout - 1) * dc + l && t.len() >= l * np);
+    // SAFETY: the caller upholds this function's contract: each row read
+    // is `dy[co·dc + q0 .. + 16]` with `co < cout`, `q0 + 16 ≤ l`, and
+    // each store `t[(q0 + j)·np + co0 .. + 16]` with `co0 + 16 ≤ np`.
+    unsafe {
+        let (d, out) = (dy.as_ptr(), t.as_mut_ptr());
+        for q0 in (0..l).step_by(16) {
+            for co0 in (0..cout).step_by(16) {
+                let mut rows = [_mm512_setzero_ps(); 16];
+                for (i, row) in rows.iter_mut().enumerate().take(cout - co0) {
+                    *row = _mm512_loadu_ps(d.add((co0 + i) * dc + q0));
+                }
+                for (j, col) in transpose16(rows).into_iter().enumerate() {
+                    _mm512_storeu_ps(out.add((q0 + j) * np + co0), col);
+                }
+            }
+        }
+    }
+}
+
 /// Output channels per register block of the forward kernel.
 const CB: usize = 8;
 

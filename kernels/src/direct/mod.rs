@@ -416,10 +416,26 @@ pub(crate) fn transposed_width(cout: usize) -> usize {
 
 /// `t[q][co] = dy[co·dc + q]` for the `l` wide positions: the wide gradient
 /// transposed for [`weight_grad_gemm`] (`t` is `l × transposed_width(cout)`,
-/// its padding columns left as they are: zero).
+/// its padding columns zero: left as they are, or written as zero). In
+/// AVX-512 registers where the CPU has them (16 × 16 blocks), else value by
+/// value; the same values either way.
 pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32]) {
     let np = transposed_width(g.cout);
     assert!(t.len() >= g.l * np && dy.len() >= (g.cout - 1) * dc + g.l);
+    assert!(g.l.is_multiple_of(16), "wide length must be whole vectors");
+    #[cfg(target_arch = "x86_64")]
+    if crate::path::cpu_has_avx512() {
+        // SAFETY: AVX-512F is present, and the asserts above are the
+        // kernel's bounds (`np` is a multiple of 16 at least `cout`).
+        unsafe { avx512::transpose_gradient((g.l, g.cout, np), dy, dc, t) };
+        return;
+    }
+    transpose_gradient_scalar(g, dy, dc, t);
+}
+
+/// [`transpose_gradient`] value by value.
+fn transpose_gradient_scalar(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32]) {
+    let np = transposed_width(g.cout);
     const B: usize = 16;
     for q0 in (0..g.l).step_by(B) {
         for co in 0..g.cout {
@@ -503,3 +519,46 @@ mod avx2;
 mod avx512;
 pub(crate) mod choices;
 pub(crate) mod winograd;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The register transpose gives the scalar one's values, including
+    /// zero padding columns, for channel counts that leave partial blocks.
+    #[test]
+    fn transpose_gradient_in_registers_matches_the_scalar_one() {
+        if !crate::path::cpu_has_avx512() {
+            return;
+        }
+        for (cout, l, dc) in [
+            (16, 16, 16),
+            (20, 48, 50),
+            (3, 32, 33),
+            (64, 80, 96),
+            (33, 16, 17),
+        ] {
+            let g = Wide {
+                cin: 1,
+                cout,
+                s: l + 2,
+                wp: l,
+                kh: 1,
+                kw: 1,
+                l,
+                stride: 1,
+                sp: 0,
+                oh: 0,
+            };
+            let dy: Vec<f32> = (0..(cout - 1) * dc + l)
+                .map(|i| i as f32 * 0.25 - 7.0)
+                .collect();
+            let np = transposed_width(cout);
+            let (mut fast, mut slow) = (vec![0f32; l * np], vec![0f32; l * np]);
+            transpose_gradient(&g, &dy, dc, &mut fast);
+            transpose_gradient_scalar(&g, &dy, dc, &mut slow);
+            assert_eq!(fast, slow, "cout {cout} l {l} dc {dc}");
+            assert_eq!(fast[(l - 1) * np + cout - 1], dy[(cout - 1) * dc + l - 1]);
+        }
+    }
+}
