@@ -368,3 +368,66 @@ unsafe fn gemm_block<
         CI
     }
 }
+
+/// The 8 × 8 transpose of `r` (row `i` of the result is lane `i` of every
+/// row of `r`), in registers: interleaving pairs of rows, pairs of pairs
+/// within 128-bit halves, then the halves.
+#[target_feature(enable = "avx2,fma")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let mut t = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // Half k of u[4g + j]: value 4k + j of rows 4g .. 4g + 4.
+    let mut u = [_mm256_setzero_ps(); 8];
+    for g in 0..2 {
+        let b = 4 * g;
+        u[b] = _mm256_shuffle_ps::<0x44>(t[b], t[b + 2]);
+        u[b + 1] = _mm256_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+        u[b + 2] = _mm256_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm256_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for j in 0..4 {
+        out[j] = _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j]);
+        out[4 + j] = _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j]);
+    }
+    out
+}
+
+/// [`super::transpose_gradient`] 8 positions by 8 channels at a time,
+/// through registers; the channels past `cout` of the last block are
+/// written as zero (the padding columns of `t`).
+///
+/// # Safety
+///
+/// AVX2 must be present; `l` a multiple of 8, `dy` holding `(cout − 1)·dc
+/// + l` values and `t` `l·np` with `np ≥ cout` a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn transpose_gradient(
+    (l, cout, np): (usize, usize, usize),
+    dy: &[f32],
+    dc: usize,
+    t: &mut [f32],
+) {
+    debug_assert!(l.is_multiple_of(8) && np.is_multiple_of(8) && np >= cout);
+    debug_assert!(dy.len() >= (cout - 1) * dc + l && t.len() >= l * np);
+    // SAFETY: the caller upholds this function's contract: each row read
+    // is `dy[co·dc + q0 .. + 8]` with `co < cout`, `q0 + 8 ≤ l`, and each
+    // store `t[(q0 + j)·np + co0 .. + 8]` with `co0 + 8 ≤ np`.
+    unsafe {
+        let (d, out) = (dy.as_ptr(), t.as_mut_ptr());
+        for q0 in (0..l).step_by(8) {
+            for co0 in (0..cout).step_by(8) {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (i, row) in rows.iter_mut().enumerate().take(cout - co0) {
+                    *row = _mm256_loadu_ps(d.add((co0 + i) * dc + q0));
+                }
+                for (j, col) in transpose8(rows).into_iter().enumerate() {
+                    _mm256_storeu_ps(out.add((q0 + j) * np + co0), col);
+                }
+            }
+        }
+    }
+}

@@ -417,8 +417,8 @@ pub(crate) fn transposed_width(cout: usize) -> usize {
 /// `t[q][co] = dy[co·dc + q]` for the `l` wide positions: the wide gradient
 /// transposed for [`weight_grad_gemm`] (`t` is `l × transposed_width(cout)`,
 /// its padding columns zero: left as they are, or written as zero). In
-/// AVX-512 registers where the CPU has them (16 × 16 blocks), else value by
-/// value; the same values either way.
+/// registers where the CPU has AVX-512 (16 × 16 blocks) or AVX2 (8 × 8),
+/// else value by value; the same values every way.
 pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32]) {
     let np = transposed_width(g.cout);
     assert!(t.len() >= g.l * np && dy.len() >= (g.cout - 1) * dc + g.l);
@@ -428,6 +428,13 @@ pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32])
         // SAFETY: AVX-512F is present, and the asserts above are the
         // kernel's bounds (`np` is a multiple of 16 at least `cout`).
         unsafe { avx512::transpose_gradient((g.l, g.cout, np), dy, dc, t) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::path::cpu_has_avx2() {
+        // SAFETY: AVX2 is present; the same bounds (multiples of 16 are
+        // multiples of 8).
+        unsafe { avx2::transpose_gradient((g.l, g.cout, np), dy, dc, t) };
         return;
     }
     transpose_gradient_scalar(g, dy, dc, t);
@@ -524,13 +531,11 @@ pub(crate) mod winograd;
 mod tests {
     use super::*;
 
-    /// The register transpose gives the scalar one's values, including
-    /// zero padding columns, for channel counts that leave partial blocks.
+    /// The register transposes (each this CPU runs) give the scalar one's
+    /// values, including zero padding columns, for channel counts that
+    /// leave partial blocks.
     #[test]
     fn transpose_gradient_in_registers_matches_the_scalar_one() {
-        if !crate::path::cpu_has_avx512() {
-            return;
-        }
         for (cout, l, dc) in [
             (16, 16, 16),
             (20, 48, 50),
@@ -555,10 +560,26 @@ mod tests {
                 .collect();
             let np = transposed_width(cout);
             let (mut fast, mut slow) = (vec![0f32; l * np], vec![0f32; l * np]);
-            transpose_gradient(&g, &dy, dc, &mut fast);
             transpose_gradient_scalar(&g, &dy, dc, &mut slow);
-            assert_eq!(fast, slow, "cout {cout} l {l} dc {dc}");
-            assert_eq!(fast[(l - 1) * np + cout - 1], dy[(cout - 1) * dc + l - 1]);
+            assert_eq!(slow[(l - 1) * np + cout - 1], dy[(cout - 1) * dc + l - 1]);
+            assert_eq!(slow[np + 2], if cout > 2 { dy[2 * dc + 1] } else { 0.0 });
+            let shape = (l, cout, np);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::path::cpu_has_avx512() {
+                    fast.fill(0.0);
+                    // SAFETY: AVX-512F is present; the shapes are the kernel's.
+                    unsafe { avx512::transpose_gradient(shape, &dy, dc, &mut fast) };
+                    assert_eq!(fast, slow, "AVX-512: cout {cout} l {l} dc {dc}");
+                }
+                if crate::path::cpu_has_avx2() {
+                    fast.fill(0.0);
+                    // SAFETY: AVX2 is present; the shapes are the kernel's.
+                    unsafe { avx2::transpose_gradient(shape, &dy, dc, &mut fast) };
+                    assert_eq!(fast, slow, "AVX2: cout {cout} l {l} dc {dc}");
+                }
+            }
+            let _ = shape;
         }
     }
 }
