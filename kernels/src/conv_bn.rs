@@ -93,6 +93,33 @@ fn combine(stats: &[[f64; 2]], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, V
         .unzip()
 }
 
+/// `Σ_i f(i, ch)` for every channel `ch < c` over the images `i < n`: the
+/// images' terms made in parallel, then added in image order, so that the
+/// sums (and the bits of everything made from them) do not depend on the
+/// number of threads or on how rayon happened to split the work.
+fn image_order_sums(
+    (n, c): (usize, usize),
+    f: impl Fn(usize, usize) -> (f64, f64) + Sync,
+) -> Vec<[f64; 2]> {
+    let mut terms = vec![[0f64; 2]; n * c];
+    if c > 0 {
+        terms.par_chunks_mut(c).enumerate().for_each(|(i, image)| {
+            for (ch, t) in image.iter_mut().enumerate() {
+                let (a, b) = f(i, ch);
+                *t = [a, b];
+            }
+        });
+    }
+    let mut sums = vec![[0f64; 2]; c];
+    for image in terms.chunks_exact(c.max(1)) {
+        for (sum, t) in sums.iter_mut().zip(image) {
+            sum[0] += t[0];
+            sum[1] += t[1];
+        }
+    }
+    sums
+}
+
 /// One row's mask, resolved: all, by values, or by `y · scale + shift > 0`.
 #[derive(Clone, Copy)]
 enum RowMask<'a> {
@@ -358,29 +385,7 @@ impl ConvBnOp {
                 })
             };
             let sums_timer = super::Prof::new("conv-bn-sums", &g);
-            let sums = (0..n)
-                .into_par_iter()
-                .fold(
-                    || vec![[0f64; 2]; c],
-                    |mut acc, i| {
-                        for (ch, a) in acc.iter_mut().enumerate() {
-                            let (s, t) = row((i * c + ch) * p, ch);
-                            a[0] += s;
-                            a[1] += t;
-                        }
-                        acc
-                    },
-                )
-                .reduce(
-                    || vec![[0f64; 2]; c],
-                    |mut a, b| {
-                        for (x, y) in a.iter_mut().zip(&b) {
-                            x[0] += y[0];
-                            x[1] += y[1];
-                        }
-                        a
-                    },
-                );
+            let sums = image_order_sums((n, c), |i, ch| row((i * c + ch) * p, ch));
             drop(sums_timer);
             let sdz: Vec<f64> = sums.iter().map(|s| s[0]).collect();
             let sdzy: Vec<f64> = sums.iter().map(|s| s[1]).collect();
@@ -477,4 +482,42 @@ pub fn conv_bn_train(
     let z = x.contiguous()?.apply_op3(&w.contiguous()?, &params, op)?;
     let (mean, var) = batch_stats(&saved, x.device())?;
     Ok((z, mean, var))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sums are the plain image-order sums on any number of threads,
+    /// with terms whose order matters (1e17 + 1 − 1e17 is 0 one way, 1
+    /// another): the result does not depend on how the work was split.
+    #[test]
+    fn channel_sums_add_the_images_in_order_on_any_number_of_threads() {
+        let (n, c) = (97, 3);
+        let term = |i: usize, ch: usize| -> (f64, f64) {
+            let big = if i % 2 == 0 { 1e17 } else { -1e17 };
+            (
+                big + (i * c + ch) as f64,
+                (i as f64 + 0.1).sqrt() * (ch as f64 + 1.0),
+            )
+        };
+        let mut expected = vec![[0f64; 2]; c];
+        for i in 0..n {
+            for (ch, e) in expected.iter_mut().enumerate() {
+                let (a, b) = term(i, ch);
+                e[0] += a;
+                e[1] += b;
+            }
+        }
+        let bits = |s: &[[f64; 2]]| s.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            let sums = pool.install(|| image_order_sums((n, c), term));
+            assert_eq!(bits(&sums), bits(&expected), "{threads} threads");
+        }
+        assert!(image_order_sums((4, 0), term).is_empty());
+    }
 }
