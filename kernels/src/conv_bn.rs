@@ -495,7 +495,7 @@ mod tests {
     fn channel_sums_add_the_images_in_order_on_any_number_of_threads() {
         let (n, c) = (97, 3);
         let term = |i: usize, ch: usize| -> (f64, f64) {
-            let big = if i % 2 == 0 { 1e17 } else { -1e17 };
+            let big = if i.is_multiple_of(2) { 1e17 } else { -1e17 };
             (
                 big + (i * c + ch) as f64,
                 (i as f64 + 0.1).sqrt() * (ch as f64 + 1.0),
