@@ -111,3 +111,44 @@ fn train_step_matches_reference_engine() {
         assert!((ea.loss_sum - eb.loss_sum).abs() < 1e-4 * eb.loss_sum);
     }
 }
+
+/// On several threads a training step gives the same bits every time: no
+/// sum in the fast engine may depend on how rayon's work stealing split it.
+/// Repeated runs in pools of 3 and 4 threads, the gradients and state
+/// compared to the bit. An f32 sum in a timing-dependent order fails this
+/// at once; one in f64 (as conv-BN's backward sums were) changes an f32 bit
+/// only rarely, which its own unit test
+/// (`channel_sums_add_the_images_in_order_on_any_number_of_threads`) covers.
+#[test]
+fn train_step_bits_do_not_depend_on_scheduling() {
+    let spec = ModelSpec {
+        kind: ModelKind::Resnet {
+            n: 1,
+            dropout: true,
+        },
+        dropout: true,
+    };
+    let model = Model::with_engine(spec, 5, &Device::Cpu, Engine::Fast).unwrap();
+    let (images, labels) = batch(24, 8);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut first = None;
+    for threads in [3, 4] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                let out = pool
+                    .install(|| model.train_step(&images, &labels, 2))
+                    .unwrap();
+                (bits(&out.gradients), bits(&out.state))
+            })
+            .collect();
+        for run in &runs[1..] {
+            assert!(run == &runs[0], "{threads} threads: a rerun differs");
+        }
+        first.get_or_insert(runs[0].clone());
+    }
+    assert!(first.is_some_and(|(g, _)| g.iter().any(|&b| b != 0)));
+}
