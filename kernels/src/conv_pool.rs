@@ -61,8 +61,9 @@ fn pool_plane(y: &[f32], w: usize, out: &mut [f32], codes: &mut [u8]) {
 /// value written) gets each window's pooled gradient `dp` at the position
 /// its code names and zero at the other three (all four for [`NONE`]), and
 /// zero in the last row and column an odd size leaves outside the windows.
-/// Branch-free window by window, row pair by row pair, so that it
-/// vectorises (one pass over the plane instead of a fill and a scatter).
+/// Window by window, row pair by row pair, with selects instead of
+/// branches: one pass over the plane instead of a fill, then a scatter
+/// with a division per pooled value to find its row and column.
 fn unpool_plane(codes: &[u8], dp: &[f32], w: usize, plane: &mut [f32]) {
     let pw = w / 2;
     let ph = codes.len().checked_div(pw).unwrap_or(0);
