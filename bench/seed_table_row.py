@@ -51,9 +51,13 @@ epochs, its schedule x0.01 after epoch 120, x0.001 after 160, x0.0005 after
 # What a reader of a row must know about how it was trained.
 NOTES = {
     "complex-cnn": (
-        "complex-cnn: epochs 1–2 of 60 on the Intel variant, beside the PyTorch "
-        "agreement run of the same model on the same two cores (hence its node "
-        "compute share of 0.57 and ~32 min per epoch; alone it takes ~14). Its "
+        "complex-cnn: trained again from epoch 1 on 2026-12-06, on a slower "
+        "Intel host (family 6 model 207, 115 GFLOP/s per core; `bench/RESULTS.md`) "
+        "with development work and benchmarks beside it on the same two cores "
+        "(epoch 1 took 63 min; alone an epoch takes ~25 there). An earlier run "
+        "on the model-167 Intel host reached 0.6044 and 0.6648 after epochs 1 "
+        "and 2; one run against another differs by several points in these "
+        "first epochs (see the agreement section). Its "
         "complete resume state is 143 MB (47.7 MB of weights plus Adam's m and "
         "v; zstd -19 saves 8 %), too large to keep in git: the next run starts "
         "again from epoch 1 unless the state is carried along "
