@@ -116,6 +116,9 @@ set +e
       secs=$(printf '%s\n' "$line" | sed -E 's/.* ([0-9.]+) s compute.*/\1/')
       compute0=$(python3 -c "print($compute0 + $secs)")
       echo "$compute0" > "$RUN/compute"
+      # Again once the epoch's compute is counted: the row's compute share
+      # then covers the epoch its accuracy is from.
+      snapshot
       ;;
     *"epoch "*"step time"*)
       echo $((wall0 + $(date +%s) - started)) > "$RUN/wall"
