@@ -93,31 +93,24 @@ fn combine(stats: &[[f64; 2]], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, V
         .unzip()
 }
 
-/// `Σ_i f(i, ch)` for every channel `ch < c` over the images `i < n`: the
-/// images' terms made in parallel, then added in image order, so that the
-/// sums (and the bits of everything made from them) do not depend on the
-/// number of threads or on how rayon happened to split the work.
+/// `Σ_i f(i, ch)` for every channel `ch < c` over the images `i < n`,
+/// from zero and in image order, the channels in parallel (the shape of
+/// `bn.rs`'s `channel_sum`): the sums (and the bits of everything made
+/// from them) do not depend on the number of threads or on how rayon
+/// happened to split the work.
 fn image_order_sums(
     (n, c): (usize, usize),
     f: impl Fn(usize, usize) -> (f64, f64) + Sync,
 ) -> Vec<[f64; 2]> {
-    let mut terms = vec![[0f64; 2]; n * c];
-    if c > 0 {
-        terms.par_chunks_mut(c).enumerate().for_each(|(i, image)| {
-            for (ch, t) in image.iter_mut().enumerate() {
-                let (a, b) = f(i, ch);
-                *t = [a, b];
-            }
-        });
-    }
-    let mut sums = vec![[0f64; 2]; c];
-    for image in terms.chunks_exact(c.max(1)) {
-        for (sum, t) in sums.iter_mut().zip(image) {
-            sum[0] += t[0];
-            sum[1] += t[1];
-        }
-    }
-    sums
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            (0..n).fold([0f64; 2], |[a, b], i| {
+                let (s, t) = f(i, ch);
+                [a + s, b + t]
+            })
+        })
+        .collect()
 }
 
 /// One row's mask, resolved: all, by values, or by `y · scale + shift > 0`.

@@ -417,25 +417,24 @@ pub(crate) fn transposed_width(cout: usize) -> usize {
 /// `t[q][co] = dy[co·dc + q]` for the `l` wide positions: the wide gradient
 /// transposed for [`weight_grad_gemm`] (`t` is `l × transposed_width(cout)`,
 /// its padding columns zero: left as they are, or written as zero). In
-/// registers where the CPU has AVX-512 (16 × 16 blocks) or AVX2 (8 × 8),
-/// else value by value; the same values every way.
+/// the registers of the direct kernels' vectors ([`isa`]: 16 × 16 blocks
+/// in AVX-512, 8 × 8 in AVX2), else value by value; the same values every
+/// way.
 pub(crate) fn transpose_gradient(g: &Wide, dy: &[f32], dc: usize, t: &mut [f32]) {
     let np = transposed_width(g.cout);
     assert!(t.len() >= g.l * np && dy.len() >= (g.cout - 1) * dc + g.l);
     assert!(g.l.is_multiple_of(16), "wide length must be whole vectors");
     #[cfg(target_arch = "x86_64")]
-    if crate::path::cpu_has_avx512() {
-        // SAFETY: AVX-512F is present, and the asserts above are the
-        // kernel's bounds (`np` is a multiple of 16 at least `cout`).
-        unsafe { avx512::transpose_gradient((g.l, g.cout, np), dy, dc, t) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::path::cpu_has_avx2() {
-        // SAFETY: AVX2 is present; the same bounds (multiples of 16 are
-        // multiples of 8).
-        unsafe { avx2::transpose_gradient((g.l, g.cout, np), dy, dc, t) };
-        return;
+    // SAFETY: `isa` only names vectors the CPU has, and the asserts above
+    // are the kernels' bounds (`np` is a multiple of 16, so of 8, at least
+    // `cout`).
+    unsafe {
+        let shape = (g.l, g.cout, np);
+        match isa() {
+            Some(Isa::Avx512) => return avx512::transpose_gradient(shape, dy, dc, t),
+            Some(Isa::Avx2) => return avx2::transpose_gradient(shape, dy, dc, t),
+            None => {}
+        }
     }
     transpose_gradient_scalar(g, dy, dc, t);
 }
@@ -559,15 +558,15 @@ mod tests {
                 .map(|i| i as f32 * 0.25 - 7.0)
                 .collect();
             let np = transposed_width(cout);
-            let (mut fast, mut slow) = (vec![0f32; l * np], vec![0f32; l * np]);
+            let mut slow = vec![0f32; l * np];
             transpose_gradient_scalar(&g, &dy, dc, &mut slow);
             assert_eq!(slow[(l - 1) * np + cout - 1], dy[(cout - 1) * dc + l - 1]);
             assert_eq!(slow[np + 2], if cout > 2 { dy[2 * dc + 1] } else { 0.0 });
-            let shape = (l, cout, np);
             #[cfg(target_arch = "x86_64")]
             {
+                let shape = (l, cout, np);
+                let mut fast = vec![0f32; l * np];
                 if crate::path::cpu_has_avx512() {
-                    fast.fill(0.0);
                     // SAFETY: AVX-512F is present; the shapes are the kernel's.
                     unsafe { avx512::transpose_gradient(shape, &dy, dc, &mut fast) };
                     assert_eq!(fast, slow, "AVX-512: cout {cout} l {l} dc {dc}");
@@ -579,7 +578,6 @@ mod tests {
                     assert_eq!(fast, slow, "AVX2: cout {cout} l {l} dc {dc}");
                 }
             }
-            let _ = shape;
         }
     }
 }
