@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bn_rows::{self, Gate};
 use super::conv::{backward_values, forward_values, gradient_tensors, Dy, Epilogue, Geom, Input};
 use super::{batch_norm_train, conv2d_act, cpu_slice, with_values};
 
@@ -94,103 +95,27 @@ fn combine(stats: &[[f64; 2]], (n, c, p): (usize, usize, usize)) -> (Vec<f64>, V
 }
 
 /// `Σ_i f(i, ch)` for every channel `ch < c` over the images `i < n`,
-/// from zero and in image order, the channels in parallel (the shape of
-/// `bn.rs`'s `channel_sum`): the sums (and the bits of everything made
-/// from them) do not depend on the number of threads or on how rayon
-/// happened to split the work.
+/// each channel's terms added from zero and in image order: the sums (and
+/// the bits of everything made from them) do not depend on the number of
+/// threads or on how rayon split the work. Each thread takes a run of
+/// channels and walks the images in memory order (one image's rows of
+/// those channels are contiguous), so the rows of a tensor are read as one
+/// stream rather than a row from every image in turn.
 fn image_order_sums(
     (n, c): (usize, usize),
     f: impl Fn(usize, usize) -> (f64, f64) + Sync,
 ) -> Vec<[f64; 2]> {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            (0..n).fold([0f64; 2], |[a, b], i| {
-                let (s, t) = f(i, ch);
-                [a + s, b + t]
-            })
-        })
-        .collect()
-}
-
-/// One row's mask, resolved: all, by values, or by `y · scale + shift > 0`.
-#[derive(Clone, Copy)]
-enum RowMask<'a> {
-    All,
-    Values(&'a [f32]),
-    Affine(f32, f32),
-}
-
-impl RowMask<'_> {
-    /// Runs `f` with the mask as a function of `(j, dz, y)`: `dz` where the
-    /// mask lets position `j` (pre-normalisation value `y`) through, else 0.
-    /// One monomorphic loop per kind of mask, so that each vectorises.
-    #[inline(always)]
-    fn with<R>(self, f: impl RowFn<R>) -> R {
-        match self {
-            RowMask::All => f.call(|_, dz, _| dz),
-            RowMask::Values(z) => f.call(move |j, dz, _| if z[j] > 0.0 { dz } else { 0.0 }),
-            RowMask::Affine(s, t) => f.call(move |_, dz, y| if y * s + t > 0.0 { dz } else { 0.0 }),
-        }
-    }
-}
-
-/// A loop over one row, generic over its mask (see [`RowMask::with`]).
-trait RowFn<R> {
-    fn call(self, pass: impl Fn(usize, f32, f32) -> f32) -> R;
-}
-
-/// `(Σ d, Σ d·(y − mu))` over a row of the masked gradient `d`.
-struct Sums<'a> {
-    dz: &'a [f32],
-    y: &'a [f32],
-    mu: f32,
-}
-
-impl RowFn<(f64, f64)> for Sums<'_> {
-    #[inline(always)]
-    fn call(self, pass: impl Fn(usize, f32, f32) -> f32) -> (f64, f64) {
-        let (dz, y, mu, p) = (self.dz, self.y, self.mu, self.dz.len());
-        let mut acc = [[0f32; 16]; 2];
-        let mut j = 0;
-        while j + 16 <= p {
-            for l in 0..16 {
-                let d = pass(j + l, dz[j + l], y[j + l]);
-                acc[0][l] += d;
-                acc[1][l] += d * (y[j + l] - mu);
+    let mut sums = vec![[0f64; 2]; c];
+    let run = c.div_ceil(super::threads()).max(1);
+    sums.par_chunks_mut(run).enumerate().for_each(|(r, block)| {
+        for i in 0..n {
+            for (j, acc) in block.iter_mut().enumerate() {
+                let (s, t) = f(i, r * run + j);
+                *acc = [acc[0] + s, acc[1] + t];
             }
-            j += 16;
         }
-        let (mut a, mut b) = (0f32, 0f32);
-        for j in j..p {
-            let d = pass(j, dz[j], y[j]);
-            a += d;
-            b += d * (y[j] - mu);
-        }
-        (
-            (acc[0].iter().sum::<f32>() + a) as f64,
-            (acc[1].iter().sum::<f32>() + b) as f64,
-        )
-    }
-}
-
-/// BatchNorm's input gradient of one row, `k1·d + k2·(y − mu) + k3`.
-struct BnInputGrad<'a> {
-    dz: &'a [f32],
-    y: &'a [f32],
-    mu: f32,
-    k: [f32; 3],
-    out: &'a mut [f32],
-}
-
-impl RowFn<()> for BnInputGrad<'_> {
-    #[inline(always)]
-    fn call(self, pass: impl Fn(usize, f32, f32) -> f32) {
-        let ([k1, k2, k3], mu) = (self.k, self.mu);
-        for (j, ((o, &dz), &y)) in self.out.iter_mut().zip(self.dz).zip(self.y).enumerate() {
-            *o = k1 * pass(j, dz, y) + k2 * (y - mu) + k3;
-        }
-    }
+    });
+    sums
 }
 
 fn poisoned() -> candle_core::Error {
@@ -362,20 +287,16 @@ impl ConvBnOp {
                     y.len()
                 );
             }
-            // The mask of the row at `off` in channel `ch`.
-            let row_mask = |off: usize, ch: usize| match mask {
-                Mask::None => RowMask::All,
-                Mask::Values(z) => RowMask::Values(&z[off..][..p]),
-                Mask::Own => RowMask::Affine(saved.scale[ch], saved.shift[ch]),
+            // The gate of the row at `off` in channel `ch`.
+            let gate = |off: usize, ch: usize| match mask {
+                Mask::None => Gate::All,
+                Mask::Values(z) => Gate::Values(&z[off..][..p]),
+                Mask::Own => Gate::Affine(saved.scale[ch], saved.shift[ch]),
             };
             // Σ dz and Σ dz·(y − mean) per channel (after the
             // ReLU's mask), image by image in memory order.
             let row = |off: usize, ch: usize| {
-                row_mask(off, ch).with(Sums {
-                    dz: &dz[off..][..p],
-                    y: &y[off..][..p],
-                    mu: mean[ch],
-                })
+                bn_rows::sums(gate(off, ch), &dz[off..][..p], &y[off..][..p], mean[ch])
             };
             let sums_timer = super::Prof::new("conv-bn-sums", &g);
             let sums = image_order_sums((n, c), |i, ch| row((i * c + ch) * p, ch));
@@ -400,13 +321,14 @@ impl ConvBnOp {
             let make = |i: usize, out: &mut [f32]| {
                 for ch in 0..c {
                     let off = (i * c + ch) * p;
-                    row_mask(off, ch).with(BnInputGrad {
-                        dz: &dz[off..][..p],
-                        y: &y[off..][..p],
-                        mu: mean[ch],
-                        k: k[ch],
-                        out: &mut out[ch * p..][..p],
-                    });
+                    bn_rows::input_grad(
+                        gate(off, ch),
+                        &dz[off..][..p],
+                        &y[off..][..p],
+                        mean[ch],
+                        k[ch],
+                        &mut out[ch * p..][..p],
+                    );
                 }
             };
             let (dx, dw, db) = backward_values(&g, x, wv, Dy::Make(&make), self.input_grad, after)?;

@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod bn;
+mod bn_rows;
 mod conv;
 mod conv_bn;
 mod conv_pool;
