@@ -128,15 +128,21 @@ pub(super) fn forward_residual(
         // Per run of images: the column (or planes) buffer, and one for an
         // input that the im2col path must normalise first.
         // Writes every value of image `i`'s output `yi`.
+        // Where the direct path's time goes, with GRADCAST_KERNEL_PROFILE.
+        let laps = crate::Laps::new(["x-planes", "kernel", "store", "moments"]);
         let image = |(cols, xs): (&mut Vec<f32>, &mut Vec<f32>),
-                     (i, yi): (usize, &mut [MaybeUninit<f32>])| {
+                     (i, yi): (usize, &mut [MaybeUninit<f32>]),
+                     lap: &mut crate::Lap<4>| {
             let xi = x.image(i, g.image());
             if avx {
                 let (xp, out) = cols.split_at_mut(xp_len);
                 plan.load(xi, xp);
+                lap.mark(0);
                 direct::forward_with(&plan.wide(), xp, wr, wino, out);
+                lap.mark(1);
                 let r = residual.map(|r| &r[i * cout * p..][..cout * p]);
                 plan.store_with(out, Some(b), (relu, r), yi);
+                lap.mark(2);
                 return;
             }
             // SAFETY: off the direct-kernel path the bias was written everywhere.
@@ -186,13 +192,15 @@ pub(super) fn forward_residual(
         };
         if g.n < t {
             let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
+            let mut lap = laps.lap();
             for (i, yi) in y.chunks_mut(cout * p).enumerate() {
-                image((&mut cols, &mut xs), (i, yi));
+                image((&mut cols, &mut xs), (i, yi), &mut lap);
                 // SAFETY: `image` wrote all of it.
                 let yi = unsafe { crate::assume_init_mut(yi) };
                 if moments {
                     measure(yi, &mut stats[i * cout..][..cout]);
                 }
+                lap.mark(3);
             }
         } else {
             // A few runs of images per thread, each with one column buffer
@@ -210,16 +218,19 @@ pub(super) fn forward_residual(
                 .enumerate()
                 .for_each(|(c, (yc, sc))| {
                     let (mut cols, mut xs) = (vec![0f32; cols_len], Vec::new());
+                    let mut lap = laps.lap();
                     for (j, yi) in yc.chunks_mut(cout * p).enumerate() {
-                        image((&mut cols, &mut xs), (c * per_chunk + j, yi));
+                        image((&mut cols, &mut xs), (c * per_chunk + j, yi), &mut lap);
                         // SAFETY: `image` wrote all of it.
                         let yi = unsafe { crate::assume_init_mut(yi) };
                         if moments {
                             measure(yi, &mut sc[j * cout..][..cout]);
                         }
+                        lap.mark(3);
                     }
                 });
         }
+        laps.print("conv-fwd", &g);
         // SAFETY: every image of `y` went through `image`, which writes all
         // of its values.
         Ok((unsafe { crate::assume_init(y) }, stats))
