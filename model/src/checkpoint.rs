@@ -2,7 +2,7 @@
 //! named as in the model (`stack1.block0.layer1.conv.weight`), with the model
 //! name and the training configuration in the file's metadata.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -53,9 +53,39 @@ pub fn save_checkpoint<'a>(
         return Err(error(path, "weights longer than the tensor layout"));
     }
     metadata.insert(MODEL_KEY.to_string(), model.to_string());
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| error(path, e))?;
+    let bytes = canonical(bytes).map_err(|e| error(path, e))?;
     let tmp: PathBuf = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| error(path, e))?;
+    std::fs::write(&tmp, bytes).map_err(|e| error(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| error(path, e))
+}
+
+/// A safetensors file's bytes with its header's keys in sorted order. The
+/// crate writes the header from hash maps, whose order differs from one
+/// process to the next: two runs that trained to the same bits wrote
+/// different files. The header is parsed back and written with sorted keys
+/// (and padded with spaces to a multiple of 8 bytes, as the format asks);
+/// the tensors' bytes are left as they are.
+fn canonical(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    type Header = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
+    let len = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("no header length")?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or("header longer than the file")?;
+    let header: Header = serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 /// A checkpoint read back from disk.
@@ -225,5 +255,48 @@ mod tests {
             err.to_string().contains("missing tensor conv1.weight"),
             "{err}"
         );
+    }
+
+    /// The same weights and metadata give the same file, byte for byte,
+    /// however the hash maps behind the header happen to be ordered (each
+    /// map gets its own random order, so a header written from them differs
+    /// between saves with many keys).
+    #[test]
+    fn the_same_checkpoint_is_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let kind = ModelKind::Resnet {
+            n: 1,
+            dropout: false,
+        };
+        let model = Model::new(ModelSpec::new(kind), 5, &Device::Cpu).unwrap();
+        let weights = model.weights().unwrap();
+        let files: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let meta: HashMap<String, String> = (0..12)
+                    .map(|k| (format!("key{k}"), format!("v{k}")))
+                    .collect();
+                let path = dir.path().join(format!("m{i}.safetensors"));
+                save_checkpoint(
+                    &path,
+                    &kind.to_string(),
+                    model.params().chain(model.buffers()),
+                    &weights,
+                    meta,
+                )
+                .unwrap();
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        assert!(files.iter().all(|f| f == &files[0]));
+        let header = u64::from_le_bytes(files[0][..8].try_into().unwrap());
+        assert_eq!(header % 8, 0, "the header is padded to 8 bytes");
+        let ckpt = Checkpoint::load(&dir.path().join("m0.safetensors")).unwrap();
+        assert_eq!(ckpt.metadata["key11"], "v11");
+        assert_eq!(
+            ckpt.into_model(&Device::Cpu).unwrap().weights().unwrap(),
+            weights
+        );
+        assert!(canonical(vec![1, 2, 3]).is_err());
+        assert!(canonical([u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat()).is_err());
     }
 }
