@@ -1,17 +1,17 @@
 //! BatchNorm's loops over one channel's row of values, in vector registers.
 //!
 //! Around every convolution of a ResNet sit passes over rows of one channel
-//! that do a few operations per value: the backward's two sums `Σ d` and
-//! `Σ d·(y − μ)`, BatchNorm's input gradient `k1·d + k2·(y − μ) + k3` (with
-//! `d` the output gradient where a ReLU let it through). Compiled for the baseline x86-64
-//! target they ran 4 values (or one) at a time, at several cycles per value:
-//! resnet20's sums alone cost ~27 ms of a 235 ms backward on one Zen 4 core.
-//! Here they run 16 values an iteration in AVX2 registers (two of 8; a CPU
-//! with AVX-512 has AVX2 too, and these loops are bound by loads, not by
-//! the vector width).
+//! that do a few operations per value: the forward's statistics (`Σ v` and
+//! `Σ (v − μ)²` of each image's rows), the backward's two sums `Σ d` and
+//! `Σ d·(y − μ)` and BatchNorm's input gradient `k1·d + k2·(y − μ) + k3`
+//! (`d` the output gradient where a ReLU let it through), and the bias
+//! gradient's `Σ d`. Compiled for the baseline x86-64 target they ran four
+//! values at a time or one. Here they run in AVX2 registers (a CPU with
+//! AVX-512 has AVX2 too, and these loops are bound by memory and loads, not
+//! by the vector width).
 //!
 //! Every form computes each value with the same operations in the same order
-//! as the scalar one (no fused multiply-add; the sums in the same 16 lane
+//! as the scalar one (no fused multiply-add; the sums in the same lane
 //! accumulators, added up in the same order), so the vector and the scalar
 //! forms give the same bits: which one runs never changes a result.
 
@@ -72,6 +72,28 @@ pub(crate) fn input_grad(gate: Gate, dz: &[f32], y: &[f32], mu: f32, k: [f32; 3]
     scalar::input_grad(gate, dz, y, mu, k, out)
 }
 
+/// `Σ v` over a row in eight lane accumulators (value `j` into lane `j mod
+/// 8`), added up in lane order, then the values past the last whole 8.
+pub(crate) fn sum(v: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if vectors() {
+        // SAFETY: `vectors` saw AVX2.
+        return unsafe { avx2::sum(v) };
+    }
+    scalar::sum(v)
+}
+
+/// `Σ (v − mu)²` over a row, in the lanes and order of [`sum`] (the
+/// variance's half of BatchNorm's statistics).
+pub(crate) fn centered_squares(v: &[f32], mu: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if vectors() {
+        // SAFETY: `vectors` saw AVX2.
+        return unsafe { avx2::centered_squares(v, mu) };
+    }
+    scalar::centered_squares(v, mu)
+}
+
 /// The gradient at position `j` through the gate.
 #[inline(always)]
 fn gated(gate: Gate, j: usize, dz: f32, y: f32) -> f32 {
@@ -118,6 +140,30 @@ mod scalar {
             b += d * (y[j] - mu);
         }
         [a, b]
+    }
+
+    pub(super) fn sum(v: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *a += x;
+            }
+        }
+        acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    }
+
+    pub(super) fn centered_squares(v: &[f32], mu: f32) -> f32 {
+        let mut acc = [0f32; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *a += (x - mu) * (x - mu);
+            }
+        }
+        acc.iter().sum::<f32>() + rest.iter().map(|x| (x - mu) * (x - mu)).sum::<f32>()
     }
 
     pub(super) fn input_grad(
@@ -227,6 +273,42 @@ mod avx2 {
         finish(lanes, scalar::tail(gate, (dz, y, mu), whole))
     }
 
+    /// The eight lanes of `acc` added in lane order, plus `rest`'s sum.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn finish8(acc: __m256, rest: f32) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 values into 8.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + rest
+    }
+
+    /// See [`super::sum`]. AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum(v: &[f32]) -> f32 {
+        let whole = v.len() - v.len() % 8;
+        let mut acc = _mm256_setzero_ps();
+        for at in (0..whole).step_by(8) {
+            // SAFETY: `at + 8 ≤ whole ≤ v.len()`.
+            acc = _mm256_add_ps(acc, unsafe { _mm256_loadu_ps(v.as_ptr().add(at)) });
+        }
+        finish8(acc, v[whole..].iter().sum::<f32>())
+    }
+
+    /// See [`super::centered_squares`]. AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn centered_squares(v: &[f32], mu: f32) -> f32 {
+        let whole = v.len() - v.len() % 8;
+        let (mut acc, m) = (_mm256_setzero_ps(), _mm256_set1_ps(mu));
+        for at in (0..whole).step_by(8) {
+            // SAFETY: `at + 8 ≤ whole ≤ v.len()`.
+            let d = _mm256_sub_ps(unsafe { _mm256_loadu_ps(v.as_ptr().add(at)) }, m);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
+        }
+        let rest = v[whole..].iter().map(|x| (x - mu) * (x - mu)).sum::<f32>();
+        finish8(acc, rest)
+    }
+
     /// See [`super::input_grad`]. AVX2 must be present and the slices of
     /// one length (with the gate's).
     #[target_feature(enable = "avx2")]
@@ -318,6 +400,13 @@ mod tests {
     /// The scalar forms compute what their formulas say.
     #[test]
     fn the_scalar_forms_are_the_formulas() {
+        for len in LENGTHS {
+            let v = row(len, 11, false);
+            let exact: f64 = v.iter().map(|&x| x as f64).sum();
+            let sq: f64 = v.iter().map(|&x| (x as f64 - 0.5).powi(2)).sum();
+            assert!((scalar::sum(&v) as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()));
+            assert!((scalar::centered_squares(&v, 0.5) as f64 - sq).abs() < 1e-4 * (1.0 + sq));
+        }
         let (dz, y, z) = (
             row(1030, 1, false),
             row(1030, 2, false),
@@ -383,6 +472,20 @@ mod tests {
                         assert_eq!(bits(&got), bits(&want), "{len}");
                     }
                 }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::path::cpu_has_avx2() {
+            for len in LENGTHS {
+                let v = row(len, 10, len % 2 == 1);
+                // SAFETY: the CPU has AVX2.
+                let (s, c) = unsafe { (avx2::sum(&v), avx2::centered_squares(&v, 0.25)) };
+                assert_eq!(s.to_bits(), scalar::sum(&v).to_bits(), "{len}");
+                assert_eq!(
+                    c.to_bits(),
+                    scalar::centered_squares(&v, 0.25).to_bits(),
+                    "{len}"
+                );
             }
         }
         // Whatever form runs here, the public functions give the scalar bits.

@@ -161,17 +161,9 @@ unsafe fn assume_init_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
 }
 
-/// Sum of a slice with eight independent accumulators (vectorises).
+/// Sum of a slice with eight lane accumulators ([`bn_rows::sum`]).
 fn sum(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    bn_rows::sum(v)
 }
 
 /// `Σ f(a_i, b_i)` over two slices with eight independent accumulators.

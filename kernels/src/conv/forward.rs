@@ -243,8 +243,5 @@ fn row_moments(row: &[f32]) -> [f64; 2] {
     }
     let mean = crate::sum(row) as f64 / row.len() as f64;
     let mu = mean as f32;
-    [
-        mean,
-        crate::sum2(row, row, |v, _| (v - mu) * (v - mu)) as f64,
-    ]
+    [mean, crate::bn_rows::centered_squares(row, mu) as f64]
 }
