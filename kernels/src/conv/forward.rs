@@ -125,11 +125,11 @@ pub(super) fn forward_residual(
                 yi.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         };
-        // Per run of images: the column (or planes) buffer, and one for an
-        // input that the im2col path must normalise first.
-        // Writes every value of image `i`'s output `yi`.
         // Where the direct path's time goes, with GRADCAST_KERNEL_PROFILE.
         let laps = crate::Laps::new(["x-planes", "kernel", "store", "moments"]);
+        // Per run of images: the column (or planes) buffer, and one for an
+        // input that the im2col path must normalise first; and its clock.
+        // Writes every value of image `i`'s output `yi`.
         let image = |(cols, xs): (&mut Vec<f32>, &mut Vec<f32>),
                      (i, yi): (usize, &mut [MaybeUninit<f32>]),
                      lap: &mut crate::Lap<4>| {
