@@ -155,15 +155,7 @@ mod scalar {
     }
 
     pub(super) fn centered_squares(v: &[f32], mu: f32) -> f32 {
-        let mut acc = [0f32; 8];
-        let chunks = v.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for (a, x) in acc.iter_mut().zip(c) {
-                *a += (x - mu) * (x - mu);
-            }
-        }
-        acc.iter().sum::<f32>() + rest.iter().map(|x| (x - mu) * (x - mu)).sum::<f32>()
+        crate::sum2(v, v, |x, _| (x - mu) * (x - mu))
     }
 
     pub(super) fn input_grad(
@@ -216,15 +208,24 @@ mod avx2 {
 
     use super::{as_affine, finish, scalar, Gate, LANES};
 
-    /// The 8 values of `dz` at `at` where `src·s + t > 0` there, else 0.
+    /// The 8 values of `dz` at `at` where `src·s + t > 0` there, else 0
+    /// (all of them without a comparison, [`Gate::All`]).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn gated(dz: __m256, (src, s, t): (*const f32, __m256, __m256), at: usize) -> __m256 {
+    unsafe fn gated(dz: __m256, gate: Option<(*const f32, __m256, __m256)>, at: usize) -> __m256 {
+        let Some((src, s, t)) = gate else { return dz };
         // SAFETY: the caller reads `src` where it reads `dz`.
         let v = unsafe { _mm256_loadu_ps(src.add(at)) };
         let open =
             _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_add_ps(_mm256_mul_ps(v, s), t), _mm256_setzero_ps());
         _mm256_and_ps(open, dz)
+    }
+
+    /// The gate as [`gated`] takes it.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn comparison(gate: Gate, y: &[f32]) -> Option<(*const f32, __m256, __m256)> {
+        as_affine(gate, y).map(|(src, s, t)| (src.as_ptr(), _mm256_set1_ps(s), _mm256_set1_ps(t)))
     }
 
     /// See [`super::sums`]. AVX2 must be present and the slices of one
@@ -238,28 +239,14 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); 2]; 2];
         // SAFETY: every read is below `whole ≤ p`, the length of each slice.
         unsafe {
-            match as_affine(gate, y) {
-                None => {
-                    for j in (0..whole).step_by(LANES) {
-                        for (h, [a, b]) in acc.iter_mut().enumerate() {
-                            let at = j + 8 * h;
-                            let (g, v) = (_mm256_loadu_ps(d.add(at)), _mm256_loadu_ps(yp.add(at)));
-                            *a = _mm256_add_ps(*a, g);
-                            *b = _mm256_add_ps(*b, _mm256_mul_ps(g, _mm256_sub_ps(v, m)));
-                        }
-                    }
-                }
-                Some((src, s, t)) => {
-                    let gate = (src.as_ptr(), _mm256_set1_ps(s), _mm256_set1_ps(t));
-                    for j in (0..whole).step_by(LANES) {
-                        for (h, [a, b]) in acc.iter_mut().enumerate() {
-                            let at = j + 8 * h;
-                            let g = gated(_mm256_loadu_ps(d.add(at)), gate, at);
-                            let v = _mm256_loadu_ps(yp.add(at));
-                            *a = _mm256_add_ps(*a, g);
-                            *b = _mm256_add_ps(*b, _mm256_mul_ps(g, _mm256_sub_ps(v, m)));
-                        }
-                    }
+            let open = comparison(gate, y);
+            for j in (0..whole).step_by(LANES) {
+                for (h, [a, b]) in acc.iter_mut().enumerate() {
+                    let at = j + 8 * h;
+                    let g = gated(_mm256_loadu_ps(d.add(at)), open, at);
+                    let v = _mm256_loadu_ps(yp.add(at));
+                    *a = _mm256_add_ps(*a, g);
+                    *b = _mm256_add_ps(*b, _mm256_mul_ps(g, _mm256_sub_ps(v, m)));
                 }
             }
         }
@@ -338,21 +325,11 @@ mod avx2 {
         };
         // SAFETY: every access is below `whole ≤ p`, the length of each slice.
         unsafe {
-            match as_affine(gate, y) {
-                None => {
-                    for at in (0..whole).step_by(8) {
-                        let (g, v) = (_mm256_loadu_ps(d.add(at)), _mm256_loadu_ps(yp.add(at)));
-                        _mm256_storeu_ps(o.add(at), value(g, v));
-                    }
-                }
-                Some((src, s, t)) => {
-                    let gate = (src.as_ptr(), _mm256_set1_ps(s), _mm256_set1_ps(t));
-                    for at in (0..whole).step_by(8) {
-                        let g = gated(_mm256_loadu_ps(d.add(at)), gate, at);
-                        let v = _mm256_loadu_ps(yp.add(at));
-                        _mm256_storeu_ps(o.add(at), value(g, v));
-                    }
-                }
+            let open = comparison(gate, y);
+            for at in (0..whole).step_by(8) {
+                let g = gated(_mm256_loadu_ps(d.add(at)), open, at);
+                let v = _mm256_loadu_ps(yp.add(at));
+                _mm256_storeu_ps(o.add(at), value(g, v));
             }
         }
         scalar::input_grad_from(gate, (dz, y, mu), k, out, whole);

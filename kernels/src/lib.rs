@@ -161,11 +161,6 @@ unsafe fn assume_init_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
 }
 
-/// Sum of a slice with eight lane accumulators ([`bn_rows::sum`]).
-fn sum(v: &[f32]) -> f32 {
-    bn_rows::sum(v)
-}
-
 /// `Σ f(a_i, b_i)` over two slices with eight independent accumulators.
 fn sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];

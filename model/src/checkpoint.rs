@@ -53,39 +53,55 @@ pub fn save_checkpoint<'a>(
         return Err(error(path, "weights longer than the tensor layout"));
     }
     metadata.insert(MODEL_KEY.to_string(), model.to_string());
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| error(path, e))?;
-    let bytes = canonical(bytes).map_err(|e| error(path, e))?;
     let tmp: PathBuf = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| error(path, e))?;
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| error(path, e))?;
+    sort_header(&tmp).map_err(|e| error(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| error(path, e))
 }
 
-/// A safetensors file's bytes with its header's keys in sorted order. The
-/// crate writes the header from hash maps, whose order differs from one
-/// process to the next: two runs that trained to the same bits wrote
-/// different files. The header is parsed back and written with sorted keys
-/// (and padded with spaces to a multiple of 8 bytes, as the format asks);
-/// the tensors' bytes are left as they are.
-fn canonical(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+/// Rewrites a safetensors file's header in place with its keys in sorted
+/// order. The crate writes the header from hash maps, whose order differs
+/// from one process to the next: two runs that trained to the same bits
+/// wrote different files. The same keys and values in another order are a
+/// header of the same length (compact JSON, padded with spaces to a
+/// multiple of 8 bytes as the format asks), so only the header is read and
+/// written again; the tensors' bytes are not touched.
+fn sort_header(path: &Path) -> std::result::Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let len = u64::from_le_bytes(len);
+    if len > size.saturating_sub(8) {
+        return Err(format!("a header of {len} bytes in a file of {size}"));
+    }
+    let len = len as usize;
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let sorted = sorted_header(&header)?;
+    if sorted.len() != len {
+        return Err(format!(
+            "the sorted header is {} bytes, not {len}",
+            sorted.len()
+        ));
+    }
+    file.seek(SeekFrom::Start(8)).map_err(|e| e.to_string())?;
+    file.write_all(&sorted).map_err(|e| e.to_string())
+}
+
+/// A header's JSON with its keys sorted, padded with spaces to a multiple
+/// of 8 bytes.
+fn sorted_header(header: &[u8]) -> std::result::Result<Vec<u8>, String> {
     type Header = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
-    let len = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or("no header length")?;
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|n| n.checked_add(8))
-        .filter(|&end| end <= bytes.len())
-        .ok_or("header longer than the file")?;
-    let header: Header = serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
+    let header: Header = serde_json::from_slice(header).map_err(|e| e.to_string())?;
     let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
     json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&bytes[end..]);
-    Ok(out)
+    Ok(json)
 }
 
 /// A checkpoint read back from disk.
@@ -188,6 +204,24 @@ mod tests {
     use super::*;
     use crate::Device;
 
+    /// Saves `model`'s parameters and buffers (`weights`) as `kind`.
+    fn save(
+        path: &Path,
+        kind: ModelKind,
+        model: &Model,
+        weights: &[f32],
+        meta: HashMap<String, String>,
+    ) {
+        save_checkpoint(
+            path,
+            &kind.to_string(),
+            model.params().chain(model.buffers()),
+            weights,
+            meta,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn round_trip_keeps_names_shapes_values_and_metadata() {
         let dir = tempfile::tempdir().unwrap();
@@ -199,14 +233,7 @@ mod tests {
         let model = Model::new(ModelSpec::new(kind), 3, &Device::Cpu).unwrap();
         let weights = model.weights().unwrap();
         let meta = HashMap::from([("epoch".to_string(), "4".to_string())]);
-        save_checkpoint(
-            &path,
-            &kind.to_string(),
-            model.params().chain(model.buffers()),
-            &weights,
-            meta,
-        )
-        .unwrap();
+        save(&path, kind, &model, &weights, meta);
         let ckpt = Checkpoint::load(&path).unwrap();
         assert_eq!(ckpt.metadata["epoch"], "4");
         assert_eq!(ckpt.model_kind().unwrap(), kind);
@@ -276,14 +303,7 @@ mod tests {
                     .map(|k| (format!("key{k}"), format!("v{k}")))
                     .collect();
                 let path = dir.path().join(format!("m{i}.safetensors"));
-                save_checkpoint(
-                    &path,
-                    &kind.to_string(),
-                    model.params().chain(model.buffers()),
-                    &weights,
-                    meta,
-                )
-                .unwrap();
+                save(&path, kind, &model, &weights, meta);
                 std::fs::read(&path).unwrap()
             })
             .collect();
@@ -296,7 +316,13 @@ mod tests {
             ckpt.into_model(&Device::Cpu).unwrap().weights().unwrap(),
             weights
         );
-        assert!(canonical(vec![1, 2, 3]).is_err());
-        assert!(canonical([u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat()).is_err());
+        assert!(sorted_header(b"not json").is_err());
+        let short = dir.path().join("short.safetensors");
+        std::fs::write(
+            &short,
+            [u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat(),
+        )
+        .unwrap();
+        assert!(sort_header(&short).is_err());
     }
 }

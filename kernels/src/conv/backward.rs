@@ -201,7 +201,7 @@ pub(crate) fn backward_values(
                         for i in first..last {
                             let dyi = dy.image(i, cout * p, &mut scratch);
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
-                                *d += crate::sum(row);
+                                *d += crate::bn_rows::sum(row);
                             }
                             lap.mark(0);
                             let xi = x.image(i, g.image());
@@ -350,7 +350,7 @@ pub(crate) fn backward_values(
                         for i in first..(first + per_chunk).min(g.n) {
                             let dyi = dy.image(i, cout * p, &mut scratch);
                             for (d, row) in db.iter_mut().zip(dyi.chunks(p)) {
-                                *d += crate::sum(row);
+                                *d += crate::bn_rows::sum(row);
                             }
                             let xi = x.image(i, g.image()).materialize(&mut xscratch);
                             let colsref: &[f32] = if identity {

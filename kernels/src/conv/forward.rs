@@ -241,7 +241,7 @@ fn row_moments(row: &[f32]) -> [f64; 2] {
     if row.is_empty() {
         return [0.0; 2];
     }
-    let mean = crate::sum(row) as f64 / row.len() as f64;
+    let mean = crate::bn_rows::sum(row) as f64 / row.len() as f64;
     let mu = mean as f32;
     [mean, crate::bn_rows::centered_squares(row, mu) as f64]
 }
